@@ -1,0 +1,78 @@
+"""The attention-backend interface and the per-forward metadata every backend reads.
+
+A backend does two things for one layer in one forward pass:
+  1. store the new tokens' K/V into the paged cache at ``slot_mapping``;
+  2. attend every new query token over its sequence's cached prefix plus the new tokens, causally.
+
+Prefill, chunked prefill over a cached prefix and decode are the same operation with different
+``query_lens``: a decode token is a sequence whose query length is 1.
+
+Paged KV layout, per layer (see ``engine.kv_cache``)::
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+    token at position p of a sequence with block table bt lives at
+        block  = bt[p // block_size]
+        offset = p % block_size
+        slot   = block * block_size + offset      (flat index into k_cache.view(-1, H_kv, D))
+
+Ordering rule: the metadata is built by the model runner once per step, before the forward, and is
+read-only for the whole forward (every layer sees the same object); a backend must not keep
+references to it after ``forward`` returns.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of the flattened batch (one entry per scheduled sequence, in the order
+    their tokens appear along the flat token dimension)."""
+
+    # Host copies, so the reference backend can loop without device syncs.
+    query_lens: list[int]        # new tokens of each sequence in this step
+    seq_lens: list[int]          # context length after this step = num_computed_tokens + query_len
+    # Device tensors, for kernels.
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: prefix sums of query_lens (start of each seq's tokens)
+    seq_lens_tensor: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor     # [num_seqs, max_blocks_per_seq] int32; padding entries are never read
+    slot_mapping: torch.Tensor     # [num_tokens] int64: flat cache slot for each new token's K/V
+    block_size: int
+
+    def __post_init__(self) -> None:
+        assert len(self.query_lens) == len(self.seq_lens), "one query_len and one seq_len per sequence"
+        assert all(0 < q <= s for q, s in zip(self.query_lens, self.seq_lens)), "0 < query_len <= seq_len"
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+
+class AttentionBackend(ABC):
+    """One implementation of paged attention. Stateless across steps; registered by name in
+    ``engine.attention`` (``get_backend``)."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,        # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,        # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,        # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:          # [num_tokens, num_heads, head_dim]
+        """Write k/v into the cache at ``meta.slot_mapping``, then return causal attention of each
+        query token over positions [0, its own position] of its sequence (GQA: query head h reads
+        KV head h // (num_heads // num_kv_heads))."""

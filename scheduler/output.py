@@ -1,0 +1,46 @@
+"""The hand-off between the scheduler and the engine: plain dataclasses, one comment a field."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    seq_id: int
+    request_id: str
+    sample_index: int         # which of the request's n samples (keys seeded sampling)
+    token_ids: list[int]      # tokens to run this step: the sequence's tokens[start_pos : start_pos + len]
+    start_pos: int            # num_computed_tokens before this step; positions are start_pos .. start_pos+len-1
+    block_ids: list[int]      # block table covering positions [0, start_pos + len(token_ids))
+    sample: bool              # this chunk reaches the sequence's last token: sample the next token from it
+    num_output_tokens: int    # tokens generated so far (the index of the token sampled now)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """Context length after this step."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]   # decodes first, then prefill chunks, in flat-token order
+    num_batched_tokens: int              # sum of len(token_ids); <= max_num_batched_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class FinishedSequence:
+    seq_id: int
+    request_id: str
+    sample_index: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: str               # "stop" | "length" | "abort"
+    num_cached_tokens: int           # prompt tokens that were not recomputed
