@@ -111,6 +111,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_request(self, request_id: str) -> bool:
+        """True while any sample of the request is unfinished."""
+        return request_id in self._requests
+
     def set_weight_version(self, version: int) -> None:
         """New weights: cached blocks of other versions are never reused."""
         self.weight_version = version

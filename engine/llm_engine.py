@@ -1,0 +1,245 @@
+"""``LLMEngine``: the facade over scheduler + model runner for one model on one device.
+
+Step API: ``add_request`` queues token ids, ``step`` runs one scheduler step (one forward pass)
+and returns the samples that finished in it, ``abort`` ends a request now, ``has_unfinished``
+says whether anything is queued or running. ``generate`` is the blocking convenience on top.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from engine.attention import get_backend
+from engine.config import EngineConfig
+from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from engine.model_runner import ModelRunner
+from engine.outputs import Completion
+from engine.sampling import Sampler, SamplingParams, SamplingRow
+from engine.weights import load_model
+from scheduler import FinishedSequence, Scheduler, SchedulerConfig, StopCondition
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+
+
+def resolve_model_path(model: str) -> Path:
+    """A model directory, or the offline SmolLM2-135M-Instruct by alias (converted once, cached)."""
+    if model.lower() in _SMOLLM2_ALIASES:
+        from engine.smollm2 import ensure_smollm2
+        return ensure_smollm2()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model: path {str(path)!r} does not exist")
+    return path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"LLMEngine expects an EngineConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' requested but CUDA is not available")
+        self.dtype = _TORCH_DTYPES[config.dtype]
+        self.model_path = resolve_model_path(config.model)
+        self.model, self.model_config = load_model(self.model_path, self.dtype, self.device)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        backend_name = config.attention_backend or "reference"
+        self.backend = get_backend(backend_name)
+        logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",
+                    mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
+                    num_blocks, config.block_size)
+        self.kv_caches = allocate_kv_cache(mc, num_blocks, config.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching))
+        self.runner = ModelRunner(self.model, mc, self.kv_caches, self.backend, config.block_size,
+                                  self.device, Sampler(config.seed))
+        self._params: dict[str, SamplingParams] = {}
+        self._logprobs: dict[int, list[float]] = {}
+        self._top_logprobs: dict[int, list[list[tuple[int, float]]]] = {}
+        self._unclaimed: list[Completion] = []
+        self._request_counter = itertools.count()
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ sizing
+    def _auto_num_blocks(self) -> int:
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            mc = self.model_config
+            # Headroom for one step's activations and logits (eager, no reuse assumed).
+            activations = self.config.max_num_batched_tokens * (
+                mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
+            logits = self.config.max_num_seqs * mc.vocab_size * 4 * 3
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations - logits
+        else:
+            budget = self.config.kv_cache_memory_bytes
+        # Never more than every running sequence at full length could use.
+        ceiling = -(-self.config.max_num_seqs * self.max_model_len // self.config.block_size)
+        num_blocks = min(budget // per_block, ceiling)
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache ({budget} bytes, {per_block} per block): "
+                             f"lower max_num_batched_tokens / max_num_seqs or raise the memory budget")
+        return int(num_blocks)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def weight_version(self) -> int:
+        return self.scheduler.weight_version
+
+    @property
+    def tokenizer(self):
+        """The model directory's tokenizer (transformers), loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ requests
+    def _validate(self, prompt_token_ids: object, params: object) -> tuple[list[int], SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
+            raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(prompt_token_ids).__name__}")
+        tokens = list(prompt_token_ids)
+        if not tokens:
+            raise ValueError("prompt_token_ids must not be empty")
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"prompt_token_ids[{i}] must be an int, got {t!r}")
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt_token_ids[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
+        if len(tokens) >= self.max_model_len:
+            raise ValueError(f"prompt_token_ids has {len(tokens)} tokens; the model's context "
+                             f"(max_model_len) is {self.max_model_len}")
+        return tokens, params
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue one prompt; returns its request id. Bad input raises (ValueError naming the
+        field) and leaves the engine's state unchanged."""
+        tokens, params = self._validate(prompt_token_ids, params)
+        if request_id is None:
+            request_id = f"req-{next(self._request_counter)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
+        stop = StopCondition(max_tokens=params.max_tokens, stop_token_ids=frozenset(params.stop_token_ids),
+                             eos_token_ids=frozenset(self.model_config.eos_token_ids), ignore_eos=params.ignore_eos)
+        seq_ids = self.scheduler.add_request(request_id, tokens, stop, n=params.n)
+        self._params[request_id] = params
+        for seq_id in seq_ids:
+            self._logprobs[seq_id] = []
+            if params.logprobs is not None:
+                self._top_logprobs[seq_id] = []
+        return request_id
+
+    def abort(self, request_id: str) -> list[Completion]:
+        """End a request now; its samples come back with finish_reason "abort" and the tokens
+        generated so far. Unknown or finished ids return []."""
+        return [self._completion(f) for f in self.scheduler.abort(request_id)]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Completion]:
+        """Run one step; return the samples that finished in it (plus any finished earlier that
+        ``generate`` did not claim)."""
+        done, self._unclaimed = self._unclaimed, []
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            return done
+        rows = {it.seq_id: SamplingRow.from_params(self._params[it.request_id], it.sample_index, it.num_output_tokens)
+                for it in output.scheduled if it.sample}
+        results = self.runner.execute(output, rows)
+        for seq_id, res in results.items():
+            self._logprobs[seq_id].append(res.logprob)
+            if res.top_logprobs is not None:
+                self._top_logprobs[seq_id].append(res.top_logprobs)
+        finished = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in results.items()})
+        return done + [self._completion(f) for f in finished]
+
+    def _completion(self, f: FinishedSequence) -> Completion:
+        logprobs = self._logprobs.pop(f.seq_id)
+        top = self._top_logprobs.pop(f.seq_id, None)
+        if not self.scheduler.has_request(f.request_id):
+            self._params.pop(f.request_id, None)  # its last sample is out (several may finish in one step)
+        return Completion(request_id=f.request_id, sample_index=f.sample_index,
+                          prompt_token_ids=f.prompt_token_ids, token_ids=f.output_token_ids,
+                          logprobs=logprobs, finish_reason=f.finish_reason,
+                          num_cached_tokens=f.num_cached_tokens, top_logprobs=top)
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[Completion]:
+        """Generate for every prompt; returns one Completion per sample, prompt-major (prompt i's
+        n samples are consecutive, by sample_index). All inputs are validated before any is queued."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts must be a list of token-id lists")
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params] * len(prompts)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"params: got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        for i, (p, sp) in enumerate(zip(prompts, params_list)):
+            try:
+                self._validate(p, sp)
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        pending = {rid: {} for rid in ids}
+        remaining = sum((sp or SamplingParams()).n for sp in params_list)
+        try:
+            while remaining:
+                for c in self.step():
+                    if c.request_id in pending:
+                        pending[c.request_id][c.sample_index] = c
+                        remaining -= 1
+                    else:
+                        self._unclaimed.append(c)
+        finally:
+            for rid in ids:  # an exception mid-way must not leave our requests holding KV
+                self.scheduler.abort(rid)
+        return [pending[rid][i] for rid in ids for i in range(len(pending[rid]))]
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        s = self.scheduler.stats
+        pool = self.scheduler.pool
+        return {
+            "steps": s.steps,
+            "prefill_tokens": s.prefill_tokens,
+            "cached_prompt_tokens": s.cached_prompt_tokens,
+            "decode_tokens": s.decode_tokens,
+            "preemptions": s.preemptions,
+            "finished_requests": s.finished_requests,
+            "aborted_requests": s.aborted_requests,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_free_blocks": pool.num_available,
+            "num_total_blocks": pool.num_blocks,
+            "num_reserved_blocks": pool.num_reserved,
+            "num_cached_blocks": pool.num_cached_blocks,
+            "prefix_cache_evictions": pool.num_evictions,
+            "weight_version": self.weight_version,
+        }
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

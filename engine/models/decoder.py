@@ -1,0 +1,237 @@
+"""One decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family) over a flat token dimension.
+
+Parameters are stored fused so each layer runs two GEMMs where Hugging Face runs five:
+
+    qkv_proj.weight     [(Hq + 2*Hkv) * D, hidden]   rows: q | k | v      (bias when attention_bias)
+    gate_up_proj.weight [2 * I, hidden]              rows: gate | up
+
+``engine.weights`` maps Hugging Face checkpoint names onto row slices of these tensors.
+
+Numerics follow transformers so fp32 outputs agree to ~1e-5: RMSNorm in float32 then cast back before the
+weight multiply, rotary cos/sin computed in float32 and cast to the activation dtype, attention math in float32
+inside the backend, logits returned in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine.model_config import ModelConfig
+
+
+# --------------------------------------------------------------------------------------------------- rotary
+def rope_inv_freq(config: "ModelConfig") -> tuple[torch.Tensor, float]:
+    """-> (inv_freq [D/2] float32 on CPU, attention_factor that scales cos/sin).
+
+    Same maths as transformers' ``modeling_rope_utils`` for each rope type (default, linear, llama3, yarn).
+    """
+    dim, base = config.head_dim, config.rope_theta
+    # NOTE: construct on CPU explicitly: the model may be built under ``torch.device("meta")``.
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim
+    inv_freq = 1.0 / (base ** exponent)
+    rs = config.rope_scaling or {"rope_type": "default"}
+    rope_type = rs["rope_type"]
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / rs["factor"], 1.0
+    if rope_type == "llama3":
+        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths (low frequency) are slowed by `factor`, short ones kept, the band between blended
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if rope_type == "yarn":
+        return _yarn_inv_freq(dim, base, rs, config.max_position_embeddings)
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def _yarn_inv_freq(dim: int, base: float, rs: dict, max_pos: int) -> tuple[torch.Tensor, float]:
+    orig = rs["original_max_position_embeddings"]
+    factor = rs.get("factor") or max_pos / orig
+
+    def mscale_of(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = float(mscale_of(factor, mscale) / mscale_of(factor, mscale_all_dim))
+        else:
+            attention_factor = mscale_of(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        # the rotary dim whose wavelength completes `num_rotations` turns over the original context
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(torch.float32) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_weight = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def rope_cos_sin(config: "ModelConfig", device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (cos, sin), each [max_position_embeddings, D/2] float32 (attention_factor folded in).
+
+    Only half of the HF ``cat(freqs, freqs)`` table is stored: both halves are equal.
+    """
+    inv_freq, attention_factor = rope_inv_freq(config)
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.int64, device="cpu").to(torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2], same products as HF's position * inv_freq
+    cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
+    return cos.to(device), sin.to(device)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF rotate-half convention. x: [T, H, D]; cos/sin: [T, D/2] already in x's dtype.
+
+    out = x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), rotate_half(x) = cat(-x2, x1)
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(input_dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: "ModelConfig", layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_size, self.kv_size = c.q_size, c.kv_size
+        self.scale = c.head_dim ** -0.5
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.attention_bias, dtype=dtype)
+        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.o_proj_bias, dtype=dtype)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, dtype=dtype)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,     # [T, D/2] in hidden's dtype
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        T = hidden.shape[0]
+        # attention block (pre-norm, residual)
+        residual = hidden
+        x = self.input_layernorm(hidden)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)     # [T, Hq, D]
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        attn = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
+        hidden = residual + self.o_proj(attn.reshape(T, self.q_size))
+        # MLP block: down(silu(gate) * up)
+        residual = hidden
+        x = self.post_attention_layernorm(hidden)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return residual + self.down_proj(F.silu(gate) * up)
+
+
+class CausalLM(nn.Module):
+    """Parameter names (what ``engine.weights`` targets)::
+
+        embed_tokens.weight, norm.weight, lm_head.weight (the embedding Parameter itself when tied)
+        layers.{i}.{input_layernorm,post_attention_layernorm}.weight
+        layers.{i}.qkv_proj.{weight,bias}, layers.{i}.o_proj.{weight,bias}
+        layers.{i}.{q_norm,k_norm}.weight (qk_norm only), layers.{i}.{gate_up_proj,down_proj}.weight
+    """
+
+    def __init__(self, config: "ModelConfig", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.tie_weights()
+        # Rotary tables: [max_pos, D/2] float32, indexed by position. Not weights (not in state_dict).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope_cache()
+
+    def tie_weights(self) -> None:
+        """Make lm_head use embed_tokens' Parameter when tied (one tensor, two names).
+
+        NOTE: ``to_empty`` from the meta device creates new Parameter objects and so unties them; call this
+        again after it (``load_model`` does)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_rope_cache(self, device: Optional[torch.device] = None) -> None:
+        """(Re)compute the rotary tables; call after ``to_empty`` (meta-device construction)."""
+        if device is None:
+            device = self.embed_tokens.weight.device
+        cos, sin = rope_cos_sin(self.config, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64, position of each token within its sequence
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # one (k_cache, v_cache) per layer
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:            # [T, hidden], after the final norm
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} (k_cache, v_cache) pairs, got {len(kv_caches)}")
+        hidden = self.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(hidden.dtype)  # [T, D/2]
+        sin = self.rope_sin[positions].to(hidden.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, cos, sin, kv_cache, meta, backend)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [R, hidden] (the rows to sample from) -> [R, vocab] float32."""
+        return F.linear(hidden, self.lm_head.weight).float()

@@ -1,0 +1,23 @@
+"""What the engine returns to callers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Completion:
+    """One generated sample. ``generate`` returns one per sample: prompt i's n samples are
+    consecutive, ordered by ``sample_index``."""
+
+    request_id: str
+    sample_index: int                    # 0 .. n-1
+    prompt_token_ids: list[int]
+    token_ids: list[int]                 # generated tokens (stop/EOS token included when sampled)
+    logprobs: list[float]                # one per token: log p(token) under log_softmax(logits / T)
+    finish_reason: str                   # "stop" | "length" | "abort"
+    num_cached_tokens: int = 0           # prompt tokens served from the prefix cache or shared
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = field(default=None)  # per token, when requested
+
+    def __post_init__(self) -> None:
+        assert len(self.token_ids) == len(self.logprobs), "one logprob per generated token"

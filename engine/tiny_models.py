@@ -1,0 +1,96 @@
+"""Tiny random Hugging Face checkpoints for tests and examples (no hub needed).
+
+``make_tiny_model("qwen2", tmp)`` writes ``config.json`` + safetensors built by transformers itself, so
+transformers' forward pass on the same directory is an independent oracle for the engine.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=None,
+    # Large init so greedy argmax has clear margins: fp32 rounding must never flip a near-tie between
+    # the engine and transformers.
+    initializer_range=0.2,
+)
+
+# arch -> (config class name, architecture-specific fields). Tied embeddings and biases vary on purpose.
+_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama3": ("LlamaConfig", dict(tie_word_embeddings=False,
+                                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 64})),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, attention_bias=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+
+TINY_ARCHS = tuple(_ARCHS)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_tiny_model(
+    arch: str,
+    path: str | Path,
+    *,
+    seed: int = 0,
+    shards: int = 1,
+    dtype: str = "float32",
+    **config_overrides: Any,
+) -> Path:
+    """Build a random ``arch`` model (one of ``TINY_ARCHS``) and ``save_pretrained`` it to ``path``.
+
+    ``shards > 1`` writes a sharded checkpoint with ``model.safetensors.index.json``; ``dtype`` is the
+    stored dtype ("float32", "bfloat16", "float16"). ``config_overrides`` must be fields of the config
+    class (a typo raises TypeError rather than becoming a silently ignored attribute). Returns ``path``.
+    """
+    import transformers
+
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {list(_ARCHS)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {list(_DTYPES)}")
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    config_name, arch_fields = _ARCHS[arch]
+    config_cls = getattr(transformers, config_name)
+    known = set(vars(config_cls())) | set(inspect.signature(config_cls.__init__).parameters)
+    unknown = sorted(set(config_overrides) - known - set(_COMMON) - set(arch_fields))
+    if unknown:
+        raise TypeError(f"{config_name} has no field(s) {unknown}")
+    fields = {**_COMMON, **arch_fields, **config_overrides}
+    config = config_cls(**fields)
+    config.architectures = [config_name.replace("Config", "ForCausalLM")]
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = model.to(_DTYPES[dtype]).eval()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if shards > 1:
+        total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        kwargs["max_shard_size"] = max(1, total // shards)
+    model.save_pretrained(str(path), **kwargs)
+    return path

@@ -1,0 +1,210 @@
+"""Hugging Face checkpoint names -> the decoder's fused parameters, and loading.
+
+Mapping (layer i; D = head_dim, Hq/Hkv = heads, I = intermediate_size)::
+
+    model.layers.{i}.self_attn.q_proj.{weight,bias} -> layers.{i}.qkv_proj rows [0, Hq*D)
+    model.layers.{i}.self_attn.k_proj.{weight,bias} -> layers.{i}.qkv_proj rows [Hq*D, (Hq+Hkv)*D)
+    model.layers.{i}.self_attn.v_proj.{weight,bias} -> layers.{i}.qkv_proj rows [(Hq+Hkv)*D, (Hq+2*Hkv)*D)
+    model.layers.{i}.mlp.gate_proj.weight           -> layers.{i}.gate_up_proj rows [0, I)
+    model.layers.{i}.mlp.up_proj.weight             -> layers.{i}.gate_up_proj rows [I, 2*I)
+    everything else                                 -> the parameter of the same role, whole
+    lm_head.weight                                  -> absent when tied (ignored if a checkpoint has it anyway)
+    *.rotary_emb.inv_freq                           -> ignored (recomputed)
+
+Resolving and validating a name/shape (``WeightMapper.check``) is separate from writing it
+(``copy_into``), so an atomic live update can validate a whole manifest before any byte lands.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from engine.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from engine.models.decoder import CausalLM
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class WeightTarget(NamedTuple):
+    """Where one checkpoint tensor lands: ``param[shard]`` (rows along dim 0), or the whole param."""
+
+    param_name: str
+    shard: Optional[slice]
+
+
+class WeightMapper:
+    """Pure name/shape logic for one ``ModelConfig``; never touches tensors' data."""
+
+    def __init__(self, model_config: ModelConfig) -> None:
+        c = self.config = model_config
+        q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
+        # layer-local HF suffix -> (our layer-local name, rows or None, HF tensor shape)
+        local: dict[str, tuple[str, Optional[slice], tuple[int, ...]]] = {
+            "input_layernorm.weight": ("input_layernorm.weight", None, (c.hidden_size,)),
+            "post_attention_layernorm.weight": ("post_attention_layernorm.weight", None, (c.hidden_size,)),
+            "self_attn.q_proj.weight": ("qkv_proj.weight", slice(0, q), (q, c.hidden_size)),
+            "self_attn.k_proj.weight": ("qkv_proj.weight", slice(q, q + kv), (kv, c.hidden_size)),
+            "self_attn.v_proj.weight": ("qkv_proj.weight", slice(q + kv, q + 2 * kv), (kv, c.hidden_size)),
+            "self_attn.o_proj.weight": ("o_proj.weight", None, (c.hidden_size, q)),
+            "mlp.gate_proj.weight": ("gate_up_proj.weight", slice(0, inter), (inter, c.hidden_size)),
+            "mlp.up_proj.weight": ("gate_up_proj.weight", slice(inter, 2 * inter), (inter, c.hidden_size)),
+            "mlp.down_proj.weight": ("down_proj.weight", None, (c.hidden_size, inter)),
+        }
+        if c.attention_bias:
+            local["self_attn.q_proj.bias"] = ("qkv_proj.bias", slice(0, q), (q,))
+            local["self_attn.k_proj.bias"] = ("qkv_proj.bias", slice(q, q + kv), (kv,))
+            local["self_attn.v_proj.bias"] = ("qkv_proj.bias", slice(q + kv, q + 2 * kv), (kv,))
+        if c.o_proj_bias:
+            local["self_attn.o_proj.bias"] = ("o_proj.bias", None, (c.hidden_size,))
+        if c.qk_norm:
+            local["self_attn.q_norm.weight"] = ("q_norm.weight", None, (c.head_dim,))
+            local["self_attn.k_norm.weight"] = ("k_norm.weight", None, (c.head_dim,))
+        self._layer_local = local
+        self._global: dict[str, tuple[str, Optional[slice], tuple[int, ...]]] = {
+            "model.embed_tokens.weight": ("embed_tokens.weight", None, (c.vocab_size, c.hidden_size)),
+            "model.norm.weight": ("norm.weight", None, (c.hidden_size,)),
+        }
+        if not c.tie_word_embeddings:
+            self._global["lm_head.weight"] = ("lm_head.weight", None, (c.vocab_size, c.hidden_size))
+
+    def _lookup(self, hf_name: str) -> Optional[tuple[str, Optional[slice], tuple[int, ...]]]:
+        if hf_name in self._global:
+            return self._global[hf_name]
+        m = _LAYER_RE.match(hf_name)
+        if m is not None and int(m.group(1)) < self.config.num_layers and m.group(2) in self._layer_local:
+            name, shard, shape = self._layer_local[m.group(2)]
+            return f"layers.{int(m.group(1))}.{name}", shard, shape
+        return None
+
+    @staticmethod
+    def is_ignored(hf_name: str, tie_word_embeddings: bool) -> bool:
+        return hf_name.endswith(_IGNORED_SUFFIXES) or (tie_word_embeddings and hf_name == "lm_head.weight")
+
+    def resolve(self, hf_name: str) -> Optional[WeightTarget]:
+        """-> target, or None for a name that is deliberately ignored. Unknown name -> ValueError."""
+        entry = self._lookup(hf_name)
+        if entry is not None:
+            return WeightTarget(entry[0], entry[1])
+        if self.is_ignored(hf_name, self.config.tie_word_embeddings):
+            return None
+        raise ValueError(f"unknown weight {hf_name!r} for {self.config.architecture}")
+
+    def check(self, hf_name: str, tensor: torch.Tensor) -> Optional[WeightTarget]:
+        """``resolve`` plus shape and dtype checks; raises ValueError naming the tensor."""
+        target = self.resolve(hf_name)
+        if target is None:
+            return None
+        expected = self._lookup(hf_name)[2]
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"weight {hf_name!r} has non-floating dtype {tensor.dtype}")
+        return target
+
+    def expected_hf_names(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint name a complete checkpoint must carry -> its shape."""
+        out = {name: shape for name, (_, _, shape) in self._global.items()}
+        for i in range(self.config.num_layers):
+            for suffix, (_, _, shape) in self._layer_local.items():
+                out[f"model.layers.{i}.{suffix}"] = shape
+        return out
+
+    def missing(self, seen: Iterable[str]) -> list[str]:
+        """Expected names absent from ``seen``, sorted."""
+        return sorted(set(self.expected_hf_names()) - set(seen))
+
+
+def copy_into(params: dict[str, nn.Parameter], target: WeightTarget, tensor: torch.Tensor) -> None:
+    """Write one validated tensor in place (dtype cast, cross-device copy); never reallocates."""
+    dst = params[target.param_name].data
+    if target.shard is not None:
+        dst = dst[target.shard]
+    dst.copy_(tensor)
+
+
+def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> list[str]:
+    """Stream ``(hf_name, tensor)`` pairs into ``model`` (a ``CausalLM``) in place.
+
+    Each tensor is validated before it is written, but tensors are written as they arrive (right for the
+    initial load, where a failure discards the model). Live updates that must be all-or-nothing validate
+    the whole manifest with ``WeightMapper.check``/``missing`` first. Returns the names loaded.
+    Raises ValueError on an unknown name, a wrong shape, a repeated name, or (strict) missing names.
+    """
+    mapper = WeightMapper(model.config)
+    params = dict(model.named_parameters())
+    seen: list[str] = []
+    seen_set: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in named_tensors:
+            target = mapper.check(name, tensor)
+            if target is None:
+                continue
+            if name in seen_set:
+                raise ValueError(f"weight {name!r} given twice")
+            copy_into(params, target, tensor)
+            seen.append(name)
+            seen_set.add(name)
+    if strict:
+        missing = mapper.missing(seen_set)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint lacks weights: {shown}")
+    return seen
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint: a single file, a sharded directory (index json), or a directory
+    with ``model.safetensors`` (or other ``*.safetensors`` files)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            absent = [str(f) for f in files if not f.is_file()]
+            if absent:
+                raise ValueError(f"{index} names missing shard files: {absent}")
+            return files
+        single = path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            return files
+    raise ValueError(f"no safetensors weights at {path}")
+
+
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, cpu tensor)`` for every tensor of the checkpoint at ``path``, file by file."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> tuple["CausalLM", ModelConfig]:
+    """Build the model for ``path/config.json`` without initialising weights, then load the checkpoint."""
+    from engine.models.registry import get_model_class
+
+    config = ModelConfig.from_pretrained(path)
+    safetensors_files(path)  # fail on a missing checkpoint before allocating anything
+    with torch.device("meta"):
+        model = get_model_class(config.architecture)(config, dtype=dtype)
+    model.to_empty(device=device)  # allocates storage; a tied lm_head keeps sharing embed_tokens' Parameter
+    model.tie_weights()
+    model.init_rope_cache()
+    load_weights(model, iter_safetensors(path), strict=True)
+    model.eval().requires_grad_(False)
+    return model, config
