@@ -35,7 +35,8 @@ def tiny(request, tmp_path_factory):
     expected = []
     with torch.no_grad():
         for p in prompts:
-            out = hf.generate(torch.tensor([p]), max_new_tokens=NUM_NEW,
+            ids = torch.tensor([p])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_NEW,
                               do_sample=False, pad_token_id=0)
             expected.append(out[0, len(p):].tolist())
     return arch, path, prompts, expected, hf

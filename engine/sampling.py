@@ -1,0 +1,299 @@
+"""Sampling: per-request parameters and the batched sampler that turns logits into token ids.
+
+Filtering order (the same as vLLM / Hugging Face logits warpers), applied per row:
+
+    logits --/T--> scaled --top_k--> --top_p--> --min_p--> filtered --(exponential race)--> token
+
+- temperature ``T``: ``scaled = logits / T``. ``T == 0`` (any ``T < 1e-5``) means greedy: the token is
+  ``argmax(logits)`` (ties go to the lowest id, as ``torch.argmax``) and no filter applies.
+- top_k: keep the tokens whose scaled logit is >= the k-th largest one (ties at the boundary are kept,
+  so slightly more than k tokens can survive); ``-1`` disables it.
+- top_p: over ``softmax(scaled)`` restricted to the top-k survivors, keep the smallest prefix (by
+  decreasing probability) whose cumulative probability is >= top_p; the most likely token always
+  survives. ``1.0`` disables it.
+- min_p: drop the survivors whose probability is < ``min_p * max probability`` (a ratio, so it does not
+  matter that the survivors are renormalised); ``0.0`` disables it.
+
+Logprob semantics (what a PPO/GRPO ratio needs): the logprob returned for a sampled token is taken
+under the temperature-scaled FULL-vocabulary distribution, ``log_softmax(logits / T)`` BEFORE any
+top-k/top-p/min-p filtering, because that is what the trainer recomputes. For greedy rows T is taken
+as 1, i.e. plain ``log_softmax(logits)``. The optional top logprobs are the largest entries of the
+same distribution.
+
+Randomness: a row with a seed draws its noise from a generator keyed by ``(seed, sample_index, step)``
+only, so its token does not depend on which other rows share the batch or in which order. Rows
+without a seed use the sampler's own generator. Sampling is the exponential race
+``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` iid, computed as the equivalent Gumbel-max
+``argmax(filtered_i - log E_i)``; it picks token i with probability ``p_i`` and needs no cumsum
+over the vocabulary.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Below this temperature a row is greedy (dividing by it would overflow float32 logits anyway).
+GREEDY_TEMPERATURE = 1e-5
+
+_MASK64 = (1 << 64) - 1
+
+
+def _is_int(value: object) -> bool:
+    # NOTE: bool is an int subclass; `top_k=True` is a bug, not a 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request. Validated on construction; every error names the field."""
+
+    temperature: float = 0.0          # 0 (or < 1e-5) = greedy
+    top_p: float = 1.0                # in (0, 1]; 1 disables
+    top_k: int = -1                   # -1 disables, else >= 1
+    min_p: float = 0.0                # in [0, 1]; 0 disables
+    max_tokens: int = 16              # new tokens to generate, >= 1
+    n: int = 1                        # samples of the same prompt
+    seed: int | None = None           # None = the sampler's generator; int = reproducible stream
+    stop_token_ids: Sequence[int] = ()  # normalised to a tuple of non-negative ints
+    ignore_eos: bool = False          # keep generating past EOS (benchmarks)
+    logprobs: int | None = None       # None = no top logprobs; k >= 0 = the k most likely tokens too
+
+    def __post_init__(self) -> None:
+        def fail(field: str, why: str, value: object) -> None:
+            raise ValueError(f"SamplingParams.{field} {why}, got {value!r}")
+
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            fail("temperature", "must be a finite number >= 0", t)
+        p = self.top_p
+        if not _is_real(p) or not (0.0 < p <= 1.0):
+            fail("top_p", "must be a number in (0, 1]", p)
+        k = self.top_k
+        if not _is_int(k) or not (k == -1 or k >= 1):
+            fail("top_k", "must be an int, -1 (disabled) or >= 1", k)
+        m = self.min_p
+        if not _is_real(m) or not (0.0 <= m <= 1.0):
+            fail("min_p", "must be a number in [0, 1]", m)
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            fail("max_tokens", "must be an int >= 1", self.max_tokens)
+        if not _is_int(self.n) or self.n < 1:
+            fail("n", "must be an int >= 1", self.n)
+        if self.seed is not None and not _is_int(self.seed):
+            fail("seed", "must be None or an int", self.seed)
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not isinstance(stops, Sequence):
+            fail("stop_token_ids", "must be a sequence of ints >= 0", stops)
+        for tok in stops:
+            if not _is_int(tok) or tok < 0:
+                fail("stop_token_ids", f"must hold only ints >= 0 (bad entry {tok!r})", stops)
+        if not isinstance(self.ignore_eos, bool):
+            fail("ignore_eos", "must be a bool", self.ignore_eos)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            fail("logprobs", "must be None or an int >= 0", self.logprobs)
+
+        # Normalise to plain Python types (numpy ints pass the checks above).
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_p", float(p))
+        object.__setattr__(self, "top_k", int(k))
+        object.__setattr__(self, "min_p", float(m))
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+        object.__setattr__(self, "n", int(self.n))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "stop_token_ids", tuple(int(tok) for tok in stops))
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", int(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to sample the next token of one sequence (one row of the logits)."""
+
+    temperature: float
+    top_k: int                 # -1 = disabled
+    top_p: float               # 1.0 = disabled
+    min_p: float               # 0.0 = disabled
+    seed: int | None           # None = the sampler's own generator
+    sample_index: int          # which of the request's n samples this sequence is
+    step: int                  # index of the token being sampled within this sequence's output
+    num_logprobs: int | None   # top logprobs wanted for this token (None = not asked)
+
+    @classmethod
+    def from_params(cls, params: SamplingParams, sample_index: int, step: int) -> SamplingRow:
+        return cls(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            seed=params.seed,
+            sample_index=sample_index,
+            step=step,
+            num_logprobs=params.logprobs,
+        )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row, in row order."""
+
+    token_ids: list[int]
+    # log_softmax(logits / T)[token] over the full vocabulary (T = 1 for greedy rows).
+    logprobs: list[float]
+    # Per row the (token, logprob) pairs of the num_logprobs most likely tokens of the same
+    # distribution, most likely first ([] for a row that did not ask); None when no row asked.
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix64(*values: int) -> int:
+    """Hash ints (any sign or size, reduced mod 2**64) into a generator seed in [0, 2**63)."""
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h >> 1
+
+
+class Sampler:
+    """Samples one token per row of a logits batch; see the module docstring for the semantics.
+
+    Stateful only through the generator of unseeded rows (seeded with ``seed``), one per device.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(mix64(self.seed))
+            self._generators[device] = gen
+        return gen
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        # logits: [R, V]
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
+        num_rows, vocab = logits.shape
+        if num_rows == 0:
+            return SamplerOutput([], [], None)
+        device = logits.device
+        logits = logits.float()
+
+        greedy = [r.is_greedy for r in rows]
+        temps = torch.tensor([1.0 if g else r.temperature for g, r in zip(greedy, rows)],
+                             dtype=torch.float32, device=device)
+        scaled = logits / temps[:, None]                                      # [R, V]
+
+        tokens = scaled.argmax(dim=-1)                                        # [R]; greedy rows keep it
+        sampled = [i for i, g in enumerate(greedy) if not g]
+        if sampled:
+            sub_rows = [rows[i] for i in sampled]
+            idx = torch.tensor(sampled, dtype=torch.long, device=device)
+            filtered = _apply_filters(scaled[idx], sub_rows)                  # [S, V], -inf = removed
+            gumbel = self._exponential(sub_rows, vocab, device).log_().neg_()  # -log E, [S, V]
+            tokens[idx] = (filtered + gumbel).argmax(dim=-1)
+
+        # log_softmax(scaled)[tok] = scaled[tok] - logsumexp(scaled): no [R, V] logprob tensor needed.
+        lse = torch.logsumexp(scaled, dim=-1)                                 # [R]
+        token_lp = scaled.gather(1, tokens[:, None]).squeeze(1) - lse
+
+        top_logprobs = None
+        if any(r.num_logprobs is not None for r in rows):
+            top_logprobs = [[] for _ in rows]
+            asked = [i for i, r in enumerate(rows) if r.num_logprobs]
+            if asked:
+                kmax = min(max(rows[i].num_logprobs for i in asked), vocab)
+                aidx = torch.tensor(asked, dtype=torch.long, device=device)
+                vals, ids = scaled[aidx].topk(kmax, dim=-1)                  # [A, kmax], descending
+                vals = (vals - lse[aidx, None]).tolist()
+                ids = ids.tolist()
+                for j, i in enumerate(asked):
+                    k = min(rows[i].num_logprobs, vocab)
+                    top_logprobs[i] = list(zip(ids[j][:k], vals[j][:k]))
+
+        return SamplerOutput(tokens.tolist(), token_lp.tolist(), top_logprobs)
+
+    def _exponential(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
+        """E ~ Exp(1), [len(rows), vocab]; a seeded row's noise depends on (seed, sample_index, step) only."""
+        noise = torch.empty(len(rows), vocab, dtype=torch.float32, device=device)
+        unseeded = [i for i, r in enumerate(rows) if r.seed is None]
+        if unseeded:
+            draw = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=device)
+            draw.exponential_(generator=self._generator(device))
+            noise[torch.tensor(unseeded, dtype=torch.long, device=device)] = draw
+        for i, r in enumerate(rows):
+            if r.seed is not None:
+                gen = torch.Generator(device=device).manual_seed(mix64(r.seed, r.sample_index, r.step))
+                noise[i].exponential_(generator=gen)
+        # NOTE: guard E == 0 (possible on some backends): -log(0) = inf would beat every real logit.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _apply_filters(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """top_k -> top_p -> min_p on temperature-scaled logits; removed entries become -inf.
+
+    Every step reads only its own row, so a row's result is independent of the rest of the batch.
+    """
+    # scaled: [S, V] (a fresh tensor, modified in place)
+    device = scaled.device
+    vocab = scaled.shape[1]
+    neg_inf = float("-inf")
+
+    krows = [i for i, r in enumerate(rows) if 0 < r.top_k < vocab]
+    if krows:
+        kidx = torch.tensor(krows, dtype=torch.long, device=device)
+        ks = torch.tensor([rows[i].top_k for i in krows], dtype=torch.long, device=device)
+        sub = scaled[kidx]
+        top_vals = sub.topk(int(ks.max()), dim=-1).values                     # [K, kmax], descending
+        kth = top_vals.gather(1, (ks - 1)[:, None])                           # [K, 1] k-th largest
+        scaled[kidx] = sub.masked_fill(sub < kth, neg_inf)
+
+    prows = [i for i, r in enumerate(rows) if r.top_p < 1.0]
+    if prows:
+        pidx = torch.tensor(prows, dtype=torch.long, device=device)
+        ps = torch.tensor([rows[i].top_p for i in prows], dtype=torch.float32, device=device)
+        sub = scaled[pidx]
+        sorted_vals, order = sub.sort(dim=-1, descending=True)                # [P, V]
+        probs = sorted_vals.softmax(dim=-1)
+        # Exclusive prefix sum: mass strictly before position j. Keep j while that mass < top_p,
+        # i.e. the smallest prefix reaching top_p; position 0 (mass 0) always survives.
+        before = probs.cumsum(dim=-1).roll(1, dims=-1)
+        before[:, 0] = 0.0
+        remove_sorted = before >= ps[:, None]
+        remove = torch.empty_like(remove_sorted).scatter_(1, order, remove_sorted)
+        scaled[pidx] = sub.masked_fill(remove, neg_inf)
+
+    mrows = [i for i, r in enumerate(rows) if r.min_p > 0.0]
+    if mrows:
+        midx = torch.tensor(mrows, dtype=torch.long, device=device)
+        log_min_p = torch.tensor([math.log(rows[i].min_p) for i in mrows], dtype=torch.float32,
+                                 device=device)
+        sub = scaled[midx]
+        # p_i < min_p * p_max  <=>  scaled_i < scaled_max + log(min_p) (the normaliser cancels).
+        threshold = sub.max(dim=-1, keepdim=True).values + log_min_p[:, None]
+        scaled[midx] = sub.masked_fill(sub < threshold, neg_inf)
+    return scaled
