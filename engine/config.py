@@ -24,6 +24,12 @@ class EngineConfig:
     attention_backend: Optional[str] = None     # None: automatic (reference on CPU); or a registered name
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
+    host_kv_cache_bytes: int = 0                # pinned host pool for offloaded idle-session KV
+                                                # (0: under pressure idle sessions' KV is dropped)
+    session_ttl_s: float = 600.0                # default TTL of an idle session
+    # Scheduling baselines, for benchmarks only (see scheduler.SchedulerConfig):
+    preemption: str = "never"                   # "recompute": vLLM-style preempt-and-recompute
+    retain_sessions: bool = True                # False: re-prefill a session's history every turn
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -41,6 +47,15 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed must be an int, got {self.seed!r}")
+        if isinstance(self.host_kv_cache_bytes, bool) or not isinstance(self.host_kv_cache_bytes, int) \
+                or self.host_kv_cache_bytes < 0:
+            raise ValueError(f"EngineConfig.host_kv_cache_bytes must be an int >= 0, got {self.host_kv_cache_bytes!r}")
+        if self.preemption not in ("never", "recompute"):
+            raise ValueError(f"EngineConfig.preemption must be 'never' or 'recompute', got {self.preemption!r}")
+        if not isinstance(self.retain_sessions, bool):
+            raise ValueError(f"EngineConfig.retain_sessions must be a bool, got {self.retain_sessions!r}")
+        if not (isinstance(self.session_ttl_s, (int, float)) and self.session_ttl_s > 0):
+            raise ValueError(f"EngineConfig.session_ttl_s must be > 0, got {self.session_ttl_s!r}")
         if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
 

@@ -3,11 +3,16 @@
 Step API: ``add_request`` queues token ids, ``step`` runs one scheduler step (one forward pass)
 and returns the samples that finished in it, ``abort`` ends a request now, ``has_unfinished``
 says whether anything is queued or running. ``generate`` is the blocking convenience on top.
+
+Sessions: ``open_session`` / ``submit_turn`` (or the blocking ``run_turn``) / ``close_session``.
+A session's KV survives between turns (offloaded to a host pool under pressure), so a turn
+computes only its new tokens.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -17,6 +22,7 @@ import torch
 from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from engine.kv_offload import HostKVCache
 from engine.model_runner import ModelRunner
 from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams, SamplingRow
@@ -60,12 +66,17 @@ class LLMEngine:
                     mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
                     num_blocks, config.block_size)
         self.kv_caches = allocate_kv_cache(mc, num_blocks, config.block_size, self.dtype, self.device)
+        self.kv_block_bytes = kv_bytes_per_block(mc, config.block_size, self.dtype)
+        num_host_blocks = config.host_kv_cache_bytes // self.kv_block_bytes
+        host_cache = HostKVCache(self.kv_caches, num_host_blocks) if num_host_blocks else None
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching))
+            enable_prefix_caching=config.enable_prefix_caching, num_host_blocks=num_host_blocks,
+            default_session_ttl_s=float(config.session_ttl_s), preemption=config.preemption,
+            retain_sessions=config.retain_sessions))
         self.runner = ModelRunner(self.model, mc, self.kv_caches, self.backend, config.block_size,
-                                  self.device, Sampler(config.seed))
+                                  self.device, Sampler(config.seed), host_cache)
         self._params: dict[str, SamplingParams] = {}
         self._logprobs: dict[int, list[float]] = {}
         self._top_logprobs: dict[int, list[list[tuple[int, float]]]] = {}
@@ -112,23 +123,24 @@ class LLMEngine:
         return self._tokenizer
 
     # ------------------------------------------------------------------ requests
-    def _validate(self, prompt_token_ids: object, params: object) -> tuple[list[int], SamplingParams]:
+    def _validate(self, prompt_token_ids: object, params: object, allow_empty: bool = False,
+                  field: str = "prompt_token_ids") -> tuple[list[int], SamplingParams]:
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
-            raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(prompt_token_ids).__name__}")
+            raise ValueError(f"{field} must be a list of token ids, got {type(prompt_token_ids).__name__}")
         tokens = list(prompt_token_ids)
-        if not tokens:
-            raise ValueError("prompt_token_ids must not be empty")
+        if not tokens and not allow_empty:
+            raise ValueError(f"{field} must not be empty")
         for i, t in enumerate(tokens):
             if isinstance(t, bool) or not isinstance(t, int):
-                raise ValueError(f"prompt_token_ids[{i}] must be an int, got {t!r}")
+                raise ValueError(f"{field}[{i}] must be an int, got {t!r}")
             if not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt_token_ids[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(f"{field}[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
         if len(tokens) >= self.max_model_len:
-            raise ValueError(f"prompt_token_ids has {len(tokens)} tokens; the model's context "
+            raise ValueError(f"{field} has {len(tokens)} tokens; the model's context "
                              f"(max_model_len) is {self.max_model_len}")
         return tokens, params
 
@@ -141,15 +153,67 @@ class LLMEngine:
             request_id = f"req-{next(self._request_counter)}"
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
-        stop = StopCondition(max_tokens=params.max_tokens, stop_token_ids=frozenset(params.stop_token_ids),
-                             eos_token_ids=frozenset(self.model_config.eos_token_ids), ignore_eos=params.ignore_eos)
-        seq_ids = self.scheduler.add_request(request_id, tokens, stop, n=params.n)
+        seq_ids = self.scheduler.add_request(request_id, tokens, self._stop(params), n=params.n)
         self._params[request_id] = params
         for seq_id in seq_ids:
             self._logprobs[seq_id] = []
             if params.logprobs is not None:
                 self._top_logprobs[seq_id] = []
         return request_id
+
+    def _stop(self, params: SamplingParams) -> StopCondition:
+        return StopCondition(max_tokens=params.max_tokens, stop_token_ids=frozenset(params.stop_token_ids),
+                             eos_token_ids=frozenset(self.model_config.eos_token_ids), ignore_eos=params.ignore_eos)
+
+    # ------------------------------------------------------------------ sessions
+    def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None,
+                     priority: int = 0) -> str:
+        """Open a multi-turn session (no tokens yet); returns its id. ``ttl_s``: an idle session
+        older than this is closed and its KV freed (default ``EngineConfig.session_ttl_s``)."""
+        if session_id is None:
+            session_id = f"session-{uuid.uuid4().hex[:12]}"
+        self.scheduler.open_session(session_id, ttl_s=ttl_s, priority=priority)
+        return session_id
+
+    def submit_turn(self, session_id: str, new_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Append ``new_token_ids`` (a user message or an environment observation: not model
+        tokens) to the session and queue the model's turn; returns the turn's request id. Its
+        Completion comes from ``step`` like any request's. Raises (ValueError / SessionError)
+        without changing the session on bad input, an unknown or closed session, or a turn
+        already in progress."""
+        tokens, params = self._validate(new_token_ids, params, allow_empty=True, field="new_token_ids")
+        if params.n != 1:
+            raise ValueError(f"SamplingParams.n must be 1 for a session turn, got {params.n} "
+                             "(open one session per sample instead)")
+        if request_id is None:
+            request_id = f"turn-{next(self._request_counter)}"
+        self.scheduler.submit_turn(session_id, request_id, tokens, self._stop(params))
+        self._params[request_id] = params
+        seq = self.scheduler.sessions[session_id]
+        self._logprobs[seq.seq_id] = []
+        if params.logprobs is not None:
+            self._top_logprobs[seq.seq_id] = []
+        return request_id
+
+    def run_turn(self, session_id: str, new_token_ids: Sequence[int],
+                 params: Optional[SamplingParams] = None) -> Completion:
+        """Blocking ``submit_turn``: steps the engine until this turn finishes (other requests
+        progress too; their completions are returned by the next ``step``)."""
+        request_id = self.submit_turn(session_id, new_token_ids, params)
+        while True:
+            for c in self.step():
+                if c.request_id == request_id:
+                    return c
+                self._unclaimed.append(c)
+
+    def close_session(self, session_id: str) -> list[Completion]:
+        """Free everything the session holds; a turn in progress comes back aborted."""
+        return [self._completion(f) for f in self.scheduler.close_session(session_id)]
+
+    def session_tokens(self, session_id: str) -> list[int]:
+        """The session's whole history (prompts, observations and model tokens)."""
+        return list(self.scheduler.get_session(session_id).token_ids)
 
     def abort(self, request_id: str) -> list[Completion]:
         """End a request now; its samples come back with finish_reason "abort" and the tokens
@@ -184,7 +248,8 @@ class LLMEngine:
         return Completion(request_id=f.request_id, sample_index=f.sample_index,
                           prompt_token_ids=f.prompt_token_ids, token_ids=f.output_token_ids,
                           logprobs=logprobs, finish_reason=f.finish_reason,
-                          num_cached_tokens=f.num_cached_tokens, top_logprobs=top)
+                          num_cached_tokens=f.num_cached_tokens, top_logprobs=top, session_id=f.session_id,
+                          num_prefill_tokens=f.num_prefill_tokens, queue_wait_s=f.queue_wait_s)
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[Completion]:
@@ -239,6 +304,21 @@ class LLMEngine:
             "num_cached_blocks": pool.num_cached_blocks,
             "prefix_cache_evictions": pool.num_evictions,
             "weight_version": self.weight_version,
+            "recomputed_tokens": s.recomputed_tokens,
+            "finished_turns": s.finished_turns,
+            "open_sessions": len(self.scheduler.sessions),
+            "offloaded_blocks": s.offloaded_blocks,
+            "offloaded_bytes": s.offloaded_blocks * self.kv_block_bytes,
+            "offloaded_sessions": s.offloaded_sessions,
+            "restored_blocks": s.restored_blocks,
+            "restored_bytes": s.restored_blocks * self.kv_block_bytes,
+            "restored_sessions": s.restored_sessions,
+            "dropped_sessions": s.dropped_sessions,
+            "dropped_tokens": s.dropped_tokens,
+            "expired_sessions": s.expired_sessions,
+            "num_host_blocks": self.scheduler.kv.host.num_blocks,
+            "num_free_host_blocks": self.scheduler.kv.host.num_free,
+            "mean_queue_wait_s": s.queue_wait_s / max(1, s.admissions),
         }
 
     def check_integrity(self) -> None:

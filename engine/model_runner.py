@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, build_metadata
+from engine.kv_offload import HostKVCache
 from engine.model_config import ModelConfig
 from engine.sampling import Sampler, SamplingRow
 from scheduler import SchedulerOutput
@@ -26,7 +27,8 @@ class SampledToken:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], backend: AttentionBackend,
-                 block_size: int, device: torch.device, sampler: Sampler) -> None:
+                 block_size: int, device: torch.device, sampler: Sampler,
+                 host_cache: HostKVCache | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.kv_caches = kv_caches
@@ -34,11 +36,15 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
+        self.host_cache = host_cache
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampledToken]:
         """Run the step; ``rows`` holds the sampling settings of every item with ``sample=True``
         (keyed by seq_id). Returns seq_id -> sampled token."""
+        if output.swap_out or output.swap_in:
+            assert self.host_cache is not None, "the scheduler offloaded KV without a host pool"
+            self.host_cache.swap(output.swap_out, output.swap_in)
         items = output.scheduled
         if not items:
             return {}

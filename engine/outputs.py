@@ -18,6 +18,9 @@ class Completion:
     finish_reason: str                   # "stop" | "length" | "abort"
     num_cached_tokens: int = 0           # prompt tokens served from the prefix cache or shared
     top_logprobs: Optional[list[list[tuple[int, float]]]] = field(default=None)  # per token, when requested
+    session_id: Optional[str] = None     # set for a session turn
+    num_prefill_tokens: int = 0          # context tokens computed for this request/turn
+    queue_wait_s: float = 0.0            # submission to admission
 
     def __post_init__(self) -> None:
         assert len(self.token_ids) == len(self.logprobs), "one logprob per generated token"

@@ -5,11 +5,12 @@ Pure Python: no torch, no imports from the rest of the project.
 from scheduler.block_pool import BlockPool, block_keys
 from scheduler.config import SchedulerConfig
 from scheduler.output import FinishedSequence, ScheduledSequence, SchedulerOutput
-from scheduler.request import FinishReason, Sequence, SequenceStatus, StopCondition
-from scheduler.scheduler import Scheduler, SchedulerStats
+from scheduler.host_pool import HostBlockPool
+from scheduler.request import FinishReason, KVLocation, Sequence, SequenceStatus, StopCondition
+from scheduler.scheduler import Scheduler, SchedulerStats, SessionError
 
 __all__ = [
     "BlockPool", "block_keys", "SchedulerConfig", "FinishedSequence", "ScheduledSequence",
     "SchedulerOutput", "FinishReason", "Sequence", "SequenceStatus", "StopCondition",
-    "Scheduler", "SchedulerStats",
+    "Scheduler", "SchedulerStats", "SessionError", "HostBlockPool", "KVLocation",
 ]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PREEMPTION_POLICIES = ("never", "recompute")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -10,11 +12,25 @@ class SchedulerConfig:
     block_size: int = 16                 # tokens per KV block
     max_num_seqs: int = 256              # sequences running at once
     max_num_batched_tokens: int = 8192   # tokens per step (prefill chunks + decodes)
-    max_model_len: int = 4096            # prompt + output tokens of one sequence
+    max_model_len: int = 4096            # context + output tokens of one sequence
     enable_prefix_caching: bool = True
+    num_host_blocks: int = 0             # host pool for offloaded idle-session KV (0: drop instead)
+    default_session_ttl_s: float = 600.0 # an idle session older than this is closed
+    aging_steps: int = 64                # a turn waiting this many steps jumps to the first class
+    # Baselines for benchmarks only:
+    preemption: str = "never"            # "recompute": vLLM-style, admit without reserving, evict the
+                                         # newest running sequence when blocks run out, recompute it later
+    retain_sessions: bool = True         # False: a session's KV is dropped at the end of each turn
 
     def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                     "aging_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.num_host_blocks, bool) or not isinstance(self.num_host_blocks, int) or self.num_host_blocks < 0:
+            raise ValueError(f"SchedulerConfig.num_host_blocks must be an int >= 0, got {self.num_host_blocks!r}")
+        if self.preemption not in PREEMPTION_POLICIES:
+            raise ValueError(f"SchedulerConfig.preemption must be one of {PREEMPTION_POLICIES}, got {self.preemption!r}")
+        if not self.default_session_ttl_s > 0:
+            raise ValueError(f"SchedulerConfig.default_session_ttl_s must be > 0, got {self.default_session_ttl_s!r}")

@@ -1,7 +1,8 @@
 """The hand-off between the scheduler and the engine: plain dataclasses, one comment a field."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -13,7 +14,7 @@ class ScheduledSequence:
     start_pos: int            # num_computed_tokens before this step; positions are start_pos .. start_pos+len-1
     block_ids: list[int]      # block table covering positions [0, start_pos + len(token_ids))
     sample: bool              # this chunk reaches the sequence's last token: sample the next token from it
-    num_output_tokens: int    # tokens generated so far (the index of the token sampled now)
+    num_output_tokens: int    # tokens generated so far in this turn (the index of the token sampled now)
 
     @property
     def num_tokens(self) -> int:
@@ -29,18 +30,24 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence]   # decodes first, then prefill chunks, in flat-token order
     num_batched_tokens: int              # sum of len(token_ids); <= max_num_batched_tokens
+    # Block copies the engine runs before the forward, in this order:
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)   # (host block, device block)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not (self.scheduled or self.swap_out or self.swap_in)
 
 
 @dataclass(frozen=True)
 class FinishedSequence:
     seq_id: int
-    request_id: str
+    request_id: str                  # the request, or the session turn
     sample_index: int
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]      # the context the output was generated from
     output_token_ids: list[int]
     finish_reason: str               # "stop" | "length" | "abort"
-    num_cached_tokens: int           # prompt tokens that were not recomputed
+    num_cached_tokens: int           # context tokens whose KV was reused (resident, restored or prefix cache)
+    num_prefill_tokens: int = 0      # context tokens computed for this request/turn
+    queue_wait_s: float = 0.0        # time from submission to admission
+    session_id: Optional[str] = None

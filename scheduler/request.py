@@ -1,4 +1,4 @@
-"""Scheduler-side state of one generated sequence (no tensors)."""
+"""Scheduler-side state of one sequence: a one-shot request, or a multi-turn session (no tensors)."""
 from __future__ import annotations
 
 import enum
@@ -9,20 +9,27 @@ from scheduler.block_pool import BlockKey
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"      # queued, holds nothing
-    RUNNING = "running"      # admitted: holds blocks and a reservation for the rest of its turn
-    FINISHED = "finished"    # released everything
+    WAITING = "waiting"                # a request or turn is queued
+    RUNNING = "running"                # admitted: holds blocks and a reservation for the rest of its turn
+    AWAITING_INPUT = "awaiting_input"  # a session between turns: keeps its KV (device or host), no reservation
+    FINISHED = "finished"              # a request done or a session closed: holds nothing
+
+
+class KVLocation(enum.Enum):
+    DEVICE = "device"   # computed tokens' KV is in device blocks (``block_ids``)
+    HOST = "host"       # offloaded to the host pool (``host_block_ids``); restored at the next turn
+    NONE = "none"       # nothing computed yet, or dropped: the next turn re-prefills
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"            # an EOS or stop token was sampled
     LENGTH = "length"        # max_tokens (or the model's context) reached
-    ABORT = "abort"          # aborted by the caller
+    ABORT = "abort"          # aborted by the caller (or the session was closed / expired)
 
 
 @dataclass(frozen=True)
 class StopCondition:
-    max_tokens: int                     # already clamped so prompt + max_tokens <= max_model_len
+    max_tokens: int                     # clamped by the scheduler so context + max_tokens <= max_model_len
     stop_token_ids: frozenset[int] = frozenset()
     eos_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
@@ -38,22 +45,36 @@ class StopCondition:
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
-    request_id: str
+    request_id: str                     # the request, or the session's current turn
     sample_index: int                   # which of the request's n samples this is
-    token_ids: list[int]                # prompt followed by generated tokens
-    num_prompt_tokens: int
+    token_ids: list[int]                # everything so far: prompts/observations and generated tokens
+    num_prompt_tokens: int              # tokens before the current turn's output (its context)
     stop: StopCondition
-    arrival: int                        # FCFS order
+    arrival: int                        # FCFS order of the current request/turn
     num_samples: int = 1                # n of the request (the leader reserves for all of them)
+    session_id: Optional[str] = None    # set for multi-turn sessions
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0        # tokens whose KV is in the cache
-    num_cached_tokens: int = 0          # prompt tokens served from the prefix cache / shared at admission
-    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0        # tokens whose KV is stored (device or host)
+    block_ids: list[int] = field(default_factory=list)       # device blocks, by block index
+    host_block_ids: list[int] = field(default_factory=list)  # host blocks while offloaded
+    kv: KVLocation = KVLocation.NONE
     num_reserved_blocks: int = 0        # reservation not yet turned into blocks
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of full computed blocks, in order
+    is_output: bytearray = field(default_factory=bytearray)   # per token: 1 = sampled by the model
     finish_reason: Optional[FinishReason] = None
-    # A request with n > 1 runs one leader; its siblings are forked off it once its prompt is computed.
-    pending_forks: int = 0
+    pending_forks: int = 0              # n > 1: siblings still to fork off this leader
+    # per turn
+    num_cached_tokens: int = 0          # context tokens whose KV was reused at admission
+    num_prefill_tokens: int = 0         # context (non-output) tokens computed in this turn
+    enqueued_step: int = 0              # scheduler step at which the turn was queued (aging)
+    enqueued_at: float = 0.0            # clock at which the turn was queued (queue wait)
+    queue_wait_s: float = 0.0
+    lost_tokens: int = 0                # recompute baseline: computed tokens thrown away by a preemption
+    # session
+    ttl_s: Optional[float] = None
+    priority: int = 0
+    last_active: float = 0.0
+    num_turns: int = 0
 
     @property
     def num_tokens(self) -> int:

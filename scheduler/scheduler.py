@@ -1,118 +1,148 @@
-"""FCFS continuous-batching scheduler with reservation admission and chunked prefill.
+"""Session-aware continuous-batching scheduler: reservation admission, chunked prefill, no preemption.
 
-Every step, each admitted sequence's ``num_computed_tokens`` catches up with its token count under
-a per-step token budget: running decodes first, then running prefill chunks, then new admissions
-in arrival order. Prefill and decode are the same thing (a decode is a 1-token chunk).
+Every step, each admitted sequence's ``num_computed_tokens`` catches up with its token count under a
+per-step token budget: running decodes first, then running prefill chunks, then admissions in class
+order — turns of sessions whose KV is on the device, then sessions restored from the host, then new
+work — FCFS within a class, with aging (a turn waiting ``aging_steps`` steps jumps the classes).
 
-No preemption, by construction: a sequence is admitted only when the pool can *reserve* every
-block it may still need (``cdiv(prompt + max_tokens - 1, block_size)`` minus prefix-cache hits),
-so an admitted sequence can always allocate its next block. A request that could never fit the
-pool is rejected when it is added, so the queue head is always eventually admitted.
+No preemption, by construction: a request or turn is admitted only when the pool can *reserve* every
+block it may still need (``cdiv(context + max_tokens - 1, block_size)`` minus what it already holds
+or hits in the prefix cache), so an admitted sequence can always allocate its next block. If it does
+not fit, parked sessions' KV is offloaded to the host (``IdleKVManager``); running turns are never
+touched. Work that could never fit the pool is rejected when it is submitted.
 
-``n > 1`` samples: the request's leader is admitted with a reservation for all n sequences; when
-its prompt has been computed, the n-1 siblings are forked off it. A fork shares the leader's full
-prompt blocks (ref counts, no copy) and recomputes only the prompt's last partial block, so the
-prompt's full blocks are computed once per request, with or without the global prefix cache.
+Sessions: ``open_session`` / ``submit_turn`` / ``close_session``. A session keeps its whole token
+history and the KV of every computed token between turns, so a turn computes only what is new
+(its new tokens, plus the previous turn's last sampled token, whose KV a turn never computes —
+counted as a decode token). ``n > 1`` requests fork siblings off the leader once its prompt is
+computed, sharing the prompt's full blocks.
 """
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
-from collections.abc import Sequence as Seq
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
+from typing import Optional
 
 from scheduler.block_pool import BlockPool, block_keys
 from scheduler.config import SchedulerConfig
+from scheduler.host_pool import HostBlockPool
+from scheduler.kv_offload import IdleKVManager
 from scheduler.output import FinishedSequence, ScheduledSequence, SchedulerOutput
-from scheduler.request import FinishReason, Sequence, SequenceStatus, StopCondition
+from scheduler.request import FinishReason, KVLocation, Sequence, SequenceStatus, StopCondition
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class SessionError(ValueError):
+    """An operation on an unknown or closed session, or a turn while one is in progress."""
+
+
 @dataclass
 class SchedulerStats:
     steps: int = 0                  # non-empty steps scheduled
-    prefill_tokens: int = 0         # prompt tokens computed
-    cached_prompt_tokens: int = 0   # prompt tokens served by the prefix cache or shared by a fork
-    decode_tokens: int = 0          # generated tokens computed (fed back as inputs)
-    preemptions: int = 0            # always 0: running sequences are never evicted
+    prefill_tokens: int = 0         # prompt / observation tokens computed
+    cached_prompt_tokens: int = 0   # context tokens reused at admission (prefix cache, fork, resident or restored KV)
+    decode_tokens: int = 0          # model-sampled tokens computed (fed back as inputs)
+    preemptions: int = 0            # running sequences evicted (only the "recompute" baseline does this)
+    recomputed_tokens: int = 0      # tokens computed again after a preemption
     finished_requests: int = 0
     aborted_requests: int = 0
+    finished_turns: int = 0
+    offloaded_blocks: int = 0
+    offloaded_sessions: int = 0
+    restored_blocks: int = 0
+    restored_sessions: int = 0
+    dropped_sessions: int = 0       # parked sessions whose KV was dropped under pressure
+    dropped_tokens: int = 0
+    expired_sessions: int = 0
+    queue_wait_s: float = 0.0       # summed over admissions
+    admissions: int = 0
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.block_size = config.block_size
+        self.clock = clock
         self.pool = BlockPool(config.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}      # insertion (admission) ordered
+        self.stats = SchedulerStats()
+        self.kv = IdleKVManager(self.pool, HostBlockPool(config.num_host_blocks), self.stats)
+        self.waiting: list[Sequence] = []
+        self.running: dict[int, Sequence] = {}      # admission ordered
+        self.sessions: dict[str, Sequence] = {}
         self._requests: dict[str, list[Sequence]] = {}
+        self._closed_sessions: deque[str] = deque(maxlen=100_000)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+        self._step = 0
         self.weight_version = 0
-        self.stats = SchedulerStats()
+        self._recompute = config.preemption == "recompute"
+
+    # ------------------------------------------------------------------ sizing
+    def blocks_needed(self, num_context_tokens: int, max_tokens: int) -> int:
+        """Blocks one sequence may hold: KV of the context + every sampled token but the last."""
+        return max(1, cdiv(num_context_tokens + max_tokens - 1, self.block_size))
+
+    def _group_blocks(self, num_prompt: int, max_tokens: int, n: int, num_held: int) -> int:
+        per_seq = self.blocks_needed(num_prompt, max_tokens)
+        shared = (num_prompt - 1) // self.block_size  # full prompt blocks a fork shares
+        return (per_seq - num_held) + (n - 1) * (per_seq - shared)
+
+    def _clamp(self, stop: StopCondition, num_context: int, n: int = 1) -> StopCondition:
+        if num_context >= self.config.max_model_len:
+            raise ValueError(f"the context has {num_context} tokens; the model's context (max_model_len) "
+                             f"is {self.config.max_model_len}, leaving no room to generate")
+        max_tokens = min(stop.max_tokens, self.config.max_model_len - num_context)
+        blocks = self._group_blocks(num_context, max_tokens, n, 0)
+        if blocks > self.config.num_blocks:
+            raise ValueError(f"needs up to {blocks} KV blocks (context {num_context} + max_tokens {max_tokens}"
+                             f"{f', n={n}' if n > 1 else ''}) but the pool has {self.config.num_blocks}")
+        if max_tokens == stop.max_tokens:
+            return stop
+        return StopCondition(max_tokens, stop.stop_token_ids, stop.eos_token_ids, stop.ignore_eos)
 
     # ------------------------------------------------------------------ requests
-    def blocks_needed(self, num_prompt_tokens: int, max_tokens: int) -> int:
-        """Blocks one sequence may hold: KV of prompt + every sampled token but the last."""
-        return max(1, cdiv(num_prompt_tokens + max_tokens - 1, self.block_size))
-
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], stop: StopCondition,
                     n: int = 1) -> list[int]:
-        """Queue a request; return its sequence ids (one per sample). Raises ValueError, leaving
-        the scheduler unchanged, when the request can never run."""
+        """Queue a one-shot request; return its sequence ids (one per sample). Raises ValueError,
+        leaving the scheduler unchanged, when the request can never run."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
+        if len(prompt_token_ids) == 0:
             raise ValueError("prompt_token_ids must not be empty")
-        if num_prompt >= self.config.max_model_len:
-            raise ValueError(f"prompt_token_ids has {num_prompt} tokens; the model's context "
-                             f"(max_model_len) is {self.config.max_model_len}, leaving no room to generate")
         if n > self.config.max_num_seqs:
             raise ValueError(f"n={n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        # Clamp so prompt + output never exceeds the context; the sequence then ends with "length".
-        max_tokens = min(stop.max_tokens, self.config.max_model_len - num_prompt)
-        if max_tokens != stop.max_tokens:
-            stop = StopCondition(max_tokens, stop.stop_token_ids, stop.eos_token_ids, stop.ignore_eos)
-        group_blocks = self._group_blocks(num_prompt, max_tokens, n, num_hits=0)
-        if group_blocks > self.config.num_blocks:
-            raise ValueError(f"request needs up to {group_blocks} KV blocks (prompt {num_prompt} + "
-                             f"max_tokens {max_tokens}, n={n}) but the pool has {self.config.num_blocks}")
+        stop = self._clamp(stop, len(prompt_token_ids), n)
         arrival = next(self._arrivals)
         seqs = [Sequence(seq_id=next(self._seq_ids), request_id=request_id, sample_index=i,
-                         token_ids=list(prompt_token_ids), num_prompt_tokens=num_prompt, stop=stop,
-                         arrival=arrival, num_samples=n)
+                         token_ids=list(prompt_token_ids), num_prompt_tokens=len(prompt_token_ids), stop=stop,
+                         arrival=arrival, num_samples=n, is_output=bytearray(len(prompt_token_ids)),
+                         enqueued_step=self._step, enqueued_at=self.clock())
                 for i in range(n)]
-        leader = seqs[0]
-        leader.pending_forks = n - 1
+        seqs[0].pending_forks = n - 1
         self._requests[request_id] = seqs
-        self.waiting.append(leader)
+        self.waiting.append(seqs[0])
         return [s.seq_id for s in seqs]
 
     def abort(self, request_id: str) -> list[FinishedSequence]:
-        """Finish every sequence of the request now (partial outputs kept). Unknown or already
-        finished ids return []."""
+        """Finish every sequence of the request (or session turn) now, partial outputs kept.
+        Unknown or finished ids return []."""
         seqs = self._requests.get(request_id)
         if seqs is None:
             return []
-        finished = []
-        for seq in seqs:
-            if seq.is_finished:
-                continue
-            if seq.status is SequenceStatus.WAITING and seq in self.waiting:
-                self.waiting.remove(seq)
-            finished.append(self._finish(seq, FinishReason.ABORT))
-        return finished
+        return [self._finish(seq, FinishReason.ABORT) for seq in seqs if seq.status in
+                (SequenceStatus.WAITING, SequenceStatus.RUNNING)]
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def has_request(self, request_id: str) -> bool:
-        """True while any sample of the request is unfinished."""
+        """True while any sample of the request (or the turn) is unfinished."""
         return request_id in self._requests
 
     def set_weight_version(self, version: int) -> None:
@@ -120,73 +150,223 @@ class Scheduler:
         self.weight_version = version
         self.pool.drop_cached(keep_version=version)
 
+    # ------------------------------------------------------------------ sessions
+    def open_session(self, session_id: str, ttl_s: Optional[float] = None, priority: int = 0) -> None:
+        if not isinstance(session_id, str) or not session_id:
+            raise SessionError(f"session_id must be a non-empty str, got {session_id!r}")
+        if session_id in self.sessions:
+            raise SessionError(f"session {session_id!r} is already open")
+        ttl = self.config.default_session_ttl_s if ttl_s is None else ttl_s
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+            raise SessionError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise SessionError(f"priority must be an int, got {priority!r}")
+        seq = Sequence(seq_id=next(self._seq_ids), request_id="", sample_index=0, token_ids=[],
+                       num_prompt_tokens=0, stop=StopCondition(max_tokens=1), arrival=-1,
+                       session_id=session_id, status=SequenceStatus.AWAITING_INPUT,
+                       ttl_s=float(ttl), priority=priority, last_active=self.clock())
+        self.sessions[session_id] = seq
+        self.kv.park(seq)
+
+    def get_session(self, session_id: str) -> Sequence:
+        seq = self.sessions.get(session_id)
+        if seq is None:
+            state = "closed" if session_id in self._closed_sessions else "unknown"
+            raise SessionError(f"session {session_id!r} is {state}")
+        return seq
+
+    def submit_turn(self, session_id: str, request_id: str, new_token_ids: Seq[int], stop: StopCondition) -> int:
+        """Append tokens (an observation or user message) to the session and queue the model's
+        turn; returns the session's seq id. Raises (SessionError / ValueError) without changing
+        anything when the session is unknown, closed or busy, or the turn can never fit."""
+        seq = self.get_session(session_id)
+        if seq.status is not SequenceStatus.AWAITING_INPUT:
+            raise SessionError(f"session {session_id!r} already has a turn in progress ({seq.request_id!r})")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not new_token_ids and not seq.token_ids:
+            raise ValueError("new_token_ids must not be empty on a session's first turn")
+        num_context = seq.num_tokens + len(new_token_ids)
+        stop = self._clamp(stop, num_context)
+        seq.token_ids.extend(new_token_ids)
+        seq.is_output.extend(bytes(len(new_token_ids)))
+        seq.num_prompt_tokens = num_context
+        seq.stop = stop
+        seq.request_id = request_id
+        seq.arrival = next(self._arrivals)
+        seq.enqueued_step, seq.enqueued_at = self._step, self.clock()
+        seq.finish_reason = None
+        seq.status = SequenceStatus.WAITING
+        seq.num_turns += 1
+        self._requests[request_id] = [seq]
+        self.waiting.append(seq)
+        return seq.seq_id
+
+    def close_session(self, session_id: str) -> list[FinishedSequence]:
+        """Free everything the session holds; a turn in progress ends with "abort" (returned)."""
+        seq = self.get_session(session_id)
+        finished = []
+        if seq.status in (SequenceStatus.WAITING, SequenceStatus.RUNNING):
+            finished.append(self._finish(seq, FinishReason.ABORT, closing=True))
+        else:
+            self._release_session(seq)
+        return finished
+
+    def _release_session(self, seq: Sequence) -> None:
+        self.kv.unpark(seq)
+        self.kv.drop(seq, count=False)
+        seq.status = SequenceStatus.FINISHED
+        del self.sessions[seq.session_id]
+        self._closed_sessions.append(seq.session_id)
+
+    def _expire_sessions(self, now: float) -> None:
+        for seq in list(self.kv.parked.values()):
+            if seq.status is SequenceStatus.AWAITING_INPUT and now - seq.last_active > seq.ttl_s:
+                self._release_session(seq)
+                self.stats.expired_sessions += 1
+
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> SchedulerOutput:
+        self._step += 1
+        self.kv.begin_step()
+        self._expire_sessions(self.clock())
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         running = list(self.running.values())
         # Decodes first (1 token each), then continuing prefill chunks.
-        for seq in itertools.chain((s for s in running if s.num_tokens - s.num_computed_tokens == 1),
-                                   (s for s in running if s.num_tokens - s.num_computed_tokens > 1)):
+        for seq in itertools.chain([s for s in running if s.num_tokens - s.num_computed_tokens == 1],
+                                   [s for s in running if s.num_tokens - s.num_computed_tokens > 1]):
             if budget == 0:
                 break
-            item = self._schedule_chunk(seq, budget)
-            scheduled.append(item)
-            budget -= item.num_tokens
-        # Admissions, strictly in arrival order: a head that does not fit blocks those behind it,
-        # so a large request is never starved by a stream of small ones.
+            if seq.seq_id not in self.running:   # preempted earlier in this step (recompute baseline)
+                continue
+            item = self._schedule_chunk(seq, budget, scheduled)
+            if item is not None:
+                scheduled.append(item)
+                budget -= item.num_tokens
+            budget = self.config.max_num_batched_tokens - sum(it.num_tokens for it in scheduled)
+        # Admissions in class order; a head that does not fit blocks those behind it, so large
+        # turns are not starved by a stream of small ones.
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
+            seq = min(self.waiting, key=self._admission_key)
             if len(self.running) + seq.num_samples > self.config.max_num_seqs:
                 break
             if not self._try_admit(seq):
                 break
-            self.waiting.popleft()
-            item = self._schedule_chunk(seq, budget)
+            self.waiting.remove(seq)
+            item = self._schedule_chunk(seq, budget, scheduled)
+            assert item is not None, "an admitted sequence must be schedulable"
             scheduled.append(item)
             budget -= item.num_tokens
-        num_tokens = self.config.max_num_batched_tokens - budget
-        if scheduled:
+        num_tokens = sum(it.num_tokens for it in scheduled)
+        out = SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens,
+                              swap_out=self.kv.swap_out, swap_in=self.kv.swap_in)
+        if not out.is_empty:
             self.stats.steps += 1
-        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens)
+        return out
 
-    def _group_blocks(self, num_prompt: int, max_tokens: int, n: int, num_hits: int) -> int:
-        per_seq = self.blocks_needed(num_prompt, max_tokens)
-        shared = (num_prompt - 1) // self.block_size  # full prompt blocks a fork shares
-        return (per_seq - num_hits) + (n - 1) * (per_seq - shared)
+    def _admission_key(self, seq: Sequence) -> tuple:
+        if self._step - seq.enqueued_step >= self.config.aging_steps:
+            cls = 0                                   # aged: ahead of every class
+        elif seq.session_id is not None and seq.kv is KVLocation.DEVICE:
+            cls = 1                                   # resident session turn
+        elif seq.kv is KVLocation.HOST:
+            cls = 2                                   # offloaded session turn
+        else:
+            cls = 3                                   # new work (or a dropped session)
+        return (cls, -seq.priority, seq.arrival)
 
-    def _prompt_keys(self, seq: Sequence) -> list:
-        # Full blocks a new sequence may take from the cache; at least one prompt token is always
-        # recomputed so the step yields logits to sample from.
-        num_cacheable = (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
-        return block_keys(seq.token_ids[:num_cacheable], self.block_size, self.weight_version)
+    def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list]:
+        """Blocks of ``seq``'s context available in the prefix cache, and their keys."""
+        if not self.pool.enable_prefix_caching:
+            return [], []
+        if seq.kv is KVLocation.HOST:
+            keys = seq.block_keys[:len(seq.host_block_ids)]
+        else:
+            # At least one context token is always computed, so the step yields logits to sample.
+            num_cacheable = (seq.num_tokens - 1) // self.block_size * self.block_size
+            keys = block_keys(seq.token_ids[:num_cacheable], self.block_size, self.weight_version)
+        hits = self.pool.match_prefix(keys)
+        return hits, keys[:len(hits)]
 
     def _try_admit(self, seq: Sequence) -> bool:
-        keys = self._prompt_keys(seq) if self.pool.enable_prefix_caching else []
-        hits = self.pool.match_prefix(keys)
-        need = self._group_blocks(seq.num_prompt_tokens, seq.stop.max_tokens, seq.num_samples, len(hits))
-        if need + self.pool.num_evictable_among(hits) > self.pool.num_available:
-            return False
+        for attempt in range(2):
+            hits, keys = ([], []) if seq.kv is KVLocation.DEVICE else self._prefix_hits(seq)
+            held = len(seq.block_ids) + len(hits)
+            if self._recompute:   # baseline: only the context's blocks must be free now
+                need = max(0, cdiv(seq.num_tokens, self.block_size) - held)
+            else:
+                need = self._group_blocks(seq.num_tokens, seq.stop.max_tokens, seq.num_samples, held)
+            shortfall = need + self.pool.num_evictable_among(hits) - self.pool.num_available
+            if shortfall <= 0:
+                break
+            if attempt == 1 or not self.kv.make_room(shortfall, exclude=seq):
+                return False
         self.pool.take(hits)
-        self.pool.reserve(need)
-        seq.block_ids = list(hits)
-        seq.block_keys = keys[:len(hits)]
-        seq.num_reserved_blocks = need
-        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        if not self._recompute:
+            self.pool.reserve(need)
+            seq.num_reserved_blocks = need
+        if seq.kv is KVLocation.HOST:
+            self.kv.restore(seq, hits)
+        elif seq.kv is KVLocation.NONE:
+            seq.block_ids = list(hits)
+            seq.block_keys = list(keys)
+            seq.num_computed_tokens = len(hits) * self.block_size
+            seq.kv = KVLocation.DEVICE
+        seq.num_cached_tokens = seq.num_computed_tokens
+        seq.num_prefill_tokens = 0
         self.stats.cached_prompt_tokens += seq.num_cached_tokens
+        if seq.lost_tokens:
+            self.stats.recomputed_tokens += max(0, seq.lost_tokens - seq.num_computed_tokens)
+            seq.lost_tokens = 0
+        now = self.clock()
+        seq.queue_wait_s = now - seq.enqueued_at
+        self.stats.queue_wait_s += seq.queue_wait_s
+        self.stats.admissions += 1
         seq.status = SequenceStatus.RUNNING
+        self.kv.unpark(seq)
         self.running[seq.seq_id] = seq
         return True
 
-    def _schedule_chunk(self, seq: Sequence, budget: int) -> ScheduledSequence:
+    def _allocate(self, seq: Sequence, scheduled: list[ScheduledSequence]) -> bool:
+        if not self._recompute:
+            assert seq.num_reserved_blocks > 0, f"sequence {seq.seq_id} outgrew its reservation"
+            seq.num_reserved_blocks -= 1
+            seq.block_ids.append(self.pool.allocate_reserved())
+            return True
+        while self.pool.num_available == 0:
+            victims = [s for s in self.running.values() if s is not seq]
+            if not victims:
+                return False
+            self._preempt(victims[-1], scheduled)     # the newest admitted
+        self.pool.reserve(1)
+        seq.block_ids.append(self.pool.allocate_reserved())
+        return True
+
+    def _preempt(self, seq: Sequence, scheduled: list[ScheduledSequence]) -> None:
+        """Recompute baseline only: throw a running sequence's KV away and queue it again."""
+        assert self._recompute
+        scheduled[:] = [it for it in scheduled if it.seq_id != seq.seq_id]
+        del self.running[seq.seq_id]
+        self.pool.release(seq.block_ids[::-1])
+        seq.block_ids, seq.block_keys = [], []
+        seq.lost_tokens = seq.num_computed_tokens
+        seq.num_computed_tokens = 0
+        seq.kv = KVLocation.NONE
+        seq.status = SequenceStatus.WAITING
+        seq.enqueued_step, seq.enqueued_at = self._step, self.clock()
+        self.waiting.append(seq)                       # keeps its arrival: first in its class
+        self.stats.preemptions += 1
+
+    def _schedule_chunk(self, seq: Sequence, budget: int,
+                        scheduled: list[ScheduledSequence]) -> Optional[ScheduledSequence]:
         start = seq.num_computed_tokens
         num_new = min(seq.num_tokens - start, budget)
         assert num_new > 0, f"sequence {seq.seq_id} has nothing to compute"
         end = start + num_new
         while len(seq.block_ids) < cdiv(end, self.block_size):
-            assert seq.num_reserved_blocks > 0, f"sequence {seq.seq_id} outgrew its reservation"
-            seq.block_ids.append(self.pool.allocate_reserved())
-            seq.num_reserved_blocks -= 1
+            if not self._allocate(seq, scheduled):
+                return None
         return ScheduledSequence(
             seq_id=seq.seq_id, request_id=seq.request_id, sample_index=seq.sample_index,
             token_ids=seq.token_ids[start:end], start_pos=start, block_ids=list(seq.block_ids),
@@ -194,21 +374,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[FinishedSequence]:
-        """Advance computed counters, append sampled tokens, fork n>1 siblings, finish sequences.
+        """Advance computed counters, append sampled tokens, fork n>1 siblings, finish turns.
 
         ``sampled`` maps seq_id -> token id for every scheduled item with ``sample=True`` (items
         of sequences aborted since ``schedule`` are ignored)."""
         finished: list[FinishedSequence] = []
         for item in output.scheduled:
             seq = self.running.get(item.seq_id)
-            if seq is None:          # aborted between schedule() and update()
+            if seq is None or seq.request_id != item.request_id:   # aborted since schedule()
                 continue
             assert seq.num_computed_tokens == item.start_pos, "update out of order with schedule"
             seq.num_computed_tokens += item.num_tokens
-            prompt = seq.num_prompt_tokens
-            num_prefill = max(0, min(item.seq_len, prompt) - item.start_pos)
-            self.stats.prefill_tokens += num_prefill
-            self.stats.decode_tokens += item.num_tokens - num_prefill
+            num_outputs = sum(seq.is_output[item.start_pos:item.seq_len])
+            seq.num_prefill_tokens += item.num_tokens - num_outputs
+            self.stats.prefill_tokens += item.num_tokens - num_outputs
+            self.stats.decode_tokens += num_outputs
             if self.pool.enable_prefix_caching:
                 self._register_full_blocks(seq)
             if not item.sample:
@@ -217,6 +397,7 @@ class Scheduler:
             if seq.pending_forks:
                 self._fork(seq)
             seq.token_ids.append(token)
+            seq.is_output.append(1)
             reason = seq.stop.check(token, seq.num_output_tokens)
             if reason is not None:
                 finished.append(self._finish(seq, reason))
@@ -240,51 +421,84 @@ class Scheduler:
             fork.block_ids = leader.block_ids[:shared]
             fork.block_keys = leader.block_keys[:shared]
             fork.num_computed_tokens = fork.num_cached_tokens = shared * self.block_size
-            fork.num_reserved_blocks = per_seq - shared
-            leader.num_reserved_blocks -= per_seq - shared
-            assert leader.num_reserved_blocks >= 0
+            fork.kv = KVLocation.DEVICE
+            if not self._recompute:
+                fork.num_reserved_blocks = per_seq - shared
+                leader.num_reserved_blocks -= per_seq - shared
+                assert leader.num_reserved_blocks >= 0
             self.stats.cached_prompt_tokens += fork.num_cached_tokens
             fork.status = SequenceStatus.RUNNING
             self.running[fork.seq_id] = fork
         leader.pending_forks = 0
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> FinishedSequence:
+    def _finish(self, seq: Sequence, reason: FinishReason, closing: bool = False) -> FinishedSequence:
         if seq.status is SequenceStatus.RUNNING:
             del self.running[seq.seq_id]
-            self.pool.release(seq.block_ids[::-1])
             self.pool.unreserve(seq.num_reserved_blocks)
-        seq.block_ids = []
-        seq.num_reserved_blocks = 0
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        # A leader aborted before its prompt was done: its unforked siblings never held anything
-        # (their share of the reservation was the leader's, released above); abort() finishes them.
+            seq.num_reserved_blocks = 0
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        # An aborted leader's unforked siblings held nothing (their reservation was the leader's).
         seq.pending_forks = 0
+        seq.finish_reason = reason
+        result = FinishedSequence(
+            seq_id=seq.seq_id, request_id=seq.request_id, sample_index=seq.sample_index,
+            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], output_token_ids=seq.output_token_ids,
+            finish_reason=reason.value, num_cached_tokens=seq.num_cached_tokens,
+            num_prefill_tokens=seq.num_prefill_tokens, queue_wait_s=seq.queue_wait_s, session_id=seq.session_id)
         seqs = self._requests[seq.request_id]
-        if all(s.is_finished for s in seqs):
+        if seq.session_id is not None:
+            self.stats.finished_turns += 1
+            seq.status = SequenceStatus.AWAITING_INPUT
+            seq.last_active = self.clock()
+            self.kv.park(seq)
+            if closing:
+                self._release_session(seq)
+            elif not self.config.retain_sessions:
+                self.kv.drop(seq, count=False)     # baseline: re-prefill the history next turn
+        else:
+            if seq.kv is KVLocation.DEVICE:
+                self.pool.release(seq.block_ids[::-1])
+            seq.block_ids = []
+            seq.kv = KVLocation.NONE
+            seq.status = SequenceStatus.FINISHED
+        if all(s.status not in (SequenceStatus.WAITING, SequenceStatus.RUNNING) for s in seqs):
             del self._requests[seq.request_id]
             if reason is FinishReason.ABORT:
                 self.stats.aborted_requests += 1
             else:
                 self.stats.finished_requests += 1
-        return FinishedSequence(
-            seq_id=seq.seq_id, request_id=seq.request_id, sample_index=seq.sample_index,
-            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-            output_token_ids=seq.output_token_ids, finish_reason=reason.value,
-            num_cached_tokens=seq.num_cached_tokens)
+        return result
 
     # ------------------------------------------------------------------ invariants
     def check_integrity(self) -> None:
         held: dict[int, int] = {}
+        host_held: set[int] = set()
         reserved = 0
-        for seq in self.running.values():
-            assert seq.status is SequenceStatus.RUNNING
-            for b in seq.block_ids:
-                held[b] = held.get(b, 0) + 1
-            reserved += seq.num_reserved_blocks
-            assert len(seq.block_ids) >= cdiv(seq.num_computed_tokens, self.block_size)
+        seqs = list(self.running.values()) + list(self.kv.parked.values()) + [
+            s for s in self.waiting if s.session_id is None]
+        assert len({s.seq_id for s in seqs}) == len(seqs), "a sequence is both running and parked/waiting"
+        for seq in seqs:
+            if seq.kv is KVLocation.DEVICE:
+                for b in seq.block_ids:
+                    held[b] = held.get(b, 0) + 1
+                assert len(seq.block_ids) >= cdiv(seq.num_computed_tokens, self.block_size)
+            elif seq.kv is KVLocation.HOST:
+                assert not seq.block_ids and len(seq.host_block_ids) == cdiv(seq.num_computed_tokens, self.block_size)
+                host_held.update(seq.host_block_ids)
+            else:
+                assert not seq.block_ids and not seq.host_block_ids and seq.num_computed_tokens == 0
             assert seq.num_computed_tokens <= seq.num_tokens
+            reserved += seq.num_reserved_blocks
+            if seq.status is SequenceStatus.RUNNING:
+                assert seq.kv is KVLocation.DEVICE and seq.seq_id not in self.kv.parked
+            else:
+                assert seq.num_reserved_blocks == 0
         for seq in self.waiting:
-            assert seq.status is SequenceStatus.WAITING and not seq.block_ids
+            assert seq.status is SequenceStatus.WAITING
+            assert seq.session_id is not None or seq.kv is KVLocation.NONE
+        for seq in self.kv.parked.values():
+            assert seq.session_id is not None and seq.status in (SequenceStatus.AWAITING_INPUT, SequenceStatus.WAITING)
         assert reserved == self.pool.num_reserved, f"reservations {reserved} != pool {self.pool.num_reserved}"
         self.pool.check_integrity(held)
+        self.kv.host.check_integrity(host_held)

@@ -23,10 +23,15 @@ class FakeKVEngine:
         self.block_size = scheduler.block_size
         self.vocab = vocab
         self.kv: dict[int, tuple[int, int]] = {}
+        self.host: dict[int, tuple[int, int]] = {}   # host slot -> (position, token)
         self.steps_with_queue = 0  # steps where requests waited while others ran
 
     def execute(self, output: SchedulerOutput) -> dict[int, int]:
         bs = self.block_size
+        for src_block, dst_block in output.swap_out:     # device -> host, before anything else
+            self._copy_block(self.kv, src_block, self.host, dst_block)
+        for src_block, dst_block in output.swap_in:      # host -> device
+            self._copy_block(self.host, src_block, self.kv, dst_block)
         sampled = {}
         for item in output.scheduled:
             for i, tok in enumerate(item.token_ids):
@@ -42,6 +47,22 @@ class FakeKVEngine:
                     context.append(tok)
                 sampled[item.seq_id] = next_token(context, self.vocab)
         return sampled
+
+    def _copy_block(self, src: dict, src_block: int, dst: dict, dst_block: int) -> None:
+        bs = self.block_size
+        for i in range(bs):
+            value = src.get(src_block * bs + i)
+            if value is None:
+                dst.pop(dst_block * bs + i, None)
+            else:
+                dst[dst_block * bs + i] = value
+
+    def step(self, check: bool = True):
+        out = self.scheduler.schedule()
+        finished = self.scheduler.update(out, self.execute(out))
+        if check:
+            self.scheduler.check_integrity()
+        return out, finished
 
     def run(self, check: bool = True, max_steps: int = 100_000):
         finished = []
