@@ -13,6 +13,7 @@ class EngineConfig:
     model: str                                  # Hugging Face model directory, or "smollm2" (the offline instruct model)
     device: str = "cpu"                         # "cpu" | "cuda" | "cuda:N"
     dtype: str = "float32"                      # weights, activations and KV cache
+    load_format: str = "safetensors"            # "dummy": random weights from config.json alone (benchmarks)
     block_size: int = 16                        # tokens per KV block
     num_kv_blocks: Optional[int] = None         # None: sized from memory (kv_cache_memory_bytes on CPU,
                                                 # gpu_memory_utilization on CUDA)
@@ -36,6 +37,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.model must be a non-empty path string, got {self.model!r}")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in _DEVICES:
             raise ValueError(f"EngineConfig.device must be one of {_DEVICES} (optionally 'cuda:N'), got {self.device!r}")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"EngineConfig.load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):

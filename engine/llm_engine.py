@@ -56,7 +56,8 @@ class LLMEngine:
             raise ValueError("device: 'cuda' requested but CUDA is not available")
         self.dtype = _TORCH_DTYPES[config.dtype]
         self.model_path = resolve_model_path(config.model)
-        self.model, self.model_config = load_model(self.model_path, self.dtype, self.device)
+        self.model, self.model_config = load_model(self.model_path, self.dtype, self.device,
+                                                   random_weights=config.load_format == "dummy")
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()

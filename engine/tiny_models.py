@@ -94,3 +94,41 @@ def make_tiny_model(
         kwargs["max_shard_size"] = max(1, total // shards)
     model.save_pretrained(str(path), **kwargs)
     return path
+
+
+# Published shapes (from the models' config.json files) for benchmarks with random weights: only a
+# config.json is written; load with EngineConfig(load_format="dummy").
+REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2.5-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                         max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                         eos_token_id=151645)),
+    "qwen2.5-1.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                         max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                         eos_token_id=151645)),
+    "llama-3.1-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 8192},
+                                         eos_token_id=128001)),
+}
+
+
+def write_real_shape_config(shape: str, path: str | Path) -> Path:
+    """Write only ``config.json`` of a published model shape (one of ``REAL_SHAPES``)."""
+    import transformers
+
+    if shape not in REAL_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {list(REAL_SHAPES)}")
+    config_name, fields = REAL_SHAPES[shape]
+    config = getattr(transformers, config_name)(**fields)
+    config.architectures = [config_name.replace("Config", "ForCausalLM")]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    return path

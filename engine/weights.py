@@ -194,17 +194,31 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> tuple["CausalLM", ModelConfig]:
-    """Build the model for ``path/config.json`` without initialising weights, then load the checkpoint."""
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
+               random_weights: bool = False) -> tuple["CausalLM", ModelConfig]:
+    """Build the model for ``path/config.json`` without initialising weights, then load the checkpoint.
+
+    ``random_weights``: no checkpoint is read; weights are drawn N(0, 0.02) (norms 1) from a fixed
+    seed. For benchmarks of real shapes from a bare config.json (vLLM's ``load_format="dummy"``)."""
     from engine.models.registry import get_model_class
 
     config = ModelConfig.from_pretrained(path)
-    safetensors_files(path)  # fail on a missing checkpoint before allocating anything
+    if not random_weights:
+        safetensors_files(path)  # fail on a missing checkpoint before allocating anything
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config, dtype=dtype)
     model.to_empty(device=device)  # allocates storage; a tied lm_head keeps sharing embed_tokens' Parameter
     model.tie_weights()
     model.init_rope_cache()
-    load_weights(model, iter_safetensors(path), strict=True)
+    if random_weights:
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=gen)
+    else:
+        load_weights(model, iter_safetensors(path), strict=True)
     model.eval().requires_grad_(False)
     return model, config
