@@ -217,7 +217,7 @@ class LLMEngine:
         return list(self.scheduler.get_session(session_id).token_ids)
 
     def abort(self, request_id: str) -> list[Completion]:
-        """End a request now; its samples come back with finish_reason "abort" and the tokens
+        """End a request now; its samples come back with finish_reason "aborted" and the tokens
         generated so far. Unknown or finished ids return []."""
         return [self._completion(f) for f in self.scheduler.abort(request_id)]
 

@@ -15,7 +15,7 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int]                 # generated tokens (stop/EOS token included when sampled)
     logprobs: list[float]                # one per token: log p(token) under log_softmax(logits / T)
-    finish_reason: str                   # "stop" | "length" | "abort"
+    finish_reason: str                   # "stop" | "length" | "aborted"
     num_cached_tokens: int = 0           # prompt tokens served from the prefix cache or shared
     top_logprobs: Optional[list[list[tuple[int, float]]]] = field(default=None)  # per token, when requested
     session_id: Optional[str] = None     # set for a session turn

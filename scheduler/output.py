@@ -46,7 +46,7 @@ class FinishedSequence:
     sample_index: int
     prompt_token_ids: list[int]      # the context the output was generated from
     output_token_ids: list[int]
-    finish_reason: str               # "stop" | "length" | "abort"
+    finish_reason: str               # "stop" | "length" | "aborted"
     num_cached_tokens: int           # context tokens whose KV was reused (resident, restored or prefix cache)
     num_prefill_tokens: int = 0      # context tokens computed for this request/turn
     queue_wait_s: float = 0.0        # time from submission to admission

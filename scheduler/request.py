@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,7 +25,7 @@ class KVLocation(enum.Enum):
 class FinishReason(str, enum.Enum):
     STOP = "stop"            # an EOS or stop token was sampled
     LENGTH = "length"        # max_tokens (or the model's context) reached
-    ABORT = "abort"          # aborted by the caller (or the session was closed / expired)
+    ABORT = "aborted"        # aborted by the caller (or the session was closed / expired)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Sequence:
     kv: KVLocation = KVLocation.NONE
     num_reserved_blocks: int = 0        # reservation not yet turned into blocks
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of full computed blocks, in order
+    inflight_keys: deque = field(default_factory=deque)      # keys of full context blocks still to compute
     is_output: bytearray = field(default_factory=bytearray)   # per token: 1 = sampled by the model
     finish_reason: Optional[FinishReason] = None
     pending_forks: int = 0              # n > 1: siblings still to fork off this leader

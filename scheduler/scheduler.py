@@ -38,6 +38,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_ADMITTED, _DEFERRED, _BLOCKED = "admitted", "deferred", "blocked"
+
+
 class SessionError(ValueError):
     """An operation on an unknown or closed session, or a turn while one is in progress."""
 
@@ -82,6 +85,7 @@ class Scheduler:
         self._step = 0
         self.weight_version = 0
         self._recompute = config.preemption == "recompute"
+        self._inflight: dict = {}   # block key -> running sequences about to compute it
 
     # ------------------------------------------------------------------ sizing
     def blocks_needed(self, num_context_tokens: int, max_tokens: int) -> int:
@@ -203,7 +207,7 @@ class Scheduler:
         return seq.seq_id
 
     def close_session(self, session_id: str) -> list[FinishedSequence]:
-        """Free everything the session holds; a turn in progress ends with "abort" (returned)."""
+        """Free everything the session holds; a turn in progress ends with "aborted" (returned)."""
         seq = self.get_session(session_id)
         finished = []
         if seq.status in (SequenceStatus.WAITING, SequenceStatus.RUNNING):
@@ -247,11 +251,15 @@ class Scheduler:
             budget = self.config.max_num_batched_tokens - sum(it.num_tokens for it in scheduled)
         # Admissions in class order; a head that does not fit blocks those behind it, so large
         # turns are not starved by a stream of small ones.
-        while self.waiting and budget > 0:
-            seq = min(self.waiting, key=self._admission_key)
-            if len(self.running) + seq.num_samples > self.config.max_num_seqs:
+        # A candidate whose next prompt block is being computed by a running sequence (a GRPO
+        # group sent as separate requests) is deferred, not blocking: it hits the cache next step.
+        for seq in sorted(self.waiting, key=self._admission_key):
+            if budget == 0 or len(self.running) + seq.num_samples > self.config.max_num_seqs:
                 break
-            if not self._try_admit(seq):
+            verdict = self._try_admit(seq)
+            if verdict is _DEFERRED:
+                continue
+            if verdict is not _ADMITTED:
                 break
             self.waiting.remove(seq)
             item = self._schedule_chunk(seq, budget, scheduled)
@@ -276,10 +284,11 @@ class Scheduler:
             cls = 3                                   # new work (or a dropped session)
         return (cls, -seq.priority, seq.arrival)
 
-    def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list]:
-        """Blocks of ``seq``'s context available in the prefix cache, and their keys."""
+    def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list, object]:
+        """Blocks of ``seq``'s context available in the prefix cache, their keys, and the key of
+        the first cacheable block that missed (None if all hit)."""
         if not self.pool.enable_prefix_caching:
-            return [], []
+            return [], [], None
         if seq.kv is KVLocation.HOST:
             keys = seq.block_keys[:len(seq.host_block_ids)]
         else:
@@ -287,11 +296,13 @@ class Scheduler:
             num_cacheable = (seq.num_tokens - 1) // self.block_size * self.block_size
             keys = block_keys(seq.token_ids[:num_cacheable], self.block_size, self.weight_version)
         hits = self.pool.match_prefix(keys)
-        return hits, keys[:len(hits)]
+        return hits, keys[:len(hits)], keys[len(hits)] if len(keys) > len(hits) else None
 
-    def _try_admit(self, seq: Sequence) -> bool:
+    def _try_admit(self, seq: Sequence) -> str:
         for attempt in range(2):
-            hits, keys = ([], []) if seq.kv is KVLocation.DEVICE else self._prefix_hits(seq)
+            hits, keys, next_key = ([], [], None) if seq.kv is KVLocation.DEVICE else self._prefix_hits(seq)
+            if next_key is not None and next_key in self._inflight:
+                return _DEFERRED
             held = len(seq.block_ids) + len(hits)
             if self._recompute:   # baseline: only the context's blocks must be free now
                 need = max(0, cdiv(seq.num_tokens, self.block_size) - held)
@@ -301,7 +312,7 @@ class Scheduler:
             if shortfall <= 0:
                 break
             if attempt == 1 or not self.kv.make_room(shortfall, exclude=seq):
-                return False
+                return _BLOCKED
         self.pool.take(hits)
         if not self._recompute:
             self.pool.reserve(need)
@@ -326,7 +337,29 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.kv.unpark(seq)
         self.running[seq.seq_id] = seq
-        return True
+        if self.pool.enable_prefix_caching:
+            self._track_inflight(seq)
+        return _ADMITTED
+
+    def _track_inflight(self, seq: Sequence) -> None:
+        """Remember the keys of the full context blocks ``seq`` is about to compute."""
+        num_full = seq.num_tokens // self.block_size
+        seq.inflight_keys = deque(block_keys(seq.token_ids[:num_full * self.block_size], self.block_size,
+                                             self.weight_version, len(seq.block_keys), seq.block_keys))
+        for key in seq.inflight_keys:
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+
+    def _untrack_inflight(self, seq: Sequence, key=None) -> None:
+        """Forget ``key`` (computed now) if it is ``seq``'s next in-flight key; all when None."""
+        while seq.inflight_keys and (key is None or seq.inflight_keys[0] == key):
+            k = seq.inflight_keys.popleft()
+            n = self._inflight[k] - 1
+            if n:
+                self._inflight[k] = n
+            else:
+                del self._inflight[k]
+            if key is not None:
+                break
 
     def _allocate(self, seq: Sequence, scheduled: list[ScheduledSequence]) -> bool:
         if not self._recompute:
@@ -347,6 +380,7 @@ class Scheduler:
         """Recompute baseline only: throw a running sequence's KV away and queue it again."""
         assert self._recompute
         scheduled[:] = [it for it in scheduled if it.seq_id != seq.seq_id]
+        self._untrack_inflight(seq)
         del self.running[seq.seq_id]
         self.pool.release(seq.block_ids[::-1])
         seq.block_ids, seq.block_keys = [], []
@@ -410,6 +444,7 @@ class Scheduler:
                                   self.weight_version, len(seq.block_keys), seq.block_keys)
             for i, key in enumerate(new_keys, start=len(seq.block_keys)):
                 self.pool.register(seq.block_ids[i], key)
+                self._untrack_inflight(seq, key)
             seq.block_keys.extend(new_keys)
 
     def _fork(self, leader: Sequence) -> None:
@@ -432,6 +467,7 @@ class Scheduler:
         leader.pending_forks = 0
 
     def _finish(self, seq: Sequence, reason: FinishReason, closing: bool = False) -> FinishedSequence:
+        self._untrack_inflight(seq)
         if seq.status is SequenceStatus.RUNNING:
             del self.running[seq.seq_id]
             self.pool.unreserve(seq.num_reserved_blocks)
@@ -500,5 +536,10 @@ class Scheduler:
         for seq in self.kv.parked.values():
             assert seq.session_id is not None and seq.status in (SequenceStatus.AWAITING_INPUT, SequenceStatus.WAITING)
         assert reserved == self.pool.num_reserved, f"reservations {reserved} != pool {self.pool.num_reserved}"
+        inflight: dict = {}
+        for seq in self.running.values():
+            for key in seq.inflight_keys:
+                inflight[key] = inflight.get(key, 0) + 1
+        assert inflight == self._inflight, "in-flight prefix keys out of sync"
         self.pool.check_integrity(held)
         self.kv.host.check_integrity(host_held)

@@ -62,7 +62,7 @@ def test_step_api_and_abort(engine):
         finished += engine.step()
     assert [c.request_id for c in finished] == [other] and finished[0].finish_reason == "length"
     aborted = engine.abort(rid)
-    assert len(aborted) == 1 and aborted[0].finish_reason == "abort"
+    assert len(aborted) == 1 and aborted[0].finish_reason == "aborted"
     assert 0 < len(aborted[0].token_ids) == len(aborted[0].logprobs) < 50
     assert engine.abort(rid) == [] and engine.abort("nope") == []
     assert not engine.has_unfinished()

@@ -76,12 +76,13 @@ def test_greedy_matches_transformers(tiny, regime):
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
     engine.check_integrity()
     if regime in ("prefix_cache", "no_prefix_cache"):
-        # Run the two prompts that share 37 tokens again: with the cache, their full blocks hit
-        # (2 of 16 tokens each) and the outputs are still exact.
+        # The two prompts sharing 37 tokens were submitted together: the second waits a step for
+        # the first's 2 full blocks (16 tokens each). Run both again: both hit, still exact.
+        assert stats["cached_prompt_tokens"] == (32 if regime == "prefix_cache" else 0)
         again = engine.generate(prompts[-2:], SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
         assert [c.token_ids for c in again] == expected[-2:]
         cached = engine.stats()["cached_prompt_tokens"]
-        assert cached == (64 if regime == "prefix_cache" else 0)
+        assert cached == (32 + 64 if regime == "prefix_cache" else 0)
         assert [c.num_cached_tokens for c in again] == ([32, 32] if regime == "prefix_cache" else [0, 0])
     if regime == "tiny_pool":
         assert stats["num_total_blocks"] == 20

@@ -98,7 +98,7 @@ def test_abort_waiting_running_and_unforked_siblings():
     out = s.schedule()
     s.update(out, eng.execute(out))
     fin = s.abort("run")
-    assert sorted(f.sample_index for f in fin) == [0, 1] and all(f.finish_reason == "abort" for f in fin)
+    assert sorted(f.sample_index for f in fin) == [0, 1] and all(f.finish_reason == "aborted" for f in fin)
     fin = s.abort("wait")
     assert len(fin) == 1 and fin[0].output_token_ids == []
     assert s.abort("unknown") == []

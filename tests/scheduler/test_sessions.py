@@ -142,7 +142,7 @@ def test_close_session_with_turn_running_aborts_it():
     eng.step()
     eng.step()
     fin = s.close_session("a")
-    assert len(fin) == 1 and fin[0].finish_reason == "abort" and fin[0].session_id == "a"
+    assert len(fin) == 1 and fin[0].finish_reason == "aborted" and fin[0].session_id == "a"
     s.check_integrity()
     assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0 and not s.has_unfinished()
 
@@ -212,3 +212,17 @@ def test_randomized_sessions_small_pool_never_preempt():
         assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0
         assert s.kv.host.num_free + len(s.kv.host._deferred) == s.kv.host.num_blocks
     assert waited > 50 and moved > 50, (waited, moved)   # pressure really happened
+
+
+def test_grpo_group_of_sessions_shares_prompt_blocks_submitted_together():
+    s = make(block_size=4, max_num_batched_tokens=256)
+    eng = FakeKVEngine(s, VOCAB)
+    prompt = list(range(1, 41))                          # 40 tokens: 9 cacheable full blocks (36 tokens)
+    for i in range(8):
+        s.open_session(f"g{i}")
+        s.submit_turn(f"g{i}", f"g{i}-0", prompt, StopCondition(max_tokens=5))
+    fin = eng.run()
+    assert len(fin) == 8 and all(f.output_token_ids == reference_output(prompt, 5, VOCAB) for f in fin)
+    # the first computes the prompt; the other 7 wait one step and recompute only the last 4 tokens
+    assert s.stats.prefill_tokens == 40 + 7 * 4
+    assert sorted(f.num_cached_tokens for f in fin) == [0] + [36] * 7
