@@ -1,0 +1,40 @@
+"""Trainer-side processes for the distributed and CUDA IPC tests (kept light: spawned children import this)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from weight_sync import DistributedSender, init_weight_sync_group
+
+
+def send_updates(port: int, updates: list[tuple[str, int, bool]], bucket_bytes: int, result,
+                 device: str = "cpu") -> None:
+    """Rank 0 of a 2-rank group (gloo on CPU, NCCL on CUDA): for each (safetensors file, version, corrupt)
+    broadcast one update."""
+    try:
+        if device != "cpu":
+            torch.cuda.set_device(device)
+        group = init_weight_sync_group("127.0.0.1", port, rank=0, world_size=2, device=device, timeout_s=60)
+        sender = DistributedSender(group, bucket_bytes=bucket_bytes)
+        sent = []
+        for path, version, corrupt in updates:
+            sd = load_file(path)
+            if corrupt:  # wrong shape: the engine must reject it from the manifest and still drain it
+                sd["model.layers.0.mlp.down_proj.weight"] = torch.zeros(3, 3)
+            sent.append(sender.send(sd, version=version))
+        result.put(("ok", sent, dist.is_initialized()))
+    except BaseException as e:  # report, don't hang the parent
+        result.put(("error", repr(e), None))
+
+
+def send_ipc(path: str, bucket_bytes: int, payloads, done) -> None:
+    """Trainer on the GPU: pack a checkpoint into CUDA IPC buckets, hand out the payload, keep the buffers alive
+    until the engine says it is done."""
+    from weight_sync import CudaIpcSender
+
+    sd = {n: t.cuda() for n, t in load_file(path).items()}
+    sender = CudaIpcSender(bucket_bytes=bucket_bytes)
+    payloads.put(sender.pack(sd, version=3))
+    done.wait(120)
+    sender.release()

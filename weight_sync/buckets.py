@@ -1,0 +1,133 @@
+"""Flat buckets: many named tensors packed into few contiguous byte buffers, plus the manifest to unpack them.
+
+Layout of one bucket (offsets aligned so every tensor's view is aligned for its dtype and for GPU loads)::
+
+    bucket b: [ tensor a | pad | tensor b | pad | ... ]   uint8, <= bucket_bytes unless one tensor is larger
+              ^offset 0         ^offset of b (multiple of ALIGN)
+
+Manifest wire form: UTF-8 JSON, small (one entry per tensor), sent once per update ahead of the buckets::
+
+    {"version": int|null, "bucket_sizes": [int, ...],
+     "tensors": [[name, [shape...], "float32", bucket, offset], ...]}   # in bucket order, then offset order
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Optional, Union
+
+import torch
+
+from weight_sync.base import Manifest
+
+ALIGN = 256  # bytes; >= any dtype's size and the CUDA allocator's alignment
+
+NamedTensors = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class BucketEntry:
+    name: str                 # Hugging Face name
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    bucket: int               # index into the bucket list
+    offset: int               # byte offset inside the bucket, a multiple of ALIGN
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    version: Optional[int]
+    bucket_sizes: tuple[int, ...]
+    entries: tuple[BucketEntry, ...]
+
+    def manifest(self) -> Manifest:
+        return {e.name: (e.shape, e.dtype) for e in self.entries}
+
+    def entries_of(self, bucket: int) -> list[BucketEntry]:
+        return [e for e in self.entries if e.bucket == bucket]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bucket_sizes)
+
+    def to_bytes(self) -> bytes:
+        body = {"version": self.version, "bucket_sizes": list(self.bucket_sizes),
+                "tensors": [[e.name, list(e.shape), _dtype_name(e.dtype), e.bucket, e.offset] for e in self.entries]}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "BucketPlan":
+        body = json.loads(data.decode())
+        entries = tuple(BucketEntry(name, tuple(shape), _dtype_of(dt), bucket, offset)
+                        for name, shape, dt, bucket, offset in body["tensors"])
+        return cls(body["version"], tuple(body["bucket_sizes"]), entries)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"manifest names unknown dtype {name!r}")
+    return dtype
+
+
+def named_tensor_list(named_tensors: NamedTensors) -> list[tuple[str, torch.Tensor]]:
+    """A state dict, ``named_parameters()`` or any iterable of pairs -> a list of (name, detached tensor).
+    Repeated names are an error (a sender must not send a tensor twice)."""
+    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+    out: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+    for name, tensor in items:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
+        if name in seen:
+            raise ValueError(f"tensor {name!r} given twice")
+        seen.add(name)
+        out.append((name, tensor.detach()))
+    return out
+
+
+def plan_buckets(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 version: Optional[int] = None) -> BucketPlan:
+    """Greedy packing in the given order; a tensor larger than ``bucket_bytes`` gets a bucket of its own."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    entries: list[BucketEntry] = []
+    sizes: list[int] = []
+    used = 0  # bytes used in the open bucket (last of `sizes`), aligned
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not sizes or (used > 0 and used + nbytes > bucket_bytes):
+            sizes.append(0)
+            used = 0
+        entries.append(BucketEntry(name, tuple(t.shape), t.dtype, len(sizes) - 1, used))
+        sizes[-1] = used + nbytes
+        used = _align(used + nbytes)
+    return BucketPlan(version, tuple(sizes), tuple(entries))
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def pack_bucket(plan: BucketPlan, bucket: int, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Copy bucket ``bucket``'s tensors into ``out`` (uint8 [>= bucket size], any device)."""
+    for e in plan.entries_of(bucket):
+        src = tensors[e.name].contiguous().reshape(-1).view(torch.uint8)
+        out[e.offset:e.offset + e.nbytes].copy_(src, non_blocking=True)
+
+
+def unpack_bucket(plan: BucketPlan, bucket: int, buf: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views of ``buf`` (uint8, one bucket) as the named tensors it holds; no copy."""
+    for e in plan.entries_of(bucket):
+        yield e.name, buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)

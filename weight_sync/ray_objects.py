@@ -1,0 +1,79 @@
+"""Named tensors through the Ray object store: the trainer ``put``s flat buckets, engines ``get`` them.
+
+``put_state_dict`` returns ``[manifest_ref, bucket_0_ref, ..., bucket_B-1_ref]``; the manifest object is the
+``BucketPlan`` JSON bytes and each bucket is a numpy uint8 array (Ray stores numpy zero-copy, so an engine on the
+same node reads the bucket straight from shared memory). Pass the list to any number of engines.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+from weight_sync.base import DEFAULT_BUCKET_BYTES, Manifest
+from weight_sync.buckets import BucketPlan, NamedTensors, named_tensor_list, pack_bucket, plan_buckets, unpack_bucket
+
+
+def put_state_dict(state_dict: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
+                   version: Optional[int] = None) -> list:
+    """Pack ``state_dict`` (or ``named_parameters()``) into buckets in the object store. -> list of ObjectRefs,
+    the manifest first. Needs ``ray.init()`` in this process."""
+    import numpy as np
+    import ray
+
+    tensors = named_tensor_list(state_dict)
+    plan = plan_buckets(tensors, bucket_bytes, version)
+    by_name = dict(tensors)
+    refs = [ray.put(plan.to_bytes())]
+    for b, size in enumerate(plan.bucket_sizes):
+        arr = np.empty(size, dtype=np.uint8)
+        pack_bucket(plan, b, by_name, torch.from_numpy(arr))
+        refs.append(ray.put(arr))
+        del arr  # the object store holds its own copy
+    return refs
+
+
+class RayObjectLoader:
+    """Engine side: reads the buckets of ``put_state_dict`` one at a time. Yielded tensors are read-only views of
+    object-store memory, valid until the next bucket is fetched."""
+
+    def __init__(self, refs: list, *, version: Optional[int] = None) -> None:
+        if not refs:
+            raise ValueError("RayObjectLoader needs the refs put_state_dict returned (manifest first)")
+        self._refs = list(refs)
+        self._plan: Optional[BucketPlan] = None
+        self._version = version
+
+    def _get_plan(self) -> BucketPlan:
+        if self._plan is None:
+            import ray
+
+            plan = BucketPlan.from_bytes(ray.get(self._refs[0]))
+            if len(plan.bucket_sizes) != len(self._refs) - 1:
+                raise ValueError(f"manifest names {len(plan.bucket_sizes)} buckets, got {len(self._refs) - 1} refs")
+            self._plan = plan
+        return self._plan
+
+    @property
+    def version(self) -> Optional[int]:
+        return self._version if self._version is not None else self._get_plan().version
+
+    def names_and_shapes(self) -> Manifest:
+        return self._get_plan().manifest()
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        import ray
+
+        plan = self._get_plan()
+        for b, ref in enumerate(self._refs[1:]):
+            arr = ray.get(ref)
+            with warnings.catch_warnings():
+                # NOTE: object-store arrays are read-only; torch warns that writing would be undefined. The
+                # engine only reads (copies) them.
+                warnings.simplefilter("ignore", UserWarning)
+                buf = torch.from_numpy(arr)
+            yield from unpack_bucket(plan, b, buf)
+
+    def close(self) -> None:
+        self._refs = self._refs[:1]  # drop our references to bucket objects so Ray can free them
