@@ -26,6 +26,7 @@ from engine.kv_offload import HostKVCache
 from engine.model_runner import ModelRunner
 from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams, SamplingRow
+from engine.weight_update import UpdateReport, WeightUpdater, WeightUpdateError
 from engine.weights import load_model
 from scheduler import FinishedSequence, Scheduler, SchedulerConfig, StopCondition
 
@@ -33,6 +34,13 @@ logger = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+UPDATE_MODES = ("keep", "drain", "abort")
+KV_POLICIES = ("keep", "recompute")
+
+
+class WeightsInconsistentState(RuntimeError):
+    """The engine refuses work: an update failed after writes it could not undo; only a
+    complete update brings it back."""
 
 
 def resolve_model_path(model: str) -> Path:
@@ -80,10 +88,12 @@ class LLMEngine:
                                   self.device, Sampler(config.seed), host_cache)
         self._params: dict[str, SamplingParams] = {}
         self._logprobs: dict[int, list[float]] = {}
+        self._versions: dict[int, list[int]] = {}
         self._top_logprobs: dict[int, list[list[tuple[int, float]]]] = {}
         self._unclaimed: list[Completion] = []
         self._request_counter = itertools.count()
         self._tokenizer = None
+        self.updater = WeightUpdater(self.model, mc)
 
     # ------------------------------------------------------------------ sizing
     def _auto_num_blocks(self) -> int:
@@ -126,6 +136,9 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def _validate(self, prompt_token_ids: object, params: object, allow_empty: bool = False,
                   field: str = "prompt_token_ids") -> tuple[list[int], SamplingParams]:
+        if self.updater.inconsistent:
+            raise WeightsInconsistentState("the engine's weights are inconsistent after a failed update; "
+                                           "it refuses work until a complete update_weights succeeds")
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -158,6 +171,7 @@ class LLMEngine:
         self._params[request_id] = params
         for seq_id in seq_ids:
             self._logprobs[seq_id] = []
+            self._versions[seq_id] = []
             if params.logprobs is not None:
                 self._top_logprobs[seq_id] = []
         return request_id
@@ -193,6 +207,7 @@ class LLMEngine:
         self._params[request_id] = params
         seq = self.scheduler.sessions[session_id]
         self._logprobs[seq.seq_id] = []
+        self._versions[seq.seq_id] = []
         if params.logprobs is not None:
             self._top_logprobs[seq.seq_id] = []
         return request_id
@@ -234,8 +249,10 @@ class LLMEngine:
         rows = {it.seq_id: SamplingRow.from_params(self._params[it.request_id], it.sample_index, it.num_output_tokens)
                 for it in output.scheduled if it.sample}
         results = self.runner.execute(output, rows)
+        version = self.scheduler.weight_version
         for seq_id, res in results.items():
             self._logprobs[seq_id].append(res.logprob)
+            self._versions[seq_id].append(version)
             if res.top_logprobs is not None:
                 self._top_logprobs[seq_id].append(res.top_logprobs)
         finished = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in results.items()})
@@ -243,12 +260,13 @@ class LLMEngine:
 
     def _completion(self, f: FinishedSequence) -> Completion:
         logprobs = self._logprobs.pop(f.seq_id)
+        versions = self._versions.pop(f.seq_id)
         top = self._top_logprobs.pop(f.seq_id, None)
         if not self.scheduler.has_request(f.request_id):
             self._params.pop(f.request_id, None)  # its last sample is out (several may finish in one step)
         return Completion(request_id=f.request_id, sample_index=f.sample_index,
                           prompt_token_ids=f.prompt_token_ids, token_ids=f.output_token_ids,
-                          logprobs=logprobs, finish_reason=f.finish_reason,
+                          logprobs=logprobs, versions=versions, finish_reason=f.finish_reason,
                           num_cached_tokens=f.num_cached_tokens, top_logprobs=top, session_id=f.session_id,
                           num_prefill_tokens=f.num_prefill_tokens, queue_wait_s=f.queue_wait_s)
 
@@ -285,6 +303,63 @@ class LLMEngine:
                 self.scheduler.abort(rid)
         return [pending[rid][i] for rid in ids for i in range(len(pending[rid]))]
 
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, loader, version: Optional[int] = None, mode: str = "keep", kv: str = "keep", *,
+                       partial: bool = False, check_finite: bool = False,
+                       backup_budget_bytes: Optional[int] = None) -> UpdateReport:
+        """Apply new weights from any checkpoint loader (``weight_sync``'s or your own: duck-typed),
+        validated and all-or-nothing, in place, between two steps.
+
+        ``version``: the new policy version (default: the loader's, else current + 1); must grow.
+        ``mode``: in-flight work — "keep" continues under the new weights (per-token ``versions``
+        show the switch); "drain" first finishes what is running (queued work waits); "abort" ends
+        all queued and running requests now (finish_reason "aborted", partial tokens kept; their
+        completions come from the next ``step``).
+        ``kv``: "keep" keeps the KV computed under the old weights for in-flight sequences and
+        parked sessions; "recompute" recomputes it under the new ones. Prefix-cache entries of
+        another version are never reused either way.
+
+        On failure the old weights (bitwise) and version keep serving and WeightUpdateError is
+        raised; if a failure could not be undone (backup budget exceeded), in-flight work is
+        aborted and the engine refuses new work until a complete update lands."""
+        if mode not in UPDATE_MODES:
+            raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
+        if kv not in KV_POLICIES:
+            raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+        if version is None:
+            version = getattr(loader, "version", None)
+            version = self.weight_version + 1 if version is None else version
+        if isinstance(version, bool) or not isinstance(version, int) or version <= self.weight_version:
+            raise ValueError(f"version must be an int greater than the current {self.weight_version}, got {version!r}")
+        if mode == "drain":
+            self.scheduler.admission_paused = True
+            try:
+                while self.scheduler.running:
+                    finished = self.step()   # NOTE: step() replaces self._unclaimed; extend after it
+                    self._unclaimed.extend(finished)
+            finally:
+                self.scheduler.admission_paused = False
+        elif mode == "abort":
+            self._abort_all()
+        try:
+            report = self.updater.apply(loader, partial=partial, check_finite=check_finite,
+                                        backup_budget_bytes=backup_budget_bytes)
+        except WeightUpdateError as e:
+            if e.inconsistent:
+                logger.error("weight update failed after writes that could not be undone: refusing work (%s)", e)
+                self._abort_all()
+            raise
+        self.scheduler.set_weight_version(version)
+        if kv == "recompute":
+            self.scheduler.invalidate_kv()
+        logger.info("weights updated to version %d: %d tensors, %.1f MB in %.3f s (mode=%s, kv=%s)", version,
+                    report.num_tensors, report.num_bytes / 1e6, report.seconds, mode, kv)
+        return report
+
+    def _abort_all(self) -> None:
+        for request_id in list(self.scheduler._requests):
+            self._unclaimed.extend(self.abort(request_id))
+
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
         s = self.scheduler.stats
@@ -305,6 +380,7 @@ class LLMEngine:
             "num_cached_blocks": pool.num_cached_blocks,
             "prefix_cache_evictions": pool.num_evictions,
             "weight_version": self.weight_version,
+            "weights_inconsistent": self.updater.inconsistent,
             "recomputed_tokens": s.recomputed_tokens,
             "finished_turns": s.finished_turns,
             "open_sessions": len(self.scheduler.sessions),

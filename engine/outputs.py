@@ -16,6 +16,7 @@ class Completion:
     token_ids: list[int]                 # generated tokens (stop/EOS token included when sampled)
     logprobs: list[float]                # one per token: log p(token) under log_softmax(logits / T)
     finish_reason: str                   # "stop" | "length" | "aborted"
+    versions: list[int] = field(default_factory=list)  # one per token: the weight version that sampled it
     num_cached_tokens: int = 0           # prompt tokens served from the prefix cache or shared
     top_logprobs: Optional[list[list[tuple[int, float]]]] = field(default=None)  # per token, when requested
     session_id: Optional[str] = None     # set for a session turn
@@ -23,4 +24,4 @@ class Completion:
     queue_wait_s: float = 0.0            # submission to admission
 
     def __post_init__(self) -> None:
-        assert len(self.token_ids) == len(self.logprobs), "one logprob per generated token"
+        assert len(self.token_ids) == len(self.logprobs) == len(self.versions), "one logprob and version per token"

@@ -86,6 +86,7 @@ class Scheduler:
         self.weight_version = 0
         self._recompute = config.preemption == "recompute"
         self._inflight: dict = {}   # block key -> running sequences about to compute it
+        self.admission_paused = False
 
     # ------------------------------------------------------------------ sizing
     def blocks_needed(self, num_context_tokens: int, max_tokens: int) -> int:
@@ -153,6 +154,29 @@ class Scheduler:
         """New weights: cached blocks of other versions are never reused."""
         self.weight_version = version
         self.pool.drop_cached(keep_version=version)
+
+    def invalidate_kv(self) -> int:
+        """Forget every computed token's KV (weights changed, ``kv="recompute"``): running
+        sequences go back to the queue head and recompute their whole context (not counted as
+        preemptions: nothing ran short), parked sessions re-prefill at their next turn. Returns
+        the number of tokens whose KV was thrown away."""
+        lost = 0
+        for seq in list(self.running.values()):
+            lost += seq.num_computed_tokens
+            self._untrack_inflight(seq)
+            del self.running[seq.seq_id]
+            self.pool.release(seq.block_ids[::-1])
+            self.pool.unreserve(seq.num_reserved_blocks)
+            seq.block_ids, seq.block_keys, seq.num_reserved_blocks = [], [], 0
+            seq.num_computed_tokens = 0
+            seq.kv = KVLocation.NONE
+            seq.status = SequenceStatus.WAITING
+            seq.enqueued_step = self._step - self.config.aging_steps   # first in line
+            self.waiting.append(seq)
+        for seq in list(self.kv.parked.values()):
+            lost += seq.num_computed_tokens
+            self.kv.drop(seq, count=False)
+        return lost
 
     # ------------------------------------------------------------------ sessions
     def open_session(self, session_id: str, ttl_s: Optional[float] = None, priority: int = 0) -> None:
@@ -249,12 +273,14 @@ class Scheduler:
                 scheduled.append(item)
                 budget -= item.num_tokens
             budget = self.config.max_num_batched_tokens - sum(it.num_tokens for it in scheduled)
+        if self.admission_paused:      # draining for a weight update: finish what runs
+            return self._output(scheduled)
         # Admissions in class order; a head that does not fit blocks those behind it, so large
         # turns are not starved by a stream of small ones.
         # A candidate whose next prompt block is being computed by a running sequence (a GRPO
         # group sent as separate requests) is deferred, not blocking: it hits the cache next step.
         for seq in sorted(self.waiting, key=self._admission_key):
-            if budget == 0 or len(self.running) + seq.num_samples > self.config.max_num_seqs:
+            if budget == 0 or len(self.running) + 1 + seq.pending_forks > self.config.max_num_seqs:
                 break
             verdict = self._try_admit(seq)
             if verdict is _DEFERRED:
@@ -266,6 +292,9 @@ class Scheduler:
             assert item is not None, "an admitted sequence must be schedulable"
             scheduled.append(item)
             budget -= item.num_tokens
+        return self._output(scheduled)
+
+    def _output(self, scheduled: list[ScheduledSequence]) -> SchedulerOutput:
         num_tokens = sum(it.num_tokens for it in scheduled)
         out = SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens,
                               swap_out=self.kv.swap_out, swap_in=self.kv.swap_in)
@@ -307,7 +336,7 @@ class Scheduler:
             if self._recompute:   # baseline: only the context's blocks must be free now
                 need = max(0, cdiv(seq.num_tokens, self.block_size) - held)
             else:
-                need = self._group_blocks(seq.num_tokens, seq.stop.max_tokens, seq.num_samples, held)
+                need = self._group_blocks(seq.num_prompt_tokens, seq.stop.max_tokens, 1 + seq.pending_forks, held)
             shortfall = need + self.pool.num_evictable_among(hits) - self.pool.num_available
             if shortfall <= 0:
                 break

@@ -80,3 +80,34 @@ def test_three_turn_chat_session(smollm2):
     assert "Rome" in tok.decode(engine.session_tokens(sid))
     engine.close_session(sid)
     engine.check_integrity()
+
+
+def test_live_update_to_perturbed_weights_equals_fresh_engine(smollm2, tmp_path):
+    """W1 = SmolLM2, W2 = SmolLM2 + noise: after update_weights (state dict and safetensors loaders) the
+    engine's greedy answers equal a fresh engine loaded from W2."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.smollm2 import chat_prompt_ids
+    from weight_sync import SafetensorsLoader, StateDictLoader
+
+    folder, tok, _ = smollm2
+    gen = torch.Generator().manual_seed(0)
+    w2 = {n: (t + 0.02 * t.std() * torch.randn(t.shape, generator=gen)).contiguous()
+          for n, t in load_file(str(folder / "model.safetensors")).items()}
+    w2_dir = tmp_path / "w2"
+    shutil.copytree(folder, w2_dir, ignore=shutil.ignore_patterns("model.safetensors", ".complete"))
+    save_file(w2, str(w2_dir / "model.safetensors"))
+
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": c}]) for c in CHATS[:2]]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    expected = [c.token_ids for c in LLMEngine(EngineConfig(model=str(w2_dir))).generate(prompts, params)]
+    engine = LLMEngine(EngineConfig(model=str(folder)))
+    before = [c.token_ids for c in engine.generate(prompts, params)]
+    assert before != expected                      # the perturbation changes the answers
+    engine.update_weights(StateDictLoader(w2))
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+    engine.update_weights(SafetensorsLoader(str(folder)))       # back to W1 from disk
+    assert [c.token_ids for c in engine.generate(prompts, params)] == before
+    engine.check_integrity()
