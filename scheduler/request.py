@@ -62,6 +62,7 @@ class Sequence:
     num_reserved_blocks: int = 0        # reservation not yet turned into blocks
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of full computed blocks, in order
     inflight_keys: deque = field(default_factory=deque)      # keys of full context blocks still to compute
+    context_keys: Optional[tuple] = None                     # ((num_tokens, version), keys) admission cache
     is_output: bytearray = field(default_factory=bytearray)   # per token: 1 = sampled by the model
     finish_reason: Optional[FinishReason] = None
     pending_forks: int = 0              # n > 1: siblings still to fork off this leader

@@ -322,8 +322,13 @@ class Scheduler:
             keys = seq.block_keys[:len(seq.host_block_ids)]
         else:
             # At least one context token is always computed, so the step yields logits to sample.
-            num_cacheable = (seq.num_tokens - 1) // self.block_size * self.block_size
-            keys = block_keys(seq.token_ids[:num_cacheable], self.block_size, self.weight_version)
+            # Cached on the sequence: a queued head is retried every step.
+            stamp = (seq.num_tokens, self.weight_version)
+            if seq.context_keys is None or seq.context_keys[0] != stamp:
+                num_cacheable = (seq.num_tokens - 1) // self.block_size * self.block_size
+                seq.context_keys = (stamp, block_keys(seq.token_ids[:num_cacheable], self.block_size,
+                                                      self.weight_version))
+            keys = seq.context_keys[1]
         hits = self.pool.match_prefix(keys)
         return hits, keys[:len(hits)], keys[len(hits)] if len(keys) > len(hits) else None
 
