@@ -1,0 +1,84 @@
+"""``Trajectory``: what a rollout returns to the trainer, on every path (Ray handles, ZeroMQ)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+ENV_VERSION = -1   # ``versions`` entry of a token the environment (not the policy) produced
+
+
+@dataclass
+class Trajectory:
+    """One sample of one rollout, possibly many turns.
+
+    ``token_ids`` is everything after ``prompt_ids``: model tokens and environment observation tokens
+    interleaved in the order they entered the context. The per-token lists line up with it:
+    ``logprobs[i]`` (0.0 for environment tokens), ``loss_mask[i]`` (1 = sampled by the policy),
+    ``versions[i]`` (the weight version that sampled it; ENV_VERSION for environment tokens).
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    turns: int = 0
+    finish_reason: str = ""                 # of the last turn: "stop" | "length" | "aborted" | "error"
+    reward: Optional[float] = None          # when an environment gives one (summed over steps)
+    metrics: dict[str, Any] = field(default_factory=dict)   # timing and cache figures (msgpack-safe values)
+    request_id: str = ""
+    session_id: Optional[str] = None
+    sample_index: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        if not (len(self.logprobs) == len(self.loss_mask) == len(self.versions) == n):
+            raise ValueError(f"Trajectory lists must line up with token_ids ({n}): logprobs {len(self.logprobs)}, "
+                             f"loss_mask {len(self.loss_mask)}, versions {len(self.versions)}")
+
+    # ---------------------------------------------------------------- building
+    def add_model_tokens(self, token_ids: list[int], logprobs: list[float], versions: list[int]) -> None:
+        assert len(token_ids) == len(logprobs) == len(versions)
+        self.token_ids.extend(token_ids)
+        self.logprobs.extend(logprobs)
+        self.loss_mask.extend([1] * len(token_ids))
+        self.versions.extend(versions)
+
+    def add_env_tokens(self, token_ids: list[int]) -> None:
+        self.token_ids.extend(token_ids)
+        self.logprobs.extend([0.0] * len(token_ids))
+        self.loss_mask.extend([0] * len(token_ids))
+        self.versions.extend([ENV_VERSION] * len(token_ids))
+
+    @property
+    def num_model_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    # ---------------------------------------------------------------- wire / tensors
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, numbers, strings and dicts: safe for msgpack (no pickle)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trajectory":
+        if not isinstance(d, dict):
+            raise ValueError(f"a trajectory must be a dict, got {type(d).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown trajectory fields {unknown}")
+        if "prompt_ids" not in d:
+            raise ValueError("a trajectory needs prompt_ids")
+        return cls(**d)
+
+    def as_numpy(self) -> dict[str, Any]:
+        import numpy as np
+        return {"prompt_ids": np.asarray(self.prompt_ids, dtype=np.int64),
+                "token_ids": np.asarray(self.token_ids, dtype=np.int64),
+                "logprobs": np.asarray(self.logprobs, dtype=np.float32),
+                "loss_mask": np.asarray(self.loss_mask, dtype=np.int8),
+                "versions": np.asarray(self.versions, dtype=np.int64)}
+
+    def as_torch(self) -> dict[str, Any]:
+        import torch
+        return {k: torch.from_numpy(v) for k, v in self.as_numpy().items()}
