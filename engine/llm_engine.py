@@ -69,7 +69,7 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
-        backend_name = config.attention_backend or "reference"
+        backend_name = self._choose_backend()
         self.backend = get_backend(backend_name)
         logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",
                     mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
@@ -94,6 +94,27 @@ class LLMEngine:
         self._request_counter = itertools.count()
         self._tokenizer = None
         self.updater = WeightUpdater(self.model, mc)
+
+    def _choose_backend(self) -> str:
+        """Forced by EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND; else Triton on CUDA
+        and the pure-torch reference elsewhere (or when Triton cannot be imported)."""
+        from engine.envs import envs
+
+        forced = self.config.attention_backend or envs().attention_backend
+        name = forced or ("triton" if self.device.type == "cuda" else "reference")
+        if name == "triton":
+            try:
+                from engine.attention import triton_backend
+                triton_backend.register()
+            except ImportError as e:
+                if forced:
+                    raise ValueError(f"attention_backend: 'triton' requested but Triton is unavailable ({e})") from e
+                logger.warning("Triton unavailable (%s): using the reference attention backend", e)
+                return "reference"
+        if not forced:
+            logger.info("attention backend %r chosen automatically for device %s (force one with "
+                        "EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND)", name, self.device)
+        return name
 
     # ------------------------------------------------------------------ sizing
     def _auto_num_blocks(self) -> int:
