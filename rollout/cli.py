@@ -1,6 +1,8 @@
 """``rollout`` command line.
 
     rollout generate --model smollm2 --chat "What is the capital of France?"
+    rollout serve --model smollm2 --local --bind tcp://127.0.0.1:5555      (one engine in this process)
+    rollout serve --model DIR --workers 2                                  (a Ray pool of 2 workers)
 """
 from __future__ import annotations
 
@@ -47,6 +49,65 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from engine import EngineConfig
+
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                          seed=args.seed, host_kv_cache_bytes=int(args.host_kv_cache_gb * (1 << 30)))
+    secret = None
+    if args.auth_secret_file:
+        with open(args.auth_secret_file, "rb") as f:
+            secret = f.read().strip()
+    return asyncio.run(_serve_async(args, config, secret))
+
+
+def _make_backend(args: argparse.Namespace, config):
+    if args.local or args.workers == 0:
+        from rollout.local import LocalBackend
+        logger.info("serve: one engine in this process (%s on %s)", args.model, args.device)
+        return LocalBackend(config)
+    import ray
+
+    from rollout.pool import RolloutPool
+    if args.ray_address is None and not ray.is_initialized():
+        ray.init(num_cpus=args.ray_num_cpus or max(2, args.workers), include_dashboard=False)
+    logger.info("serve: a Ray pool of %d workers (%s on %s)", args.workers, args.model, args.device)
+    return RolloutPool(config, args.workers, address=args.ray_address)
+
+
+async def _serve_async(args: argparse.Namespace, config, secret: bytes | None) -> int:
+    import asyncio
+    import signal
+
+    from rollout.protocol import ProtocolLimits
+    from rollout.server import FrontEnd
+
+    loop = asyncio.get_running_loop()
+    # NOTE: building a backend blocks (model load, Ray start); keep the loop free for signals meanwhile.
+    backend = await loop.run_in_executor(None, _make_backend, args, config)
+    frontend = FrontEnd(backend, args.bind, limits=ProtocolLimits(), allow_update_weights=not args.no_update_weights,
+                        auth_secret=secret, max_in_flight=args.max_in_flight)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        address = await frontend.start()
+        logger.info("serve: listening on %s (Ctrl-C or SIGTERM for a graceful shutdown)", address)
+        print(f"rollout serve: listening on {address}", flush=True)
+        await stop.wait()
+        logger.info("serve: shutting down: no new requests; waiting up to %.0f s for %d in flight",
+                    args.shutdown_timeout, frontend.num_in_flight)
+        await frontend.shutdown(args.shutdown_timeout)
+    finally:
+        await backend.shutdown()
+    logger.info("serve: stopped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rollout", description="RLHF rollout generation service")
     parser.add_argument("--log-level", default="INFO")
@@ -60,6 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--sample-seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+    srv = sub.add_parser("serve", help="serve rollouts over ZeroMQ (docs/protocol.md)")
+    _add_engine_args(srv)
+    srv.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                     help="ZeroMQ endpoint; a non-loopback address needs --auth-secret-file")
+    srv.add_argument("--workers", type=int, default=1, help="Ray workers (0 = --local)")
+    srv.add_argument("--local", action="store_true", help="one engine in this process, no Ray")
+    srv.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    srv.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default max(2, workers))")
+    srv.add_argument("--no-update-weights", action="store_true", help="answer update_weights with 'disabled'")
+    srv.add_argument("--host-kv-cache-gb", type=float, default=0.0, help="pinned host pool for idle sessions' KV")
+    srv.add_argument("--auth-secret-file", default=None,
+                     help="file holding the shared HMAC secret (>= 16 bytes); every message must be signed")
+    srv.add_argument("--max-in-flight", type=int, default=1024)
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds to wait for in-flight requests on SIGINT/SIGTERM")
+    srv.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -58,11 +58,24 @@ def make_batch(trajs: list[Trajectory], advantages: list[float], pad_id: int) ->
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) of each target token under ``model`` -> [B, L-1] (the engine's
-    behaviour logprobs use the same full-vocabulary, temperature-scaled distribution)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+    """log_softmax(logits / T) of each target token under ``model`` -> [B, L-1], filled only where
+    ``batch.loss_mask`` is 1 (0 elsewhere): the engine's behaviour logprobs use the same
+    full-vocabulary, temperature-scaled distribution.
+
+    The LM head and the log-softmax run only on model-token positions (a third of a tool
+    trajectory, typically): for a Hugging Face causal LM the decoder stack's hidden states are taken
+    from ``model.model`` and projected with ``model.lm_head``."""
+    mask = batch.loss_mask.bool()                              # [B, L-1]
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    out = torch.zeros(mask.shape, device=batch.input_ids.device)
+    if base is None or head is None:                           # any other model: full logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) * mask
+    hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0][:, :-1]  # [B, L-1, H]
+    logits = head(hidden[mask]).float() / temperature          # [N, V], N = model tokens
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
+    return out.masked_scatter(mask, picked)
 
 
 @dataclass

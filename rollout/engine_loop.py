@@ -1,0 +1,497 @@
+"""``EngineLoop``: one ``LLMEngine`` driven by one background thread, fed through a command queue.
+
+The loop thread is the only one that touches the engine (STYLE.md: one owner per piece of state). Callers
+on any thread enqueue a command and get a ``concurrent.futures.Future`` back (``asyncio.wrap_future`` makes
+it awaitable)::
+
+    caller threads ──cmd──> [queue] ──> loop thread: run commands ─> engine.step() while work exists
+         ^                                                │            (blocks on the queue when idle)
+         └──────────── Future.set_result / set_exception ─┘
+
+Futures resolve with ``Trajectory`` objects (``rollout.trajectory``) or raise ``RolloutError``: engine
+errors are mapped to an ``ErrorCode`` (``error_from_exception``); an unexpected exception while stepping
+fails every pending future with INTERNAL and the loop keeps going; ``shutdown`` fails whatever is left with
+UNAVAILABLE. Cancelling a future aborts its request.
+
+Sessions: the loop accumulates each session's whole trajectory across turns (the first turn's tokens are
+its ``prompt_ids``, later new tokens are environment tokens with loss mask 0, model tokens carry loss mask
+1, logprobs and versions); ``close_session`` returns it.
+
+Server-side agent loop (``run_episode``): environment ``reset``/``step`` run on a small thread pool and
+only *submit* commands; the engine thread never waits on an environment, so a slow tool never stalls other
+requests. An episode is a chain of callbacks: env reset -> open session -> turn -> env step -> turn ... ->
+close session -> trajectory with the summed reward.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, WeightsInconsistentState
+from engine.outputs import Completion
+from engine.sampling import SamplingParams
+from engine.weight_update import WeightUpdateError
+from rollout.backend import ErrorCode, RolloutError
+from rollout.environment import get_environment
+from rollout.trajectory import Trajectory
+from scheduler.scheduler import SessionError
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()   # sentinel command: leave the loop
+
+
+def error_from_exception(exc: BaseException) -> RolloutError:
+    """The ``RolloutError`` an engine exception means for a caller."""
+    if isinstance(exc, RolloutError):
+        return exc
+    msg = str(exc)
+    if isinstance(exc, SessionError):   # before ValueError: it is one
+        if "in progress" in msg:
+            return RolloutError(ErrorCode.SESSION_BUSY, msg)
+        if " is unknown" in msg or " is closed" in msg:
+            return RolloutError(ErrorCode.UNKNOWN_SESSION, msg)
+        return RolloutError(ErrorCode.BAD_REQUEST, msg)
+    if isinstance(exc, WeightUpdateError):
+        return RolloutError(ErrorCode.UPDATE_FAILED, msg)
+    if isinstance(exc, WeightsInconsistentState):
+        return RolloutError(ErrorCode.UNAVAILABLE, msg)
+    if isinstance(exc, (ValueError, TypeError)):
+        if "max_model_len" in msg or "KV blocks" in msg:
+            return RolloutError(ErrorCode.TOO_LARGE, msg)
+        return RolloutError(ErrorCode.BAD_REQUEST, msg)
+    return RolloutError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {msg}")
+
+
+def _resolve(fut: Future, result: Any = None, error: Optional[BaseException] = None) -> None:
+    """Set a future's outcome unless it is already done (cancelled by its caller)."""
+    if fut.done():
+        return
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:   # cancelled between the check and the set
+        pass
+
+
+def completion_to_trajectory(c: Completion) -> Trajectory:
+    """One generate sample: every generated token is a model token."""
+    return Trajectory(prompt_ids=list(c.prompt_token_ids), token_ids=list(c.token_ids), logprobs=list(c.logprobs),
+                      loss_mask=[1] * len(c.token_ids), versions=list(c.versions), turns=1,
+                      finish_reason=c.finish_reason, metrics=_metrics(c), request_id=c.request_id,
+                      session_id=c.session_id, sample_index=c.sample_index)
+
+
+def _metrics(c: Completion) -> dict[str, Any]:
+    return {"num_cached_tokens": c.num_cached_tokens, "num_prefill_tokens": c.num_prefill_tokens,
+            "queue_wait_s": c.queue_wait_s}
+
+
+@dataclass
+class _Pending:
+    """A request whose samples are still being generated."""
+    future: Future
+    num_samples: int
+    finish: Callable[[list[Completion]], Any]      # runs on the loop thread with the samples by index
+    samples: dict[int, Completion] = field(default_factory=dict)
+
+
+@dataclass
+class _SessionRecord:
+    trajectory: Optional[Trajectory] = None        # None until the first turn's tokens arrive
+
+
+@dataclass
+class LoopCounters:
+    """Per-loop figures the pool reads to prove routing (which worker served each turn)."""
+    session_turns: int = 0            # turns finished in sessions
+    resumed_turns: int = 0            # ... after a session's first turn
+    resident_turns: int = 0           # ... of those, computed only their new tokens (the session's KV was here)
+    episodes: int = 0                 # server-side agent loops finished
+
+
+class EngineLoop:
+    def __init__(self, engine_config: EngineConfig, *, env_threads: int = 4) -> None:
+        self.engine = LLMEngine(engine_config)
+        self.counters = LoopCounters()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[str, _Pending] = {}
+        self._sessions: dict[str, _SessionRecord] = {}
+        self._ids = itertools.count()
+        self._closing = False
+        self._submit_lock = threading.Lock()   # no command is queued after the stop sentinel
+        self._env_pool = ThreadPoolExecutor(max_workers=env_threads, thread_name_prefix="rollout-env")
+        self._tokenizer: Any = None
+        self._tokenizer_loaded = False
+        self._tokenizer_lock = threading.Lock()
+        self.load_snapshot: dict[str, int] = {}   # replaced (never mutated) by the loop thread after each step
+        self._snapshot_load()
+        self._thread = threading.Thread(target=self._run, name="rollout-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ================================================================ public API (any thread)
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: Optional[str] = None) -> "Future[list[Trajectory]]":
+        """``params.n`` samples of one prompt, by sample_index."""
+        def run(engine: LLMEngine, fut: Future) -> None:
+            rid = engine.add_request(prompt_ids, params, request_id or self._new_id("gen"))
+            self._track(rid, fut, params.n, lambda cs: [completion_to_trajectory(c) for c in cs])
+        return self._submit(run)
+
+    def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None) -> "Future[str]":
+        def run(engine: LLMEngine, fut: Future) -> None:
+            sid = engine.open_session(session_id, ttl_s=ttl_s)
+            self._sessions[sid] = _SessionRecord()
+            _resolve(fut, sid)
+        return self._submit(run)
+
+    def step_session(self, session_id: str, new_token_ids: list[int], params: SamplingParams,
+                     request_id: Optional[str] = None) -> "Future[Trajectory]":
+        """Append ``new_token_ids`` and generate the model's turn; resolves with this turn only."""
+        new_tokens = list(new_token_ids) if isinstance(new_token_ids, (list, tuple)) else new_token_ids
+
+        def run(engine: LLMEngine, fut: Future) -> None:
+            rid = engine.submit_turn(session_id, new_tokens, params, request_id or self._new_id("turn"))
+            self._track(rid, fut, 1, lambda cs: self._finish_turn(session_id, new_tokens, cs[0]))
+        return self._submit(run)
+
+    def close_session(self, session_id: str) -> "Future[Trajectory]":
+        """Free the session; resolves with its whole trajectory. A turn in progress comes back aborted."""
+        def run(engine: LLMEngine, fut: Future) -> None:
+            try:
+                finished = engine.close_session(session_id)
+            except SessionError:
+                self._sessions.pop(session_id, None)   # expired by TTL: forget our record too
+                raise
+            self._dispatch(finished)                    # resolves the aborted turn's future first
+            record = self._sessions.pop(session_id, None) or _SessionRecord()
+            _resolve(fut, record.trajectory or Trajectory(prompt_ids=[], session_id=session_id))
+        return self._submit(run)
+
+    def abort(self, request_id: str) -> "Future[bool]":
+        def run(engine: LLMEngine, fut: Future) -> None:
+            finished = engine.abort(request_id)
+            self._dispatch(finished)
+            _resolve(fut, bool(finished))
+        return self._submit(run)
+
+    def update_weights(self, make_loader: Callable[[], Any], version: Optional[int] = None, mode: str = "keep",
+                       kv: str = "keep") -> "Future[dict[str, Any]]":
+        """Build the loader (``make_loader()``) and apply it, both on the loop thread, between two steps.
+        Resolves with {"version", "seconds", "num_bytes", "num_tensors"}."""
+        def run(engine: LLMEngine, fut: Future) -> None:
+            try:
+                loader = make_loader()
+            except Exception as e:  # noqa: BLE001 - a loader that cannot even start is a failed update
+                raise RolloutError(ErrorCode.UPDATE_FAILED, f"building the loader failed: {type(e).__name__}: {e}")
+            try:
+                report = engine.update_weights(loader, version, mode=mode, kv=kv)
+            finally:
+                close = getattr(loader, "close", None)
+                if close is not None:
+                    close()
+            # "drain"/"abort" leave completions in the engine for its next step(): collect them now.
+            self._dispatch(engine.step())
+            _resolve(fut, {"version": engine.weight_version, "seconds": report.seconds,
+                           "num_bytes": report.num_bytes, "num_tensors": report.num_tensors})
+        return self._submit(run)
+
+    def stats(self) -> "Future[dict[str, Any]]":
+        def run(engine: LLMEngine, fut: Future) -> None:
+            s = engine.stats()
+            c = self.counters
+            s.update(session_turns=c.session_turns, resumed_turns=c.resumed_turns, resident_turns=c.resident_turns,
+                     episodes=c.episodes, pending_requests=len(self._pending), tracked_sessions=len(self._sessions))
+            _resolve(fut, s)
+        return self._submit(run)
+
+    def run_episode(self, env_name: str, env_kwargs: Optional[dict[str, Any]], params: SamplingParams,
+                    max_turns: int) -> "Future[Trajectory]":
+        """Server-side agent loop: until the environment says done or ``max_turns`` model turns ran.
+        Resolves with the session's whole trajectory, ``reward`` = the sum of the steps' rewards."""
+        outer: Future = Future()
+        if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
+            _resolve(outer, error=RolloutError(ErrorCode.BAD_REQUEST, f"max_turns must be an int >= 1, got {max_turns!r}"))
+            return outer
+        if not isinstance(params, SamplingParams) or params.n != 1:
+            _resolve(outer, error=RolloutError(ErrorCode.BAD_REQUEST, "run_episode needs SamplingParams with n=1"))
+            return outer
+        if env_kwargs is not None and not isinstance(env_kwargs, dict):
+            _resolve(outer, error=RolloutError(ErrorCode.BAD_REQUEST, "env_kwargs must be a dict"))
+            return outer
+        if self._closing:
+            _resolve(outer, error=RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shut down"))
+            return outer
+        _Episode(self, env_name, dict(env_kwargs or {}), params, max_turns, outer).start()
+        return outer
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, or None when its directory has none (tiny test models). Loaded once, apart
+        from the engine (its ``tokenizer`` property belongs to the loop thread)."""
+        with self._tokenizer_lock:
+            if not self._tokenizer_loaded:
+                path = Path(self.engine.model_path)
+                if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+                    from transformers import AutoTokenizer
+                    self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+                self._tokenizer_loaded = True
+            return self._tokenizer
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop thread; every pending request fails with UNAVAILABLE."""
+        with self._submit_lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._commands.put(_STOP)
+        self._thread.join(timeout_s)
+        self._env_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ================================================================ loop thread
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def _submit(self, run: Callable[[LLMEngine, Future], None]) -> Future:
+        fut: Future = Future()
+        with self._submit_lock:
+            if not self._closing:
+                self._commands.put((run, fut))
+                return fut
+        _resolve(fut, error=RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shut down"))
+        return fut
+
+    def _track(self, request_id: str, fut: Future, num_samples: int,
+               finish: Callable[[list[Completion]], Any]) -> None:
+        self._pending[request_id] = _Pending(fut, num_samples, finish)
+        # A caller that gives up (asyncio cancellation) frees the engine's work too.
+        fut.add_done_callback(lambda f: f.cancelled() and self.abort(request_id))
+
+    def _run(self) -> None:
+        while True:
+            # Block only when the engine has nothing to do; otherwise take what is queued and step.
+            try:
+                cmd = self._commands.get(block=not self.engine.has_unfinished())
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if cmd is _STOP:
+                    self._fail_everything(RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shutting down"))
+                    return
+                self._execute(*cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self.engine.has_unfinished():
+                try:
+                    self._dispatch(self.engine.step())
+                except Exception as e:  # noqa: BLE001 - the loop must survive to fail and serve requests
+                    logger.exception("engine step failed")
+                    self._recover(RolloutError(ErrorCode.INTERNAL, f"engine step failed: {type(e).__name__}: {e}"))
+            self._snapshot_load()
+
+    def _snapshot_load(self) -> None:
+        sched = self.engine.scheduler
+        self.load_snapshot = {"num_free_blocks": sched.pool.num_available, "num_total_blocks": sched.pool.num_blocks,
+                              "num_waiting": len(sched.waiting), "num_running": len(sched.running),
+                              "open_sessions": len(sched.sessions), "weight_version": self.engine.weight_version}
+
+    def _execute(self, run: Callable[[LLMEngine, Future], None], fut: Future) -> None:
+        if fut.done():          # cancelled while queued
+            return
+        try:
+            run(self.engine, fut)
+        except Exception as e:  # noqa: BLE001 - every command's error goes to its caller
+            _resolve(fut, error=error_from_exception(e))
+
+    def _dispatch(self, completions: list[Completion]) -> None:
+        for c in completions:
+            p = self._pending.get(c.request_id)
+            if p is None:
+                continue
+            p.samples[c.sample_index] = c
+            if len(p.samples) < p.num_samples:
+                continue
+            del self._pending[c.request_id]
+            try:
+                result = p.finish([p.samples[i] for i in range(p.num_samples)])
+            except Exception as e:  # noqa: BLE001
+                logger.exception("finishing %s failed", c.request_id)
+                _resolve(p.future, error=error_from_exception(e))
+            else:
+                _resolve(p.future, result)
+
+    def _finish_turn(self, session_id: str, new_tokens: list[int], c: Completion) -> Trajectory:
+        record = self._sessions.setdefault(session_id, _SessionRecord())
+        whole = record.trajectory
+        first = whole is None
+        if first:
+            whole = record.trajectory = Trajectory(prompt_ids=list(new_tokens), session_id=session_id)
+        else:
+            whole.add_env_tokens(list(new_tokens))
+        whole.add_model_tokens(c.token_ids, c.logprobs, c.versions)
+        whole.turns += 1
+        whole.finish_reason = c.finish_reason
+        for key, value in _metrics(c).items():
+            whole.metrics[key] = whole.metrics.get(key, 0) + value
+        self.counters.session_turns += 1
+        resident = False
+        if not first:
+            self.counters.resumed_turns += 1
+            # Only the new tokens (plus the previous turn's last sampled one) were computed: the KV was here.
+            resident = c.num_prefill_tokens <= len(new_tokens) + 1
+            self.counters.resident_turns += resident
+        turn = completion_to_trajectory(c)
+        turn.prompt_ids = list(new_tokens)
+        turn.turns = whole.turns
+        turn.metrics["kv_resident"] = resident
+        return turn
+
+    def _fail_everything(self, error: RolloutError) -> None:
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            _resolve(p.future, error=error)
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd is not _STOP:
+                _resolve(cmd[1], error=error)
+
+    def _recover(self, error: RolloutError) -> None:
+        """After an unexpected step failure: fail every pending request and take them out of the engine so
+        the next step starts clean (sessions stay open; their running turn comes back aborted)."""
+        pending, self._pending = self._pending, {}
+        for rid, p in pending.items():
+            _resolve(p.future, error=error)
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001
+                logger.exception("could not abort %s after a failed step", rid)
+
+
+class _Episode:
+    """One server-side agent loop: a chain of callbacks between the env pool and the engine loop.
+    NOTE: callbacks of engine futures run on the loop thread; they only hand work to the env pool."""
+
+    def __init__(self, loop: EngineLoop, env_name: str, env_kwargs: dict[str, Any], params: SamplingParams,
+                 max_turns: int, outer: Future) -> None:
+        self.loop, self.env_name, self.env_kwargs = loop, env_name, env_kwargs
+        self.params, self.max_turns, self.outer = params, max_turns, outer
+        self.env: Any = None
+        self.session_id = f"episode-{uuid.uuid4().hex[:12]}"
+        self.turns = 0
+        self.reward = 0.0
+        self.env_seconds = 0.0
+        self.opened = False
+        self.truncated = False
+
+    def start(self) -> None:
+        self._on_env(self._reset)
+
+    # ---------------------------------------------------------------- env side (thread pool)
+    def _on_env(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop._env_pool.submit(self._guard, fn, *args)
+        except RuntimeError:   # pool shut down
+            self._fail(RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shut down"))
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except RolloutError as e:
+            self._fail(e)
+        except Exception as e:  # noqa: BLE001 - an environment bug fails its episode only
+            logger.exception("environment %r failed", self.env_name)
+            code = ErrorCode.BAD_REQUEST if self.env is None and isinstance(e, (ValueError, TypeError)) \
+                else ErrorCode.INTERNAL
+            self._fail(RolloutError(code, f"environment {self.env_name!r}: {type(e).__name__}: {e}"))
+
+    def _reset(self) -> None:
+        self.env = get_environment(self.env_name, tokenizer=self.loop.tokenizer(), **self.env_kwargs)
+        t0 = time.perf_counter()
+        obs = list(self.env.reset())
+        self.env_seconds += time.perf_counter() - t0
+        if self.outer.cancelled():
+            return
+        self._chain(self.loop.open_session(self.session_id), lambda _sid: self._opened(obs))
+
+    def _opened(self, obs: list[int]) -> None:
+        self.opened = True
+        self._turn(obs)
+
+    def _turn(self, obs: list[int]) -> None:
+        if self.outer.cancelled():
+            self._close()
+            return
+        self._chain(self.loop.step_session(self.session_id, obs, self.params), self._on_turn,
+                    on_error=self._turn_failed)
+
+    def _turn_failed(self, error: RolloutError) -> bool:
+        """A later turn that no longer fits the context ends the episode as truncated (finish_reason
+        "length", the observation not appended) rather than losing it."""
+        if error.code is not ErrorCode.TOO_LARGE or self.turns == 0:
+            return False
+        self.truncated = True
+        self._on_env(self._close)
+        return True
+
+    def _on_turn(self, turn: Trajectory) -> None:
+        self.turns += 1
+        t0 = time.perf_counter()
+        obs, reward, done = self.env.step(list(turn.token_ids))
+        self.env_seconds += time.perf_counter() - t0
+        self.reward += float(reward)
+        if done or self.turns >= self.max_turns or turn.finish_reason == "aborted":
+            self._close()
+        else:
+            self._turn(list(obs))
+
+    def _close(self) -> None:
+        self._chain(self.loop.close_session(self.session_id), self._closed)
+
+    def _closed(self, whole: Trajectory) -> None:
+        whole.reward = self.reward
+        if self.truncated:
+            whole.finish_reason = "length"
+        whole.metrics.update(env_seconds=self.env_seconds, env_name=self.env_name)
+        self.loop.counters.episodes += 1
+        _resolve(self.outer, whole)
+
+    # ---------------------------------------------------------------- plumbing
+    def _chain(self, fut: Future, then: Callable[[Any], None],
+               on_error: Optional[Callable[[RolloutError], bool]] = None) -> None:
+        """When ``fut`` resolves, run ``then(result)`` on the env pool; an error fails the episode unless
+        ``on_error`` handles it (returns True)."""
+        def done(f: Future) -> None:
+            if f.cancelled():
+                self._fail(RolloutError(ErrorCode.ABORTED, "cancelled"))
+            elif f.exception() is not None:
+                error = error_from_exception(f.exception())
+                if on_error is None or not on_error(error):
+                    self._fail(error)
+            else:
+                self._on_env(then, f.result())
+        fut.add_done_callback(done)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.opened:
+            self.opened = False
+            self.loop.close_session(self.session_id)   # best effort: free its KV
+        _resolve(self.outer, error=error_from_exception(error))

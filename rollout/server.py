@@ -1,0 +1,378 @@
+"""``FrontEnd``: the ZeroMQ ROUTER in front of any ``RolloutBackend`` (docs/protocol.md).
+
+One asyncio loop owns the socket. The receive loop decodes each message and either answers it at once
+(malformed, over a limit, over capacity, shutting down) or starts one task for it; that task calls the
+backend and sends the reply. Invariant: every message received gets exactly one reply — the task's
+``finally`` path sends an error if the backend raised, timed out, was aborted or the front end shut
+down (only a peer past the socket's hard size cap is disconnected without one: ZMQ drops it).
+
+NOTE: replies are sent without awaiting (``_send``): a ROUTER never blocks on send, and a reply sent
+from a cancelled task must not depend on a further await.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import zmq
+import zmq.asyncio
+
+from rollout import protocol as P
+from rollout.backend import ErrorCode, RolloutBackend, RolloutError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+MIN_SECRET_BYTES = 16
+SEND_HWM = 10_000      # replies queued per peer before ZMQ drops (a client that never reads)
+
+
+def is_loopback(address: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on 127.0.0.0/8, ::1 or localhost (not '*' or 0.0.0.0)."""
+    transport, _, rest = address.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False   # '*', an interface name or a host name
+
+
+@dataclass
+class _Pending:
+    """One request being served: where its reply goes, and its task."""
+
+    peer: bytes                        # ROUTER routing id of the client
+    delimiter: bool                    # the client sent an empty frame before the body; mirror it
+    request_id: P.RequestId
+    op: str
+    task: Optional[asyncio.Task] = None
+    cancel_code: ErrorCode = ErrorCode.UNAVAILABLE   # reply code if the task gets cancelled
+    replied: bool = False
+
+
+class FrontEnd:
+    """Serve ``backend`` on a ROUTER socket. ``await start()``, then ``await shutdown()``.
+
+    ``auth_secret``: when set, every message carries an HMAC-SHA256 of its body as a last frame and
+    replies are signed the same way; required to bind anything but loopback.
+    ``max_in_flight``: requests served at once; past it new ones get ``unavailable`` (health excepted).
+    ``request_timeout_s``: backend calls taking longer are cancelled and answered ``aborted``.
+    """
+
+    def __init__(self, backend: RolloutBackend, bind: str = DEFAULT_BIND, *,
+                 limits: P.ProtocolLimits = P.ProtocolLimits(), allow_update_weights: bool = True,
+                 auth_secret: Optional[bytes] = None, max_in_flight: int = 1024,
+                 request_timeout_s: Optional[float] = None) -> None:
+        if auth_secret is not None and (not isinstance(auth_secret, bytes) or len(auth_secret) < MIN_SECRET_BYTES):
+            raise ValueError(f"auth_secret must be bytes of length >= {MIN_SECRET_BYTES}")
+        if not is_loopback(bind) and auth_secret is None:
+            raise ValueError(f"refusing to bind {bind!r}: not a loopback address and no auth_secret is set "
+                             "(anyone who can reach it could drive the engines)")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        self.backend = backend
+        self.bind = bind
+        self.limits = limits
+        self.allow_update_weights = allow_update_weights
+        self.auth_secret = auth_secret
+        self.max_in_flight = max_in_flight
+        self.request_timeout_s = request_timeout_s
+        self.address: Optional[str] = None          # the bound endpoint (a '*' port resolved)
+        self._ctx: Optional[zmq.asyncio.Context] = None
+        self._sock: Optional[zmq.asyncio.Socket] = None
+        self._recv_task: Optional[asyncio.Task] = None
+        self._pending: dict[tuple[bytes, P.RequestId], _Pending] = {}
+        self._accepting = False
+        self._idle = asyncio.Event()
+        self.counters: Counter[str] = Counter()     # received, replied, ok, <error code>
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> str:
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.hard_max_message_bytes)
+        try:
+            sock.bind(self.bind)
+        except zmq.ZMQError:
+            sock.close(0)
+            self._ctx.term()
+            raise
+        self._sock = sock
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._accepting = True
+        self._idle.set()
+        self._recv_task = asyncio.create_task(self._receive_loop(), name="frontend-recv")
+        logger.info("front end listening on %s (auth %s, update_weights %s)", self.address,
+                    "hmac-sha256" if self.auth_secret else "off",
+                    "on" if self.allow_update_weights else "off")
+        return self.address
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting (new requests get ``unavailable``), wait up to ``timeout_s`` for in-flight
+        replies, cancel what is left (each still gets its ``unavailable`` reply), close the socket."""
+        if self._sock is None:
+            return
+        self._accepting = False
+        if self._pending:
+            logger.info("front end: shutting down, waiting for %d in-flight requests", len(self._pending))
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                logger.warning("front end: %d requests still running after %.1f s; failing them",
+                               len(self._pending), timeout_s)
+                tasks = [p.task for p in self._pending.values() if p.task is not None]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        assert self._recv_task is not None
+        self._recv_task.cancel()
+        await asyncio.gather(self._recv_task, return_exceptions=True)
+        self._sock.close(linger=1000)
+        self._ctx.term()
+        self._sock = self._ctx = None
+        logger.info("front end closed (%s)", dict(self.counters))
+
+    async def __aenter__(self) -> "FrontEnd":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ receive
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            try:
+                self._on_message(frames)
+            except Exception:   # never let one message end the loop
+                logger.exception("front end: unexpected error on a message")
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        self.counters["received"] += 1
+        peer, rest = frames[0], frames[1:]
+        delimiter = bool(rest) and rest[0] == b""
+        if delimiter:
+            rest = rest[1:]
+        expected = 2 if self.auth_secret else 1
+        if len(rest) != expected:
+            what = "unauthenticated: expected body and HMAC frames" if self.auth_secret else "expected one body frame"
+            self._send_error(peer, delimiter, None, ErrorCode.BAD_REQUEST,
+                             f"{what} after the optional empty delimiter, got {len(rest)} frames", sign=False)
+            return
+        body = rest[0]
+        if self.auth_secret is not None and not P.verify(self.auth_secret, body, rest[1]):
+            # NOTE: the body of an unauthenticated message is never decoded.
+            self._send_error(peer, delimiter, None, ErrorCode.BAD_REQUEST, "unauthenticated: bad or missing HMAC",
+                             sign=False)
+            return
+        request_id = None
+        try:
+            msg = P.unpack(body, self.limits)
+            request_id = P.peek_id(msg, self.limits)
+            request_id, request = P.decode_request(msg, self.limits)
+        except P.ProtocolError as e:
+            self._send_error(peer, delimiter, e.request_id if e.request_id is not None else request_id,
+                             e.code, e.message)
+            return
+        key = (peer, request_id)
+        if key in self._pending:
+            self._send_error(peer, delimiter, request_id, ErrorCode.BAD_REQUEST,
+                             f"id {request_id!r} is already in flight on this connection")
+            return
+        if not self._accepting:
+            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE, "the server is shutting down")
+            return
+        if len(self._pending) >= self.max_in_flight and request.op != "health":
+            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE,
+                             f"{len(self._pending)} requests in flight (max_in_flight {self.max_in_flight}); retry later")
+            return
+        pending = _Pending(peer, delimiter, request_id, request.op)
+        self._pending[key] = pending
+        self._idle.clear()
+        pending.task = asyncio.create_task(self._serve(pending, request))
+
+    # ------------------------------------------------------------------ serve one request
+    async def _serve(self, pending: _Pending, request: P.Request) -> None:
+        try:
+            call = self._dispatch(pending, request)
+            if self.request_timeout_s is not None and request.op not in ("health", "update_weights"):
+                result = await asyncio.wait_for(call, self.request_timeout_s)
+            else:
+                result = await call
+            self._reply(pending, P.ok_reply(pending.request_id, result))
+        except asyncio.CancelledError:
+            why = "aborted by request" if pending.cancel_code is ErrorCode.ABORTED else "the server is shutting down"
+            self._reply(pending, P.error_reply(pending.request_id, pending.cancel_code, why))
+            raise
+        except asyncio.TimeoutError:
+            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.ABORTED,
+                                               f"timed out after {self.request_timeout_s} s"))
+        except RolloutError as e:
+            self._reply(pending, P.error_reply(pending.request_id, e.code, e.message))
+        except ValueError as e:   # engine-side validation (vocabulary, context length) names the field
+            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.BAD_REQUEST, str(e)))
+        except Exception as e:
+            logger.exception("front end: %s request %r failed", pending.op, pending.request_id)
+            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.INTERNAL,
+                                               f"{type(e).__name__}: {e}"))
+        finally:
+            if not pending.replied:   # belt and braces: the invariant is one reply per request
+                self._reply(pending, P.error_reply(pending.request_id, ErrorCode.INTERNAL, "no reply produced"))
+            self._pending.pop((pending.peer, pending.request_id), None)
+            if not self._pending:
+                self._idle.set()
+
+    async def _dispatch(self, pending: _Pending, req: P.Request) -> Any:
+        b = self.backend
+        if isinstance(req, P.GenerateRequest):
+            prompts = req.all_prompts()
+            groups = await asyncio.gather(*(b.generate(p, req.params) for p in prompts))
+            return {"trajectories": [t.to_dict() for group in groups for t in group]}
+        if isinstance(req, P.OpenSessionRequest):
+            return {"session_id": await b.open_session(req.session_id, req.ttl_s)}
+        if isinstance(req, P.StepSessionRequest):
+            traj = await b.step_session(req.session_id, req.new_token_ids, req.params)
+            return {"trajectory": traj.to_dict()}
+        if isinstance(req, P.CloseSessionRequest):
+            return {"trajectory": (await b.close_session(req.session_id)).to_dict()}
+        if isinstance(req, P.RunEpisodeRequest):
+            traj = await b.run_episode(req.env, req.env_kwargs, req.params, req.max_turns)
+            return {"trajectory": traj.to_dict()}
+        if isinstance(req, P.AbortRequest):
+            return {"found": await self._abort(pending.peer, req.request_id)}
+        if isinstance(req, P.UpdateWeightsRequest):
+            if not self.allow_update_weights:
+                raise RolloutError(ErrorCode.DISABLED, "update_weights is switched off on this server")
+            return await b.update_weights(req.loader, req.loader_kwargs, req.version, req.mode, req.kv)
+        if isinstance(req, P.StatsRequest):
+            return {"backend": await b.stats(), "frontend": self._frontend_stats()}
+        if isinstance(req, P.HealthRequest):
+            health = dict(await b.health())
+            health["frontend"] = {"accepting": self._accepting, "in_flight": len(self._pending)}
+            return health
+        raise RolloutError(ErrorCode.UNKNOWN_OPERATION, f"op {req.op!r} has no handler")
+
+    async def _abort(self, peer: bytes, target: P.RequestId) -> bool:
+        """A request of this connection by its wire id (its task is cancelled: it gets ``aborted``,
+        and the backend call sees CancelledError), else a backend request id."""
+        pending = self._pending.get((peer, target))
+        if pending is not None and pending.task is not None and pending.op != "abort":
+            pending.cancel_code = ErrorCode.ABORTED
+            pending.task.cancel()
+            return True
+        return bool(await self.backend.abort(str(target)))
+
+    def _frontend_stats(self) -> dict[str, Any]:
+        return {"in_flight": len(self._pending), "accepting": self._accepting, **self.counters}
+
+    # ------------------------------------------------------------------ send
+    def _reply(self, pending: _Pending, reply: dict[str, Any]) -> None:
+        if pending.replied:
+            return
+        pending.replied = True
+        try:
+            body = P.pack(reply)
+        except Exception as e:   # a backend result msgpack cannot carry
+            logger.exception("front end: cannot encode the reply to %r", pending.request_id)
+            reply = P.error_reply(pending.request_id, ErrorCode.INTERNAL, f"unencodable result: {type(e).__name__}")
+            body = P.pack(reply)
+        self._count(reply)
+        self._send(pending.peer, pending.delimiter, body, sign=True)
+
+    def _send_error(self, peer: bytes, delimiter: bool, request_id: Optional[P.RequestId], code: ErrorCode,
+                    message: str, *, sign: bool = True) -> None:
+        reply = P.error_reply(request_id, code, message)
+        self._count(reply)
+        self._send(peer, delimiter, P.pack(reply), sign=sign)
+
+    def _count(self, reply: dict[str, Any]) -> None:
+        self.counters["replied"] += 1
+        self.counters["ok" if reply["ok"] else reply["error"]["code"]] += 1
+
+    def _send(self, peer: bytes, delimiter: bool, body: bytes, *, sign: bool) -> None:
+        if self._sock is None:
+            return
+        frames = [peer, b"", body] if delimiter else [peer, body]
+        if sign and self.auth_secret is not None:
+            frames.append(P.sign(self.auth_secret, body))
+        fut = self._sock.send_multipart(frames, copy=len(body) < 65536)
+        fut.add_done_callback(_log_send_failure)
+
+
+def _log_send_failure(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        logger.warning("front end: a reply could not be sent: %s", fut.exception())
+
+
+class BackgroundFrontEnd:
+    """A FrontEnd on its own event-loop thread, for synchronous programs, tests and benchmarks.
+
+        with BackgroundFrontEnd(lambda: backend, "tcp://127.0.0.1:*") as fe:
+            client = RolloutClient(fe.address)
+
+    ``make_backend`` runs on the server thread (a backend may bind its loop there).
+    """
+
+    def __init__(self, make_backend: Any, bind: str = DEFAULT_BIND, **frontend_kwargs: Any) -> None:
+        self._make_backend = make_backend
+        self._bind = bind
+        self._kwargs = frontend_kwargs
+        self.loop = asyncio.new_event_loop()
+        self.frontend: Optional[FrontEnd] = None
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="frontend", daemon=True)
+
+    @property
+    def address(self) -> str:
+        assert self.frontend is not None and self.frontend.address is not None
+        return self.frontend.address
+
+    def start(self, timeout_s: float = 30.0) -> "BackgroundFrontEnd":
+        self._thread.start()
+
+        async def boot() -> None:
+            self.frontend = FrontEnd(self._make_backend(), self._bind, **self._kwargs)
+            await self.frontend.start()
+
+        asyncio.run_coroutine_threadsafe(boot(), self.loop).result(timeout_s)
+        return self
+
+    def call(self, coro: Any, timeout_s: Optional[float] = None) -> Any:
+        """Run a coroutine on the server's loop (e.g. a direct backend call) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.frontend is not None:
+            start = time.monotonic()
+            self.call(self.frontend.shutdown(timeout_s), timeout_s + 10)
+            logger.debug("background front end stopped in %.2f s", time.monotonic() - start)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> "BackgroundFrontEnd":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,116 @@
+"""``RolloutWorker``: one engine (an ``EngineLoop``) inside a Ray actor.
+
+The class is plain Python; ``RolloutPool`` wraps it with ``ray.remote`` at creation time (so importing this
+module needs no running Ray) as an asyncio actor with a high ``max_concurrency``: every method only enqueues
+a command on the loop and awaits its future, so a call returns as soon as its own result exists and never
+holds up the others. ``num_gpus=1`` when the engine runs on CUDA (Ray sets ``CUDA_VISIBLE_DEVICES``, so the
+engine inside uses ``"cuda"``), else CPU only.
+
+Errors leave the actor as ``WorkerError`` (picklable: code and message as its args); the pool turns them
+back into ``RolloutError``. A trajectory carries ``metrics["worker"]`` = the index of the worker that made it.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from engine.config import EngineConfig
+from engine.sampling import SamplingParams
+from rollout.backend import ErrorCode, RolloutError
+from rollout.engine_loop import EngineLoop
+from rollout.trajectory import Trajectory
+
+
+class WorkerError(Exception):
+    """A ``RolloutError`` on its way out of an actor (``RolloutError`` itself does not survive pickling)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def to_rollout_error(self) -> RolloutError:
+        return RolloutError(ErrorCode(self.code), self.message)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where the current weights came from, so a restarted worker can load them again: a registered
+    loader by name (e.g. a safetensors path) or the object refs of an in-memory update."""
+    version: int
+    loader: Optional[str] = None                           # weight_sync registry name
+    loader_kwargs: dict[str, Any] = field(default_factory=dict)
+    refs: Optional[list] = None                            # put_state_dict's refs (manifest first)
+
+    def make_loader(self) -> Any:
+        from weight_sync import RayObjectLoader, get_loader
+        if self.refs is not None:
+            return RayObjectLoader(self.refs)
+        return get_loader(self.loader, **self.loader_kwargs)
+
+
+class RolloutWorker:
+    def __init__(self, engine_config: EngineConfig, worker_index: int, env_threads: int = 4) -> None:
+        self.index = worker_index
+        self.loop = EngineLoop(engine_config, env_threads=env_threads)
+
+    async def _await(self, fut) -> Any:
+        try:
+            return await asyncio.wrap_future(fut)
+        except RolloutError as e:
+            raise WorkerError(e.code.value, e.message) from None
+
+    def _stamp(self, traj: Trajectory) -> Trajectory:
+        traj.metrics["worker"] = self.index
+        return traj
+
+    async def ready(self) -> dict[str, Any]:
+        import ray
+        return {"worker": self.index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "version": self.loop.engine.weight_version}
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: Optional[str] = None) -> list[Trajectory]:
+        return [self._stamp(t) for t in await self._await(self.loop.generate(prompt_ids, params, request_id))]
+
+    async def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None) -> str:
+        return await self._await(self.loop.open_session(session_id, ttl_s))
+
+    async def step_session(self, session_id: str, new_token_ids: list[int], params: SamplingParams,
+                           request_id: Optional[str] = None) -> Trajectory:
+        return self._stamp(await self._await(self.loop.step_session(session_id, new_token_ids, params, request_id)))
+
+    async def close_session(self, session_id: str) -> Trajectory:
+        return self._stamp(await self._await(self.loop.close_session(session_id)))
+
+    async def run_episode(self, env: str, env_kwargs: dict[str, Any], params: SamplingParams,
+                          max_turns: int) -> Trajectory:
+        return self._stamp(await self._await(self.loop.run_episode(env, env_kwargs, params, max_turns)))
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._await(self.loop.abort(request_id))
+
+    async def update_weights(self, source: WeightSource, mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
+        """Apply ``source`` at ``source.version``; the loader is built on the engine thread."""
+        return await self._await(self.loop.update_weights(source.make_loader, source.version, mode, kv))
+
+    async def load_state(self, source: Optional[WeightSource]) -> dict[str, Any]:
+        """Restart hook: bring a fresh worker to the pool's current weights (no requests are in flight yet)."""
+        if source is None or source.version <= self.loop.engine.weight_version:
+            return await self.ready()
+        await self.update_weights(source, mode="abort", kv="recompute")
+        return await self.ready()
+
+    async def load(self) -> dict[str, Any]:
+        """Routing snapshot, answered without going through the engine thread."""
+        return dict(self.loop.load_snapshot)
+
+    async def stats(self) -> dict[str, Any]:
+        s = await self._await(self.loop.stats())
+        s["worker"] = self.index
+        return s
+
+    async def shutdown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.loop.shutdown)
