@@ -118,6 +118,34 @@ def test_200_sessions_x3_equal_single_engine_and_stay_on_their_worker(pool, orac
     print(f"200 sessions x 3 turns through the pool: {elapsed:.2f} s")
 
 
+def test_200_sessions_x3_through_zeromq_equal_single_engine(pool, oracle_a):
+    """The same workload through the ZeroMQ front end (over this pool) and the asyncio client."""
+    from rollout.client import AsyncRolloutClient
+    from rollout.server import BackgroundFrontEnd
+
+    n = 200
+    before = worker_counters(run(pool.stats()))
+    with BackgroundFrontEnd(lambda: pool, "tcp://127.0.0.1:*") as fe:
+        async def all_sessions():
+            async with AsyncRolloutClient(fe.address, timeout_s=120) as client:
+                async def session(i):
+                    sid = await client.open_session()
+                    turns = [await client.step_session(sid, obs, GREEDY) for obs in observations(i)]
+                    return turns, await client.close_session(sid)
+                return await asyncio.gather(*(session(i) for i in range(n)))
+        results = run(all_sessions(), timeout=240)
+    expected_turns, expected_wholes = oracle_sessions(oracle_a, n)
+    for i, (turns, whole) in enumerate(results):
+        assert [t.token_ids for t in turns] == [c.token_ids for c in expected_turns[i]], i
+        assert whole.prompt_ids + whole.token_ids == expected_wholes[i]
+        assert len(whole.logprobs) == len(whole.versions) == len(whole.loss_mask) == len(whole.token_ids)
+        assert sum(whole.loss_mask) == 12 and whole.turns == 3
+    after = worker_counters(run(pool.stats()))
+    for w in after:
+        opened = after[w][2] - before[w][2]
+        assert after[w][0] - before[w][0] == after[w][1] - before[w][1] == 2 * opened
+
+
 def test_grpo_n_and_completion_order(pool, oracle_a):
     params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=5)
     group = run(pool.generate([3, 4, 5, 6], params))
