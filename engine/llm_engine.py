@@ -85,7 +85,10 @@ class LLMEngine:
             default_session_ttl_s=float(config.session_ttl_s), preemption=config.preemption,
             retain_sessions=config.retain_sessions))
         self.runner = ModelRunner(self.model, mc, self.kv_caches, self.backend, config.block_size,
-                                  self.device, Sampler(config.seed), host_cache)
+                                  self.device, Sampler(config.seed), host_cache,
+                                  enable_cuda_graphs=config.enable_cuda_graphs,
+                                  cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                  max_model_len=self.max_model_len)
         self._params: dict[str, SamplingParams] = {}
         self._logprobs: dict[int, list[float]] = {}
         self._versions: dict[int, list[int]] = {}

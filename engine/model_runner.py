@@ -2,19 +2,27 @@
 
 Owns the model, the KV tensors, the attention backend and the sampler; knows nothing of requests
 beyond the per-row sampling settings the engine hands it.
+
+Per step on the GPU: the inputs are built with numpy in one pinned buffer and sent with one H2D copy
+(``engine.step_inputs``); a step whose every item is a 1-token decode that samples replays a CUDA graph
+(``engine.cuda_graphs``) when one holds the batch, anything else runs eagerly; logits are computed for the
+sampled rows only; an all-greedy batch is sampled with argmax + logsumexp and read back with one host sync.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from engine.attention import AttentionBackend, build_metadata
+from engine.attention import AttentionBackend
 from engine.kv_offload import HostKVCache
 from engine.model_config import ModelConfig
 from engine.sampling import Sampler, SamplingRow
+from engine.step_inputs import StepInputs
 from scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,15 +36,48 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], backend: AttentionBackend,
                  block_size: int, device: torch.device, sampler: Sampler,
-                 host_cache: HostKVCache | None = None) -> None:
+                 host_cache: HostKVCache | None = None, *,
+                 enable_cuda_graphs: bool = True, cuda_graph_max_batch: int = 256,
+                 max_model_len: int | None = None) -> None:
+        """enable_cuda_graphs: capture decode graphs now (CUDA + the Triton backend only);
+        cuda_graph_max_batch: the largest captured batch (the largest size of 1, 2, 4 .. 256 up to it);
+        max_model_len: the longest sequence a graph must hold (block-table width), default the model's
+        max_position_embeddings."""
         self.model = model
         self.model_config = model_config
         self.kv_caches = kv_caches
         self.backend = backend
         self.block_size = block_size
-        self.device = device
+        self.device = torch.device(device)
         self.sampler = sampler
         self.host_cache = host_cache
+        self.inputs = StepInputs(block_size, self.device)
+        self.graphs = None
+        # Replay captured graphs when set (tests and benchmarks flip it to compare with eager).
+        self.use_cuda_graphs = True
+        self.step_counts = {"graph": 0, "eager": 0}  # steps by path (benchmarks read it)
+        if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
+            self.capture_cuda_graphs(cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings)
+
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        from engine.attention.triton_backend import TritonBackend
+        from engine.cuda_graphs import DecodeGraphs, decode_splits
+        from engine.kernels.attention import _num_sms
+
+        sms = _num_sms(self.device.index if self.device.index is not None else torch.cuda.current_device())
+        hkv = self.model_config.num_kv_heads
+        self.graphs = None  # release the old pool first
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, lambda bs: TritonBackend(decode_num_splits=decode_splits(bs, hkv, sms)),
+                self.block_size, -(-max_model_len // self.block_size), max_batch, self.device)
+
+    def _graph_batch(self, items) -> int | None:
+        if self.graphs is None or not self.use_cuda_graphs:
+            return None
+        if not all(it.num_tokens == 1 and it.sample for it in items):
+            return None
+        return self.graphs.padded_batch(len(items))
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampledToken]:
@@ -48,26 +89,38 @@ class ModelRunner:
         items = output.scheduled
         if not items:
             return {}
-        query_lens = [it.num_tokens for it in items]
-        seq_lens = [it.seq_len for it in items]
-        meta = build_metadata(query_lens, seq_lens, [it.block_ids for it in items], self.block_size, self.device)
-        # input_ids, positions: [num_tokens], flat in scheduled order
-        input_ids = torch.from_numpy(np.fromiter(
-            (t for it in items for t in it.token_ids), dtype=np.int64, count=output.num_batched_tokens)).to(self.device)
-        positions = torch.from_numpy(np.concatenate(
-            [np.arange(it.start_pos, it.seq_len, dtype=np.int64) for it in items])).to(self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)  # [T, hidden]
-        sample_items = [(i, it) for i, it in enumerate(items) if it.sample]
-        if not sample_items:
-            return {}
-        # The last token of each sampling item: query_start_loc[i + 1] - 1.
-        ends = np.cumsum(query_lens)
-        last_rows = torch.as_tensor([int(ends[i]) - 1 for i, _ in sample_items], device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows])  # [R, vocab] float32
-        sampled = self.sampler(logits, [rows[it.seq_id] for _, it in sample_items])
-        tops = sampled.top_logprobs
+        batch = self._graph_batch(items)
+        if batch is not None:
+            self.inputs.prepare_graph_decode(items, self.graphs.inputs, batch)
+            hidden = self.graphs.replay(batch)[:len(items)]   # [n, hidden]: every item samples
+            sample_items = list(range(len(items)))
+            self.step_counts["graph"] += 1
+        else:
+            self.step_counts["eager"] += 1
+            step = self.inputs.prepare(items, output.num_batched_tokens)
+            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)  # [T, hidden]
+            sample_items = step.sample_items
+            if not sample_items:
+                return {}
+            hidden = hidden[step.sample_rows]  # the last token of each sampling item
+        logits = self.model.compute_logits(hidden)  # [R, vocab] float32
+        sample_rows = [rows[items[i].seq_id] for i in sample_items]
+        token_ids, logprobs, tops = self._sample(logits, sample_rows)
         return {
-            it.seq_id: SampledToken(sampled.token_ids[r], sampled.logprobs[r],
-                                    tops[r] if tops is not None and rows[it.seq_id].num_logprobs is not None else None)
-            for r, (_, it) in enumerate(sample_items)
+            items[i].seq_id: SampledToken(token_ids[r], logprobs[r],
+                                          tops[r] if tops is not None and sample_rows[r].num_logprobs is not None
+                                          else None)
+            for r, i in enumerate(sample_items)
         }
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]):
+        """-> (token ids, logprobs, top logprobs or None). All-greedy rows without top logprobs: argmax and
+        logsumexp on the device, one host sync; the same ops as ``Sampler`` at T = 1, so the same values."""
+        if all(r.is_greedy and r.num_logprobs is None for r in rows):
+            tokens = logits.argmax(dim=-1)                                         # [R]
+            lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            # one D2H read: ids < 2**24 are exact in float64 as are fp32 logprobs
+            both = torch.stack((tokens.to(torch.float64), lp.to(torch.float64))).tolist()
+            return [int(t) for t in both[0]], both[1], None
+        out = self.sampler(logits, rows)
+        return out.token_ids, out.logprobs, out.top_logprobs

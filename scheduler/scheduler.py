@@ -268,11 +268,13 @@ class Scheduler:
                 break
             if seq.seq_id not in self.running:   # preempted earlier in this step (recompute baseline)
                 continue
+            num_scheduled = len(scheduled)
             item = self._schedule_chunk(seq, budget, scheduled)
             if item is not None:
                 scheduled.append(item)
                 budget -= item.num_tokens
-            budget = self.config.max_num_batched_tokens - sum(it.num_tokens for it in scheduled)
+            if len(scheduled) != num_scheduled + (item is not None):   # a preemption removed items
+                budget = self.config.max_num_batched_tokens - sum(it.num_tokens for it in scheduled)
         if self.admission_paused:      # draining for a weight update: finish what runs
             return self._output(scheduled)
         # Admissions in class order; a head that does not fit blocks those behind it, so large

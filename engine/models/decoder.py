@@ -10,6 +10,12 @@ Parameters are stored fused so each layer runs two GEMMs where Hugging Face runs
 Numerics follow transformers so fp32 outputs agree to ~1e-5: RMSNorm in float32 then cast back before the
 weight multiply, rotary cos/sin computed in float32 and cast to the activation dtype, attention math in float32
 inside the backend, logits returned in float32.
+
+Two execution paths, chosen per forward by ``CausalLM.use_fused_ops``:
+  - torch ops (CPU, the oracle): each layer returns ``residual + branch`` as transformers does;
+  - fused Triton ops (CUDA by default): the layer loop carries the residual stream separately, as vLLM does,
+    so each RMSNorm also does the residual add (``hidden, residual = norm(hidden, residual)``); SiLU-and-mul
+    is one kernel and rotary is applied in place on the fused qkv output. Same roundings, fewer passes.
 """
 from __future__ import annotations
 
@@ -21,6 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+
+_KERNELS: object = None  # engine.kernels once imported; False when triton is unavailable
+
+
+def fused_kernels():
+    """engine.kernels (imports triton) or None when it cannot be imported; imported once."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from engine import kernels
+            _KERNELS = kernels
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS or None
 
 if TYPE_CHECKING:
     from engine.model_config import ModelConfig
@@ -177,6 +197,37 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return residual + self.down_proj(F.silu(gate) * up)
 
+    def forward_fused(
+        self,
+        hidden: torch.Tensor,              # [T, hidden]: the previous layer's MLP output (or the embeddings)
+        residual: Optional[torch.Tensor],  # [T, hidden]: the residual stream before ``hidden`` is added; None first
+        cos: torch.Tensor,                 # [T, D/2] in hidden's dtype
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        kernels,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same function as ``forward`` with the residual carried apart: returns (MLP output, residual
+        stream before it), whose sum is what ``forward`` returns (the next norm adds them)."""
+        T = hidden.shape[0]
+        eps = self.input_layernorm.eps
+        x, residual = kernels.rms_norm(hidden, self.input_layernorm.weight, eps, residual)
+        qkv = self.qkv_proj(x)                                                 # [T, q + 2 kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)       # views into qkv: row stride q + 2 kv
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]   # new contiguous tensors
+            k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
+        kernels.apply_rotary_(q, k, cos, sin)                                  # in place
+        attn = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
+        hidden = self.o_proj(attn.reshape(T, self.q_size))
+        x, residual = kernels.rms_norm(hidden, self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.eps, residual)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))), residual
+
 
 class CausalLM(nn.Module):
     """Parameter names (what ``engine.weights`` targets)::
@@ -199,6 +250,17 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_rope_cache()
+        # None: fused Triton ops on CUDA when triton imports, torch ops elsewhere; True / False forces
+        # (True on CPU runs the kernels under TRITON_INTERPRET=1: tests only).
+        self.use_fused_ops: Optional[bool] = None
+
+    def _kernels_for(self, device: torch.device):
+        if self.use_fused_ops is False or (self.use_fused_ops is None and device.type != "cuda"):
+            return None
+        kernels = fused_kernels()
+        if kernels is None and self.use_fused_ops:
+            raise RuntimeError("use_fused_ops=True but engine.kernels (triton) cannot be imported")
+        return kernels
 
     def tie_weights(self) -> None:
         """Make lm_head use embed_tokens' Parameter when tied (one tensor, two names).
@@ -228,6 +290,12 @@ class CausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(hidden.dtype)  # [T, D/2]
         sin = self.rope_sin[positions].to(hidden.dtype)
+        kernels = self._kernels_for(hidden.device)
+        if kernels is not None:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer.forward_fused(hidden, residual, cos, sin, kv_cache, meta, backend, kernels)
+            return kernels.rms_norm(hidden, self.norm.weight, self.norm.eps, residual)[0]
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden = layer(hidden, cos, sin, kv_cache, meta, backend)
         return self.norm(hidden)
