@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionBackend
+from engine.attention import AttentionBackend, build_metadata
 from engine.kv_offload import HostKVCache
 from engine.model_config import ModelConfig
 from engine.sampling import Sampler, SamplingRow
@@ -58,6 +58,25 @@ class ModelRunner:
         self.step_counts = {"graph": 0, "eager": 0}  # steps by path (benchmarks read it)
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
             self.capture_cuda_graphs(cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings)
+        if self.device.type == "cuda":
+            self._warm_up_eager()
+
+    @torch.inference_mode()
+    def _warm_up_eager(self) -> None:
+        """JIT-compile the eager path's kernels (prefill chunks, mixed batches, eager decode) now, at
+        load, instead of inside the first requests' steps. It writes KV into the first few blocks,
+        which no sequence holds yet."""
+        num_blocks = self.kv_caches[0][0].shape[0]
+        for query_lens, seq_lens in (([20, 1], [20, 21]), ([1, 1], [5, 40])):
+            tables = [[b % num_blocks for b in range(-(-s // self.block_size))] for s in seq_lens]
+            meta = build_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
+            n = sum(query_lens)
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            pos = torch.cat([torch.arange(s - q, s) for q, s in zip(query_lens, seq_lens)]).to(self.device)
+            hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
+            self.model.compute_logits(hidden[-1:])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         from engine.attention.triton_backend import TritonBackend

@@ -65,7 +65,9 @@ def _online_softmax_step(q, k_cache_ptr, v_cache_ptr, tok_off, d, kv_mask_t, kv_
 
 
 # ------------------------------------------------------------------------------------------------ decode
-@triton.jit
+# NOTE: the block-table width (stride_bt) and the split count change from step to step in eager mode;
+# without do_not_specialize every new divisibility class of them recompiles the kernel mid-run.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
@@ -121,7 +123,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + row, lse, mask=h < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -223,7 +225,7 @@ def paged_decode_attention(
 
 
 # ------------------------------------------------------------------------------------------------ extend
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
