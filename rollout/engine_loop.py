@@ -48,6 +48,8 @@ from scheduler.scheduler import SessionError
 logger = logging.getLogger(__name__)
 
 _STOP = object()   # sentinel command: leave the loop
+TTL_POLL_S = 0.5   # how often an idle loop holding sessions runs an empty step to expire idle ones
+DEFAULT_ENV_TIMEOUT_S = 600.0   # one environment reset/step call; past it the episode fails (ABORTED)
 
 
 def error_from_exception(exc: BaseException) -> RolloutError:
@@ -122,12 +124,17 @@ class LoopCounters:
 
 
 class EngineLoop:
-    def __init__(self, engine_config: EngineConfig, *, env_threads: int = 4) -> None:
+    def __init__(self, engine_config: EngineConfig, *, env_threads: int = 4,
+                 env_timeout_s: Optional[float] = DEFAULT_ENV_TIMEOUT_S) -> None:
         self.engine = LLMEngine(engine_config)
+        # Read when each environment call starts. NOTE: a call past it fails its episode, but Python cannot
+        # stop the thread: a hung environment keeps one of the env_threads until it returns.
+        self.env_timeout_s = env_timeout_s
         self.counters = LoopCounters()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}
         self._sessions: dict[str, _SessionRecord] = {}
+        self._expired_seen = 0                 # scheduler.stats.expired_sessions already pruned from _sessions
         self._ids = itertools.count()
         self._closing = False
         self._submit_lock = threading.Lock()   # no command is queued after the stop sentinel
@@ -284,8 +291,15 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             # Block only when the engine has nothing to do; otherwise take what is queued and step.
+            # NOTE: session TTLs expire inside ``schedule()``; an idle engine holding sessions wakes every
+            # TTL_POLL_S for an empty step, or a vanished client's session would hold its KV until the
+            # next request arrives.
+            busy = self.engine.has_unfinished()
             try:
-                cmd = self._commands.get(block=not self.engine.has_unfinished())
+                if busy:
+                    cmd = self._commands.get_nowait()
+                else:
+                    cmd = self._commands.get(timeout=TTL_POLL_S if self.engine.scheduler.sessions else None)
             except queue.Empty:
                 cmd = None
             while cmd is not None:
@@ -297,13 +311,24 @@ class EngineLoop:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
-            if self.engine.has_unfinished():
+            if self.engine.has_unfinished() or self.engine.scheduler.sessions:
                 try:
-                    self._dispatch(self.engine.step())
+                    self._dispatch(self.engine.step())   # idle with sessions: an empty step (TTL expiry only)
                 except Exception as e:  # noqa: BLE001 - the loop must survive to fail and serve requests
                     logger.exception("engine step failed")
                     self._recover(RolloutError(ErrorCode.INTERNAL, f"engine step failed: {type(e).__name__}: {e}"))
+                self._forget_expired_sessions()
             self._snapshot_load()
+
+    def _forget_expired_sessions(self) -> None:
+        """Drop our trajectory record of sessions the scheduler expired (TTL): a client that vanished never
+        closes them, and the records would pile up for the life of the worker."""
+        expired = self.engine.scheduler.stats.expired_sessions
+        if expired != self._expired_seen:
+            self._expired_seen = expired
+            live = self.engine.scheduler.sessions
+            for sid in [sid for sid in self._sessions if sid not in live]:
+                del self._sessions[sid]
 
     def _snapshot_load(self) -> None:
         sched = self.engine.scheduler
@@ -403,14 +428,25 @@ class _Episode:
         self.truncated = False
 
     def start(self) -> None:
-        self._on_env(self._reset)
+        self._on_env(self._reset, env_call="reset")
 
     # ---------------------------------------------------------------- env side (thread pool)
-    def _on_env(self, fn: Callable[..., None], *args: Any) -> None:
+    def _on_env(self, fn: Callable[..., None], *args: Any, env_call: str = "") -> None:
+        """Run ``fn`` on the env pool; ``env_call`` names the environment method it calls (reset/step),
+        which then gets ``env_timeout_s``: past it the episode fails with ABORTED (never hangs)."""
         try:
-            self.loop._env_pool.submit(self._guard, fn, *args)
+            work = self.loop._env_pool.submit(self._guard, fn, *args)
         except RuntimeError:   # pool shut down
             self._fail(RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shut down"))
+            return
+        timeout = self.loop.env_timeout_s
+        if env_call and timeout is not None:
+            timer = threading.Timer(timeout, self._fail, (RolloutError(
+                ErrorCode.ABORTED, f"environment {self.env_name!r}: {env_call} did not return within "
+                                   f"{timeout} s (env_timeout_s); the episode is abandoned"),))
+            timer.daemon = True
+            timer.start()
+            work.add_done_callback(lambda _: timer.cancel())
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -428,7 +464,7 @@ class _Episode:
         t0 = time.perf_counter()
         obs = list(self.env.reset())
         self.env_seconds += time.perf_counter() - t0
-        if self.outer.cancelled():
+        if self.outer.done():   # cancelled, or failed (timed out) while reset ran
             return
         self._chain(self.loop.open_session(self.session_id), lambda _sid: self._opened(obs))
 
@@ -437,11 +473,12 @@ class _Episode:
         self._turn(obs)
 
     def _turn(self, obs: list[int]) -> None:
-        if self.outer.cancelled():
-            self._close()
+        if self.outer.done():   # cancelled (session still open), or failed (_fail closed it already)
+            if self.opened:
+                self._close()
             return
         self._chain(self.loop.step_session(self.session_id, obs, self.params), self._on_turn,
-                    on_error=self._turn_failed)
+                    on_error=self._turn_failed, env_call="step")
 
     def _turn_failed(self, error: RolloutError) -> bool:
         """A later turn that no longer fits the context ends the episode as truncated (finish_reason
@@ -457,6 +494,8 @@ class _Episode:
         t0 = time.perf_counter()
         obs, reward, done = self.env.step(list(turn.token_ids))
         self.env_seconds += time.perf_counter() - t0
+        if self.outer.done():   # failed (timed out) while step ran: _fail closed the session
+            return
         self.reward += float(reward)
         if done or self.turns >= self.max_turns or turn.finish_reason == "aborted":
             self._close()
@@ -476,7 +515,7 @@ class _Episode:
 
     # ---------------------------------------------------------------- plumbing
     def _chain(self, fut: Future, then: Callable[[Any], None],
-               on_error: Optional[Callable[[RolloutError], bool]] = None) -> None:
+               on_error: Optional[Callable[[RolloutError], bool]] = None, env_call: str = "") -> None:
         """When ``fut`` resolves, run ``then(result)`` on the env pool; an error fails the episode unless
         ``on_error`` handles it (returns True)."""
         def done(f: Future) -> None:
@@ -487,7 +526,7 @@ class _Episode:
                 if on_error is None or not on_error(error):
                     self._fail(error)
             else:
-                self._on_env(then, f.result())
+                self._on_env(then, f.result(), env_call=env_call)
         fut.add_done_callback(done)
 
     def _fail(self, error: BaseException) -> None:

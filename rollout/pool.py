@@ -46,6 +46,7 @@ from rollout.worker import RolloutWorker, WeightSource, WorkerError
 logger = logging.getLogger(__name__)
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+SESSION_EXPIRY_GRACE_S = 5.0   # past a session's TTL, before the pool forgets it (its worker expired it by then)
 
 
 def to_rollout_error(exc: BaseException, worker: Optional[int] = None) -> RolloutError:
@@ -141,6 +142,10 @@ class RolloutPool:
         self._load_refresh_s = load_refresh_s
         self._slots: list[_Slot] = []
         self._affinity: dict[str, _Slot] = {}          # session id -> its worker
+        # session id -> (ttl_s, idle since: monotonic time its last turn ended, None while a turn runs). A session
+        # idle past its TTL (+ grace) has been expired by its worker: forget it here too (a vanished client never
+        # closes it, and its affinity entry would count as load forever).
+        self._session_ttl: dict[str, tuple[float, Optional[float]]] = {}
         self._requests: dict[str, _Slot] = {}          # request id in flight -> its worker
         self._ids = itertools.count()
         self._version = 0
@@ -199,12 +204,22 @@ class RolloutPool:
         """Free-KV snapshots for routing: one tiny call per worker per period, not one per request."""
         while not self._closing:
             await asyncio.sleep(self._load_refresh_s)
+            self._forget_expired_sessions()
             for s in self._slots:
                 if s.ready.is_set() and not s.actor.death.done():
                     try:
                         s.load = await asyncio.wait_for(s.actor.handle.load.remote(), 5.0)
                     except Exception:  # noqa: BLE001 - a dead worker is found by the calls themselves
                         pass
+
+    def _forget_expired_sessions(self) -> None:
+        now = time.monotonic()
+        for sid, (ttl, idle_since) in list(self._session_ttl.items()):
+            if idle_since is not None and now - idle_since > ttl + SESSION_EXPIRY_GRACE_S:
+                slot = self._affinity.get(sid)
+                if slot is not None:
+                    self._forget_session(sid, slot)
+                self._session_ttl.pop(sid, None)
 
     async def _call(self, slot: _Slot, method: str, *args: Any) -> Any:
         """Call a worker method; its result, or RolloutError — WORKER_DIED as soon as the worker is found dead."""
@@ -253,6 +268,7 @@ class RolloutPool:
         slot.ready.clear()
         for sid in [sid for sid, s in self._affinity.items() if s is slot]:
             del self._affinity[sid]
+            self._session_ttl.pop(sid, None)
         slot.open_sessions = 0
         self._loop.create_task(self._restart(slot, actor))
 
@@ -336,6 +352,8 @@ class RolloutPool:
                 slot.open_sessions -= 1
             raise
         slot.sessions_opened += 1
+        ttl = self.engine_config.session_ttl_s if ttl_s is None else float(ttl_s)
+        self._session_ttl[sid] = (ttl, time.monotonic())
         return sid
 
     def _session_slot(self, session_id: str) -> _Slot:
@@ -349,6 +367,7 @@ class RolloutPool:
         if self._affinity.get(session_id) is slot:
             del self._affinity[session_id]
             slot.open_sessions -= 1
+            self._session_ttl.pop(session_id, None)
 
     async def step_session(self, session_id: str, new_token_ids: list[int], params: SamplingParams, *,
                            request_id: Optional[str] = None) -> Trajectory:
@@ -361,6 +380,9 @@ class RolloutPool:
         rid = self._request_id(request_id)
         self._requests[rid] = slot
         slot.turns_routed += 1
+        ttl = self._session_ttl.get(session_id)
+        if ttl is not None:
+            self._session_ttl[session_id] = (ttl[0], None)          # running: never expired meanwhile
         try:
             return await self._call(slot, "step_session", session_id, new_token_ids, params, rid)
         except RolloutError as e:
@@ -369,6 +391,8 @@ class RolloutPool:
             raise
         finally:
             self._requests.pop(rid, None)
+            if ttl is not None and session_id in self._session_ttl:
+                self._session_ttl[session_id] = (ttl[0], time.monotonic())
 
     async def close_session(self, session_id: str) -> Trajectory:
         return await self._hop(self._close_session(session_id))

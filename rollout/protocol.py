@@ -382,10 +382,16 @@ def unpack(body: bytes, limits: ProtocolLimits) -> Any:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
                                max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
-                               max_ext_len=0)
+                               max_ext_len=0, ext_hook=_refuse_ext)
     except Exception as e:   # ExtraData, FormatError, StackError, UnicodeDecodeError, ValueError, ...
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"message is not one valid msgpack value "
                                                    f"({type(e).__name__}: {_short(str(e))})") from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    # NOTE: max_ext_len=0 stops every ext with a payload, but a zero-length ext (e.g. ExtType(0, b"")) fits it;
+    # without this hook it would decode to an ExtType object and reach the field parsers.
+    raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
 def pack(obj: Any) -> bytes:
