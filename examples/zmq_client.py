@@ -41,7 +41,7 @@ async def sample_episodes(address: str, question: str, params: SamplingParams, s
     """Several server-side episodes at once over one connection (they share the engine's batches)."""
     async with AsyncRolloutClient(address, timeout_s=timeout_s) as client:
         return await asyncio.gather(*(
-            client.run_episode("calculator", {"question": question},
+            client.run_episode("calculator", {"question": question, "few_shot": True},
                                SamplingParams(max_tokens=params.max_tokens, temperature=0.7, seed=seed), max_turns=3)
             for seed in seeds))
 
@@ -71,7 +71,7 @@ def main() -> None:
 
         # 1. Server-side agent loop: the worker runs the calculator environment between turns. Greedy first,
         #    then a few sampled episodes at once; the longest (most tool use) is printed too.
-        episode = client.run_episode("calculator", {"question": args.question}, params, max_turns=3)
+        episode = client.run_episode("calculator", {"question": args.question, "few_shot": True}, params, max_turns=3)
         print_transcript(f"run_episode('calculator', question={args.question!r}, greedy)", episode, tok)
         sampled = asyncio.run(sample_episodes(args.address, args.question, params, list(range(args.episodes)),
                                               args.timeout))
