@@ -22,6 +22,7 @@ Writes ``<out>/metrics.json`` and ``<out>/ppo.png`` (reward and KL per step).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import random
@@ -44,13 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--questions", type=int, default=6, help="questions per step")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--questions", type=int, default=4, help="questions per step")
     p.add_argument("--group-size", type=int, default=4, help="episodes per question (GRPO group)")
     p.add_argument("--max-turns", type=int, default=3)
+    p.add_argument("--difficulty", default="easy", choices=["easy", "hard"])
     p.add_argument("--max-tokens", type=int, default=48, help="per model turn")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--minibatch", type=int, default=8)
     p.add_argument("--clip", type=float, default=0.2)
@@ -118,59 +120,59 @@ def main(argv=None) -> dict:
         # ---- 1. rollouts (server-side agent loop), consumed in completion order
         t0 = time.perf_counter()
         questions = [rng.randrange(1 << 30) for _ in range(args.questions)]
-        env_kwargs = [{"seed": q} for q in questions for _ in range(args.group_size)]
+        env_kwargs = [{"seed": q, "difficulty": args.difficulty, "few_shot": True}
+                      for q in questions for _ in range(args.group_size)]
         refs = pool.run_episodes_refs("calculator", env_kwargs, params, args.max_turns)
-        index = {ref: i for i, ref in enumerate(refs)}
         trajs = [None] * len(refs)
-        for ref in pool.as_completed(refs):
-            trajs[index[ref]] = ray.get(ref)
+        for i, traj in pool.as_completed(refs):
+            trajs[i] = traj
         rollout_s = time.perf_counter() - t0
         rewards = [t.reward or 0.0 for t in trajs]
         num_model_tokens = sum(t.num_model_tokens for t in trajs)
         env_tokens = sum(len(t.loss_mask) - t.num_model_tokens for t in trajs)
         staleness = max((version - v for t in trajs for v, m in zip(t.versions, t.loss_mask) if m), default=0)
 
-        # ---- 2. advantages, 3. PPO epochs
+        # ---- 2. advantages, 3. PPO epochs: one optimizer step per epoch (gradients accumulated over
+        # microbatches), so every ratio of the first epoch is measured before any update of this step
         advantages = group_advantages(rewards, args.group_size)
-        order = list(range(len(trajs)))
         policy.train()
         stats = {"policy_loss": [], "kl": [], "clip_frac": [], "ratio_dev": []}
         first_epoch_ratio_dev = []
         t1 = time.perf_counter()
+        num_tokens = max(1, num_model_tokens)
+        micro = [list(range(i, min(i + args.minibatch, len(trajs)))) for i in range(0, len(trajs), args.minibatch)]
+        batches = [make_batch([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id) for idx in micro]
+        batches = [type(b)(*(x.to(device) for x in vars(b).values())) for b in batches]
+        with torch.no_grad():
+            ref_lps = [token_logprobs(reference, b, args.temperature) for b in batches]
         for epoch in range(args.epochs):
-            rng.shuffle(order)
-            for mb in range(0, len(order), args.minibatch):
-                idx = order[mb:mb + args.minibatch]
-                batch = make_batch([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id)
-                batch = type(batch)(*(x.to(device) for x in vars(batch).values()))
-                with torch.no_grad():
-                    ref_lp = token_logprobs(reference, batch, args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            for batch, ref_lp in zip(batches, ref_lps):
                 new_lp = token_logprobs(policy, batch, args.temperature)
                 res = ppo_loss(new_lp, batch, ref_lp, args.clip, args.kl_coef)
-                optimizer.zero_grad(set_to_none=True)
-                res.loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                if epoch == 0 and mb == 0:
-                    first_epoch_ratio_dev.append(res.ratio_abs_dev)   # before any update this step
-                optimizer.step()
-                stats["policy_loss"].append(res.policy_loss)
-                stats["kl"].append(res.kl)
-                stats["clip_frac"].append(res.clip_frac)
-                stats["ratio_dev"].append(res.ratio_abs_dev)
+                weight = batch.loss_mask.sum().item() / num_tokens     # token-mean over the whole step
+                (res.loss * weight).backward()
+                if epoch == 0:
+                    first_epoch_ratio_dev.append((res.ratio_abs_dev, weight))
+                for k, v in (("policy_loss", res.policy_loss), ("kl", res.kl), ("clip_frac", res.clip_frac),
+                             ("ratio_dev", res.ratio_abs_dev)):
+                    stats[k].append(v)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
         train_s = time.perf_counter() - t1
 
         # ---- 4. push the new weights to every engine (Ray object store, one version barrier)
         t2 = time.perf_counter()
         version += 1
         state = {n: p.detach().to("cpu") for n, p in policy.state_dict().items()}
-        pool.update_weights_from_state_dict(state, version=version)
+        asyncio.run(pool.update_weights_from_state_dict(state, version=version))
         sync_ms = (time.perf_counter() - t2) * 1000
 
         m = dict(step=step, version=version, reward_mean=sum(rewards) / len(rewards),
                  reward_max=max(rewards), kl=sum(stats["kl"]) / len(stats["kl"]),
                  policy_loss=sum(stats["policy_loss"]) / len(stats["policy_loss"]),
                  clip_frac=sum(stats["clip_frac"]) / len(stats["clip_frac"]),
-                 first_epoch_ratio_abs_dev=first_epoch_ratio_dev[0],
+                 first_epoch_ratio_abs_dev=sum(d * w for d, w in first_epoch_ratio_dev),
                  tool_calls=sum(1 for t in trajs if t.turns > 1), episodes=len(trajs),
                  model_tokens=num_model_tokens, env_tokens=env_tokens,
                  rollout_tok_s=num_model_tokens / rollout_s, rollout_s=rollout_s, train_s=train_s,
@@ -191,8 +193,7 @@ def main(argv=None) -> dict:
     plot(metrics, out / "ppo.png")
     print(f"\nmean reward: first 3 steps {first:.3f} -> last 3 steps {last:.3f} ({last - first:+.3f}); "
           f"weight version {version}; wrote {out / 'metrics.json'} and {out / 'ppo.png'}")
-    import asyncio
-    asyncio.run(pool.shutdown())
+    pool.close()
     ray.shutdown()
     return summary
 
