@@ -14,11 +14,8 @@ from engine.attention import (AttentionMetadata, TorchReferenceBackend, build_me
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def dense_causal(q, k, v, scale):

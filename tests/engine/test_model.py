@@ -17,12 +17,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention on a shared 2-core machine (60x slower there).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=TINY_ARCHS)
