@@ -1,6 +1,11 @@
 """Weight-update time vs bytes for each loader that runs on CPU, beside the raw transfer of the same bytes.
 
     python -m benchmarks.weight_sync [--repeats 3] [--bucket-mb 64] [--no-results]
+    python -m benchmarks.weight_sync --gpu [--tiny] [--shapes ...] [--gpu-bucket-mb 256,1024] [--out DIR]
+
+GPU mode (``--gpu``): see benchmarks/weight_sync_gpu.py (CUDA IPC on one GPU, NCCL across two, each beside the raw
+transfer of the same bytes; table printed, JSON + a markdown section written to --out, default $OUT or
+out/weight_sync_gpu). Without CUDA, ``--gpu --tiny`` runs its code paths on the CPU (gloo; IPC skipped).
 
 A synthetic Llama-shaped model (~245 MB fp32 by default) is written once as safetensors (W2) and applied onto a
 model holding W1 through: the state-dict loader (with full backup, and with backup_budget_bytes=0), the
@@ -158,12 +163,53 @@ def table(rows: list[tuple[str, int, float, float]]) -> str:
     return "\n".join(lines)
 
 
+def main_gpu(args) -> None:
+    import os
+
+    from benchmarks import weight_sync_gpu as wsg
+    from benchmarks.report import git_commit
+
+    if not torch.cuda.is_available():
+        if not args.tiny:
+            raise SystemExit("weight_sync --gpu: no CUDA device here. The GPU figures need one (one GPU for the IPC "
+                             "case, two for NCCL); `--gpu --tiny` runs the same code paths on the CPU instead.")
+        print("weight_sync --gpu --tiny: no CUDA here -> CPU fallback: tiny qwen2 config, gloo instead of NCCL, "
+              "IPC case skipped. These are code-path checks, not GPU figures.", flush=True)
+    shapes = [wsg.TINY] if args.tiny else [s for s in args.shapes.split(",") if s]
+    buckets = [int(b) for b in args.gpu_bucket_mb.split(",") if b]
+    demo = None if args.demo_shapes is None else [s for s in args.demo_shapes.split(",") if s]
+    out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "out" / "weight_sync_gpu")
+    commit = os.environ.get("WEIGHT_SYNC_COMMIT") or git_commit()  # the device machine's copy may lack .git
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = wsg.run(shapes, buckets, args.repeats or 5, args.tiny, demo,
+                          lambda r: wsg.save(r, out_dir, commit, stamp), Path(tmp), args.case_timeout,
+                          args.total_timeout)
+    md = wsg.save(results, out_dir, commit, stamp)
+    print(md.read_text())
+    print(f"wrote {md} and {out_dir / 'weight_sync_gpu.json'}")
+    if results.get("errors"):
+        raise SystemExit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 on CPU, 5 with --gpu)")
     parser.add_argument("--bucket-mb", type=int, default=64)
     parser.add_argument("--no-results", action="store_true", help="print only; do not append to RESULTS.md")
+    gpu = parser.add_argument_group("GPU mode")
+    gpu.add_argument("--gpu", action="store_true", help="CUDA IPC and NCCL cases (benchmarks/weight_sync_gpu.py)")
+    gpu.add_argument("--tiny", action="store_true", help="tiny model; without CUDA, a CPU run of the code paths")
+    gpu.add_argument("--shapes", default="qwen2.5-1.5b,llama-3.1-8b")
+    gpu.add_argument("--gpu-bucket-mb", default="256,1024", help="comma list; the first is the default size")
+    gpu.add_argument("--demo-shapes", default=None, help="shapes that run the keep-mode demo (default: all)")
+    gpu.add_argument("--case-timeout", type=float, default=600.0, help="seconds per case (IPC, NCCL)")
+    gpu.add_argument("--total-timeout", type=float, default=None, help="seconds for all cases together")
+    gpu.add_argument("--out", default=None, help="folder for weight_sync_gpu.{json,md} (default $OUT)")
     args = parser.parse_args()
+    if args.gpu or args.tiny:
+        return main_gpu(args)
+    args.repeats = args.repeats or 3
     torch.set_num_threads(1)
     rows = run(args.repeats, args.bucket_mb << 20)
     text = table(rows)
