@@ -381,7 +381,7 @@ class LLMEngine:
         return report
 
     def _abort_all(self) -> None:
-        for request_id in list(self.scheduler._requests):
+        for request_id in self.scheduler.unfinished_request_ids():
             self._unclaimed.extend(self.abort(request_id))
 
     # ------------------------------------------------------------------ stats

@@ -146,6 +146,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def unfinished_request_ids(self) -> list[str]:
+        """Ids of every request (or session turn) with an unfinished sample."""
+        return list(self._requests)
+
     def has_request(self, request_id: str) -> bool:
         """True while any sample of the request (or the turn) is unfinished."""
         return request_id in self._requests
