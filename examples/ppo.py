@@ -1,6 +1,6 @@
 """PPO (GRPO-style advantages) on SmolLM2-135M-Instruct with live weight sync and multi-turn tool rollouts.
 
-    python examples/ppo.py                      # CPU, the defaults below (about 10 minutes on 2 cores)
+    python examples/ppo.py                      # CPU, the defaults below (about 6 minutes on 2 cores)
     python examples/ppo.py --device cuda --questions 32 --group-size 8
 
 Each step:
