@@ -92,6 +92,7 @@ class LLMEngine:
         self._params: dict[str, SamplingParams] = {}
         self._logprobs: dict[int, list[float]] = {}
         self._versions: dict[int, list[int]] = {}
+        self._rows: dict[int, SamplingRow] = {}   # per sequence, for the current request/turn
         self._top_logprobs: dict[int, list[list[tuple[int, float]]]] = {}
         self._unclaimed: list[Completion] = []
         self._request_counter = itertools.count()
@@ -270,8 +271,15 @@ class LLMEngine:
         output = self.scheduler.schedule()
         if output.is_empty:
             return done
-        rows = {it.seq_id: SamplingRow.from_params(self._params[it.request_id], it.sample_index, it.num_output_tokens)
-                for it in output.scheduled if it.sample}
+        rows = {}
+        for it in output.scheduled:
+            if it.sample:
+                row = self._rows.get(it.seq_id)
+                if row is None or row.sample_index != it.sample_index:
+                    row = self._rows[it.seq_id] = SamplingRow.from_params(
+                        self._params[it.request_id], it.sample_index, it.num_output_tokens)
+                row.step = it.num_output_tokens     # the only per-step field (keys seeded draws)
+                rows[it.seq_id] = row
         results = self.runner.execute(output, rows)
         version = self.scheduler.weight_version
         for seq_id, res in results.items():
@@ -285,6 +293,7 @@ class LLMEngine:
     def _completion(self, f: FinishedSequence) -> Completion:
         logprobs = self._logprobs.pop(f.seq_id)
         versions = self._versions.pop(f.seq_id)
+        self._rows.pop(f.seq_id, None)   # a session's next turn may bring other params
         top = self._top_logprobs.pop(f.seq_id, None)
         if not self.scheduler.has_request(f.request_id):
             self._params.pop(f.request_id, None)  # its last sample is out (several may finish in one step)

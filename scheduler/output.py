@@ -15,10 +15,10 @@ class ScheduledSequence:
     block_ids: list[int]      # block table covering positions [0, start_pos + len(token_ids))
     sample: bool              # this chunk reaches the sequence's last token: sample the next token from it
     num_output_tokens: int    # tokens generated so far in this turn (the index of the token sampled now)
+    num_tokens: int = field(init=False)   # len(token_ids), read many times per step on the hot path
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_tokens", len(self.token_ids))
 
     @property
     def seq_len(self) -> int:

@@ -264,10 +264,11 @@ class Scheduler:
         self._expire_sessions(self.clock())
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
-        running = list(self.running.values())
+        decodes, chunks = [], []
+        for s in self.running.values():
+            (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else chunks).append(s)
         # Decodes first (1 token each), then continuing prefill chunks.
-        for seq in itertools.chain([s for s in running if s.num_tokens - s.num_computed_tokens == 1],
-                                   [s for s in running if s.num_tokens - s.num_computed_tokens > 1]):
+        for seq in itertools.chain(decodes, chunks):
             if budget == 0:
                 break
             if seq.seq_id not in self.running:   # preempted earlier in this step (recompute baseline)
@@ -463,7 +464,7 @@ class Scheduler:
             seq.num_prefill_tokens += item.num_tokens - num_outputs
             self.stats.prefill_tokens += item.num_tokens - num_outputs
             self.stats.decode_tokens += num_outputs
-            if self.pool.enable_prefix_caching:
+            if self.pool.enable_prefix_caching and seq.num_computed_tokens // self.block_size > len(seq.block_keys):
                 self._register_full_blocks(seq)
             if not item.sample:
                 continue
