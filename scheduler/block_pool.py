@@ -31,15 +31,16 @@ NO_PARENT = 0
 
 def block_keys(
     token_ids: Sequence[int], block_size: int, weight_version: int, start_block: int = 0,
-    parent_keys: Sequence[BlockKey] = (),
+    parent_keys: Sequence[BlockKey] = (), num_tokens: Optional[int] = None,
 ) -> list[BlockKey]:
-    """Chained keys of the full blocks of ``token_ids`` from ``start_block`` on.
+    """Chained keys of the full blocks of ``token_ids[:num_tokens]`` (all of it by default) from
+    ``start_block`` on. ``num_tokens`` spares callers a copy of a long prefix.
 
     ``parent_keys`` are the keys already computed for blocks [0, start_block) (only the last is read).
     """
     keys: list[BlockKey] = []
     parent = hash(parent_keys[start_block - 1]) if start_block > 0 else NO_PARENT
-    num_full = len(token_ids) // block_size
+    num_full = (len(token_ids) if num_tokens is None else num_tokens) // block_size
     for i in range(start_block, num_full):
         key = (parent, tuple(token_ids[i * block_size:(i + 1) * block_size]), weight_version)
         keys.append(key)

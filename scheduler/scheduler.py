@@ -39,6 +39,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 _ADMITTED, _DEFERRED, _BLOCKED = "admitted", "deferred", "blocked"
+EXPIRY_SCAN_S = 0.1   # how often idle sessions are checked against their TTL
 
 
 class SessionError(ValueError):
@@ -87,6 +88,7 @@ class Scheduler:
         self._recompute = config.preemption == "recompute"
         self._inflight: dict = {}   # block key -> running sequences about to compute it
         self.admission_paused = False
+        self._next_expiry_scan = float("-inf")
 
     # ------------------------------------------------------------------ sizing
     def blocks_needed(self, num_context_tokens: int, max_tokens: int) -> int:
@@ -252,6 +254,11 @@ class Scheduler:
         self._closed_sessions.append(seq.session_id)
 
     def _expire_sessions(self, now: float) -> None:
+        # A scan of every parked session is O(sessions): do it at most every EXPIRY_SCAN_S, not
+        # every step (TTLs are seconds to minutes).
+        if now < self._next_expiry_scan:
+            return
+        self._next_expiry_scan = now + EXPIRY_SCAN_S
         for seq in list(self.kv.parked.values()):
             if seq.status is SequenceStatus.AWAITING_INPUT and now - seq.last_active > seq.ttl_s:
                 self._release_session(seq)
@@ -280,8 +287,8 @@ class Scheduler:
                 budget -= item.num_tokens
             if len(scheduled) != num_scheduled + (item is not None):   # a preemption removed items
                 budget = self.config.max_num_batched_tokens - sum(it.num_tokens for it in scheduled)
-        if self.admission_paused:      # draining for a weight update: finish what runs
-            return self._output(scheduled)
+        if self.admission_paused or budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            return self._output(scheduled)   # draining for a weight update, or no room: skip the sort
         # Admissions in class order; a head that does not fit blocks those behind it, so large
         # turns are not starved by a stream of small ones.
         # A candidate whose next prompt block is being computed by a running sequence (a GRPO
@@ -333,8 +340,8 @@ class Scheduler:
             stamp = (seq.num_tokens, self.weight_version)
             if seq.context_keys is None or seq.context_keys[0] != stamp:
                 num_cacheable = (seq.num_tokens - 1) // self.block_size * self.block_size
-                seq.context_keys = (stamp, block_keys(seq.token_ids[:num_cacheable], self.block_size,
-                                                      self.weight_version))
+                seq.context_keys = (stamp, block_keys(seq.token_ids, self.block_size, self.weight_version,
+                                                      num_tokens=num_cacheable))
             keys = seq.context_keys[1]
         hits = self.pool.match_prefix(keys)
         return hits, keys[:len(hits)], keys[len(hits)] if len(keys) > len(hits) else None
@@ -385,8 +392,8 @@ class Scheduler:
     def _track_inflight(self, seq: Sequence) -> None:
         """Remember the keys of the full context blocks ``seq`` is about to compute."""
         num_full = seq.num_tokens // self.block_size
-        seq.inflight_keys = deque(block_keys(seq.token_ids[:num_full * self.block_size], self.block_size,
-                                             self.weight_version, len(seq.block_keys), seq.block_keys))
+        seq.inflight_keys = deque(block_keys(seq.token_ids, self.block_size, self.weight_version,
+                                             len(seq.block_keys), seq.block_keys, num_full * self.block_size))
         for key in seq.inflight_keys:
             self._inflight[key] = self._inflight.get(key, 0) + 1
 
@@ -481,8 +488,8 @@ class Scheduler:
     def _register_full_blocks(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.block_size
         if num_full > len(seq.block_keys):
-            new_keys = block_keys(seq.token_ids[:num_full * self.block_size], self.block_size,
-                                  self.weight_version, len(seq.block_keys), seq.block_keys)
+            new_keys = block_keys(seq.token_ids, self.block_size, self.weight_version,
+                                  len(seq.block_keys), seq.block_keys, num_full * self.block_size)
             for i, key in enumerate(new_keys, start=len(seq.block_keys)):
                 self.pool.register(seq.block_ids[i], key)
                 self._untrack_inflight(seq, key)
