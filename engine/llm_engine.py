@@ -68,6 +68,7 @@ class LLMEngine:
                                                    random_weights=config.load_format == "dummy")
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.kv_block_bytes = kv_bytes_per_block(mc, config.block_size, self.dtype)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
         backend_name = self._choose_backend()
         self.backend = get_backend(backend_name)
@@ -75,7 +76,6 @@ class LLMEngine:
                     mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
                     num_blocks, config.block_size)
         self.kv_caches = allocate_kv_cache(mc, num_blocks, config.block_size, self.dtype, self.device)
-        self.kv_block_bytes = kv_bytes_per_block(mc, config.block_size, self.dtype)
         num_host_blocks = config.host_kv_cache_bytes // self.kv_block_bytes
         host_cache = HostKVCache(self.kv_caches, num_host_blocks) if num_host_blocks else None
         self.scheduler = Scheduler(SchedulerConfig(
@@ -122,7 +122,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ sizing
     def _auto_num_blocks(self) -> int:
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        per_block = self.kv_block_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             mc = self.model_config
