@@ -355,6 +355,17 @@ class LLMEngine:
         On failure the old weights (bitwise) and version keep serving and WeightUpdateError is
         raised; if a failure could not be undone (backup budget exceeded), in-flight work is
         aborted and the engine refuses new work until a complete update lands."""
+        # The loader protocol: close() exactly once on every path (a distributed sender blocks until
+        # its receiver has drained or closed). WeightUpdater.apply closes it; a rejection before
+        # apply is reached closes it here.
+        self._applying = False
+        try:
+            return self._update_weights(loader, version, mode, kv, partial, check_finite, backup_budget_bytes)
+        finally:
+            if not self._applying and getattr(loader, "close", None) is not None:
+                loader.close()
+
+    def _update_weights(self, loader, version, mode, kv, partial, check_finite, backup_budget_bytes) -> UpdateReport:
         if mode not in UPDATE_MODES:
             raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
         if kv not in KV_POLICIES:
@@ -374,6 +385,7 @@ class LLMEngine:
                 self.scheduler.admission_paused = False
         elif mode == "abort":
             self._abort_all()
+        self._applying = True
         try:
             report = self.updater.apply(loader, partial=partial, check_finite=check_finite,
                                         backup_budget_bytes=backup_budget_bytes)

@@ -205,11 +205,9 @@ class EngineLoop:
             try:
                 report = engine.update_weights(loader, version, mode=mode, kv=kv)
             finally:
-                close = getattr(loader, "close", None)
-                if close is not None:
-                    close()
-            # "drain"/"abort" leave completions in the engine for its next step(): collect them now.
-            self._dispatch(engine.step())
+                # "drain"/"abort" (and a failure that aborted in-flight work) leave completions in the
+                # engine for its next step(): hand them to their futures now, success or not.
+                self._dispatch(engine.step())
             _resolve(fut, {"version": engine.weight_version, "seconds": report.seconds,
                            "num_bytes": report.num_bytes, "num_tensors": report.num_tensors})
         return self._submit(run)

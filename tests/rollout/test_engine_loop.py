@@ -141,13 +141,38 @@ def test_step_failure_fails_pending_with_internal_and_loop_survives(models):
 
 def test_cancelled_future_aborts_its_request(loop):
     before = loop.stats().result(10)["aborted_requests"]
-    fut = loop.generate([3, 4, 5], SamplingParams(max_tokens=100, ignore_eos=True))
-    fut.cancel()
+    fut = loop.generate([3, 4, 5], SamplingParams(max_tokens=120, ignore_eos=True))
     deadline = time.monotonic() + 10
-    while loop.stats().result(10)["aborted_requests"] == before and not fut.done():
-        assert time.monotonic() < deadline
+    while loop.stats().result(10)["num_running"] == 0:          # cancel it while it runs, not while queued
+        assert time.monotonic() < deadline and not fut.done()
+        time.sleep(0.002)
+    assert fut.cancel()
+    while loop.stats().result(10)["aborted_requests"] == before:
+        assert time.monotonic() < deadline, "cancelling a running request must abort it in the engine"
         time.sleep(0.01)
-    assert fut.cancelled() or fut.done()
+    assert loop.stats().result(10)["num_running"] == 0
+
+
+def test_failed_update_in_abort_mode_still_answers_in_flight_requests(loop, models):
+    """abort mode ends in-flight work before applying; if the update then fails, those requests must still
+    get their (aborted) answer instead of waiting forever."""
+    running = loop.generate([3, 4, 5], SamplingParams(max_tokens=120, ignore_eos=True))
+
+    def broken_loader():
+        raise RuntimeError("trainer went away")
+
+    def bad_manifest():   # rejected inside LLMEngine.update_weights, after abort mode ended the request
+        return StateDictLoader({"not.a.weight": torch.zeros(2)})
+
+    deadline = time.monotonic() + 10
+    while loop.stats().result(10)["num_running"] == 0:
+        assert time.monotonic() < deadline and not running.done()
+        time.sleep(0.002)
+    assert code_of(loop.update_weights(bad_manifest, mode="abort")) is ErrorCode.UPDATE_FAILED
+    trajs = running.result(10)                                   # answered, not hanging
+    assert trajs[0].finish_reason == "aborted" and len(trajs[0].token_ids) < 120
+    assert code_of(loop.update_weights(broken_loader)) is ErrorCode.UPDATE_FAILED
+    assert len(loop.generate([3, 4, 5], GREEDY).result(10)[0].token_ids) == 6
     assert loop.stats().result(10)["pending_requests"] == 0
 
 
