@@ -18,9 +18,9 @@ Eager steps size the sections to the step (T, B, R); CUDA-graph decode steps siz
 captured batch ``G`` (the graph's static inputs live at fixed offsets of the graph's device buffer) and
 send the block tables compact ([bs, w]), to be widened on the device into the graph's [G, W] table.
 
-NOTE: the host buffer is rewritten by the next ``prepare``; that is safe because every step ends with a
-host sync on its sampled ids, which orders after the H2D copy that read the buffer. A caller that overlaps
-steps must double-buffer.
+NOTE: the host buffer is rewritten by the next ``prepare``, while the previous step's non-blocking H2D copy
+may still be queued (a step whose items do not sample, a middle prefill chunk, has no host sync). So each
+copy records a CUDA event and the next rewrite waits on it: the buffer owns its reuse fence.
 """
 from __future__ import annotations
 
@@ -129,8 +129,13 @@ class StepInputs:
         self._host = torch.empty(0, dtype=torch.uint8)
         self._dev = self._host
         self._tables = _BlockTableCache()
+        self._copied: torch.cuda.Event | None = None   # the last H2D copy out of the host buffer, if pending
+        self._fence: torch.cuda.Event | None = None
 
     def _buffers(self, nbytes: int) -> tuple[np.ndarray, torch.Tensor]:
+        if self._copied is not None:
+            self._copied.synchronize()     # the previous step's copy has read the host buffer
+            self._copied = None
         if self._host.numel() < nbytes:
             cap = max(nbytes, 2 * self._host.numel(), 1 << 16)
             self._host = torch.empty(cap, dtype=torch.uint8, pin_memory=self._pin)
@@ -188,6 +193,7 @@ class StepInputs:
         _view(host, lay.tables, table.size, np.int32).reshape(table.shape)[:] = table
         if dev is not self._host:
             dev[:lay.nbytes].copy_(self._host[:lay.nbytes], non_blocking=True)
+            self._record_copy()
         meta = AttentionMetadata(
             query_lens=q.tolist(), seq_lens=seq_lens.tolist(),
             query_start_loc=_view(dev, lay.qsl, n + 1, np.int32),
@@ -223,6 +229,14 @@ class StepInputs:
         compact[:n] = table
         compact[n:] = 0
         graph_inputs.load(self._host[:nbytes], batch, width)
+        self._record_copy()
+
+    def _record_copy(self) -> None:
+        if self._pin:
+            if self._fence is None:
+                self._fence = torch.cuda.Event()   # one event, re-recorded each step
+            self._fence.record()
+            self._copied = self._fence
 
 
 class GraphInputs:

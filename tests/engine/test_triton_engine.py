@@ -17,8 +17,11 @@ def test_triton_backend_engine_matches_reference(tmp_path):
     path = make_tiny_model("qwen2", tmp_path / "m", seed=4, num_hidden_layers=1)
     prompts = [list(range(3, 40)), [7, 8, 9], list(range(50, 71))]
     params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=None)
-    ref = LLMEngine(EngineConfig(model=str(path), block_size=16, max_num_batched_tokens=32))
-    tri = LLMEngine(EngineConfig(model=str(path), block_size=16, max_num_batched_tokens=32, attention_backend="triton"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # Triton runs natively on CUDA, interpreted on CPU
+    ref = LLMEngine(EngineConfig(model=str(path), block_size=16, max_num_batched_tokens=32, device=device,
+                                 attention_backend="reference"))
+    tri = LLMEngine(EngineConfig(model=str(path), block_size=16, max_num_batched_tokens=32, device=device,
+                                 attention_backend="triton"))
     assert tri.backend.name == "triton"
     a, b = ref.generate(prompts, params), tri.generate(prompts, params)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
