@@ -9,8 +9,9 @@ Parameters are already-validated typed objects (``SamplingParams``); wire decodi
 """
 from __future__ import annotations
 
+import asyncio
 import enum
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Awaitable, Optional, Protocol, runtime_checkable
 
 from engine.sampling import SamplingParams
 from rollout.trajectory import Trajectory
@@ -75,3 +76,16 @@ class RolloutBackend(Protocol):
 
     async def shutdown(self) -> None:
         """Stop accepting work, finish or fail what is in flight, release workers."""
+
+
+async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather`` that, when one awaitable fails, cancels the others before re-raising, so a
+    batch answered with an error leaves no work running behind the reply."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

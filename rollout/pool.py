@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional
 
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
-from rollout.backend import ErrorCode, RolloutError
+from rollout.backend import ErrorCode, RolloutError, gather_or_cancel
 from rollout.trajectory import Trajectory
 from rollout.worker import RolloutWorker, WeightSource, WorkerError
 
@@ -245,7 +245,14 @@ class RolloutPool:
         finally:
             actor.inflight -= 1
             if not result.done():
+                # Cancelling the wrapper alone leaves the actor task running (Ray does not cancel it):
+                # cancel the task itself, which aborts the request in the worker's engine.
                 result.cancel()
+                try:
+                    import ray
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - already finished or the worker is gone
+                    pass
 
     def _track_ref(self, slot: _Slot, ref: Any) -> None:
         """Count a ref handed to the caller as load and watch it for the worker's death."""
@@ -331,7 +338,7 @@ class RolloutPool:
 
     async def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Trajectory]]:
         """Every prompt concurrently (spread over the workers); results in prompt order."""
-        return list(await asyncio.gather(*(self.generate(p, params) for p in prompts)))
+        return await gather_or_cancel(*(self.generate(p, params) for p in prompts))
 
     async def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None) -> str:
         return await self._hop(self._open_session(session_id, ttl_s))

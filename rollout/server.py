@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from rollout import protocol as P
-from rollout.backend import ErrorCode, RolloutBackend, RolloutError
+from rollout.backend import ErrorCode, RolloutBackend, RolloutError, gather_or_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class FrontEnd:
         b = self.backend
         if isinstance(req, P.GenerateRequest):
             prompts = req.all_prompts()
-            groups = await asyncio.gather(*(b.generate(p, req.params) for p in prompts))
+            groups = await gather_or_cancel(*(b.generate(p, req.params) for p in prompts))
             return {"trajectories": [t.to_dict() for group in groups for t in group]}
         if isinstance(req, P.OpenSessionRequest):
             return {"session_id": await b.open_session(req.session_id, req.ttl_s)}

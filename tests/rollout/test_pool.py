@@ -146,6 +146,29 @@ def test_200_sessions_x3_through_zeromq_equal_single_engine(pool, oracle_a):
         assert after[w][0] - before[w][0] == after[w][1] - before[w][1] == 2 * opened
 
 
+def test_cancelled_request_is_aborted_on_its_worker(pool):
+    """Cancelling a pool call (front-end abort, timeout, client cancel) aborts the request in the worker's
+    engine instead of leaving it generating to max_tokens."""
+    def totals(stats):
+        return sum(w["aborted_requests"] for w in stats["workers"]), sum(w["num_running"] for w in stats["workers"])
+
+    async def scenario():
+        aborted_before, _ = totals(await pool.stats())
+        task = asyncio.ensure_future(pool.generate([5, 6, 7], SamplingParams(max_tokens=120, ignore_eos=True)))
+        deadline = time.monotonic() + 30
+        while totals(await pool.stats())[1] == 0:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        while True:
+            aborted, running = totals(await pool.stats())
+            if aborted > aborted_before and running == 0:
+                return
+            assert time.monotonic() < deadline, "the cancelled request kept running on its worker"
+            await asyncio.sleep(0.05)
+    run(scenario())
+
+
 def test_grpo_n_and_completion_order(pool, oracle_a):
     params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=5)
     group = run(pool.generate([3, 4, 5, 6], params))

@@ -454,3 +454,29 @@ def test_cli_serve_local_graceful_sigterm(tiny_model):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_gather_or_cancel_cancels_the_rest_of_a_batch_on_error():
+    """A batch answered with an error must leave no work running behind the reply."""
+    import asyncio
+
+    from rollout.backend import gather_or_cancel
+    cancelled = []
+
+    async def slow(i):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+
+    async def bad():
+        await asyncio.sleep(0.01)
+        raise RolloutError(ErrorCode.BAD_REQUEST, "prompt 1 is bad")
+
+    async def scenario():
+        with pytest.raises(RolloutError):
+            await gather_or_cancel(slow(0), bad(), slow(2))
+        assert await gather_or_cancel(asyncio.sleep(0, result=1), asyncio.sleep(0, result=2)) == [1, 2]
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert sorted(cancelled) == [0, 2]
