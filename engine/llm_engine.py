@@ -28,7 +28,7 @@ from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams, SamplingRow
 from engine.weight_update import UpdateReport, WeightUpdater, WeightUpdateError
 from engine.weights import load_model
-from scheduler import FinishedSequence, Scheduler, SchedulerConfig, StopCondition
+from scheduler import ContextTooLarge, FinishedSequence, Scheduler, SchedulerConfig, StopCondition
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class LLMEngine:
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"{field}[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
         if len(tokens) >= self.max_model_len:
-            raise ValueError(f"{field} has {len(tokens)} tokens; the model's context "
+            raise ContextTooLarge(f"{field} has {len(tokens)} tokens; the model's context "
                              f"(max_model_len) is {self.max_model_len}")
         return tokens, params
 

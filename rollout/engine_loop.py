@@ -43,7 +43,7 @@ from engine.weight_update import WeightUpdateError
 from rollout.backend import ErrorCode, RolloutError
 from rollout.environment import get_environment
 from rollout.trajectory import Trajectory
-from scheduler.scheduler import SessionError
+from scheduler import ContextTooLarge, SessionError
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +58,16 @@ def error_from_exception(exc: BaseException) -> RolloutError:
         return exc
     msg = str(exc)
     if isinstance(exc, SessionError):   # before ValueError: it is one
-        if "in progress" in msg:
-            return RolloutError(ErrorCode.SESSION_BUSY, msg)
-        if " is unknown" in msg or " is closed" in msg:
-            return RolloutError(ErrorCode.UNKNOWN_SESSION, msg)
-        return RolloutError(ErrorCode.BAD_REQUEST, msg)
+        code = {"busy": ErrorCode.SESSION_BUSY, "unknown": ErrorCode.UNKNOWN_SESSION,
+                "closed": ErrorCode.UNKNOWN_SESSION}.get(exc.kind, ErrorCode.BAD_REQUEST)
+        return RolloutError(code, msg)
+    if isinstance(exc, ContextTooLarge):
+        return RolloutError(ErrorCode.TOO_LARGE, msg)
     if isinstance(exc, WeightUpdateError):
         return RolloutError(ErrorCode.UPDATE_FAILED, msg)
     if isinstance(exc, WeightsInconsistentState):
         return RolloutError(ErrorCode.UNAVAILABLE, msg)
     if isinstance(exc, (ValueError, TypeError)):
-        if "max_model_len" in msg or "KV blocks" in msg:
-            return RolloutError(ErrorCode.TOO_LARGE, msg)
         return RolloutError(ErrorCode.BAD_REQUEST, msg)
     return RolloutError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {msg}")
 

@@ -7,10 +7,10 @@ from scheduler.config import SchedulerConfig
 from scheduler.output import FinishedSequence, ScheduledSequence, SchedulerOutput
 from scheduler.host_pool import HostBlockPool
 from scheduler.request import FinishReason, KVLocation, Sequence, SequenceStatus, StopCondition
-from scheduler.scheduler import Scheduler, SchedulerStats, SessionError
+from scheduler.scheduler import ContextTooLarge, Scheduler, SchedulerStats, SessionError
 
 __all__ = [
     "BlockPool", "block_keys", "SchedulerConfig", "FinishedSequence", "ScheduledSequence",
     "SchedulerOutput", "FinishReason", "Sequence", "SequenceStatus", "StopCondition",
-    "Scheduler", "SchedulerStats", "SessionError", "HostBlockPool", "KVLocation",
+    "Scheduler", "SchedulerStats", "SessionError", "ContextTooLarge", "HostBlockPool", "KVLocation",
 ]

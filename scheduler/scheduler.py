@@ -43,7 +43,18 @@ EXPIRY_SCAN_S = 0.1   # how often idle sessions are checked against their TTL
 
 
 class SessionError(ValueError):
-    """An operation on an unknown or closed session, or a turn while one is in progress."""
+    """An operation on an unknown or closed session, or a turn while one is in progress.
+
+    ``kind`` says which, for callers that map errors to codes: "unknown", "closed", "busy", "exists"
+    (open of an id in use) or "invalid" (a bad argument)."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ContextTooLarge(ValueError):
+    """A request or turn could never run: longer than the model's context, or more KV than the pool."""
 
 
 @dataclass
@@ -102,12 +113,12 @@ class Scheduler:
 
     def _clamp(self, stop: StopCondition, num_context: int, n: int = 1) -> StopCondition:
         if num_context >= self.config.max_model_len:
-            raise ValueError(f"the context has {num_context} tokens; the model's context (max_model_len) "
+            raise ContextTooLarge(f"the context has {num_context} tokens; the model's context (max_model_len) "
                              f"is {self.config.max_model_len}, leaving no room to generate")
         max_tokens = min(stop.max_tokens, self.config.max_model_len - num_context)
         blocks = self._group_blocks(num_context, max_tokens, n, 0)
         if blocks > self.config.num_blocks:
-            raise ValueError(f"needs up to {blocks} KV blocks (context {num_context} + max_tokens {max_tokens}"
+            raise ContextTooLarge(f"needs up to {blocks} KV blocks (context {num_context} + max_tokens {max_tokens}"
                              f"{f', n={n}' if n > 1 else ''}) but the pool has {self.config.num_blocks}")
         if max_tokens == stop.max_tokens:
             return stop
@@ -189,7 +200,7 @@ class Scheduler:
         if not isinstance(session_id, str) or not session_id:
             raise SessionError(f"session_id must be a non-empty str, got {session_id!r}")
         if session_id in self.sessions:
-            raise SessionError(f"session {session_id!r} is already open")
+            raise SessionError(f"session {session_id!r} is already open", "exists")
         ttl = self.config.default_session_ttl_s if ttl_s is None else ttl_s
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
             raise SessionError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}")
@@ -206,7 +217,7 @@ class Scheduler:
         seq = self.sessions.get(session_id)
         if seq is None:
             state = "closed" if session_id in self._closed_sessions else "unknown"
-            raise SessionError(f"session {session_id!r} is {state}")
+            raise SessionError(f"session {session_id!r} is {state}", state)
         return seq
 
     def submit_turn(self, session_id: str, request_id: str, new_token_ids: Seq[int], stop: StopCondition) -> int:
@@ -215,7 +226,7 @@ class Scheduler:
         anything when the session is unknown, closed or busy, or the turn can never fit."""
         seq = self.get_session(session_id)
         if seq.status is not SequenceStatus.AWAITING_INPUT:
-            raise SessionError(f"session {session_id!r} already has a turn in progress ({seq.request_id!r})")
+            raise SessionError(f"session {session_id!r} already has a turn in progress ({seq.request_id!r})", "busy")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not new_token_ids and not seq.token_ids:

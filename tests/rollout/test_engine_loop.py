@@ -252,3 +252,15 @@ def test_local_backend(models):
             await backend.shutdown()
         assert not (await backend.health())["ok"]
     asyncio.run(main())
+
+
+def test_error_codes_come_from_exception_types_not_message_text():
+    """Client-chosen ids appear in messages; they must not flip the code."""
+    from rollout.engine_loop import error_from_exception
+    from scheduler import ContextTooLarge, SessionError
+    assert error_from_exception(SessionError("session 'in progress' is unknown", "unknown")).code \
+        is ErrorCode.UNKNOWN_SESSION
+    assert error_from_exception(SessionError("session 'x' is unknown", "busy")).code is ErrorCode.SESSION_BUSY
+    assert error_from_exception(ValueError("request_id 'KV blocks max_model_len' is already in use")).code \
+        is ErrorCode.BAD_REQUEST
+    assert error_from_exception(ContextTooLarge("needs 9 blocks")).code is ErrorCode.TOO_LARGE
