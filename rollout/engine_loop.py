@@ -430,19 +430,27 @@ class _Episode:
     def _on_env(self, fn: Callable[..., None], *args: Any, env_call: str = "") -> None:
         """Run ``fn`` on the env pool; ``env_call`` names the environment method it calls (reset/step),
         which then gets ``env_timeout_s``: past it the episode fails with ABORTED (never hangs)."""
+        timeout = self.loop.env_timeout_s if env_call else None
+
+        def timed() -> None:
+            # The clock starts when the call starts, not when it was queued behind other episodes'
+            # environment calls (a busy pool must not time episodes out).
+            timer = None
+            if timeout is not None:
+                timer = threading.Timer(timeout, self._fail, (RolloutError(
+                    ErrorCode.ABORTED, f"environment {self.env_name!r}: {env_call} did not return within "
+                                       f"{timeout} s (env_timeout_s); the episode is abandoned"),))
+                timer.daemon = True
+                timer.start()
+            try:
+                self._guard(fn, *args)
+            finally:
+                if timer is not None:
+                    timer.cancel()
         try:
-            work = self.loop._env_pool.submit(self._guard, fn, *args)
+            self.loop._env_pool.submit(timed)
         except RuntimeError:   # pool shut down
             self._fail(RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shut down"))
-            return
-        timeout = self.loop.env_timeout_s
-        if env_call and timeout is not None:
-            timer = threading.Timer(timeout, self._fail, (RolloutError(
-                ErrorCode.ABORTED, f"environment {self.env_name!r}: {env_call} did not return within "
-                                   f"{timeout} s (env_timeout_s); the episode is abandoned"),))
-            timer.daemon = True
-            timer.start()
-            work.add_done_callback(lambda _: timer.cancel())
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
