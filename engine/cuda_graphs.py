@@ -45,7 +45,8 @@ def decode_splits(batch: int, num_kv_heads: int, num_sms: int, max_splits: int =
 
 
 class DecodeGraphs:
-    """Captured decode graphs of one model; ``run(n)`` replays the smallest graph that holds n rows."""
+    """Captured decode graphs of one model: ``padded_batch(n)`` picks the smallest captured batch that
+    holds n rows, ``replay(batch)`` runs it."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  backend_for_batch: Callable[[int], AttentionBackend], block_size: int, max_blocks: int,

@@ -44,8 +44,11 @@ class AttentionMetadata:
     block_size: int
 
     def __post_init__(self) -> None:
+        # One pass over the host lists per step (backends read these per layer).
         assert len(self.query_lens) == len(self.seq_lens), "one query_len and one seq_len per sequence"
-        assert all(0 < q <= s for q, s in zip(self.query_lens, self.seq_lens)), "0 < query_len <= seq_len"
+        self.max_query_len = max(self.query_lens, default=0)
+        self.max_seq_len = max(self.seq_lens, default=0)
+        self.is_decode = self.max_query_len <= 1   # every sequence computes exactly one token
 
     @property
     def num_seqs(self) -> int:

@@ -41,16 +41,16 @@ class TritonBackend(AttentionBackend):
         assert k_cache.shape[1] == meta.block_size, "cache block_size disagrees with the metadata"
         assert q.shape[0] == meta.num_tokens, "one slot per new token"
         self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if all(n == 1 for n in meta.query_lens):
+        if meta.is_decode:
             num_splits = self.decode_num_splits
             if num_splits is None:
                 num_splits = self._attention.default_num_splits(
-                    meta.num_seqs, k_cache.shape[2], max(meta.seq_lens, default=1), q.device)
+                    meta.num_seqs, k_cache.shape[2], max(meta.max_seq_len, 1), q.device)
             return self._attention.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, scale, num_splits=num_splits)
         return self._attention.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
-            max(meta.query_lens), scale)
+            meta.max_query_len, scale)
 
 
 def register() -> None:

@@ -158,7 +158,9 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
     """Splits per (sequence, kv head) so the grid covers the SMs about twice, with at least two KV tiles
     per split; a power of two (few distinct compilations). NOTE: under CUDA graphs pass a fixed value:
     this depends on ``max_seq_len``, which changes between replays."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    # a bare "cuda" device means the current one, not GPU 0
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
     want = -(-2 * sms // max(1, num_seqs * num_kv_heads))
     by_len = -(-max_seq_len // (2 * block_n))
     n = max(1, min(want, by_len, 64))

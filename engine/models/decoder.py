@@ -15,7 +15,8 @@ Two execution paths, chosen per forward by ``CausalLM.use_fused_ops``:
   - torch ops (CPU, the oracle): each layer returns ``residual + branch`` as transformers does;
   - fused Triton ops (CUDA by default): the layer loop carries the residual stream separately, as vLLM does,
     so each RMSNorm also does the residual add (``hidden, residual = norm(hidden, residual)``); SiLU-and-mul
-    is one kernel and rotary is applied in place on the fused qkv output. Same roundings, fewer passes.
+    is one kernel and rotary is applied in place on the fused qkv output. Fewer passes; the same roundings
+    except rotary, which computes in fp32 and rounds once (bf16 results differ in the last bit).
 """
 from __future__ import annotations
 
