@@ -10,6 +10,11 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def git_commit() -> str:
+    """HEAD's short hash (+dirty); ROLLOUT_COMMIT overrides it (the GPU machine's copy of the tree has no .git)."""
+    import os
+
+    if os.environ.get("ROLLOUT_COMMIT"):
+        return os.environ["ROLLOUT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True).stdout.strip()

@@ -14,6 +14,11 @@ Order of one ``WeightUpdater.apply``::
     backup (budget exceeded), the weights are a mix -> WeightsInconsistentError and ``inconsistent`` stays True
     until a complete update succeeds.
 
+Bucketed loaders (``loader.bucket_plan`` / ``iter_buckets``, see ``engine.bucket_copy``) take the bulk path: the
+layout is validated once per training run (cached by its key), each bucket lands with one multi-tensor copy, and a
+loader whose buckets are all resident before the first write (CUDA IPC) needs no rollback copy: with every byte
+present and validated up front, nothing can fail between the first write and the last.
+
 Writes are ``copy_`` into the existing storage (never reallocation), so CUDA graphs captured on the parameters stay
 valid. Fused parameters (qkv, gate_up) receive each shard in its row slice as it arrives, so tensor order is free.
 """
@@ -21,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from engine.bucket_copy import BucketCopyPlan, all_finite, build_plan, check_buffer
 from engine.model_config import ModelConfig
 from engine.weights import WeightMapper, WeightTarget, copy_into
 
@@ -54,6 +61,7 @@ class UpdateReport:
     num_bytes: int                  # bytes of those tensors as the loader delivered them
     seconds: float                  # wall time of apply, manifest to close
     names_updated: tuple[str, ...]  # Hugging Face names written, in arrival order
+    backup_bytes: int = 0           # device bytes copied aside so a failure could be undone
 
 
 def _shown(names: list[str]) -> str:
@@ -69,6 +77,7 @@ class _Transaction:
         self.backup_bytes = 0
         self.backups: list[tuple[WeightTarget, torch.Tensor]] = []
         self.unbacked: list[str] = []  # HF names overwritten with no original kept
+        self.bulk_backups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (slices, originals)
 
     def write(self, hf_name: str, target: WeightTarget, tensor: torch.Tensor) -> None:
         dst = self.params[target.param_name].data
@@ -82,10 +91,27 @@ class _Transaction:
             self.unbacked.append(hf_name)
         copy_into(self.params, target, tensor)
 
+    def write_many(self, names: list[str], dst: list[torch.Tensor], src: list[torch.Tensor], backup: bool) -> None:
+        """One bucket's writes: originals kept (one multi-tensor copy) while the budget allows, then the new
+        values (another)."""
+        if backup:
+            nbytes = sum(d.numel() * d.element_size() for d in dst)
+            if self.backup_bytes + nbytes <= self.budget_bytes:
+                originals = [torch.empty_like(d) for d in dst]
+                torch._foreach_copy_(originals, dst)
+                self.bulk_backups.append((dst, originals))
+                self.backup_bytes += nbytes
+            else:
+                self.unbacked.extend(names)
+        torch._foreach_copy_(dst, src)
+
     def rollback(self) -> None:
         for target, original in reversed(self.backups):
             copy_into(self.params, target, original)
         self.backups.clear()
+        for dst, originals in reversed(self.bulk_backups):
+            torch._foreach_copy_(dst, originals)
+        self.bulk_backups.clear()
 
 
 class WeightUpdater:
@@ -98,6 +124,7 @@ class WeightUpdater:
         self.expected = self.mapper.expected_hf_names()
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
         self.inconsistent = False  # True after a failed update that could not be fully undone
+        self._bucket_plans: OrderedDict[tuple, BucketCopyPlan] = OrderedDict()  # (layout key, partial) -> plan
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_manifest(self, manifest: Any, partial: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -171,14 +198,17 @@ class WeightUpdater:
             if self.inconsistent and partial:
                 raise WeightsInconsistentError("weights are inconsistent after an earlier failed update; only a "
                                                "complete update (partial=False) can repair them")
-            names, nbytes = self._apply(loader, tx, partial, check_finite)
+            if callable(getattr(loader, "bucket_plan", None)) and callable(getattr(loader, "iter_buckets", None)):
+                names, nbytes = self._apply_buckets(loader, tx, partial, check_finite)
+            else:
+                names, nbytes = self._apply(loader, tx, partial, check_finite)
             loader.close()
         except BaseException as err:
             self._fail(loader, tx, err)
             raise  # unreachable: _fail raises
         if not partial:
             self.inconsistent = False
-        return UpdateReport(len(names), nbytes, time.perf_counter() - t0, tuple(names))
+        return UpdateReport(len(names), nbytes, time.perf_counter() - t0, tuple(names), tx.backup_bytes)
 
     @torch.no_grad()
     def _apply(self, loader: Any, tx: _Transaction, partial: bool, check_finite: bool) -> tuple[list[str], int]:
@@ -207,6 +237,68 @@ class WeightUpdater:
                 raise WeightUpdateError(f"update lacks weights {_shown(missing)} (pass partial=True to update "
                                         f"a subset)")
         return names, nbytes
+
+    def _bucket_plan(self, layout: Any, partial: bool) -> BucketCopyPlan:
+        key = (layout.key, partial)
+        plan = self._bucket_plans.get(key)
+        if plan is None:
+            try:
+                plan = build_plan(layout, self.mapper, self.params, lambda m: self._check_manifest(m, partial))
+            except WeightUpdateError:
+                raise
+            except ValueError as e:
+                raise WeightUpdateError(f"update rejected before any write: {e}") from None
+            self._bucket_plans[key] = plan
+            while len(self._bucket_plans) > 4:
+                self._bucket_plans.popitem(last=False)
+        self._bucket_plans.move_to_end(key)
+        return plan
+
+    @torch.no_grad()
+    def _apply_buckets(self, loader: Any, tx: _Transaction, partial: bool,
+                       check_finite: bool) -> tuple[list[str], int]:
+        plan = self._bucket_plan(loader.bucket_plan(), partial)
+        reuse = bool(getattr(loader, "persistent_buffers", False))
+        resident = bool(getattr(loader, "buckets_resident", False))
+        seen: set[int] = set()
+
+        def sources(item: Any) -> tuple[int, list[torch.Tensor]]:
+            try:
+                b, buf = item
+                b = check_buffer(plan, b, buf, seen)
+            except (TypeError, ValueError) as e:
+                raise WeightUpdateError(f"bucketed loader: {e}") from None
+            seen.add(b)
+            src = plan.sources(b, buf, reuse)
+            if check_finite:
+                bad = [n for n, ok in zip(plan.buckets[b].names, all_finite(src)) if not ok]
+                if bad:
+                    raise WeightUpdateError(f"weight {bad[0]!r} has non-finite values (NaN or inf)")
+            return b, src
+
+        if resident:
+            # Every bucket is readable now: check them all, then write with no rollback copy (nothing is left
+            # that could fail between the first write and the last).
+            ready = [sources(item) for item in loader.iter_buckets()]
+            self._check_all_buckets(plan, seen)
+            for b, src in ready:
+                bc = plan.buckets[b]
+                tx.write_many(bc.names, bc.dst, src, backup=False)
+        else:
+            for item in loader.iter_buckets():
+                b, src = sources(item)
+                bc = plan.buckets[b]
+                tx.write_many(bc.names, bc.dst, src, backup=True)
+            self._check_all_buckets(plan, seen)
+        return list(plan.names), plan.num_bytes
+
+    @staticmethod
+    def _check_all_buckets(plan: BucketCopyPlan, seen: set[int]) -> None:
+        missing = [b for b, bc in enumerate(plan.buckets) if b not in seen and bc.names]
+        if missing:
+            names = [n for b in missing for n in plan.buckets[b].names]
+            raise WeightUpdateError(f"loader declared but never delivered buckets {missing[:_SHOWN]}: "
+                                    f"{_shown(names)}")
 
     def _fail(self, loader: Any, tx: _Transaction, err: BaseException) -> None:
         try:

@@ -5,13 +5,16 @@ Layout of one bucket (offsets aligned so every tensor's view is aligned for its 
     bucket b: [ tensor a | pad | tensor b | pad | ... ]   uint8, <= bucket_bytes unless one tensor is larger
               ^offset 0         ^offset of b (multiple of ALIGN)
 
-Manifest wire form: UTF-8 JSON, small (one entry per tensor), sent once per update ahead of the buckets::
+Manifest (layout) wire form: UTF-8 JSON, small (one entry per tensor). It holds no version (that travels beside
+it), so a training run's updates all carry the same bytes and a receiver parses and validates them once::
 
-    {"version": int|null, "bucket_sizes": [int, ...],
+    {"bucket_sizes": [int, ...],
      "tensors": [[name, [shape...], "float32", bucket, offset], ...]}   # in bucket order, then offset order
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Optional, Union
@@ -50,24 +53,51 @@ class BucketPlan:
     def manifest(self) -> Manifest:
         return {e.name: (e.shape, e.dtype) for e in self.entries}
 
-    def entries_of(self, bucket: int) -> list[BucketEntry]:
-        return [e for e in self.entries if e.bucket == bucket]
+    def entries_of(self, bucket: int) -> tuple[BucketEntry, ...]:
+        return self.by_bucket[bucket]
 
     @property
     def total_bytes(self) -> int:
         return sum(self.bucket_sizes)
 
+    @functools.cached_property
+    def key(self) -> bytes:
+        """A digest of the layout's wire form: equal keys = equal layouts (engines cache what they derive)."""
+        return hashlib.blake2b(self.to_bytes(), digest_size=16).digest()
+
+    @functools.cached_property
+    def by_bucket(self) -> tuple[tuple[BucketEntry, ...], ...]:
+        out: list[list[BucketEntry]] = [[] for _ in self.bucket_sizes]
+        for e in self.entries:
+            out[e.bucket].append(e)
+        return tuple(tuple(b) for b in out)
+
     def to_bytes(self) -> bytes:
-        body = {"version": self.version, "bucket_sizes": list(self.bucket_sizes),
+        body = {"bucket_sizes": list(self.bucket_sizes),
                 "tensors": [[e.name, list(e.shape), _dtype_name(e.dtype), e.bucket, e.offset] for e in self.entries]}
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "BucketPlan":
+        """Parse a layout (version None). Cached: a trainer sends the same bytes every update, so the plan object,
+        its ``key`` and everything an engine derives from it are computed once."""
+        return _parse_plan(bytes(data))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_plan(data: bytes) -> BucketPlan:
+    try:
         body = json.loads(data.decode())
         entries = tuple(BucketEntry(name, tuple(shape), _dtype_of(dt), bucket, offset)
                         for name, shape, dt, bucket, offset in body["tensors"])
-        return cls(body["version"], tuple(body["bucket_sizes"]), entries)
+        plan = BucketPlan(None, tuple(body["bucket_sizes"]), entries)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"malformed bucket manifest: {e}") from None
+    for e in plan.entries:
+        if not 0 <= e.bucket < len(plan.bucket_sizes) or e.offset < 0 or \
+                e.offset + e.nbytes > plan.bucket_sizes[e.bucket]:
+            raise ValueError(f"malformed bucket manifest: {e.name!r} lies outside its bucket")
+    return plan
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -121,10 +151,17 @@ def _align(n: int) -> int:
 
 
 def pack_bucket(plan: BucketPlan, bucket: int, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
-    """Copy bucket ``bucket``'s tensors into ``out`` (uint8 [>= bucket size], any device)."""
+    """Copy bucket ``bucket``'s tensors into ``out`` (uint8 [>= bucket size], any device): one multi-tensor copy
+    (``torch._foreach_copy_``: a few kernel launches per bucket instead of one per tensor)."""
+    dst, src = [], []
     for e in plan.entries_of(bucket):
-        src = tensors[e.name].contiguous().reshape(-1).view(torch.uint8)
-        out[e.offset:e.offset + e.nbytes].copy_(src, non_blocking=True)
+        t = tensors[e.name]
+        if t.device != out.device:
+            t = t.to(out.device)  # NOTE: blocking; a non-blocking device->host copy could be read unfinished
+        dst.append(out[e.offset:e.offset + e.nbytes])
+        src.append(t.contiguous().reshape(-1).view(torch.uint8))
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def unpack_bucket(plan: BucketPlan, bucket: int, buf: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

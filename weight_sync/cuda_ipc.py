@@ -5,13 +5,22 @@ maps those buffers (no copy through the host) and copies from them into its para
     sender = CudaIpcSender()
     payload = sender.pack(model.named_parameters()) ──(pickle: Ray / Queue / pipe)──> CudaIpcLoader(payload)
     ... wait until the engine has applied it ...                                      engine applies, closes
-    sender.release()   # frees the bucket buffers
+    (next update: sender.pack(...) again, same buffers)
+    sender.release()   # at the end: frees the bucket buffers
 
-The payload is small (handles and a manifest). The sender keeps every bucket alive until ``release``, so an update
-costs one extra copy of the weights' bytes in trainer GPU memory while it is in flight.
+The payload is small (handles and a layout). The buffers are persistent: while the bucket sizes stay the same
+(every update of one model), ``pack`` refills the same buffers and hands out the same handles, and the engine keeps
+them mapped across updates (``_MAPPINGS``), so a steady-state update opens no handle, parses no manifest and
+validates no name: the engine's whole cost is the copy of the bytes (one multi-tensor copy per bucket). All buckets
+are mapped before the first write, so the engine needs no rollback copy (``buckets_resident``).
+
+Contract: ``pack`` overwrites the previous update's buffers, so call it only after every engine has applied (closed)
+the previous payload; ``CudaIpcLoader.close`` synchronizes the engine's stream, so "closed" means "done reading".
+The sender's buffers cost one extra copy of the weights' bytes in trainer GPU memory.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -32,10 +41,15 @@ def _require_cuda(who: str) -> None:
 
 @dataclass(frozen=True)
 class CudaIpcPayload:
-    """What crosses the process boundary: the manifest JSON and one ``(rebuild_fn, args)`` per bucket."""
+    """What crosses the process boundary: the layout JSON, one ``(rebuild_fn, args)`` per bucket, the version, and
+    which buffer set of which sender the handles belong to (``sender_id``, ``generation``: equal pairs = the same
+    buffers, already mapped by an engine that saw them before)."""
 
     manifest: bytes
     handles: tuple
+    version: Optional[int] = None
+    sender_id: str = ""
+    generation: int = 0
 
 
 class CudaIpcSender:
@@ -43,54 +57,106 @@ class CudaIpcSender:
         _require_cuda("CudaIpcSender")
         self.bucket_bytes = bucket_bytes
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.sender_id = uuid.uuid4().hex
+        self.generation = 0
         self._buffers: list[torch.Tensor] = []
+        self._handles: tuple = ()
 
     def pack(self, named_tensors: NamedTensors, *, version: Optional[int] = None) -> CudaIpcPayload:
-        """Copy ``named_tensors`` into fresh bucket buffers on this GPU; -> a picklable payload of IPC handles.
-        Call ``release`` once every engine that got the payload has closed its loader."""
+        """Copy ``named_tensors`` into this sender's bucket buffers on its GPU (reused while the bucket sizes stay
+        the same); -> a picklable payload of IPC handles. Call it again only once every engine that got the
+        previous payload has closed its loader; ``release`` frees the buffers."""
         from torch.multiprocessing.reductions import reduce_tensor
 
-        self.release()
         tensors = named_tensor_list(named_tensors)
         plan = plan_buckets(tensors, self.bucket_bytes, version)
+        if tuple(b.numel() for b in self._buffers) != plan.bucket_sizes:
+            self.release()
+            self._buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in plan.bucket_sizes]
+            self._handles = tuple(reduce_tensor(buf) for buf in self._buffers)
+            self.generation += 1
         by_name = dict(tensors)
-        handles = []
-        for b, size in enumerate(plan.bucket_sizes):
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        for b, buf in enumerate(self._buffers):
             pack_bucket(plan, b, by_name, buf)
-            self._buffers.append(buf)
-            handles.append(reduce_tensor(buf))
         # NOTE: the receiver reads the buffers on its own stream; finish the packing copies before handing out.
         torch.cuda.synchronize(self.device)
-        return CudaIpcPayload(plan.to_bytes(), tuple(handles))
+        return CudaIpcPayload(plan.to_bytes(), self._handles, version, self.sender_id, self.generation)
 
     def release(self) -> None:
-        self._buffers.clear()
+        """Free the buffers (engines still mapping them keep the memory until they map a newer set or unmap)."""
+        self._buffers = []
+        self._handles = ()
+
+
+# (sender_id, generation, device index) -> mapped bucket tensors, kept open across updates. One entry per sender:
+# a newer generation of the same sender replaces (unmaps) the older one.
+_MAPPINGS: dict[tuple[str, int, Optional[int]], list[torch.Tensor]] = {}
+_MAX_SENDERS = 8
+
+
+def _map(payload: CudaIpcPayload, device_index: Optional[int]) -> list[torch.Tensor]:
+    key = (payload.sender_id, payload.generation, device_index)
+    if payload.sender_id and key in _MAPPINGS and len(_MAPPINGS[key]) == len(payload.handles):
+        return _MAPPINGS[key]
+    buffers = []
+    for rebuild, args in payload.handles:
+        if device_index is not None:
+            args = (*args[:_DEVICE_ARG], device_index, *args[_DEVICE_ARG + 1:])
+        buffers.append(rebuild(*args))
+    if payload.sender_id:
+        for old in [k for k in _MAPPINGS if k[0] == payload.sender_id]:
+            del _MAPPINGS[old]
+        _MAPPINGS[key] = buffers
+        while len(_MAPPINGS) > _MAX_SENDERS:
+            del _MAPPINGS[next(iter(_MAPPINGS))]
+    return buffers
+
+
+def unmap_all() -> None:
+    """Close every mapping kept across updates (e.g. when the trainer goes away)."""
+    _MAPPINGS.clear()
 
 
 class CudaIpcLoader:
     """Engine side. ``device``: this process's index for the sender's GPU when the two processes number GPUs
     differently (e.g. different ``CUDA_VISIBLE_DEVICES``); default: the index the sender used."""
 
+    buckets_resident = True      # every bucket is mapped before the first is yielded
+    persistent_buffers = True    # the same mapped buffers come back while the sender reuses them
+
     def __init__(self, payload: CudaIpcPayload, *, version: Optional[int] = None,
                  device: torch.device | str | int | None = None) -> None:
         _require_cuda("CudaIpcLoader")
-        self._payload = payload
+        if not isinstance(payload, CudaIpcPayload):
+            raise TypeError(f"payload must be a CudaIpcPayload, got {type(payload).__name__}")
         self._plan = BucketPlan.from_bytes(payload.manifest)
         if len(self._plan.bucket_sizes) != len(payload.handles):
             raise ValueError(f"manifest names {len(self._plan.bucket_sizes)} buckets, payload has "
                              f"{len(payload.handles)} handles")
-        self.version = version if version is not None else self._plan.version
+        self.version = version if version is not None else payload.version
         self._device_index = device if isinstance(device, int) or device is None else torch.device(device).index
+        self._buffers: Optional[list[torch.Tensor]] = _map(payload, self._device_index)
 
     def names_and_shapes(self) -> Manifest:
         return self._plan.manifest()
 
+    def bucket_plan(self) -> BucketPlan:
+        return self._plan
+
+    def iter_buckets(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self._buffers is None:
+            raise RuntimeError("CudaIpcLoader is closed")
+        yield from enumerate(self._buffers)
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for b, (rebuild, args) in enumerate(self._payload.handles):
-            if self._device_index is not None:
-                args = (*args[:_DEVICE_ARG], self._device_index, *args[_DEVICE_ARG + 1:])
-            yield from unpack_bucket(self._plan, b, rebuild(*args))
+        for b, buf in self.iter_buckets():
+            yield from unpack_bucket(self._plan, b, buf)
 
     def close(self) -> None:
-        self._payload = CudaIpcPayload(self._payload.manifest, ())
+        if self._buffers is None:
+            return
+        # NOTE: the engine's copies out of the sender's buffers are queued on its stream; finish them before the
+        # trainer is told it may refill the buffers.
+        if self._buffers:
+            torch.cuda.current_stream(self._buffers[0].device).synchronize()
+        self._buffers = None

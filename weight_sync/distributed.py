@@ -6,14 +6,22 @@ collectives are called on that object, so ``init_process_group`` is neither need
 
 Wire sequence of one update (every receiver runs the same collectives in the same order)::
 
-    broadcast int64[1]          manifest length in bytes
-    broadcast uint8[len]        manifest (weight_sync.buckets.BucketPlan JSON: name/shape/dtype/bucket/offset)
+    broadcast int64[6]          header: layout length, layout follows (0/1), has version (0/1), version, layout key
+                                (two int64 of the 16-byte digest)
+    broadcast uint8[len]        layout JSON (weight_sync.buckets.BucketPlan: name/shape/dtype/bucket/offset), only
+                                when it differs from the one this sender last sent on this group: a training run
+                                sends it once, and every later update costs one small header round trip
     broadcast uint8[size_b]     bucket b, for b = 0 .. B-1
+
+Both sides keep two bucket-sized buffers per group across updates. The receiver posts the broadcast of bucket b+1
+before handing bucket b to the engine, so the engine's copy of b overlaps the transfer of b+1 (stream order keeps
+b+1's broadcast after the copy out of the buffer it reuses, bucket b-1's).
 """
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -33,12 +41,43 @@ class WeightSyncGroup:
     backend: str               # "gloo" or "nccl"
     pg: object                 # the ProcessGroupGloo / ProcessGroupNCCL backend object
     store: object              # kept alive: the rendezvous store the backend was built on
+    # Persistent state across updates (owned by the sender / loaders of this group, one update at a time).
+    layouts: dict = field(default_factory=dict)     # src rank -> the last BucketPlan received from it
+    sent_layout_key: Optional[bytes] = None         # the layout this rank last sent
+    _slots: dict = field(default_factory=dict)      # role -> two uint8 bucket buffers
 
     def broadcast(self, tensor: torch.Tensor, src: int):
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
         return self.pg.broadcast([tensor], opts)
+
+    def slots(self, role: str, nbytes: int) -> list[torch.Tensor]:
+        """Two buffers of at least ``nbytes`` for ``role`` ("send" / "recv"), reused across updates."""
+        bufs = self._slots.get(role)
+        if bufs is None or bufs[0].numel() < nbytes:
+            self._slots.pop(role, None)  # free the old pair before allocating the new one
+            bufs = self._slots[role] = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        return bufs
+
+
+_HEADER_LEN = 6
+
+
+def _key_ints(key: bytes) -> tuple[int, int]:
+    return int.from_bytes(key[:8], "little", signed=True), int.from_bytes(key[8:16], "little", signed=True)
+
+
+def send_layout(group: WeightSyncGroup, plan: BucketPlan, version: Optional[int]) -> None:
+    """Broadcast one update's header, and its layout when this rank has not sent this layout before."""
+    layout = plan.to_bytes()
+    follows = plan.key != group.sent_layout_key
+    header = torch.tensor([len(layout), int(follows), int(version is not None), version or 0, *_key_ints(plan.key)],
+                          dtype=torch.int64, device=group.device)
+    group.broadcast(header, group.rank).wait()
+    if follows:
+        group.broadcast(torch.frombuffer(bytearray(layout), dtype=torch.uint8).to(group.device), group.rank).wait()
+    group.sent_layout_key = plan.key
 
 
 def init_weight_sync_group(host: str, port: int, rank: int, world_size: int, *,
@@ -83,16 +122,13 @@ class DistributedSender:
         tensors = named_tensor_list(named_tensors)
         plan = plan_buckets(tensors, self.bucket_bytes, version)
         by_name = dict(tensors)
-        manifest = torch.frombuffer(bytearray(plan.to_bytes()), dtype=torch.uint8).to(g.device)
-        g.broadcast(torch.tensor([manifest.numel()], dtype=torch.int64, device=g.device), g.rank).wait()
-        g.broadcast(manifest, g.rank).wait()
+        send_layout(g, plan, version)
         if not plan.bucket_sizes:
             return 0
-        cap = max(plan.bucket_sizes)
-        slots = [torch.empty(cap, dtype=torch.uint8, device=g.device) for _ in range(min(2, len(plan.bucket_sizes)))]
-        in_flight: list[Optional[object]] = [None] * len(slots)
+        slots = g.slots("send", max(plan.bucket_sizes))
+        in_flight: list[Optional[object]] = [None, None]
         for b, size in enumerate(plan.bucket_sizes):
-            slot = b % len(slots)
+            slot = b % 2
             if in_flight[slot] is not None:
                 in_flight[slot].wait()  # the slot's previous bucket has left; safe to overwrite
             buf = slots[slot][:size]
@@ -109,8 +145,12 @@ class DistributedSender:
 
 
 class DistributedLoader:
-    """Engine side of one update from ``DistributedSender`` at rank ``src``. Yields views of received bucket
-    buffers (on the group's device). ``close`` drains buckets not yet received so the sender never hangs."""
+    """Engine side of one update from ``DistributedSender`` at rank ``src``. Delivers the received buckets
+    (``iter_buckets``, the engine's bulk path) or views of them (``iter_tensors``), in the group's persistent
+    buffers on its device. ``close`` drains buckets not yet received so the sender never hangs."""
+
+    buckets_resident = False     # buckets arrive one by one: a failure half-way needs the rollback copy
+    persistent_buffers = True    # the group's two receive buffers, every update
 
     def __init__(self, group: WeightSyncGroup, *, src: int = 0, version: Optional[int] = None) -> None:
         if src == group.rank:
@@ -118,45 +158,76 @@ class DistributedLoader:
         self.group = group
         self.src = src
         self._version = version
+        self._sent_version: Optional[int] = None
         self._plan: Optional[BucketPlan] = None
-        self._next_bucket = 0
+        self._posted: deque = deque()   # (bucket, buffer, work) broadcasts posted, not yet handed out
+        self._next_post = 0
         self._closed = False
 
     @property
     def version(self) -> Optional[int]:
-        """The version given here, else the sender's (blocks until the sender's manifest arrives)."""
-        return self._version if self._version is not None else self._recv_plan().version
+        """The version given here, else the sender's (blocks until the sender's header arrives)."""
+        if self._version is not None:
+            return self._version
+        self._recv_plan()
+        return self._sent_version
 
     def _recv_plan(self) -> BucketPlan:
         if self._plan is None:
             g = self.group
-            length = torch.zeros(1, dtype=torch.int64, device=g.device)
-            g.broadcast(length, self.src).wait()
-            data = torch.empty(int(length.item()), dtype=torch.uint8, device=g.device)
-            g.broadcast(data, self.src).wait()
-            self._plan = BucketPlan.from_bytes(data.cpu().numpy().tobytes())
+            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=g.device)
+            g.broadcast(header, self.src).wait()
+            length, follows, has_version, version, k0, k1 = header.tolist()
+            self._sent_version = version if has_version else None
+            if follows:
+                data = torch.empty(length, dtype=torch.uint8, device=g.device)
+                g.broadcast(data, self.src).wait()
+                g.layouts[self.src] = BucketPlan.from_bytes(data.cpu().numpy().tobytes())
+            plan = g.layouts.get(self.src)
+            if plan is None or _key_ints(plan.key) != (k0, k1):
+                # Every rank takes part in every update, so this cannot happen short of a protocol bug; the bucket
+                # sizes are unknown, so the sender cannot be drained either.
+                raise RuntimeError(f"weight sync: rank {self.src} sent an update for a layout this rank never "
+                                   f"received; the group is out of step and must be rebuilt")
+            self._plan = plan
         return self._plan
 
     def names_and_shapes(self) -> Manifest:
         return self._recv_plan().manifest()
 
-    def _recv_bucket(self) -> torch.Tensor:
-        size = self._recv_plan().bucket_sizes[self._next_bucket]
-        buf = torch.empty(size, dtype=torch.uint8, device=self.group.device)
-        self.group.broadcast(buf, self.src).wait()
-        self._next_bucket += 1
-        return buf
+    def bucket_plan(self) -> BucketPlan:
+        return self._recv_plan()
+
+    def _post(self) -> None:
+        plan = self._recv_plan()
+        b = self._next_post
+        size = plan.bucket_sizes[b]
+        buf = self.group.slots("recv", max(plan.bucket_sizes))[b % 2][:size]
+        self._posted.append((b, buf, self.group.broadcast(buf, self.src)))
+        self._next_post += 1
+
+    def iter_buckets(self) -> Iterator[tuple[int, torch.Tensor]]:
+        n = len(self._recv_plan().bucket_sizes)
+        if self._next_post == 0 and n:
+            self._post()
+        while self._posted and not self._closed:
+            b, buf, work = self._posted.popleft()
+            work.wait()               # the engine's stream (NCCL) / the host (gloo) waits for bucket b
+            if self._next_post < n:
+                self._post()          # bucket b+1 into the other buffer while the engine copies b
+            yield b, buf
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         plan = self._recv_plan()
-        while self._next_bucket < len(plan.bucket_sizes) and not self._closed:
-            b = self._next_bucket
-            yield from unpack_bucket(plan, b, self._recv_bucket())
+        for b, buf in self.iter_buckets():
+            yield from unpack_bucket(plan, b, buf)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        plan = self._recv_plan()  # the sender broadcasts the manifest in any case
-        while self._next_bucket < len(plan.bucket_sizes):
-            self._recv_bucket()  # drained, dropped
+        n = len(self._recv_plan().bucket_sizes)  # the sender broadcasts the header in any case
+        while self._posted or self._next_post < n:
+            if not self._posted:
+                self._post()
+            self._posted.popleft()[2].wait()   # drained, dropped

@@ -270,14 +270,12 @@ def _dying_sender(port: int, path: str, buckets_to_send: int, bucket_bytes: int)
     from safetensors.torch import load_file
 
     from weight_sync.buckets import named_tensor_list, pack_bucket, plan_buckets
-    from weight_sync.distributed import init_weight_sync_group
+    from weight_sync.distributed import init_weight_sync_group, send_layout
     group = init_weight_sync_group("127.0.0.1", port, 0, 2, timeout_s=20)
     tensors = named_tensor_list(load_file(str(Path(path) / "model.safetensors")))
     plan = plan_buckets(tensors, bucket_bytes, 1)
     assert len(plan.bucket_sizes) > buckets_to_send
-    manifest = torch.frombuffer(bytearray(plan.to_bytes()), dtype=torch.uint8)
-    group.broadcast(torch.tensor([manifest.numel()], dtype=torch.int64), 0).wait()
-    group.broadcast(manifest, 0).wait()
+    send_layout(group, plan, 1)
     by_name = dict(tensors)
     for b in range(buckets_to_send):
         buf = torch.empty(plan.bucket_sizes[b], dtype=torch.uint8)

@@ -28,13 +28,14 @@ def send_updates(port: int, updates: list[tuple[str, int, bool]], bucket_bytes: 
         result.put(("error", repr(e), None))
 
 
-def send_ipc(path: str, bucket_bytes: int, payloads, done) -> None:
-    """Trainer on the GPU: pack a checkpoint into CUDA IPC buckets, hand out the payload, keep the buffers alive
-    until the engine says it is done."""
+def send_ipc(updates: list[tuple[str, int]], bucket_bytes: int, payloads, acks) -> None:
+    """Trainer on the GPU: for each (safetensors file, version), pack the checkpoint into the sender's persistent
+    CUDA IPC buckets, hand out the payload and wait until the engine says it has applied it."""
     from weight_sync import CudaIpcSender
 
-    sd = {n: t.cuda() for n, t in load_file(path).items()}
     sender = CudaIpcSender(bucket_bytes=bucket_bytes)
-    payloads.put(sender.pack(sd, version=3))
-    done.wait(120)
+    for path, version in updates:
+        sd = {n: t.cuda() for n, t in load_file(path).items()}
+        payloads.put(sender.pack(sd, version=version))
+        acks.get(timeout=120)
     sender.release()

@@ -36,8 +36,9 @@ def test_broadcast_update_after_a_rejected_one(ckpts, device):
     port = free_port()
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
-    child = ctx.Process(target=_sender.send_updates, args=(port, [(w2, 7, True), (w2, 8, False)], 64 << 10, result,
-                                                                   sender_device))
+    w1 = str(ckpts["w1"] / "model.safetensors")
+    updates = [(w2, 7, True), (w2, 8, False), (w1, 9, False), (w2, 10, False)]
+    child = ctx.Process(target=_sender.send_updates, args=(port, updates, 64 << 10, result, sender_device))
     child.start()
     try:
         group = init_weight_sync_group("127.0.0.1", port, rank=1, world_size=2, device=engine_device,
@@ -56,6 +57,16 @@ def test_broadcast_update_after_a_rejected_one(ckpts, device):
         report = updater.apply(good)
         fresh, _ = load_model(ckpts["w2"], torch.float32, engine_device)
         assert_params_bitwise(model, snapshot(fresh))
+        layout = group.layouts[0]
+        # Same layout again: the sender sends only the header; the engine reuses its parsed layout, its validated
+        # copy plan and the views of the group's persistent receive buffers, yet lands the new values.
+        for name, version in (("w1", 9), ("w2", 10)):
+            loader = get_loader("distributed", group=group, src=0)
+            assert loader.version == version and group.layouts[0] is layout
+            updater.apply(loader)
+            fresh, _ = load_model(ckpts[name], torch.float32, engine_device)
+            assert_params_bitwise(model, snapshot(fresh))
+        assert len(updater._bucket_plans) == 1
         status, sent, sender_default_group = result.get(timeout=60)
         assert status == "ok", sent
         assert sent[1] == report.num_bytes and sender_default_group is False

@@ -31,8 +31,13 @@ def test_bucket_plan_pack_unpack_roundtrip():
     # a: 120 B at 0, b: 14 B at 256 (aligned), c would start at 512 = the cap -> bucket 1; "big" (1200 B) alone
     assert [e.bucket for e in plan.entries] == [0, 0, 1, 2, 3]
     assert plan.bucket_sizes == (270, 4, 1200, 16)
-    plan = BucketPlan.from_bytes(plan.to_bytes())
-    assert plan.version == 7 and plan.manifest()["b"] == ((7,), torch.bfloat16)
+    parsed = BucketPlan.from_bytes(plan.to_bytes())
+    assert parsed.version is None and parsed.manifest()["b"] == ((7,), torch.bfloat16)  # version travels beside
+    assert parsed.key == plan.key and parsed.entries == plan.entries and parsed.bucket_sizes == plan.bucket_sizes
+    assert BucketPlan.from_bytes(plan.to_bytes()) is parsed  # parsed once per layout
+    assert plan_buckets(tensors, bucket_bytes=512, version=8).key == plan.key
+    assert plan_buckets(tensors[:-1], bucket_bytes=512).key != plan.key
+    plan = parsed
     got = {}
     for b, size in enumerate(plan.bucket_sizes):
         buf = torch.empty(size, dtype=torch.uint8)

@@ -1,0 +1,116 @@
+"""Bulk application of bucketed weight updates: a validated bucket layout resolved once to parameter slices,
+then every update is a few multi-tensor copies per bucket instead of a Python round per tensor.
+
+A bucketed loader (CUDA IPC, NCCL/gloo broadcast) delivers flat uint8 buffers plus a layout that says where
+each named tensor lies in them. The layout is the same every update of a training run, so everything derived
+from it (validation against the model, destination slices, and, for loaders that reuse their buffers, the
+source views) is computed on the first update and reused::
+
+    layout (key, bucket_sizes, entries)  --validate once-->  BucketCopyPlan
+        per bucket b: dst[i] = param slice of entry i     src[i] = buf_b[offset_i : offset_i + nbytes_i] as dtype/shape
+    per update, per bucket:  torch._foreach_copy_(dst, src)
+
+The optional loader protocol (duck-typed; ``weight_sync`` implements it, the engine never imports it)::
+
+    loader.bucket_plan()       -> layout: .key (hashable), .bucket_sizes, .entries (name, shape, dtype, bucket, offset)
+    loader.iter_buckets()      -> (bucket index, uint8 buffer [>= size]) for every bucket, each once
+    loader.buckets_resident    -> True when every bucket is readable before the first is yielded (nothing can stop
+                                  half-way, so no rollback copy is needed)
+    loader.persistent_buffers  -> True when the same buffers come back on every update with this layout (the source
+                                  views are cached; a loader with fresh buffers each time must leave it False)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from engine.weights import WeightMapper
+
+
+@dataclass
+class _BucketCopies:
+    names: list[str]                        # HF names written from this bucket, in layout order
+    dst: list[torch.Tensor]                 # parameter slices (views; parameters are never reallocated)
+    layout: list[tuple[int, int, torch.dtype, tuple[int, ...]]]  # (offset, nbytes, dtype, shape) per dst
+    size: int                               # bytes the bucket must hold
+    cached_src: Optional[tuple[int, int, list[torch.Tensor]]] = None  # (data_ptr, numel, views) of a reused buffer
+
+
+@dataclass
+class BucketCopyPlan:
+    key: Any
+    buckets: list[_BucketCopies]
+    names: tuple[str, ...]                  # every HF name written, layout order
+    num_bytes: int                          # bytes of those tensors as delivered
+    dst_bytes: int = field(default=0)       # bytes of the destination slices (what a rollback copy costs)
+
+    def sources(self, bucket: int, buf: torch.Tensor, reuse: bool) -> list[torch.Tensor]:
+        """Views of ``buf`` (one bucket) as the tensors it carries; cached when the loader reuses its buffers."""
+        bc = self.buckets[bucket]
+        ptr = buf.data_ptr()
+        if reuse and bc.cached_src is not None and bc.cached_src[:2] == (ptr, buf.numel()):
+            return bc.cached_src[2]
+        views = [buf[off:off + n].view(dtype).view(shape) for off, n, dtype, shape in bc.layout]
+        bc.cached_src = (ptr, buf.numel(), views) if reuse else None
+        return views
+
+
+def check_buffer(plan: BucketCopyPlan, bucket: Any, buf: Any, seen: set[int]) -> int:
+    """Validate one yielded (bucket, buffer) pair; -> the bucket index. Raises ValueError naming the problem."""
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or not 0 <= bucket < len(plan.buckets):
+        raise ValueError(f"loader yielded bucket index {bucket!r}; the layout has {len(plan.buckets)} buckets")
+    if bucket in seen:
+        raise ValueError(f"loader yielded bucket {bucket} twice")
+    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(f"bucket {bucket} must be a contiguous 1-D uint8 tensor, got "
+                         f"{type(buf).__name__ if not isinstance(buf, torch.Tensor) else (buf.dtype, tuple(buf.shape))}")
+    if buf.numel() < plan.buckets[bucket].size:
+        raise ValueError(f"bucket {bucket} holds {buf.numel()} bytes; the layout needs {plan.buckets[bucket].size}")
+    return bucket
+
+
+def build_plan(layout: Any, mapper: WeightMapper, params: dict[str, nn.Parameter],
+               check_manifest) -> BucketCopyPlan:
+    """Validate ``layout`` against the model (``check_manifest``: the updater's whole-manifest check, raising
+    WeightUpdateError) and resolve every entry to its destination slice."""
+    sizes = tuple(int(s) for s in layout.bucket_sizes)
+    manifest: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for e in layout.entries:
+        if e.name in manifest:
+            raise ValueError(f"weight {e.name!r} appears twice in the bucket layout")
+        manifest[e.name] = (tuple(e.shape), e.dtype)
+    check_manifest(manifest)
+    buckets = [_BucketCopies([], [], [], size) for size in sizes]
+    names: list[str] = []
+    num_bytes = dst_bytes = 0
+    for e in layout.entries:
+        target = mapper.resolve(e.name)
+        if target is None:
+            continue  # deliberately ignored (tied lm_head, rotary inv_freq)
+        nbytes = math.prod(e.shape) * e.dtype.itemsize
+        if not 0 <= e.bucket < len(sizes) or e.offset < 0 or e.offset + nbytes > sizes[e.bucket]:
+            raise ValueError(f"weight {e.name!r} lies outside bucket {e.bucket} of the layout")
+        if e.offset % e.dtype.itemsize:
+            raise ValueError(f"weight {e.name!r} is at offset {e.offset}, not a multiple of its {e.dtype} size")
+        dst = params[target.param_name].data
+        if target.shard is not None:
+            dst = dst[target.shard]
+        bc = buckets[e.bucket]
+        bc.names.append(e.name)
+        bc.dst.append(dst)
+        bc.layout.append((e.offset, nbytes, e.dtype, tuple(e.shape)))
+        names.append(e.name)
+        num_bytes += nbytes
+        dst_bytes += dst.numel() * dst.element_size()
+    return BucketCopyPlan(layout.key, buckets, tuple(names), num_bytes, dst_bytes)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Per tensor: no NaN/inf (one host sync for the whole list)."""
+    if not tensors:
+        return []
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
