@@ -25,6 +25,8 @@ class EngineConfig:
     attention_backend: Optional[str] = None     # None: automatic (reference on CPU); or a registered name
     enable_cuda_graphs: bool = True             # CUDA + Triton: replay pure-decode steps from captured graphs
     cuda_graph_max_batch: int = 256             # largest captured decode batch (capped by max_num_seqs)
+    async_scheduling: bool = True               # queue decode step N+1 before reading step N's tokens
+                                                # (greedy decode steps; see LLMEngine.step)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
     host_kv_cache_bytes: int = 0                # pinned host pool for offloaded idle-session KV
@@ -43,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"EngineConfig.async_scheduling must be a bool, got {self.async_scheduling!r}")
         if not isinstance(self.enable_cuda_graphs, bool):
             raise ValueError(f"EngineConfig.enable_cuda_graphs must be a bool, got {self.enable_cuda_graphs!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",

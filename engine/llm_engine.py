@@ -23,7 +23,7 @@ from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from engine.kv_offload import HostKVCache
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingStep
 from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams, SamplingRow
 from engine.weight_update import UpdateReport, WeightUpdater, WeightUpdateError
@@ -98,6 +98,8 @@ class LLMEngine:
         self._request_counter = itertools.count()
         self._tokenizer = None
         self.updater = WeightUpdater(self.model, mc)
+        # A step queued on the device ahead of the one being read (async scheduling): (output, step, version).
+        self._pending: Optional[tuple] = None
 
     def _choose_backend(self) -> str:
         """Forced by EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND; else Triton on CUDA
@@ -258,19 +260,48 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> list[Completion]:
         """End a request now; its samples come back with finish_reason "aborted" and the tokens
-        generated so far. Unknown or finished ids return []."""
+        generated so far (a step queued ahead for it is dropped when read). Unknown or finished ids return []."""
         return [self._completion(f) for f in self.scheduler.abort(request_id)]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        self._settle_dead_pending()
+        return self.scheduler.has_unfinished() or self._pending is not None
+
+    def _settle_dead_pending(self) -> None:
+        """A step queued ahead whose every sequence has ended since (stop token, abort) has nothing left to
+        deliver: read it now rather than report unfinished work."""
+        if self._pending is None:
+            return
+        running = self.scheduler.running
+        for it in self._pending[0].scheduled:
+            seq = running.get(it.seq_id)
+            if seq is not None and seq.request_id == it.request_id:
+                return
+        self._drain_pending()
 
     def step(self) -> list[Completion]:
         """Run one step; return the samples that finished in it (plus any finished earlier that
-        ``generate`` did not claim)."""
+        ``generate`` did not claim).
+
+        Async scheduling (``EngineConfig.async_scheduling``): when the step just queued is a pure decode
+        sampled on the device, the next decode step is scheduled and queued behind it before its tokens
+        are read (``Scheduler.schedule_decode_ahead``), so the host prepares step N+1 and processes step N's
+        results while the device runs; the queued step is the one the next ``step`` call reads."""
         done, self._unclaimed = self._unclaimed, []
-        output = self.scheduler.schedule()
-        if output.is_empty:
-            return done
+        if self._pending is None:
+            output = self.scheduler.schedule()
+            if output.is_empty:
+                return done
+            self._pending = (output, self._launch(output), self.scheduler.weight_version)
+        output, pending, version = self._pending
+        self._pending = None
+        if self.config.async_scheduling and pending.on_device:
+            ahead = self.scheduler.schedule_decode_ahead(output)
+            if ahead is not None:
+                self._pending = (ahead, self._launch(ahead, pending), self.scheduler.weight_version)
+        return done + self._finish_step(output, pending.read(), version)
+
+    def _launch(self, output, prev: Optional[PendingStep] = None) -> PendingStep:
         rows = {}
         for it in output.scheduled:
             if it.sample:
@@ -280,15 +311,33 @@ class LLMEngine:
                         self._params[it.request_id], it.sample_index, it.num_output_tokens)
                 row.step = it.num_output_tokens     # the only per-step field (keys seeded draws)
                 rows[it.seq_id] = row
-        results = self.runner.execute(output, rows)
-        version = self.scheduler.weight_version
-        for seq_id, res in results.items():
-            self._logprobs[seq_id].append(res.logprob)
-            self._versions[seq_id].append(version)
+        return self.runner.launch(output, rows, prev)
+
+    def _finish_step(self, output, results: dict, version: int) -> list[Completion]:
+        """Record a read step's tokens and advance the scheduler. A row whose sequence ended (stop token,
+        abort, closed session) after the step was queued is dropped here and by ``Scheduler.update``."""
+        running = self.scheduler.running
+        for it in output.scheduled:
+            res = results.get(it.seq_id)
+            if res is None:
+                continue
+            seq = running.get(it.seq_id)
+            if seq is None or seq.request_id != it.request_id:
+                continue
+            self._logprobs[it.seq_id].append(res.logprob)
+            self._versions[it.seq_id].append(version)
             if res.top_logprobs is not None:
-                self._top_logprobs[seq_id].append(res.top_logprobs)
+                self._top_logprobs[it.seq_id].append(res.top_logprobs)
         finished = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in results.items()})
-        return done + [self._completion(f) for f in finished]
+        return [self._completion(f) for f in finished]
+
+    def _drain_pending(self) -> None:
+        """Read the step queued ahead, if any, so the scheduler's state is settled (its completions go to
+        the next ``step``)."""
+        if self._pending is not None:
+            output, pending, version = self._pending
+            self._pending = None
+            self._unclaimed.extend(self._finish_step(output, pending.read(), version))
 
     def _completion(self, f: FinishedSequence) -> Completion:
         logprobs = self._logprobs.pop(f.seq_id)
@@ -334,6 +383,7 @@ class LLMEngine:
         finally:
             for rid in ids:  # an exception mid-way must not leave our requests holding KV
                 self.scheduler.abort(rid)
+            self._settle_dead_pending()
         return [pending[rid][i] for rid in ids for i in range(len(pending[rid]))]
 
     # ------------------------------------------------------------------ weights
@@ -368,6 +418,7 @@ class LLMEngine:
     def _update_weights(self, loader, version, mode, kv, partial, check_finite, backup_budget_bytes) -> UpdateReport:
         if mode not in UPDATE_MODES:
             raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
+        self._drain_pending()   # a step queued ahead ran under the old weights: record it as such first
         if kv not in KV_POLICIES:
             raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
         if version is None:
@@ -441,6 +492,7 @@ class LLMEngine:
             "num_host_blocks": self.scheduler.kv.host.num_blocks,
             "num_free_host_blocks": self.scheduler.kv.host.num_free,
             "mean_queue_wait_s": s.queue_wait_s / max(1, s.admissions),
+            "steps_ahead": s.steps_ahead,
         }
 
     def check_integrity(self) -> None:

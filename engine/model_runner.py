@@ -102,44 +102,116 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampledToken]:
         """Run the step; ``rows`` holds the sampling settings of every item with ``sample=True``
         (keyed by seq_id). Returns seq_id -> sampled token."""
+        return self.launch(output, rows).read()
+
+    @torch.inference_mode()
+    def launch(self, output: SchedulerOutput, rows: dict[int, SamplingRow],
+               prev: "PendingStep | None" = None) -> "PendingStep":
+        """Queue the step on the device and return before its results are read (``PendingStep.read``).
+
+        ``prev``: for a decode step scheduled ahead (``Scheduler.schedule_decode_ahead``), the pending step whose
+        sampled tokens are this step's inputs: its items carry placeholder ids, and the real ids are copied on
+        the device from ``prev``'s sampled-token tensor, so nothing waits for ``prev`` to finish."""
         if output.swap_out or output.swap_in:
             assert self.host_cache is not None, "the scheduler offloaded KV without a host pool"
             self.host_cache.swap(output.swap_out, output.swap_in)
         items = output.scheduled
         if not items:
-            return {}
+            return PendingStep(items, [], [])
         batch = self._graph_batch(items)
         if batch is not None:
             self.inputs.prepare_graph_decode(items, self.graphs.inputs, batch)
+            if prev is not None:
+                self._feed_tokens(prev, items, self.graphs.inputs.input_ids)
             hidden = self.graphs.replay(batch)[:len(items)]   # [n, hidden]: every item samples
             sample_items = list(range(len(items)))
             self.step_counts["graph"] += 1
         else:
             self.step_counts["eager"] += 1
             step = self.inputs.prepare(items, output.num_batched_tokens)
+            if prev is not None:
+                self._feed_tokens(prev, items, step.input_ids)
             hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)  # [T, hidden]
             sample_items = step.sample_items
             if not sample_items:
-                return {}
+                return PendingStep(items, [], [])
             hidden = hidden[step.sample_rows]  # the last token of each sampling item
         logits = self.model.compute_logits(hidden)  # [R, vocab] float32
         sample_rows = [rows[items[i].seq_id] for i in sample_items]
-        token_ids, logprobs, tops = self._sample(logits, sample_rows)
-        return {
-            items[i].seq_id: SampledToken(token_ids[r], logprobs[r],
-                                          tops[r] if tops is not None and sample_rows[r].num_logprobs is not None
-                                          else None)
-            for r, i in enumerate(sample_items)
-        }
+        return self._sample(logits, items, sample_items, sample_rows)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]):
-        """-> (token ids, logprobs, top logprobs or None). All-greedy rows without top logprobs: argmax and
-        logsumexp on the device, one host sync; the same ops as ``Sampler`` at T = 1, so the same values."""
+    def _feed_tokens(self, prev: "PendingStep", items, input_ids: torch.Tensor) -> None:
+        """input_ids[j] = the token ``prev`` sampled for items[j]'s sequence, on the device."""
+        assert prev.token_ids is not None, "a step scheduled ahead needs a previous step sampled on the device"
+        row_of = prev.row_of_seq()
+        src = [row_of[it.seq_id] for it in items]
+        n = len(items)
+        if src == list(range(n)):
+            input_ids[:n].copy_(prev.token_ids[:n])
+        else:
+            idx = torch.tensor(src, dtype=torch.int64)
+            if self.device.type == "cuda":
+                idx = idx.pin_memory().to(self.device, non_blocking=True)   # no host sync
+            input_ids[:n].copy_(prev.token_ids.index_select(0, idx))
+
+    def _sample(self, logits: torch.Tensor, items, sample_items: list[int],
+                rows: list[SamplingRow]) -> "PendingStep":
+        """All-greedy rows without top logprobs: argmax and logsumexp on the device, one non-blocking copy
+        to pinned host memory, read later (the same ops as ``Sampler`` at T = 1, so the same values). Other
+        rows: the ``Sampler``, read now."""
         if all(r.is_greedy and r.num_logprobs is None for r in rows):
             tokens = logits.argmax(dim=-1)                                         # [R]
             lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            # one D2H read: ids < 2**24 are exact in float64 as are fp32 logprobs
-            both = torch.stack((tokens.to(torch.float64), lp.to(torch.float64))).tolist()
-            return [int(t) for t in both[0]], both[1], None
+            # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both
+            both = torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))
+            event = None
+            if self.device.type == "cuda":
+                host = torch.empty(both.shape, dtype=torch.float64, pin_memory=True)
+                host.copy_(both, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                both = host
+            return PendingStep(items, sample_items, rows, token_ids=tokens, host=both, event=event)
         out = self.sampler(logits, rows)
-        return out.token_ids, out.logprobs, out.top_logprobs
+        return PendingStep(items, sample_items, rows, sampled=out)
+
+
+class PendingStep:
+    """A step queued on the device; ``read`` waits for it and returns seq_id -> SampledToken (once)."""
+
+    def __init__(self, items, sample_items: list[int], rows: list[SamplingRow], *,
+                 token_ids: torch.Tensor | None = None, host: torch.Tensor | None = None,
+                 event=None, sampled=None) -> None:
+        self.items = items
+        self.sample_items = sample_items
+        self.rows = rows
+        self.token_ids = token_ids   # [R] int64 on the device (greedy path): inputs of a step scheduled ahead
+        self._host = host            # [2, R] float64 (pinned on CUDA): token ids and logprobs
+        self._event = event          # recorded after the device->host copy
+        self._sampled = sampled      # SamplerOutput already on the host (sampler path)
+
+    @property
+    def on_device(self) -> bool:
+        """Sampled tokens stay on the device until ``read``: a decode step can be chained after this one."""
+        return self.token_ids is not None
+
+    def row_of_seq(self) -> dict[int, int]:
+        return {self.items[i].seq_id: r for r, i in enumerate(self.sample_items)}
+
+    def read(self) -> dict[int, SampledToken]:
+        if self._sampled is not None:
+            token_ids, logprobs, tops = self._sampled.token_ids, self._sampled.logprobs, self._sampled.top_logprobs
+        elif self._host is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            both = self._host.tolist()
+            token_ids, logprobs, tops = [int(t) for t in both[0]], both[1], None
+        else:
+            return {}
+        items, rows = self.items, self.rows
+        return {
+            items[i].seq_id: SampledToken(token_ids[r], logprobs[r],
+                                          tops[r] if tops is not None and rows[r].num_logprobs is not None
+                                          else None)
+            for r, i in enumerate(self.sample_items)
+        }

@@ -77,6 +77,7 @@ class SchedulerStats:
     expired_sessions: int = 0
     queue_wait_s: float = 0.0       # summed over admissions
     admissions: int = 0
+    steps_ahead: int = 0            # decode steps scheduled before the previous step's tokens were read
 
 
 class Scheduler:
@@ -100,6 +101,10 @@ class Scheduler:
         self._inflight: dict = {}   # block key -> running sequences about to compute it
         self.admission_paused = False
         self._next_expiry_scan = float("-inf")
+        # Bumped whenever blocks are released or work is queued; an admission that found no room at epoch E
+        # (``_admission_stalled``) cannot succeed before it moves, so decode steps may be scheduled ahead.
+        self._epoch = 0
+        self._admission_stalled: Optional[int] = None
 
     # ------------------------------------------------------------------ sizing
     def blocks_needed(self, num_context_tokens: int, max_tokens: int) -> int:
@@ -145,6 +150,7 @@ class Scheduler:
         seqs[0].pending_forks = n - 1
         self._requests[request_id] = seqs
         self.waiting.append(seqs[0])
+        self._epoch += 1
         return [s.seq_id for s in seqs]
 
     def abort(self, request_id: str) -> list[FinishedSequence]:
@@ -245,6 +251,7 @@ class Scheduler:
         seq.num_turns += 1
         self._requests[request_id] = [seq]
         self.waiting.append(seq)
+        self._epoch += 1
         return seq.seq_id
 
     def close_session(self, session_id: str) -> list[FinishedSequence]:
@@ -258,6 +265,7 @@ class Scheduler:
         return finished
 
     def _release_session(self, seq: Sequence) -> None:
+        self._epoch += 1
         self.kv.unpark(seq)
         self.kv.drop(seq, count=False)
         seq.status = SequenceStatus.FINISHED
@@ -304,19 +312,68 @@ class Scheduler:
         # turns are not starved by a stream of small ones.
         # A candidate whose next prompt block is being computed by a running sequence (a GRPO
         # group sent as separate requests) is deferred, not blocking: it hits the cache next step.
+        self._admission_stalled = None
+        deferred = False
         for seq in sorted(self.waiting, key=self._admission_key):
             if budget == 0 or len(self.running) + 1 + seq.pending_forks > self.config.max_num_seqs:
                 break
             verdict = self._try_admit(seq)
             if verdict is _DEFERRED:
+                deferred = True    # admissible once a running sequence computes its block: not a stall
                 continue
             if verdict is not _ADMITTED:
+                if not deferred:
+                    self._admission_stalled = self._epoch  # no room until something is released or queued
                 break
             self.waiting.remove(seq)
             item = self._schedule_chunk(seq, budget, scheduled)
             assert item is not None, "an admitted sequence must be schedulable"
             scheduled.append(item)
             budget -= item.num_tokens
+        return self._output(scheduled)
+
+    def schedule_decode_ahead(self, prev: SchedulerOutput) -> Optional[SchedulerOutput]:
+        """The step after ``prev``, scheduled before ``prev``'s sampled tokens are known, so the engine can
+        prepare and queue it while the device still runs ``prev`` (async scheduling). None when that is not
+        possible; the engine then reads ``prev``, calls ``update`` and ``schedule`` as usual.
+
+        Only a pure-decode ``prev`` qualifies (every item one token that samples), with nothing that a full
+        ``schedule`` would do differently: no admission possible (nothing waiting, admission paused, no free
+        sequence slot, or the last admission attempt found no room and nothing has been released or queued
+        since), no pending forks, no preemption baseline. Each ``prev`` sequence still running continues with one
+        token whose id is a placeholder (-1): the engine feeds the token sampled by ``prev`` on the device. A
+        sequence that reaches max_tokens with ``prev``'s token is left out; one that stops on it (EOS, a stop
+        token) or is aborted meanwhile is computed and then ignored by ``update`` (its KV lands past its last
+        computed position: a slot no one reads, in a block no prefix-cache entry covers)."""
+        if self._recompute or prev.swap_out or prev.swap_in or not prev.scheduled:
+            return None
+        if self.waiting and not self.admission_paused and len(self.running) < self.config.max_num_seqs \
+                and self._admission_stalled != self._epoch:
+            return None
+        for it in prev.scheduled:
+            if it.num_tokens != 1 or not it.sample:
+                return None
+        self._step += 1
+        scheduled: list[ScheduledSequence] = []
+        for it in prev.scheduled:
+            seq = self.running.get(it.seq_id)
+            if seq is None or seq.request_id != it.request_id:
+                continue                                    # aborted since prev was scheduled
+            assert seq.num_computed_tokens == it.start_pos, "schedule_decode_ahead after prev's update"
+            if seq.pending_forks:
+                return None
+            if it.num_output_tokens + 1 >= seq.stop.max_tokens:
+                continue                                    # prev's token is its last (length)
+            pos = it.start_pos + 1                          # where prev's token will be computed
+            while len(seq.block_ids) < pos // self.block_size + 1:
+                self._allocate(seq, scheduled)              # from its reservation: cannot fail
+            scheduled.append(ScheduledSequence(
+                seq_id=seq.seq_id, request_id=seq.request_id, sample_index=seq.sample_index, token_ids=[-1],
+                start_pos=pos, block_ids=list(seq.block_ids), sample=True,
+                num_output_tokens=it.num_output_tokens + 1))
+        if not scheduled:
+            return None
+        self.stats.steps_ahead += 1
         return self._output(scheduled)
 
     def _output(self, scheduled: list[ScheduledSequence]) -> SchedulerOutput:
@@ -526,6 +583,7 @@ class Scheduler:
         leader.pending_forks = 0
 
     def _finish(self, seq: Sequence, reason: FinishReason, closing: bool = False) -> FinishedSequence:
+        self._epoch += 1
         self._untrack_inflight(seq)
         if seq.status is SequenceStatus.RUNNING:
             del self.running[seq.seq_id]
@@ -544,6 +602,13 @@ class Scheduler:
         seqs = self._requests[seq.request_id]
         if seq.session_id is not None:
             self.stats.finished_turns += 1
+            if seq.kv is KVLocation.DEVICE:
+                # A block taken for a decode scheduled ahead (schedule_decode_ahead) past the turn's last
+                # computed token holds nothing yet: give it back, so a parked session holds exactly its KV.
+                keep = cdiv(seq.num_computed_tokens, self.block_size)
+                if len(seq.block_ids) > keep:
+                    self.pool.release(seq.block_ids[keep:][::-1])
+                    del seq.block_ids[keep:]
             seq.status = SequenceStatus.AWAITING_INPUT
             seq.last_active = self.clock()
             self.kv.park(seq)

@@ -135,13 +135,29 @@ def test_graph_sizes_and_splits():
     assert all(s & (s - 1) == 0 for s in (decode_splits(b, 8, 132) for b in range(1, 300)))
 
 
+def _sample(runner, logits, rows):
+    """The runner's sampling of one step whose every item samples -> (ids, logprobs, tops) in row order."""
+    from scheduler import ScheduledSequence
+
+    items = [ScheduledSequence(seq_id=100 + i, request_id=f"r{i}", sample_index=0, token_ids=[1], start_pos=0,
+                               block_ids=[0], sample=True, num_output_tokens=0) for i in range(len(rows))]
+    pending = runner._sample(logits, items, list(range(len(rows))), rows)
+    out = pending.read()
+    res = [out[it.seq_id] for it in items]
+    tops = [r.top_logprobs for r in res]
+    return pending, [r.token_id for r in res], [r.logprob for r in res], (None if all(t is None for t in tops)
+                                                                          else tops)
+
+
 def test_greedy_fast_path_equals_sampler():
     torch.manual_seed(0)
     logits = torch.randn(7, 1000) * 5
     rows = [SamplingRow(0.0, -1, 1.0, 0.0, None, 0, i, None) for i in range(7)]
     runner = ModelRunner.__new__(ModelRunner)
     runner.sampler = Sampler(0)
-    ids, lps, tops = runner._sample(logits, rows)
+    runner.device = torch.device("cpu")
+    pending, ids, lps, tops = _sample(runner, logits, rows)
+    assert pending.on_device and pending.token_ids.tolist() == ids  # chainable: ids stay on the device
     # independent oracle: float64 argmax and log_softmax (fp32 reductions differ in the last bits)
     oracle = torch.log_softmax(logits.double(), dim=-1)
     assert ids == oracle.argmax(-1).tolist() and tops is None
@@ -150,9 +166,11 @@ def test_greedy_fast_path_equals_sampler():
     assert ids == ref.token_ids
     # a non-greedy row (or top logprobs) goes through Sampler
     rows[3] = SamplingRow(0.7, 5, 1.0, 0.0, 42, 0, 0, 2)
-    ids, lps, tops = runner._sample(logits, rows)
+    pending, ids, lps, tops = _sample(runner, logits, rows)
     ref = Sampler(0)(logits, rows)
-    assert ids == ref.token_ids and lps == ref.logprobs and tops == ref.top_logprobs
+    assert not pending.on_device
+    assert ids == ref.token_ids and lps == ref.logprobs
+    assert tops[3] == ref.top_logprobs[3] and all(t is None for i, t in enumerate(tops) if i != 3)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])

@@ -55,7 +55,8 @@ def test_cpu_fallback_runs_the_two_process_path(tmp_path):
     (r,) = results["nccl"]
     assert r["verify"]["bitwise_equal"] and r["verify"]["tensors_checked"] == len(wsg.hf_shapes(tmp_path / wsg.TINY))
     versions = r["keep_demo"]["versions"]
-    assert versions[:6] == [0] * 6 and set(versions[6:]) == {1} and len(versions) == 24  # switch between steps
+    n0 = versions.count(0)  # 6 steps read under v0, plus the decode queued ahead of the update (async scheduling)
+    assert n0 == 7 and versions == [0] * n0 + [1] * (24 - n0)  # one switch, between steps
     assert r["rows"][0]["raw"]["median_s"] > 0 and r["rows"][0]["update_no_backup"]["median_s"] > 0
     md = wsg.markdown(results, "abc1234", "2026-01-01 00:00 UTC")
     assert "Not run: IPC case: needs CUDA" in md and "cpu-fallback" in md and "| tiny-qwen2 |" in md
