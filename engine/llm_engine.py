@@ -299,7 +299,7 @@ class LLMEngine:
             ahead = self.scheduler.schedule_decode_ahead(output)
             if ahead is not None:
                 self._pending = (ahead, self._launch(ahead, pending), self.scheduler.weight_version)
-        return done + self._finish_step(output, pending.read(), version)
+        return done + self._finish_step(output, pending, version)
 
     def _launch(self, output, prev: Optional[PendingStep] = None) -> PendingStep:
         rows = {}
@@ -313,22 +313,26 @@ class LLMEngine:
                 rows[it.seq_id] = row
         return self.runner.launch(output, rows, prev)
 
-    def _finish_step(self, output, results: dict, version: int) -> list[Completion]:
-        """Record a read step's tokens and advance the scheduler. A row whose sequence ended (stop token,
-        abort, closed session) after the step was queued is dropped here and by ``Scheduler.update``."""
+    def _finish_step(self, output, pending: PendingStep, version: int) -> list[Completion]:
+        """Read a queued step, record its tokens and advance the scheduler. A row whose sequence ended (stop
+        token, abort, closed session) after the step was queued is dropped here and by ``Scheduler.update``."""
+        token_ids, logprobs, tops = pending.read_rows()
+        items, rows = pending.items, pending.rows
         running = self.scheduler.running
-        for it in output.scheduled:
-            res = results.get(it.seq_id)
-            if res is None:
-                continue
-            seq = running.get(it.seq_id)
+        all_logprobs, all_versions = self._logprobs, self._versions
+        sampled = {}
+        for r, i in enumerate(pending.sample_items):
+            it = items[i]
+            seq_id = it.seq_id
+            sampled[seq_id] = token_ids[r]
+            seq = running.get(seq_id)
             if seq is None or seq.request_id != it.request_id:
                 continue
-            self._logprobs[it.seq_id].append(res.logprob)
-            self._versions[it.seq_id].append(version)
-            if res.top_logprobs is not None:
-                self._top_logprobs[it.seq_id].append(res.top_logprobs)
-        finished = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in results.items()})
+            all_logprobs[seq_id].append(logprobs[r])
+            all_versions[seq_id].append(version)
+            if tops is not None and rows[r].num_logprobs is not None:
+                self._top_logprobs[seq_id].append(tops[r])
+        finished = self.scheduler.update(output, sampled)
         return [self._completion(f) for f in finished]
 
     def _drain_pending(self) -> None:
@@ -337,7 +341,7 @@ class LLMEngine:
         if self._pending is not None:
             output, pending, version = self._pending
             self._pending = None
-            self._unclaimed.extend(self._finish_step(output, pending.read(), version))
+            self._unclaimed.extend(self._finish_step(output, pending, version))
 
     def _completion(self, f: FinishedSequence) -> Completion:
         logprobs = self._logprobs.pop(f.seq_id)

@@ -198,16 +198,21 @@ class PendingStep:
     def row_of_seq(self) -> dict[int, int]:
         return {self.items[i].seq_id: r for r, i in enumerate(self.sample_items)}
 
-    def read(self) -> dict[int, SampledToken]:
+    def read_rows(self) -> tuple[list[int], list[float], list | None]:
+        """Wait for the step -> (token ids, logprobs, top logprobs or None), one entry per sample row (the
+        order of ``sample_items``)."""
         if self._sampled is not None:
-            token_ids, logprobs, tops = self._sampled.token_ids, self._sampled.logprobs, self._sampled.top_logprobs
-        elif self._host is not None:
-            if self._event is not None:
-                self._event.synchronize()
-            both = self._host.tolist()
-            token_ids, logprobs, tops = [int(t) for t in both[0]], both[1], None
-        else:
-            return {}
+            return self._sampled.token_ids, self._sampled.logprobs, self._sampled.top_logprobs
+        if self._host is None:
+            return [], [], None
+        if self._event is not None:
+            self._event.synchronize()
+        both = self._host.tolist()
+        return [int(t) for t in both[0]], both[1], None
+
+    def read(self) -> dict[int, SampledToken]:
+        """``read_rows`` keyed by seq_id, as SampledToken."""
+        token_ids, logprobs, tops = self.read_rows()
         items, rows = self.items, self.rows
         return {
             items[i].seq_id: SampledToken(token_ids[r], logprobs[r],

@@ -5,14 +5,16 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScheduledSequence:
     seq_id: int
     request_id: str
     sample_index: int         # which of the request's n samples (keys seeded sampling)
     token_ids: list[int]      # tokens to run this step: the sequence's tokens[start_pos : start_pos + len]
+                              # ([-1] placeholders for a decode scheduled ahead: the engine feeds the id)
     start_pos: int            # num_computed_tokens before this step; positions are start_pos .. start_pos+len-1
-    block_ids: list[int]      # block table covering positions [0, start_pos + len(token_ids))
+    block_ids: list[int]      # block table covering positions [0, start_pos + len(token_ids)); a snapshot,
+                              # never mutated (steps may share one)
     sample: bool              # this chunk reaches the sequence's last token: sample the next token from it
     num_output_tokens: int    # tokens generated so far in this turn (the index of the token sampled now)
     num_tokens: int = field(init=False)   # len(token_ids), read many times per step on the hot path

@@ -355,22 +355,26 @@ class Scheduler:
                 return None
         self._step += 1
         scheduled: list[ScheduledSequence] = []
+        running, bs = self.running, self.block_size
+        placeholder = [-1]   # shared: never mutated (the engine feeds the real id on the device)
         for it in prev.scheduled:
-            seq = self.running.get(it.seq_id)
+            seq = running.get(it.seq_id)
             if seq is None or seq.request_id != it.request_id:
                 continue                                    # aborted since prev was scheduled
             assert seq.num_computed_tokens == it.start_pos, "schedule_decode_ahead after prev's update"
             if seq.pending_forks:
                 return None
-            if it.num_output_tokens + 1 >= seq.stop.max_tokens:
+            num_out = it.num_output_tokens + 1
+            if num_out >= seq.stop.max_tokens:
                 continue                                    # prev's token is its last (length)
             pos = it.start_pos + 1                          # where prev's token will be computed
-            while len(seq.block_ids) < pos // self.block_size + 1:
+            if len(seq.block_ids) <= pos // bs:
                 self._allocate(seq, scheduled)              # from its reservation: cannot fail
-            scheduled.append(ScheduledSequence(
-                seq_id=seq.seq_id, request_id=seq.request_id, sample_index=seq.sample_index, token_ids=[-1],
-                start_pos=pos, block_ids=list(seq.block_ids), sample=True,
-                num_output_tokens=it.num_output_tokens + 1))
+                blocks = list(seq.block_ids)
+            else:
+                blocks = it.block_ids   # prev's snapshot, equal to seq.block_ids (snapshots are never mutated)
+            scheduled.append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, placeholder, pos,
+                                               blocks, True, num_out))
         if not scheduled:
             return None
         self.stats.steps_ahead += 1
@@ -529,28 +533,35 @@ class Scheduler:
         ``sampled`` maps seq_id -> token id for every scheduled item with ``sample=True`` (items
         of sequences aborted since ``schedule`` are ignored)."""
         finished: list[FinishedSequence] = []
+        running, stats, bs = self.running, self.stats, self.block_size
+        caching = self.pool.enable_prefix_caching
+        prefill = decode = 0
         for item in output.scheduled:
-            seq = self.running.get(item.seq_id)
-            if seq is None or seq.request_id != item.request_id:   # aborted since schedule()
+            seq = running.get(item.seq_id)
+            if seq is None or seq.request_id != item.request_id:   # ended since it was scheduled
                 continue
-            assert seq.num_computed_tokens == item.start_pos, "update out of order with schedule"
-            seq.num_computed_tokens += item.num_tokens
-            num_outputs = sum(seq.is_output[item.start_pos:item.seq_len])
-            seq.num_prefill_tokens += item.num_tokens - num_outputs
-            self.stats.prefill_tokens += item.num_tokens - num_outputs
-            self.stats.decode_tokens += num_outputs
-            if self.pool.enable_prefix_caching and seq.num_computed_tokens // self.block_size > len(seq.block_keys):
+            start, n = item.start_pos, item.num_tokens
+            assert seq.num_computed_tokens == start, "update out of order with schedule"
+            seq.num_computed_tokens = computed = start + n
+            num_outputs = seq.is_output[start] if n == 1 else sum(seq.is_output[start:computed])
+            seq.num_prefill_tokens += n - num_outputs
+            prefill += n - num_outputs
+            decode += num_outputs
+            if caching and computed // bs > len(seq.block_keys):
                 self._register_full_blocks(seq)
             if not item.sample:
                 continue
             token = sampled[item.seq_id]
             if seq.pending_forks:
                 self._fork(seq)
-            seq.token_ids.append(token)
+            tokens = seq.token_ids
+            tokens.append(token)
             seq.is_output.append(1)
-            reason = seq.stop.check(token, seq.num_output_tokens)
+            reason = seq.stop.check(token, len(tokens) - seq.num_prompt_tokens)
             if reason is not None:
                 finished.append(self._finish(seq, reason))
+        stats.prefill_tokens += prefill
+        stats.decode_tokens += decode
         return finished
 
     def _register_full_blocks(self, seq: Sequence) -> None:
