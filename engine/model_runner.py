@@ -156,39 +156,46 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, items, sample_items: list[int],
                 rows: list[SamplingRow]) -> "PendingStep":
-        """All-greedy rows without top logprobs: argmax and logsumexp on the device, one non-blocking copy
-        to pinned host memory, read later (the same ops as ``Sampler`` at T = 1, so the same values). Other
-        rows: the ``Sampler``, read now."""
+        """Sample every row on the device and queue one non-blocking copy of the results to pinned host
+        memory, read later (``PendingStep.read_rows``): no host sync here. All-greedy rows without top
+        logprobs: argmax and logsumexp (the same ops as ``Sampler`` at T = 1, so the same values); other rows:
+        ``Sampler.sample``."""
+        sample = None
         if all(r.is_greedy and r.num_logprobs is None for r in rows):
             tokens = logits.argmax(dim=-1)                                         # [R]
             lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both
-            both = torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))
-            event = None
-            if self.device.type == "cuda":
-                host = torch.empty(both.shape, dtype=torch.float64, pin_memory=True)
-                host.copy_(both, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                both = host
-            return PendingStep(items, sample_items, rows, token_ids=tokens, host=both, event=event)
-        out = self.sampler(logits, rows)
-        return PendingStep(items, sample_items, rows, sampled=out)
+        else:
+            sample = self.sampler.sample(logits, rows)
+            tokens, lp = sample.token_ids, sample.logprobs
+        # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both
+        device_side = [torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))]
+        if sample is not None and sample.asked:
+            device_side += [sample.top_vals, sample.top_ids]
+        event = None
+        if self.device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_side]
+            for h, t in zip(host, device_side):
+                h.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            device_side = host
+        return PendingStep(items, sample_items, rows, token_ids=tokens, host=device_side, event=event,
+                           sample=sample)
 
 
 class PendingStep:
-    """A step queued on the device; ``read`` waits for it and returns seq_id -> SampledToken (once)."""
+    """A step queued on the device; ``read_rows`` / ``read`` wait for it and return its samples."""
 
     def __init__(self, items, sample_items: list[int], rows: list[SamplingRow], *,
-                 token_ids: torch.Tensor | None = None, host: torch.Tensor | None = None,
-                 event=None, sampled=None) -> None:
+                 token_ids: torch.Tensor | None = None, host: list[torch.Tensor] | None = None,
+                 event=None, sample=None) -> None:
         self.items = items
         self.sample_items = sample_items
         self.rows = rows
-        self.token_ids = token_ids   # [R] int64 on the device (greedy path): inputs of a step scheduled ahead
-        self._host = host            # [2, R] float64 (pinned on CUDA): token ids and logprobs
-        self._event = event          # recorded after the device->host copy
-        self._sampled = sampled      # SamplerOutput already on the host (sampler path)
+        self.token_ids = token_ids   # [R] int64 on the device: the inputs of a decode step scheduled ahead
+        self._host = host            # [[2, R] float64 ids + logprobs, (top vals, top ids)] (pinned on CUDA)
+        self._event = event          # recorded after the device->host copies
+        self._sample = sample        # engine.sampling.DeviceSample (sampler path), for the top logprobs
 
     @property
     def on_device(self) -> bool:
@@ -201,14 +208,16 @@ class PendingStep:
     def read_rows(self) -> tuple[list[int], list[float], list | None]:
         """Wait for the step -> (token ids, logprobs, top logprobs or None), one entry per sample row (the
         order of ``sample_items``)."""
-        if self._sampled is not None:
-            return self._sampled.token_ids, self._sampled.logprobs, self._sampled.top_logprobs
         if self._host is None:
             return [], [], None
         if self._event is not None:
             self._event.synchronize()
-        both = self._host.tolist()
-        return [int(t) for t in both[0]], both[1], None
+        both = self._host[0].tolist()
+        tops = None
+        if self._sample is not None:
+            extra = [t.tolist() for t in self._host[1:]] or [None, None]
+            tops = self._sample.host_tops(*extra)
+        return [int(t) for t in both[0]], both[1], tops
 
     def read(self) -> dict[int, SampledToken]:
         """``read_rows`` keyed by seq_id, as SampledToken."""

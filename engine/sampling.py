@@ -194,48 +194,51 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        return self.sample(logits, rows).to_host()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "DeviceSample":
+        """Queue the sampling of every row on logits' device; nothing waits for the device (per-row settings
+        go up in pinned memory with non-blocking copies). ``DeviceSample.to_host`` reads the result."""
         # logits: [R, V]
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
         num_rows, vocab = logits.shape
-        if num_rows == 0:
-            return SamplerOutput([], [], None)
         device = logits.device
+        if num_rows == 0:
+            empty = torch.zeros(0, dtype=torch.float32, device=device)
+            return DeviceSample(empty.long(), empty, rows, None, None, [])
         logits = logits.float()
 
         greedy = [r.is_greedy for r in rows]
-        temps = torch.tensor([1.0 if g else r.temperature for g, r in zip(greedy, rows)],
-                             dtype=torch.float32, device=device)
+        temps = _upload([1.0 if g else r.temperature for g, r in zip(greedy, rows)], torch.float32, device)
         scaled = logits / temps[:, None]                                      # [R, V]
 
         tokens = scaled.argmax(dim=-1)                                        # [R]; greedy rows keep it
         sampled = [i for i, g in enumerate(greedy) if not g]
         if sampled:
             sub_rows = [rows[i] for i in sampled]
-            idx = torch.tensor(sampled, dtype=torch.long, device=device)
-            filtered = _apply_filters(scaled[idx], sub_rows)                  # [S, V], -inf = removed
+            filtered = scaled if len(sampled) == num_rows else scaled[_upload(sampled, torch.long, device)]
+            filtered = _apply_filters(filtered.clone() if filtered is scaled else filtered, sub_rows)  # [S, V]
             gumbel = self._exponential(sub_rows, vocab, device).log_().neg_()  # -log E, [S, V]
-            tokens[idx] = (filtered + gumbel).argmax(dim=-1)
+            choice = (filtered + gumbel).argmax(dim=-1)
+            if len(sampled) == num_rows:
+                tokens = choice
+            else:
+                tokens[_upload(sampled, torch.long, device)] = choice
 
         # log_softmax(scaled)[tok] = scaled[tok] - logsumexp(scaled): no [R, V] logprob tensor needed.
         lse = torch.logsumexp(scaled, dim=-1)                                 # [R]
         token_lp = scaled.gather(1, tokens[:, None]).squeeze(1) - lse
 
-        top_logprobs = None
-        if any(r.num_logprobs is not None for r in rows):
-            top_logprobs = [[] for _ in rows]
-            asked = [i for i, r in enumerate(rows) if r.num_logprobs]
-            if asked:
-                kmax = min(max(rows[i].num_logprobs for i in asked), vocab)
-                aidx = torch.tensor(asked, dtype=torch.long, device=device)
-                vals, ids = scaled[aidx].topk(kmax, dim=-1)                  # [A, kmax], descending
-                vals = (vals - lse[aidx, None]).tolist()
-                ids = ids.tolist()
-                for j, i in enumerate(asked):
-                    k = min(rows[i].num_logprobs, vocab)
-                    top_logprobs[i] = list(zip(ids[j][:k], vals[j][:k]))
-
-        return SamplerOutput(tokens.tolist(), token_lp.tolist(), top_logprobs)
+        top_vals = top_ids = None
+        asked = [i for i, r in enumerate(rows) if r.num_logprobs]
+        if asked:
+            kmax = min(max(rows[i].num_logprobs for i in asked), vocab)
+            aidx = _upload(asked, torch.long, device)
+            vals, top_ids = scaled[aidx].topk(kmax, dim=-1)                   # [A, kmax], descending
+            top_vals = vals - lse[aidx, None]
+        return DeviceSample(tokens, token_lp, rows, top_vals, top_ids, asked)
 
     def _exponential(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
         """E ~ Exp(1), [len(rows), vocab]; a seeded row's noise depends on (seed, sample_index, step) only."""
@@ -244,13 +247,53 @@ class Sampler:
         if unseeded:
             draw = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=device)
             draw.exponential_(generator=self._generator(device))
-            noise[torch.tensor(unseeded, dtype=torch.long, device=device)] = draw
+            noise[_upload(unseeded, torch.long, device)] = draw
         for i, r in enumerate(rows):
             if r.seed is not None:
                 gen = torch.Generator(device=device).manual_seed(mix64(r.seed, r.sample_index, r.step))
                 noise[i].exponential_(generator=gen)
         # NOTE: guard E == 0 (possible on some backends): -log(0) = inf would beat every real logit.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without a host sync: pinned staging + non-blocking copy on CUDA (a
+    pageable copy would wait for every queued kernel)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class DeviceSample:
+    """Sampled tokens still on the device (``Sampler.sample``); ``to_host`` reads them."""
+
+    token_ids: torch.Tensor            # [R] int64
+    logprobs: torch.Tensor             # [R] float32
+    rows: list[SamplingRow]
+    top_vals: torch.Tensor | None      # [A, kmax] logprobs of the asked rows' top tokens, descending
+    top_ids: torch.Tensor | None       # [A, kmax]
+    asked: list[int]                   # rows that asked for top logprobs (num_logprobs > 0)
+
+    def to_host(self) -> SamplerOutput:
+        token_ids, logprobs = self.token_ids.tolist(), self.logprobs.tolist()
+        return SamplerOutput(token_ids, logprobs, self.host_tops())
+
+    def host_tops(self, vals: list | None = None, ids: list | None = None):
+        """Per row the (token, logprob) pairs asked for ([] for a row that did not ask), or None when no row
+        asked. ``vals`` / ``ids``: the top tensors already read to the host."""
+        rows = self.rows
+        if not any(r.num_logprobs is not None for r in rows):
+            return None
+        tops: list = [[] for _ in rows]
+        if self.asked:
+            vals = self.top_vals.tolist() if vals is None else vals
+            ids = self.top_ids.tolist() if ids is None else ids
+            for j, i in enumerate(self.asked):
+                k = min(rows[i].num_logprobs, self.top_ids.shape[1])
+                tops[i] = list(zip(ids[j][:k], vals[j][:k]))
+        return tops
 
 
 def _apply_filters(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -265,17 +308,17 @@ def _apply_filters(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 
     krows = [i for i, r in enumerate(rows) if 0 < r.top_k < vocab]
     if krows:
-        kidx = torch.tensor(krows, dtype=torch.long, device=device)
-        ks = torch.tensor([rows[i].top_k for i in krows], dtype=torch.long, device=device)
+        kidx = _upload(krows, torch.long, device)
+        ks = _upload([rows[i].top_k for i in krows], torch.long, device)
         sub = scaled[kidx]
-        top_vals = sub.topk(int(ks.max()), dim=-1).values                     # [K, kmax], descending
+        top_vals = sub.topk(max(rows[i].top_k for i in krows), dim=-1).values  # host max: no sync                     # [K, kmax], descending
         kth = top_vals.gather(1, (ks - 1)[:, None])                           # [K, 1] k-th largest
         scaled[kidx] = sub.masked_fill(sub < kth, neg_inf)
 
     prows = [i for i, r in enumerate(rows) if r.top_p < 1.0]
     if prows:
-        pidx = torch.tensor(prows, dtype=torch.long, device=device)
-        ps = torch.tensor([rows[i].top_p for i in prows], dtype=torch.float32, device=device)
+        pidx = _upload(prows, torch.long, device)
+        ps = _upload([rows[i].top_p for i in prows], torch.float32, device)
         sub = scaled[pidx]
         sorted_vals, order = sub.sort(dim=-1, descending=True)                # [P, V]
         probs = sorted_vals.softmax(dim=-1)
@@ -289,9 +332,8 @@ def _apply_filters(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 
     mrows = [i for i, r in enumerate(rows) if r.min_p > 0.0]
     if mrows:
-        midx = torch.tensor(mrows, dtype=torch.long, device=device)
-        log_min_p = torch.tensor([math.log(rows[i].min_p) for i in mrows], dtype=torch.float32,
-                                 device=device)
+        midx = _upload(mrows, torch.long, device)
+        log_min_p = _upload([math.log(rows[i].min_p) for i in mrows], torch.float32, device)
         sub = scaled[midx]
         # p_i < min_p * p_max  <=>  scaled_i < scaled_max + log(min_p) (the normaliser cancels).
         threshold = sub.max(dim=-1, keepdim=True).values + log_min_p[:, None]

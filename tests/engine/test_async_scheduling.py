@@ -135,3 +135,28 @@ def test_sessions_stopping_mid_batch_same_as_sync(model_path):
         if mode:
             assert e.stats()["steps_ahead"] > 0
     assert outs[True] == outs[False]
+
+
+def test_seeded_sampling_and_top_logprobs_same_as_sync(model_path):
+    """Sampled rows are queued ahead too (sampling runs on the device, read later); seeded draws depend on
+    (seed, sample index, step) only, so the outputs equal the synchronous engine's."""
+    reqs = [(f"s{i}", [5 + i, 40, 41, 42 + i], SamplingParams(
+        n=2 if i % 2 else 1, temperature=0.8 + 0.1 * i, top_k=[-1, 20, 50][i % 3], top_p=[1.0, 0.9][i % 2],
+        min_p=0.02 * (i % 3), seed=100 + i, logprobs=[None, 3, 0][i % 3], max_tokens=10 + 3 * i,
+        stop_token_ids=(7, 19), ignore_eos=True)) for i in range(5)]
+    results = {}
+    for mode in (False, True):
+        e = make(model_path, mode)
+        submit(e, reqs)
+        results[mode] = drive(e)
+        ahead = e.stats()["steps_ahead"]
+        assert (ahead > 0) if mode else ahead == 0
+    same(results[True], results[False])
+    for k, c in results[True].items():
+        other = results[False][k]
+        assert (c.top_logprobs is None) == (other.top_logprobs is None)
+        if c.top_logprobs is not None:
+            assert [[t for t, _ in step] for step in c.top_logprobs] == \
+                [[t for t, _ in step] for step in other.top_logprobs]
+            assert len(c.top_logprobs) == len(c.token_ids)
+    assert any(c.top_logprobs and c.top_logprobs[0] for c in results[True].values())

@@ -168,7 +168,7 @@ def test_greedy_fast_path_equals_sampler():
     rows[3] = SamplingRow(0.7, 5, 1.0, 0.0, 42, 0, 0, 2)
     pending, ids, lps, tops = _sample(runner, logits, rows)
     ref = Sampler(0)(logits, rows)
-    assert not pending.on_device
+    assert pending.on_device and pending.token_ids.tolist() == ids  # sampled rows stay on the device too
     assert ids == ref.token_ids and lps == ref.logprobs
     assert tops[3] == ref.top_logprobs[3] and all(t is None for i, t in enumerate(tops) if i != 3)
 
