@@ -175,11 +175,14 @@ class LLMEngine:
         tokens = list(prompt_token_ids)
         if not tokens and not allow_empty:
             raise ValueError(f"{field} must not be empty")
-        for i, t in enumerate(tokens):
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise ValueError(f"{field}[{i}] must be an int, got {t!r}")
-            if not 0 <= t < self.vocab_size:
-                raise ValueError(f"{field}[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
+        vocab = self.vocab_size
+        # Fast path (C-level loops) for the common all-plain-int prompt; the per-token loop names the culprit.
+        if not (all(type(t) is int for t in tokens) and (not tokens or (min(tokens) >= 0 and max(tokens) < vocab))):
+            for i, t in enumerate(tokens):
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise ValueError(f"{field}[{i}] must be an int, got {t!r}")
+                if not 0 <= t < vocab:
+                    raise ValueError(f"{field}[{i}] = {t} is outside the vocabulary [0, {vocab})")
         if len(tokens) >= self.max_model_len:
             raise ContextTooLarge(f"{field} has {len(tokens)} tokens; the model's context "
                              f"(max_model_len) is {self.max_model_len}")
@@ -190,6 +193,9 @@ class LLMEngine:
         """Queue one prompt; returns its request id. Bad input raises (ValueError naming the
         field) and leaves the engine's state unchanged."""
         tokens, params = self._validate(prompt_token_ids, params)
+        return self._add_validated(tokens, params, request_id)
+
+    def _add_validated(self, tokens: list[int], params: SamplingParams, request_id: Optional[str]) -> str:
         if request_id is None:
             request_id = f"req-{next(self._request_counter)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -368,12 +374,13 @@ class LLMEngine:
             params_list = list(params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"params: got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        validated = []
         for i, (p, sp) in enumerate(zip(prompts, params_list)):
             try:
-                self._validate(p, sp)
+                validated.append(self._validate(p, sp))
             except ValueError as e:
                 raise ValueError(f"prompts[{i}]: {e}") from None
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self._add_validated(tokens, sp, None) for tokens, sp in validated]
         pending = {rid: {} for rid in ids}
         remaining = sum((sp or SamplingParams()).n for sp in params_list)
         try:
