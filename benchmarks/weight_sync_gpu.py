@@ -216,6 +216,15 @@ class _Trainer:
         return self.reply()
 
 
+def load_trainer_weights(path: str | Path, dev: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainer's random bf16 weights on ``dev`` and what to report of them (count, bytes, seconds)."""
+    t0 = time.perf_counter()
+    sd = random_state_dict(path, dev)
+    _sync(dev)
+    return sd, {"tensors": len(sd), "bytes": sum(t.numel() * t.element_size() for t in sd.values()),
+                "init_s": time.perf_counter() - t0}
+
+
 # ----------------------------------------------------------------------------------------------- IPC case
 def ipc_trainer_main(cmd_q, reply_q) -> None:
     """Trainer on cuda:0: holds a bf16 state dict and packs it into CUDA IPC buckets on demand."""
@@ -234,11 +243,7 @@ def ipc_trainer_main(cmd_q, reply_q) -> None:
             return
         try:
             if cmd == "load":
-                t0 = time.perf_counter()
-                sd = random_state_dict(args[0], dev)
-                _sync(dev)
-                value = {"tensors": len(sd), "bytes": sum(t.numel() * t.element_size() for t in sd.values()),
-                         "init_s": time.perf_counter() - t0}
+                sd, value = load_trainer_weights(args[0], dev)
             elif cmd == "pack":  # one persistent sender per bucket size: same buffers, same handles
                 bucket_bytes, version = args
                 if sender is None or sender.bucket_bytes != bucket_bytes:
@@ -393,11 +398,7 @@ def nccl_trainer_main(port: int, cuda: bool, cmd_q, reply_q) -> None:
             return
         try:
             if cmd == "load":
-                t0 = time.perf_counter()
-                sd = random_state_dict(args[0], dev)
-                _sync(dev)
-                value = {"tensors": len(sd), "bytes": sum(t.numel() * t.element_size() for t in sd.values()),
-                         "init_s": time.perf_counter() - t0}
+                sd, value = load_trainer_weights(args[0], dev)
             elif cmd == "send":
                 bucket_bytes, version = args
                 group.broadcast(barrier, 0).wait()

@@ -22,7 +22,7 @@ The optional loader protocol (duck-typed; ``weight_sync`` implements it, the eng
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -46,7 +46,6 @@ class BucketCopyPlan:
     buckets: list[_BucketCopies]
     names: tuple[str, ...]                  # every HF name written, layout order
     num_bytes: int                          # bytes of those tensors as delivered
-    dst_bytes: int = field(default=0)       # bytes of the destination slices (what a rollback copy costs)
 
     def sources(self, bucket: int, buf: torch.Tensor, reuse: bool) -> list[torch.Tensor]:
         """Views of ``buf`` (one bucket) as the tensors it carries; cached when the loader reuses its buffers."""
@@ -86,7 +85,7 @@ def build_plan(layout: Any, mapper: WeightMapper, params: dict[str, nn.Parameter
     check_manifest(manifest)
     buckets = [_BucketCopies([], [], [], size) for size in sizes]
     names: list[str] = []
-    num_bytes = dst_bytes = 0
+    num_bytes = 0
     for e in layout.entries:
         target = mapper.resolve(e.name)
         if target is None:
@@ -105,8 +104,7 @@ def build_plan(layout: Any, mapper: WeightMapper, params: dict[str, nn.Parameter
         bc.layout.append((e.offset, nbytes, e.dtype, tuple(e.shape)))
         names.append(e.name)
         num_bytes += nbytes
-        dst_bytes += dst.numel() * dst.element_size()
-    return BucketCopyPlan(layout.key, buckets, tuple(names), num_bytes, dst_bytes)
+    return BucketCopyPlan(layout.key, buckets, tuple(names), num_bytes)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> list[bool]:

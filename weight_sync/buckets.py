@@ -168,3 +168,23 @@ def unpack_bucket(plan: BucketPlan, bucket: int, buf: torch.Tensor) -> Iterator[
     """Views of ``buf`` (uint8, one bucket) as the named tensors it holds; no copy."""
     for e in plan.entries_of(bucket):
         yield e.name, buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
+
+
+class BucketedLoader:
+    """Base of the loaders that deliver flat buckets (CUDA IPC, broadcast, Ray objects): from ``bucket_plan()``
+    and ``iter_buckets()`` it derives the per-tensor side of the loader protocol (``names_and_shapes``,
+    ``iter_tensors``: views of each bucket as it arrives). The engine's bulk path uses the buckets directly."""
+
+    def bucket_plan(self) -> BucketPlan:
+        raise NotImplementedError
+
+    def iter_buckets(self) -> Iterator[tuple[int, torch.Tensor]]:
+        raise NotImplementedError
+
+    def names_and_shapes(self) -> Manifest:
+        return self.bucket_plan().manifest()
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        plan = self.bucket_plan()
+        for b, buf in self.iter_buckets():
+            yield from unpack_bucket(plan, b, buf)

@@ -26,8 +26,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from weight_sync.base import DEFAULT_BUCKET_BYTES, Manifest
-from weight_sync.buckets import BucketPlan, NamedTensors, named_tensor_list, pack_bucket, plan_buckets, unpack_bucket
+from weight_sync.base import DEFAULT_BUCKET_BYTES
+from weight_sync.buckets import BucketedLoader, BucketPlan, NamedTensors, named_tensor_list, pack_bucket, plan_buckets
 
 # Position of the device index among ``rebuild_cuda_tensor``'s arguments (torch.multiprocessing.reductions).
 _DEVICE_ARG = 6
@@ -117,7 +117,7 @@ def unmap_all() -> None:
     _MAPPINGS.clear()
 
 
-class CudaIpcLoader:
+class CudaIpcLoader(BucketedLoader):
     """Engine side. ``device``: this process's index for the sender's GPU when the two processes number GPUs
     differently (e.g. different ``CUDA_VISIBLE_DEVICES``); default: the index the sender used."""
 
@@ -137,9 +137,6 @@ class CudaIpcLoader:
         self._device_index = device if isinstance(device, int) or device is None else torch.device(device).index
         self._buffers: Optional[list[torch.Tensor]] = _map(payload, self._device_index)
 
-    def names_and_shapes(self) -> Manifest:
-        return self._plan.manifest()
-
     def bucket_plan(self) -> BucketPlan:
         return self._plan
 
@@ -147,10 +144,6 @@ class CudaIpcLoader:
         if self._buffers is None:
             raise RuntimeError("CudaIpcLoader is closed")
         yield from enumerate(self._buffers)
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for b, buf in self.iter_buckets():
-            yield from unpack_bucket(self._plan, b, buf)
 
     def close(self) -> None:
         if self._buffers is None:

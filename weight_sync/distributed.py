@@ -27,8 +27,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from weight_sync.base import DEFAULT_BUCKET_BYTES, Manifest
-from weight_sync.buckets import BucketPlan, NamedTensors, named_tensor_list, pack_bucket, plan_buckets, unpack_bucket
+from weight_sync.base import DEFAULT_BUCKET_BYTES
+from weight_sync.buckets import BucketedLoader, BucketPlan, NamedTensors, named_tensor_list, pack_bucket, plan_buckets
 
 
 @dataclass
@@ -144,7 +144,7 @@ class DistributedSender:
         return sum(e.nbytes for e in plan.entries)
 
 
-class DistributedLoader:
+class DistributedLoader(BucketedLoader):
     """Engine side of one update from ``DistributedSender`` at rank ``src``. Delivers the received buckets
     (``iter_buckets``, the engine's bulk path) or views of them (``iter_tensors``), in the group's persistent
     buffers on its device. ``close`` drains buckets not yet received so the sender never hangs."""
@@ -192,9 +192,6 @@ class DistributedLoader:
             self._plan = plan
         return self._plan
 
-    def names_and_shapes(self) -> Manifest:
-        return self._recv_plan().manifest()
-
     def bucket_plan(self) -> BucketPlan:
         return self._recv_plan()
 
@@ -216,11 +213,6 @@ class DistributedLoader:
             if self._next_post < n:
                 self._post()          # bucket b+1 into the other buffer while the engine copies b
             yield b, buf
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        plan = self._recv_plan()
-        for b, buf in self.iter_buckets():
-            yield from unpack_bucket(plan, b, buf)
 
     def close(self) -> None:
         if self._closed:

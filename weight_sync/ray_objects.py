@@ -11,8 +11,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from weight_sync.base import DEFAULT_BUCKET_BYTES, Manifest
-from weight_sync.buckets import BucketPlan, NamedTensors, named_tensor_list, pack_bucket, plan_buckets, unpack_bucket
+from weight_sync.base import DEFAULT_BUCKET_BYTES
+from weight_sync.buckets import BucketedLoader, BucketPlan, NamedTensors, named_tensor_list, pack_bucket, plan_buckets
 
 
 def put_state_dict(state_dict: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
@@ -34,7 +34,7 @@ def put_state_dict(state_dict: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_
     return refs
 
 
-class RayObjectLoader:
+class RayObjectLoader(BucketedLoader):
     """Engine side: reads the buckets of ``put_state_dict`` one at a time. Yielded tensors are read-only views of
     object-store memory, valid until the next bucket is fetched."""
 
@@ -70,9 +70,6 @@ class RayObjectLoader:
         self._get_plan()
         return self._sent_version
 
-    def names_and_shapes(self) -> Manifest:
-        return self._get_plan().manifest()
-
     def bucket_plan(self) -> BucketPlan:
         return self._get_plan()
 
@@ -88,11 +85,6 @@ class RayObjectLoader:
                 warnings.simplefilter("ignore", UserWarning)
                 buf = torch.from_numpy(arr)
             yield b, buf
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        plan = self._get_plan()
-        for b, buf in self.iter_buckets():
-            yield from unpack_bucket(plan, b, buf)
 
     def close(self) -> None:
         self._refs = self._refs[:1]  # drop our references to bucket objects so Ray can free them
