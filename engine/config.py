@@ -26,7 +26,7 @@ class EngineConfig:
     enable_cuda_graphs: bool = True             # CUDA + Triton: replay pure-decode steps from captured graphs
     cuda_graph_max_batch: int = 256             # largest captured decode batch (capped by max_num_seqs)
     async_scheduling: bool = True               # queue decode step N+1 before reading step N's tokens
-                                                # (greedy decode steps; see LLMEngine.step)
+                                                # (see LLMEngine.step, docs/scheduler.md)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
     host_kv_cache_bytes: int = 0                # pinned host pool for offloaded idle-session KV

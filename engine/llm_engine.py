@@ -278,12 +278,8 @@ class LLMEngine:
         deliver: read it now rather than report unfinished work."""
         if self._pending is None:
             return
-        running = self.scheduler.running
-        for it in self._pending[0].scheduled:
-            seq = running.get(it.seq_id)
-            if seq is not None and seq.request_id == it.request_id:
-                return
-        self._drain_pending()
+        if not any(map(self.scheduler.live_sequence, self._pending[0].scheduled)):
+            self._drain_pending()
 
     def step(self) -> list[Completion]:
         """Run one step; return the samples that finished in it (plus any finished earlier that
@@ -324,15 +320,14 @@ class LLMEngine:
         token, abort, closed session) after the step was queued is dropped here and by ``Scheduler.update``."""
         token_ids, logprobs, tops = pending.read_rows()
         items, rows = pending.items, pending.rows
-        running = self.scheduler.running
+        live = self.scheduler.live_sequence
         all_logprobs, all_versions = self._logprobs, self._versions
         sampled = {}
         for r, i in enumerate(pending.sample_items):
             it = items[i]
             seq_id = it.seq_id
             sampled[seq_id] = token_ids[r]
-            seq = running.get(seq_id)
-            if seq is None or seq.request_id != it.request_id:
+            if live(it) is None:
                 continue
             all_logprobs[seq_id].append(logprobs[r])
             all_versions[seq_id].append(version)
@@ -429,9 +424,9 @@ class LLMEngine:
     def _update_weights(self, loader, version, mode, kv, partial, check_finite, backup_budget_bytes) -> UpdateReport:
         if mode not in UPDATE_MODES:
             raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
-        self._drain_pending()   # a step queued ahead ran under the old weights: record it as such first
         if kv not in KV_POLICIES:
             raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+        self._drain_pending()   # a step queued ahead ran under the old weights: record it as such first
         if version is None:
             version = getattr(loader, "version", None)
             version = self.weight_version + 1 if version is None else version

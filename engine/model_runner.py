@@ -18,7 +18,7 @@ import torch
 from engine.attention import AttentionBackend, build_metadata
 from engine.kv_offload import HostKVCache
 from engine.model_config import ModelConfig
-from engine.sampling import Sampler, SamplingRow
+from engine.sampling import Sampler, SamplingRow, upload_nonblocking
 from engine.step_inputs import StepInputs
 from scheduler import SchedulerOutput
 
@@ -141,18 +141,18 @@ class ModelRunner:
         return self._sample(logits, items, sample_items, sample_rows)
 
     def _feed_tokens(self, prev: "PendingStep", items, input_ids: torch.Tensor) -> None:
-        """input_ids[j] = the token ``prev`` sampled for items[j]'s sequence, on the device."""
+        """input_ids[j] = the token ``prev`` sampled for items[j]'s sequence, on the device.
+
+        A step scheduled ahead lists ``prev``'s sequences in ``prev``'s order, minus those that ended: with
+        as many items as ``prev`` has sample rows, row j feeds item j (the common case, one slice copy)."""
         assert prev.token_ids is not None, "a step scheduled ahead needs a previous step sampled on the device"
-        row_of = prev.row_of_seq()
-        src = [row_of[it.seq_id] for it in items]
         n = len(items)
-        if src == list(range(n)):
+        if n == len(prev.sample_items):
             input_ids[:n].copy_(prev.token_ids[:n])
-        else:
-            idx = torch.tensor(src, dtype=torch.int64)
-            if self.device.type == "cuda":
-                idx = idx.pin_memory().to(self.device, non_blocking=True)   # no host sync
-            input_ids[:n].copy_(prev.token_ids.index_select(0, idx))
+            return
+        row_of = {prev.items[i].seq_id: r for r, i in enumerate(prev.sample_items)}
+        idx = upload_nonblocking([row_of[it.seq_id] for it in items], torch.int64, self.device)
+        input_ids[:n].copy_(prev.token_ids.index_select(0, idx))
 
     def _sample(self, logits: torch.Tensor, items, sample_items: list[int],
                 rows: list[SamplingRow]) -> "PendingStep":
@@ -201,9 +201,6 @@ class PendingStep:
     def on_device(self) -> bool:
         """Sampled tokens stay on the device until ``read``: a decode step can be chained after this one."""
         return self.token_ids is not None
-
-    def row_of_seq(self) -> dict[int, int]:
-        return {self.items[i].seq_id: r for r, i in enumerate(self.sample_items)}
 
     def read_rows(self) -> tuple[list[int], list[float], list | None]:
         """Wait for the step -> (token ids, logprobs, top logprobs or None), one entry per sample row (the

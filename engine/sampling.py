@@ -211,21 +211,23 @@ class Sampler:
         logits = logits.float()
 
         greedy = [r.is_greedy for r in rows]
-        temps = _upload([1.0 if g else r.temperature for g, r in zip(greedy, rows)], torch.float32, device)
+        temps = upload_nonblocking([1.0 if g else r.temperature for g, r in zip(greedy, rows)], torch.float32, device)
         scaled = logits / temps[:, None]                                      # [R, V]
 
         tokens = scaled.argmax(dim=-1)                                        # [R]; greedy rows keep it
         sampled = [i for i, g in enumerate(greedy) if not g]
         if sampled:
             sub_rows = [rows[i] for i in sampled]
-            filtered = scaled if len(sampled) == num_rows else scaled[_upload(sampled, torch.long, device)]
-            filtered = _apply_filters(filtered.clone() if filtered is scaled else filtered, sub_rows)  # [S, V]
+            # _apply_filters works in place on a fresh [S, V] tensor (a copy: scaled is needed below)
+            every = len(sampled) == num_rows
+            idx = None if every else upload_nonblocking(sampled, torch.long, device)
+            filtered = _apply_filters(scaled.clone() if every else scaled[idx], sub_rows)  # [S, V]
             gumbel = self._exponential(sub_rows, vocab, device).log_().neg_()  # -log E, [S, V]
             choice = (filtered + gumbel).argmax(dim=-1)
-            if len(sampled) == num_rows:
+            if every:
                 tokens = choice
             else:
-                tokens[_upload(sampled, torch.long, device)] = choice
+                tokens[idx] = choice
 
         # log_softmax(scaled)[tok] = scaled[tok] - logsumexp(scaled): no [R, V] logprob tensor needed.
         lse = torch.logsumexp(scaled, dim=-1)                                 # [R]
@@ -235,7 +237,7 @@ class Sampler:
         asked = [i for i, r in enumerate(rows) if r.num_logprobs]
         if asked:
             kmax = min(max(rows[i].num_logprobs for i in asked), vocab)
-            aidx = _upload(asked, torch.long, device)
+            aidx = upload_nonblocking(asked, torch.long, device)
             vals, top_ids = scaled[aidx].topk(kmax, dim=-1)                   # [A, kmax], descending
             top_vals = vals - lse[aidx, None]
         return DeviceSample(tokens, token_lp, rows, top_vals, top_ids, asked)
@@ -247,7 +249,7 @@ class Sampler:
         if unseeded:
             draw = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=device)
             draw.exponential_(generator=self._generator(device))
-            noise[_upload(unseeded, torch.long, device)] = draw
+            noise[upload_nonblocking(unseeded, torch.long, device)] = draw
         for i, r in enumerate(rows):
             if r.seed is not None:
                 gen = torch.Generator(device=device).manual_seed(mix64(r.seed, r.sample_index, r.step))
@@ -256,7 +258,7 @@ class Sampler:
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload_nonblocking(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on ``device`` without a host sync: pinned staging + non-blocking copy on CUDA (a
     pageable copy would wait for every queued kernel)."""
     t = torch.tensor(values, dtype=dtype)
@@ -308,17 +310,17 @@ def _apply_filters(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 
     krows = [i for i, r in enumerate(rows) if 0 < r.top_k < vocab]
     if krows:
-        kidx = _upload(krows, torch.long, device)
-        ks = _upload([rows[i].top_k for i in krows], torch.long, device)
+        kidx = upload_nonblocking(krows, torch.long, device)
+        ks = upload_nonblocking([rows[i].top_k for i in krows], torch.long, device)
         sub = scaled[kidx]
-        top_vals = sub.topk(max(rows[i].top_k for i in krows), dim=-1).values  # host max: no sync                     # [K, kmax], descending
+        top_vals = sub.topk(max(rows[i].top_k for i in krows), dim=-1).values  # [K, kmax] (host max: no sync)
         kth = top_vals.gather(1, (ks - 1)[:, None])                           # [K, 1] k-th largest
         scaled[kidx] = sub.masked_fill(sub < kth, neg_inf)
 
     prows = [i for i, r in enumerate(rows) if r.top_p < 1.0]
     if prows:
-        pidx = _upload(prows, torch.long, device)
-        ps = _upload([rows[i].top_p for i in prows], torch.float32, device)
+        pidx = upload_nonblocking(prows, torch.long, device)
+        ps = upload_nonblocking([rows[i].top_p for i in prows], torch.float32, device)
         sub = scaled[pidx]
         sorted_vals, order = sub.sort(dim=-1, descending=True)                # [P, V]
         probs = sorted_vals.softmax(dim=-1)
@@ -332,8 +334,8 @@ def _apply_filters(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 
     mrows = [i for i, r in enumerate(rows) if r.min_p > 0.0]
     if mrows:
-        midx = _upload(mrows, torch.long, device)
-        log_min_p = _upload([math.log(rows[i].min_p) for i in mrows], torch.float32, device)
+        midx = upload_nonblocking(mrows, torch.long, device)
+        log_min_p = upload_nonblocking([math.log(rows[i].min_p) for i in mrows], torch.float32, device)
         sub = scaled[midx]
         # p_i < min_p * p_max  <=>  scaled_i < scaled_max + log(min_p) (the normaliser cancels).
         threshold = sub.max(dim=-1, keepdim=True).values + log_min_p[:, None]

@@ -332,6 +332,12 @@ class Scheduler:
             budget -= item.num_tokens
         return self._output(scheduled)
 
+    def live_sequence(self, item: ScheduledSequence) -> Optional[Sequence]:
+        """The running sequence a scheduled item belongs to, or None when it has ended since the item was
+        scheduled (finished, aborted, closed; a session seq id may already serve a newer turn)."""
+        seq = self.running.get(item.seq_id)
+        return seq if seq is not None and seq.request_id == item.request_id else None
+
     def schedule_decode_ahead(self, prev: SchedulerOutput) -> Optional[SchedulerOutput]:
         """The step after ``prev``, scheduled before ``prev``'s sampled tokens are known, so the engine can
         prepare and queue it while the device still runs ``prev`` (async scheduling). None when that is not
@@ -355,11 +361,11 @@ class Scheduler:
                 return None
         self._step += 1
         scheduled: list[ScheduledSequence] = []
-        running, bs = self.running, self.block_size
+        live, bs = self.live_sequence, self.block_size
         placeholder = [-1]   # shared: never mutated (the engine feeds the real id on the device)
         for it in prev.scheduled:
-            seq = running.get(it.seq_id)
-            if seq is None or seq.request_id != it.request_id:
+            seq = live(it)
+            if seq is None:
                 continue                                    # aborted since prev was scheduled
             assert seq.num_computed_tokens == it.start_pos, "schedule_decode_ahead after prev's update"
             if seq.pending_forks:
@@ -533,12 +539,12 @@ class Scheduler:
         ``sampled`` maps seq_id -> token id for every scheduled item with ``sample=True`` (items
         of sequences aborted since ``schedule`` are ignored)."""
         finished: list[FinishedSequence] = []
-        running, stats, bs = self.running, self.stats, self.block_size
+        live, stats, bs = self.live_sequence, self.stats, self.block_size
         caching = self.pool.enable_prefix_caching
         prefill = decode = 0
         for item in output.scheduled:
-            seq = running.get(item.seq_id)
-            if seq is None or seq.request_id != item.request_id:   # ended since it was scheduled
+            seq = live(item)
+            if seq is None:   # ended since it was scheduled
                 continue
             start, n = item.start_pos, item.num_tokens
             assert seq.num_computed_tokens == start, "update out of order with schedule"
