@@ -10,7 +10,10 @@ What a step needs on the device, for T new tokens of B sequences (block tables w
     block_tables   int32 [B, w]   entries past a sequence's own blocks are never read
     sample_rows    int64 [R]      flat row of the last token of each sampling sequence (eager steps)
 
-Byte layout of the staging buffer, each section 8-byte aligned so the device buffer can be viewed per dtype::
+Byte layout of the staging buffer, each section 16-byte aligned. 8 would do for viewing the buffer per dtype,
+but Triton specializes a kernel on whether each pointer argument is 16-byte aligned: with sections whose
+alignment followed T and B, every new alignment class compiled (or loaded) the attention and KV-store kernels
+again in the middle of a run. At 16 every step has one class, the one warmed up at load::
 
     | input_ids | positions | slot_mapping | seq_lens | query_start_loc | sample_rows | block_tables |
 
@@ -35,8 +38,8 @@ from engine.attention.base import AttentionMetadata
 from scheduler import ScheduledSequence
 
 
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
+def _align16(n: int) -> int:
+    return (n + 15) & ~15
 
 
 @dataclass
@@ -51,13 +54,13 @@ class Layout:
     def __post_init__(self) -> None:
         t, b = self.num_tokens, self.num_seqs
         self.ids = 0
-        self.pos = self.ids + 8 * t
-        self.slots = self.pos + 8 * t
-        self.seq_lens = self.slots + 8 * t
-        self.qsl = _align8(self.seq_lens + 4 * b)
-        self.rows = _align8(self.qsl + 4 * (b + 1))
-        self.tables = self.rows + 8 * self.num_sample_rows
-        self.nbytes = _align8(self.tables + 4 * b * self.width)
+        self.pos = _align16(self.ids + 8 * t)
+        self.slots = _align16(self.pos + 8 * t)
+        self.seq_lens = _align16(self.slots + 8 * t)
+        self.qsl = _align16(self.seq_lens + 4 * b)
+        self.rows = _align16(self.qsl + 4 * (b + 1))
+        self.tables = _align16(self.rows + 8 * self.num_sample_rows)
+        self.nbytes = _align16(self.tables + 4 * b * self.width)
 
 
 def _view(buf, offset: int, count: int, dtype):
