@@ -19,7 +19,7 @@ from engine.attention import build_metadata, build_positions, get_backend  # noq
 from engine.cuda_graphs import decode_splits, graph_batch_sizes  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
 from engine.sampling import Sampler, SamplingRow  # noqa: E402
-from engine.step_inputs import GraphInputs, StepInputs  # noqa: E402
+from engine.step_inputs import GraphInputs, Layout, StepInputs  # noqa: E402
 from scheduler import ScheduledSequence  # noqa: E402
 
 BS = 4
@@ -96,6 +96,17 @@ def test_incremental_block_tables_follow_growing_decodes():
     # a new turn (num_output_tokens == 0) with different blocks of the same count rebuilds the table
     items = [_item(sid, lens[sid], 1, [b + 5000 for b in tables[sid]], out=0) for sid in sorted(tables)]
     _assert_meta_equal(inputs.prepare(items, len(items)).meta, _expected(items))
+
+
+@pytest.mark.parametrize("t, b, r, w", [(1, 1, 1, 1), (7, 3, 2, 5), (8193, 255, 17, 33), (21, 2, 1, 2)])
+def test_every_staging_section_is_16_byte_aligned(t, b, r, w):
+    """Triton compiles a kernel variant per pointer-alignment class: sections whose alignment followed T and B
+    made a fresh machine compile attention kernels mid-run."""
+    lay = Layout(t, b, r, w)
+    offsets = [lay.ids, lay.pos, lay.slots, lay.seq_lens, lay.qsl, lay.rows, lay.tables, lay.nbytes]
+    assert all(o % 16 == 0 for o in offsets), offsets
+    sizes = [8 * t, 8 * t, 8 * t, 4 * b, 4 * (b + 1), 8 * r, 4 * b * w]
+    assert all(offsets[i] + sizes[i] <= offsets[i + 1] for i in range(7))   # sections never overlap
 
 
 def test_step_inputs_reject_short_block_tables():
