@@ -79,7 +79,7 @@ def shape_dir(shape: str, root: Path) -> Path:
 def make_engine(path: Path, args, shape: str, **kw) -> LLMEngine:
     cfg = dict(model=str(path), device=args.device, dtype=args.dtype,
                load_format="safetensors" if shape == "tiny" else "dummy", max_model_len=args.max_model_len,
-               max_num_seqs=256, max_num_batched_tokens=args.max_batched_tokens)
+               max_num_seqs=256, max_num_batched_tokens=args.max_batched_tokens, decode_gemv=args.decode_gemv)
     cfg.update(kw)
     t0 = time.perf_counter()
     eng = LLMEngine(EngineConfig(**cfg))
@@ -257,6 +257,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--decode-ctx", type=int, default=512)
     ap.add_argument("--decode-iters", type=int, default=30)
+    ap.add_argument("--no-pdl", action="store_true", help="launch the Triton kernels without programmatic "
+                    "dependent launch (engine.kernels.pdl), for comparison")
+    ap.add_argument("--decode-gemv", default="auto", choices=("auto", "on", "off"),
+                    help="EngineConfig.decode_gemv: matrix-vector kernels for decode batches of 1-4 rows")
     ap.add_argument("--w1-requests", type=int, default=256)
     ap.add_argument("--w1-output", type=int, default=512)
     ap.add_argument("--hf-requests", type=int, default=64, help="transformers baseline runs this many of W1's")
@@ -282,6 +286,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.no_pdl:
+        from engine.kernels import pdl
+        pdl.set_enabled(False)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="throughput-"))
     small, large = ("tiny", "tiny") if args.tiny else ("qwen2.5-0.5b", "llama-3.1-8b")
@@ -381,6 +388,12 @@ def decode_rows(res: dict, eng: LLMEngine, shape: str, args) -> None:
         log(f"  decode {shape} B={r['batch']}: graph {r.get('graph_ms', float('nan')):.3f} ms, "
             f"eager {r['eager_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms")
     res["decode"][shape] = {"weight_bytes": wb, "rows": rows}
+    graphs = eng.runner.graphs
+    if graphs is not None:
+        # what graph capture measured for batches of 1-4 rows: matrix-vector kernels vs cuBLAS
+        res["decode"][shape]["gemv"] = {bs: {"chosen": graphs.gemv[bs], **graphs.timings.get(bs, {})}
+                                        for bs in graphs.sizes if bs <= 4}
+        log(f"  decode {shape} graphs with matrix-vector kernels: {res['decode'][shape]['gemv']}")
     save(res, args)
 
 
@@ -453,6 +466,13 @@ def tables(res: dict, args) -> tuple[str, str]:
              "results; async scheduling overlaps the host work with the device), median. Graph / eager step = "
              "one synchronous `ModelRunner.execute` (inputs, forward, logits, greedy sampling, host sync). "
              "Floor = (weight bytes + KV bytes read) / copy BW."]
+    for shape, d in res["decode"].items():
+        g = d.get("gemv")
+        if g:
+            notes.append(f"{shape} decode graphs of 1-4 rows (decode_gemv={args.decode_gemv}): " + "; ".join(
+                f"B={bs}: " + (f"matrix-vector {v['gemv']:.3f} ms vs cuBLAS {v['cublas']:.3f} ms per replay at "
+                               "capture -> " if "gemv" in v else "") + ("matrix-vector" if v["chosen"] else "cuBLAS")
+                for bs, v in g.items()) + ".")
     for key in ("w1", "w2", "w3"):
         if key in res and res[key].get("time_split_s"):
             sp = res[key]["time_split_s"]

@@ -25,6 +25,9 @@ class EngineConfig:
     attention_backend: Optional[str] = None     # None: automatic (reference on CPU); or a registered name
     enable_cuda_graphs: bool = True             # CUDA + Triton: replay pure-decode steps from captured graphs
     cuda_graph_max_batch: int = 256             # largest captured decode batch (capped by max_num_seqs)
+    decode_gemv: str = "auto"                   # decode batches of 1-4 rows: Triton matrix-vector kernels
+                                                # (fused norm / SiLU) or cuBLAS; "auto" measures both at
+                                                # graph capture and keeps the faster; "on" | "off" force it
     async_scheduling: bool = True               # queue decode step N+1 before reading step N's tokens
                                                 # (see LLMEngine.step, docs/scheduler.md)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
@@ -47,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"EngineConfig.async_scheduling must be a bool, got {self.async_scheduling!r}")
+        if self.decode_gemv not in ("auto", "on", "off"):
+            raise ValueError(f"EngineConfig.decode_gemv must be 'auto', 'on' or 'off', got {self.decode_gemv!r}")
         if not isinstance(self.enable_cuda_graphs, bool):
             raise ValueError(f"EngineConfig.enable_cuda_graphs must be a bool, got {self.enable_cuda_graphs!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",

@@ -88,7 +88,7 @@ class LLMEngine:
                                   self.device, Sampler(config.seed), host_cache,
                                   enable_cuda_graphs=config.enable_cuda_graphs,
                                   cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len, decode_gemv=config.decode_gemv)
         self._params: dict[str, SamplingParams] = {}
         self._logprobs: dict[int, list[float]] = {}
         self._versions: dict[int, list[int]] = {}

@@ -10,6 +10,7 @@ sampled rows only; an all-greedy batch is sampled with argmax + logsumexp and re
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -38,11 +39,12 @@ class ModelRunner:
                  block_size: int, device: torch.device, sampler: Sampler,
                  host_cache: HostKVCache | None = None, *,
                  enable_cuda_graphs: bool = True, cuda_graph_max_batch: int = 256,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, decode_gemv: str = "auto") -> None:
         """enable_cuda_graphs: capture decode graphs now (CUDA + the Triton backend only);
         cuda_graph_max_batch: the largest captured batch (the largest size of 1, 2, 4 .. 256 up to it);
         max_model_len: the longest sequence a graph must hold (block-table width), default the model's
-        max_position_embeddings."""
+        max_position_embeddings; decode_gemv: matrix-vector kernels for decode batches of 1-4 rows, "auto"
+        (measured at capture), "on" or "off" (``engine.cuda_graphs``)."""
         self.model = model
         self.model_config = model_config
         self.kv_caches = kv_caches
@@ -56,6 +58,18 @@ class ModelRunner:
         # Replay captured graphs when set (tests and benchmarks flip it to compare with eager).
         self.use_cuda_graphs = True
         self.step_counts = {"graph": 0, "eager": 0}  # steps by path (benchmarks read it)
+        self.decode_gemv = decode_gemv
+        # Greedy rows sampled by two Triton kernels on CUDA (None: torch ops); models whose compute_logits
+        # takes ``upcast`` hand them the lm_head's dtype.
+        self._greedy_kernel = None
+        if self.device.type == "cuda":
+            from engine.models.decoder import fused_kernels
+            kernels = fused_kernels()
+            self._greedy_kernel = kernels.greedy_sample if kernels is not None else None
+        self._raw_logits = "upcast" in inspect.signature(model.compute_logits).parameters
+        if decode_gemv == "on" and self.device.type == "cuda" and hasattr(model, "set_gemv_rows"):
+            from engine.kernels.gemv import MAX_ROWS
+            model.set_gemv_rows(MAX_ROWS)  # eager forwards too, with or without graphs
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
             self.capture_cuda_graphs(cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings)
         if self.device.type == "cuda":
@@ -82,6 +96,7 @@ class ModelRunner:
         from engine.attention.triton_backend import TritonBackend
         from engine.cuda_graphs import DecodeGraphs, decode_splits
         from engine.kernels.attention import _num_sms
+        from engine.kernels.gemv import MAX_ROWS
 
         sms = _num_sms(self.device.index if self.device.index is not None else torch.cuda.current_device())
         hkv = self.model_config.num_kv_heads
@@ -89,7 +104,8 @@ class ModelRunner:
         with torch.inference_mode():
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, lambda bs: TritonBackend(decode_num_splits=decode_splits(bs, hkv, sms)),
-                self.block_size, -(-max_model_len // self.block_size), max_batch, self.device)
+                self.block_size, -(-max_model_len // self.block_size), max_batch, self.device,
+                decode_gemv=self.decode_gemv, gemv_max_rows=MAX_ROWS if hasattr(self.model, "set_gemv_rows") else 0)
 
     def _graph_batch(self, items) -> int | None:
         if self.graphs is None or not self.use_cuda_graphs:
@@ -136,9 +152,15 @@ class ModelRunner:
             if not sample_items:
                 return PendingStep(items, [], [])
             hidden = hidden[step.sample_rows]  # the last token of each sampling item
-        logits = self.model.compute_logits(hidden)  # [R, vocab] float32
         sample_rows = [rows[items[i].seq_id] for i in sample_items]
-        return self._sample(logits, items, sample_items, sample_rows)
+        greedy = all(r.is_greedy and r.num_logprobs is None for r in sample_rows)
+        if greedy and self._greedy_kernel is not None:
+            # the kernel reads the lm_head's own dtype: no float32 copy of the logits
+            logits = self.model.compute_logits(hidden, upcast=False) if self._raw_logits \
+                else self.model.compute_logits(hidden)                  # [R, vocab]
+        else:
+            logits = self.model.compute_logits(hidden)  # [R, vocab] float32
+        return self._sample(logits, items, sample_items, sample_rows, greedy)
 
     def _feed_tokens(self, prev: "PendingStep", items, input_ids: torch.Tensor) -> None:
         """input_ids[j] = the token ``prev`` sampled for items[j]'s sequence, on the device.
@@ -155,20 +177,25 @@ class ModelRunner:
         input_ids[:n].copy_(prev.token_ids.index_select(0, idx))
 
     def _sample(self, logits: torch.Tensor, items, sample_items: list[int],
-                rows: list[SamplingRow]) -> "PendingStep":
+                rows: list[SamplingRow], greedy: bool) -> "PendingStep":
         """Sample every row on the device and queue one non-blocking copy of the results to pinned host
         memory, read later (``PendingStep.read_rows``): no host sync here. All-greedy rows without top
-        logprobs: argmax and logsumexp (the same ops as ``Sampler`` at T = 1, so the same values); other rows:
+        logprobs (``greedy``): argmax and logsumexp, in two Triton kernels on CUDA
+        (``engine.kernels.greedy``), else the same torch ops as ``Sampler`` at T = 1; other rows:
         ``Sampler.sample``."""
         sample = None
-        if all(r.is_greedy and r.num_logprobs is None for r in rows):
-            tokens = logits.argmax(dim=-1)                                         # [R]
-            lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        if greedy and self._greedy_kernel is not None:
+            tokens, pair = self._greedy_kernel(logits)                             # [R], [2, R] float64
+            device_side = [pair]
         else:
-            sample = self.sampler.sample(logits, rows)
-            tokens, lp = sample.token_ids, sample.logprobs
-        # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both
-        device_side = [torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))]
+            if greedy:
+                tokens = logits.argmax(dim=-1)                                     # [R]
+                lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            else:
+                sample = self.sampler.sample(logits, rows)
+                tokens, lp = sample.token_ids, sample.logprobs
+            # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both
+            device_side = [torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))]
         if sample is not None and sample.asked:
             device_side += [sample.top_vals, sample.top_ids]
         event = None

@@ -64,6 +64,10 @@ class AttentionBackend(ABC):
     ``engine.attention`` (``get_backend``)."""
 
     name: str = "abstract"
+    # True when the backend has ``forward_rotary(q, k, v, cos, sin, k_cache, v_cache, meta, scale)``: the
+    # model's rotary embedding applied inside the KV store (q rotated in place, k rotated into the cache),
+    # then ``forward``'s attention. The fused-ops model path calls it instead of rotary + ``forward``.
+    fuses_rotary: bool = False
 
     @abstractmethod
     def forward(

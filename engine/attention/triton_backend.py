@@ -18,6 +18,7 @@ from engine.attention.base import AttentionBackend, AttentionMetadata
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+    fuses_rotary = True
 
     def __init__(self, decode_num_splits: int | None = None) -> None:
         """decode_num_splits: fixed split count for decode (set it when capturing CUDA graphs, whose grid
@@ -26,6 +27,7 @@ class TritonBackend(AttentionBackend):
 
         self._attention = attention
         self._store_kv = kv_store.store_kv
+        self._rotary_store_kv = kv_store.rotary_store_kv
         self.decode_num_splits = decode_num_splits
 
     def forward(
@@ -41,6 +43,18 @@ class TritonBackend(AttentionBackend):
         assert k_cache.shape[1] == meta.block_size, "cache block_size disagrees with the metadata"
         assert q.shape[0] == meta.num_tokens, "one slot per new token"
         self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self._attend(q, k_cache, v_cache, meta, scale)
+
+    def forward_rotary(self, q, k, v, cos, sin, k_cache, v_cache, meta, scale):
+        """Rotary and the KV store in one kernel (q rotated in place, k rotated into the cache), then
+        attention."""
+        assert k_cache.shape[1] == meta.block_size, "cache block_size disagrees with the metadata"
+        assert q.shape[0] == meta.num_tokens, "one slot per new token"
+        self._rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        return self._attend(q, k_cache, v_cache, meta, scale)
+
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
         if meta.is_decode:
             num_splits = self.decode_num_splits
             if num_splits is None:

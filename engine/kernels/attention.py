@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
+
 _LOG2E = 1.4426950408889634
 
 
@@ -74,9 +76,12 @@ def _decode_kernel(
     qk_scale, num_splits,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # grid: (num_seqs, num_kv_heads, num_splits); sequence s's one query token is row s of q.
+    if USE_PDL:  # see engine.kernels.pdl: q and this step's K/V come from the previous kernels
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,7 +132,11 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     # grid: (num_seqs, num_heads). Merge the splits: out = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m).
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -202,6 +211,7 @@ def paged_decode_attention(
     block_n = block_n or 64
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
+    pdl = use_pdl(q)
     if direct:
         part_o = part_lse = out  # unused
     else:
@@ -214,14 +224,14 @@ def paged_decode_attention(
         scale * _LOG2E, num_splits,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        DIRECT=direct, IEEE=_ieee_dot(k_cache.dtype),
-        num_warps=4,
+        DIRECT=direct, IEEE=_ieee_dot(k_cache.dtype), USE_PDL=pdl,
+        num_warps=4, **launch_options(pdl),
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=1,
+            BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=pdl, num_warps=1, **launch_options(pdl),
         )
     return out
 

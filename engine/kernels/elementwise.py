@@ -12,17 +12,24 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
+
 
 # -------------------------------------------------------------------------------------------------- RMSNorm
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    if USE_PDL:  # see engine.kernels.pdl: only the weight is read before the wait
+        gdc_launch_dependents()
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if USE_PDL:
+        gdc_wait()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # the model adds in its dtype (residual + branch output): round the sum before normalizing
@@ -32,7 +39,6 @@ def _rms_norm_kernel(
     x32 = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
     y = (x32 * inv_rms).to(x_ptr.dtype.element_ty)  # cast back before the weight multiply, as RMSNorm does
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -69,11 +75,12 @@ def rms_norm(
         r2 = ro2 = x2  # unused
         residual_out = x
     if rows > 0:
+        pdl = use_pdl(x2)
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out2, ro2,
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), n, eps,
-            BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=residual is not None,
-            num_warps=min(16, max(1, triton.next_power_of_2(n) // 256)),
+            BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=residual is not None, USE_PDL=pdl,
+            num_warps=min(16, max(1, triton.next_power_of_2(n) // 256)), **launch_options(pdl),
         )
     return out, residual_out
 

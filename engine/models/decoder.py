@@ -169,6 +169,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, dtype=dtype)
+        # Fused-ops forwards of at most this many tokens use the matrix-vector kernels (0 = never): set
+        # per captured batch size by ``engine.cuda_graphs``, which measures both ways (CausalLM.set_gemv_rows).
+        self.gemv_rows = 0
 
     def forward(
         self,
@@ -212,9 +215,33 @@ class DecoderLayer(nn.Module):
         """The same function as ``forward`` with the residual carried apart: returns (MLP output, residual
         stream before it), whose sum is what ``forward`` returns (the next norm adds them)."""
         T = hidden.shape[0]
+        if T <= self.gemv_rows:
+            return self._forward_fused_gemv(hidden, residual, cos, sin, kv_cache, meta, backend, kernels)
         eps = self.input_layernorm.eps
         x, residual = kernels.rms_norm(hidden, self.input_layernorm.weight, eps, residual)
         qkv = self.qkv_proj(x)                                                 # [T, q + 2 kv]
+        attn = self._attention(qkv, cos, sin, kv_cache, meta, backend, kernels)
+        hidden = self.o_proj(attn.reshape(T, self.q_size))
+        x, residual = kernels.rms_norm(hidden, self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.eps, residual)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))), residual
+
+    def _forward_fused_gemv(self, hidden, residual, cos, sin, kv_cache, meta, backend, kernels):
+        """``forward_fused`` for a few rows (decode batches up to ``gemv_rows``), with the matrix-vector
+        kernels of ``engine.kernels.gemv``: each RMSNorm runs inside the projection after it, SiLU-and-mul
+        inside the down projection: 4 launches instead of 7 around the attention."""
+        T = hidden.shape[0]
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = kernels.norm_gemv(hidden, residual, ln1.weight, ln1.eps, self.qkv_proj.weight,
+                                          self.qkv_proj.bias)                # [T, q + 2 kv]
+        attn = self._attention(qkv, cos, sin, kv_cache, meta, backend, kernels)
+        hidden = kernels.gemv(attn.reshape(T, self.q_size), self.o_proj.weight, self.o_proj.bias)
+        gate_up, residual = kernels.norm_gemv(hidden, residual, ln2.weight, ln2.eps, self.gate_up_proj.weight)
+        return kernels.silu_mul_gemv(gate_up, self.down_proj.weight), residual
+
+    def _attention(self, qkv, cos, sin, kv_cache, meta, backend, kernels) -> torch.Tensor:
+        """Fused-ops attention of the qkv projection [T, q + 2 kv] -> [T, Hq, D]."""
+        T = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)       # views into qkv: row stride q + 2 kv
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -222,12 +249,10 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]   # new contiguous tensors
             k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
+        if backend.fuses_rotary:
+            return backend.forward_rotary(q, k, v, cos, sin, kv_cache[0], kv_cache[1], meta, self.scale)
         kernels.apply_rotary_(q, k, cos, sin)                                  # in place
-        attn = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
-        hidden = self.o_proj(attn.reshape(T, self.q_size))
-        x, residual = kernels.rms_norm(hidden, self.post_attention_layernorm.weight,
-                                       self.post_attention_layernorm.eps, residual)
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))), residual
+        return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
 
 
 class CausalLM(nn.Module):
@@ -262,6 +287,15 @@ class CausalLM(nn.Module):
         if kernels is None and self.use_fused_ops:
             raise RuntimeError("use_fused_ops=True but engine.kernels (triton) cannot be imported")
         return kernels
+
+    def set_gemv_rows(self, rows: int) -> None:
+        """Fused-ops forwards of at most ``rows`` tokens run the matrix-vector kernels (0: never); capped at
+        what the kernels take (``engine.kernels.gemv.MAX_ROWS``)."""
+        if rows:
+            from engine.kernels.gemv import MAX_ROWS
+            rows = min(rows, MAX_ROWS)
+        for layer in self.layers:
+            layer.gemv_rows = rows
 
     def tie_weights(self) -> None:
         """Make lm_head use embed_tokens' Parameter when tied (one tensor, two names).
@@ -301,6 +335,8 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, cos, sin, kv_cache, meta, backend)
         return self.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [R, hidden] (the rows to sample from) -> [R, vocab] float32."""
-        return F.linear(hidden, self.lm_head.weight).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden: [R, hidden] (the rows to sample from) -> [R, vocab] float32 (the weights' dtype when
+        ``upcast`` is False: for kernels that read it directly)."""
+        logits = F.linear(hidden, self.lm_head.weight)
+        return logits.float() if upcast else logits

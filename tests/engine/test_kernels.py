@@ -27,12 +27,14 @@ from engine.attention import TorchReferenceBackend, build_metadata, get_backend 
 if not torch.cuda.is_available() and "engine.kernels" in sys.modules:
     # imported earlier in this process without the interpreter: re-decorate the kernels
     for name in ("engine.kernels.kv_store", "engine.kernels.attention", "engine.kernels.elementwise",
-                 "engine.kernels"):
+                 "engine.kernels.gemv", "engine.kernels"):
         importlib.reload(sys.modules[name])
 
 from engine.attention import triton_backend  # noqa: E402
-from engine.kernels import (apply_rotary_, paged_decode_attention, paged_extend_attention,  # noqa: E402
-                            rms_norm, silu_and_mul, store_kv)
+from engine.kernels import (apply_rotary_, gemv, greedy_sample, norm_gemv, paged_decode_attention,  # noqa: E402
+                            paged_extend_attention, rms_norm, rotary_store_kv, silu_and_mul, silu_mul_gemv,
+                            store_kv)
+from engine.kernels.gemv import GemvConfig, default_config  # noqa: E402
 from engine.models.decoder import RMSNorm, apply_rotary  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,6 +104,143 @@ def test_store_kv_skips_negative_slots(dtype):
     store_kv(k, v, k_cache, v_cache, slots)
     torch.testing.assert_close(k_cache, k_exp, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,head_dim", [((4, 2), 16), ((6, 2), 32), ((2, 1), 64)])
+def test_rotary_store_kv_equals_rotary_then_store(dtype, heads, head_dim):
+    T, (Hq, Hkv), D, NB, BS = 7, heads, head_dim, 5, 4
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device=DEVICE).to(dtype)
+    q = qkv[:, :Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+    angles = torch.rand(T, D // 2, device=DEVICE) * 100
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.randperm(NB * BS, device=DEVICE)[:T]
+    slots[[1, 4]] = -1  # padding rows: q is still rotated, nothing reaches the cache
+    # oracle: torch rotary, then the cache written at the kept slots
+    q_exp, k_rot = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k_before = k.clone()
+    k_exp, v_exp = _nan((NB, BS, Hkv, D), dtype), _nan((NB, BS, Hkv, D), dtype)
+    keep = slots >= 0
+    k_exp.view(-1, Hkv, D)[slots[keep]] = k_rot[keep]
+    v_exp.view(-1, Hkv, D)[slots[keep]] = v[keep]
+    k_cache, v_cache = _nan((NB, BS, Hkv, D), dtype), _nan((NB, BS, Hkv, D), dtype)
+    rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    torch.testing.assert_close(q, q_exp, **TOL[dtype])
+    torch.testing.assert_close(k_cache, k_exp, equal_nan=True, **TOL[dtype])
+    torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0, equal_nan=True)
+    assert torch.equal(k, k_before)  # the rotated k goes to the cache only
+
+
+def test_backend_forward_rotary_equals_rotary_then_forward():
+    b = Batch(*MIXED, 4, 4, 2, 32, torch.float32)
+    T = b.q.shape[0]
+    angles = torch.rand(T, 16, device=DEVICE) * 50
+    cos, sin = angles.cos(), angles.sin()
+    backend = triton_backend.TritonBackend()
+    assert backend.fuses_rotary
+    q, k = b.q.clone(), b.k.clone()
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    out = backend.forward_rotary(q, k, b.v, cos, sin, kc, vc, b.meta, b.scale)
+    q_ref, k_ref = apply_rotary(b.q, cos, sin), apply_rotary(b.k, cos, sin)
+    ref = TorchReferenceBackend().forward(q_ref, k_ref, b.v, b.k_cache, b.v_cache, b.meta, b.scale)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(kc, b.k_cache, equal_nan=True, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------------------------- greedy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(1, 100), (3, 9000), (4, 12289)])
+def test_greedy_sample_matches_argmax_and_log_softmax(dtype, rows, vocab):
+    logits = (5 * torch.randn(rows, vocab, device=DEVICE)).to(dtype)
+    if vocab > 4100:
+        # equal maxima in two vocab chunks (4096 wide): the first index wins, as torch.argmax
+        logits[0, 4100] = logits[0, 10] = logits[0].max() + 1
+        logits[-1, :4096] = float("-inf")   # a whole chunk masked: no NaN from it
+    token_ids, pair = greedy_sample(logits)
+    oracle = torch.log_softmax(logits.double(), dim=-1)
+    expected = oracle.argmax(-1)
+    assert torch.equal(token_ids, expected) and token_ids.dtype == torch.int64
+    if vocab > 4100:
+        assert token_ids[0].item() == 10
+    assert torch.equal(pair[0], expected.double())
+    torch.testing.assert_close(pair[1], oracle.max(-1).values, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- gemv
+GEMV_CONFIGS = [None, GemvConfig(2, 64, 4), GemvConfig(8, 128, 4, reduce_each=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("n,k,bias", [(17, 40, True), (64, 256, False), (33, 300, True)])
+def test_gemv_matches_linear(dtype, rows, n, k, bias):
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+    for config in GEMV_CONFIGS:
+        out = _nan((rows, n), dtype)
+        assert gemv(x, w, b, out=out, config=config) is out
+        torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_silu_mul_gemv_matches_silu_and_mul_then_linear(dtype, rows):
+    n, inter = 24, 200   # inter not a multiple of the K step: the tail is masked
+    gate_up = (3 * torch.randn(rows, 2 * inter, device=DEVICE)).to(dtype)
+    w = (torch.randn(n, inter, device=DEVICE) / inter ** 0.5).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.linear((F.silu(gate) * up).double(), w.double())
+    tol = TOL[dtype]
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        # the interpreter truncates the two bf16 roundings of each of the 200 products (see test_rms_norm)
+        tol = dict(atol=6e-2, rtol=4e-2)
+    for config in GEMV_CONFIGS:
+        torch.testing.assert_close(silu_mul_gemv(gate_up, w, config=config).double(), ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_norm_gemv_matches_rms_norm_then_linear(dtype, with_residual, rows):
+    n, k, eps = 40, 96, 1e-6
+    norm = RMSNorm(k, eps, dtype).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(k, device=DEVICE))
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    residual = torch.randn(rows, k, device=DEVICE).to(dtype) if with_residual else None
+    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype)
+    summed = residual + x if with_residual else x
+    with torch.no_grad():
+        ref = F.linear(norm(summed).double(), w.double(), b.double())
+    for config in GEMV_CONFIGS:
+        out, new_res = norm_gemv(x, residual, norm.weight, eps, w, b, config=config)
+        torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+        exact = DEVICE == "cuda" or dtype == torch.float32  # see test_rms_norm: the interpreter truncates
+        torch.testing.assert_close(new_res, summed, atol=0, rtol=0 if exact else 2 ** -7)
+        if not with_residual:
+            assert new_res is x
+
+
+def test_gemv_rejects_bad_shapes():
+    x, w = torch.randn(5, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(AssertionError, match="1-4 rows"):
+        gemv(x, w)
+    with pytest.raises(AssertionError, match="K = 6"):
+        gemv(x[:2, :6], w)
+
+
+def test_default_gemv_config_keeps_the_accumulator_small():
+    for n, k in ((1152, 896), (896, 4864), (28672, 4096), (4096, 14336), (40, 96)):
+        for rows in (1, 2, 4):
+            c = default_config(n, k, rows)
+            assert c.block_k <= max(2048, k) and c.block_k >= min(k, 2048) // 2
+            per_thread = (1 if c.reduce_each else rows * c.block_n * c.block_k) / (32 * c.num_warps)
+            assert per_thread <= 32
 
 
 # ------------------------------------------------------------------------------------------------ decode
