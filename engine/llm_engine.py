@@ -307,13 +307,18 @@ class LLMEngine:
         rows = {}
         for it in output.scheduled:
             if it.sample:
-                row = self._rows.get(it.seq_id)
-                if row is None or row.sample_index != it.sample_index:
-                    row = self._rows[it.seq_id] = SamplingRow.from_params(
-                        self._params[it.request_id], it.sample_index, it.num_output_tokens)
-                row.step = it.num_output_tokens     # the only per-step field (keys seeded draws)
-                rows[it.seq_id] = row
+                rows[it.seq_id] = self._row(it.seq_id, it.request_id, it.sample_index, it.num_output_tokens)
+                for seq_id, sample_index in it.fork_samples:   # siblings' first tokens, from the same row
+                    rows[seq_id] = self._row(seq_id, it.request_id, sample_index, 0)
         return self.runner.launch(output, rows, prev)
+
+    def _row(self, seq_id: int, request_id: str, sample_index: int, num_output_tokens: int) -> SamplingRow:
+        row = self._rows.get(seq_id)
+        if row is None or row.sample_index != sample_index:
+            row = self._rows[seq_id] = SamplingRow.from_params(self._params[request_id], sample_index,
+                                                               num_output_tokens)
+        row.step = num_output_tokens     # the only per-step field (keys seeded draws)
+        return row
 
     def _finish_step(self, output, pending: PendingStep, version: int) -> list[Completion]:
         """Read a queued step, record its tokens and advance the scheduler. A row whose sequence ended (stop
@@ -323,11 +328,9 @@ class LLMEngine:
         live = self.scheduler.live_sequence
         all_logprobs, all_versions = self._logprobs, self._versions
         sampled = {}
-        for r, i in enumerate(pending.sample_items):
-            it = items[i]
-            seq_id = it.seq_id
+        for r, (i, seq_id) in enumerate(zip(pending.row_items, pending.row_seq_ids)):
             sampled[seq_id] = token_ids[r]
-            if live(it) is None:
+            if live(items[i]) is None:   # the row's item (a fork's: its leader's) ended since it was queued
                 continue
             all_logprobs[seq_id].append(logprobs[r])
             all_versions[seq_id].append(version)

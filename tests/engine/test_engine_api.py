@@ -24,19 +24,20 @@ def engine(model_path):
 PROMPT = list(range(10, 50))   # 40 tokens: 2 full blocks of 16 + 8
 
 
-def test_n_samples_compute_prompt_full_blocks_once(engine):
+def test_n_samples_compute_the_prompt_once(engine):
     outs = engine.generate([PROMPT], SamplingParams(n=8, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True))
     assert [c.sample_index for c in outs] == list(range(8))
     assert all(len(c.token_ids) == 8 for c in outs)
     stats = engine.stats()
-    # leader: 40 prompt tokens; each of 7 siblings: only the 8 tokens after the 2 shared full blocks
-    assert stats["prefill_tokens"] == 40 + 7 * 8
-    assert stats["cached_prompt_tokens"] == 7 * 32
+    # the leader computes the 40 prompt tokens; the 7 siblings share its 2 full blocks, copy its partial
+    # third and sample their first tokens from its last row: nothing recomputed
+    assert stats["prefill_tokens"] == 40
+    assert stats["cached_prompt_tokens"] == 7 * 40
     assert len({tuple(c.token_ids) for c in outs}) > 1, "different samples should differ at T=1"
     # a later request with the same prefix reuses the cached full blocks
     later = engine.generate([PROMPT + [7, 7, 7]], SamplingParams(max_tokens=4))
     assert later[0].num_cached_tokens == 32
-    assert engine.stats()["prefill_tokens"] == 40 + 7 * 8 + 11
+    assert engine.stats()["prefill_tokens"] == 40 + 11
 
 
 def test_seeded_sampling_independent_of_batch(engine, model_path):

@@ -86,3 +86,25 @@ def test_greedy_matches_transformers(tiny, regime):
         assert [c.num_cached_tokens for c in again] == ([32, 32] if regime == "prefix_cache" else [0, 0])
     if regime == "tiny_pool":
         assert stats["num_total_blocks"] == 20
+
+
+@pytest.mark.parametrize("prompt_len", [37, 32], ids=["partial-last-block", "aligned"])
+def test_n_samples_logprobs_match_transformers(tiny, prompt_len):
+    """n > 1: the prompt is computed once; the siblings' first tokens come from the leader's row and their
+    KV continues from a copy of its partial last block. Every sample's logprobs at T = 1 must equal
+    transformers' log-softmax over that sample's own context (a wrong copy would show from token 2 on)."""
+    arch, path, prompts, _, hf = tiny
+    prompt = (prompts[-2] * 2)[:prompt_len]
+    engine = LLMEngine(EngineConfig(model=str(path), block_size=16))
+    outs = engine.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=12, ignore_eos=True))
+    assert [c.sample_index for c in outs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in outs}) > 1, "samples at T=1 should differ"
+    for c in outs:
+        ref = _hf_logprobs(hf, prompt, c.token_ids)
+        err = (torch.tensor(c.logprobs, dtype=torch.float64) - ref).abs().max().item()
+        assert err < 1e-4, f"{arch} sample {c.sample_index}: logprob error {err}"
+    stats = engine.stats()
+    assert stats["prefill_tokens"] == prompt_len          # once for the group
+    assert stats["cached_prompt_tokens"] == 3 * prompt_len
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    engine.check_integrity()

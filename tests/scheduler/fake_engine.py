@@ -28,7 +28,9 @@ class FakeKVEngine:
 
     def execute(self, output: SchedulerOutput) -> dict[int, int]:
         bs = self.block_size
-        for src_block, dst_block in output.swap_out:     # device -> host, before anything else
+        for src_block, dst_block in output.block_copies:  # a fork's copy of its leader's partial block, first
+            self._copy_block(self.kv, src_block, self.kv, dst_block)
+        for src_block, dst_block in output.swap_out:     # device -> host
             self._copy_block(self.kv, src_block, self.host, dst_block)
         for src_block, dst_block in output.swap_in:      # host -> device
             self._copy_block(self.host, src_block, self.kv, dst_block)
@@ -46,6 +48,8 @@ class FakeKVEngine:
                     assert stored_pos == pos, f"slot {slot} holds position {stored_pos}, expected {pos}"
                     context.append(tok)
                 sampled[item.seq_id] = next_token(context, self.vocab)
+                for fork_seq_id, _ in item.fork_samples:   # siblings sample from the same row
+                    sampled[fork_seq_id] = sampled[item.seq_id]
         return sampled
 
     def _copy_block(self, src: dict, src_block: int, dst: dict, dst_block: int) -> None:

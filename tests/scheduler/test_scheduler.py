@@ -75,19 +75,73 @@ def test_full_prompt_hit_still_recomputes_last_block():
 
 
 @pytest.mark.parametrize("prefix", [True, False])
-def test_n_samples_share_prompt_blocks(prefix):
+@pytest.mark.parametrize("prompt_len,copies", [(18, 7), (16, 0)], ids=["partial-tail", "aligned"])
+def test_n_samples_compute_the_prompt_once(prefix, prompt_len, copies):
     s = make(block_size=4, num_blocks=64, max_num_seqs=8)
-    prompt = list(range(1, 19))                      # 18 tokens: 4 shareable full blocks
+    prompt = list(range(1, prompt_len + 1))
     ids = s.add_request("g", prompt, StopCondition(max_tokens=5), n=8)
     assert len(ids) == 8
+    eng = FakeKVEngine(s, VOCAB)
+    outputs = []
+    while s.has_unfinished():
+        out = s.schedule()
+        outputs.append(out)
+        s.update(out, eng.execute(out))
+        s.check_integrity()
+    # the step completing the prompt samples all 8 first tokens from the leader's row
+    leaders = [it for out in outputs for it in out.scheduled if it.fork_samples]
+    assert len(leaders) == 1 and [sid for sid, _ in leaders[0].fork_samples] == ids[1:]
+    assert [idx for _, idx in leaders[0].fork_samples] == list(range(1, 8))
+    # a partial last prompt block is copied once per sibling, before the next forward; full blocks are shared
+    all_copies = [c for out in outputs for c in out.block_copies]
+    assert len(all_copies) == copies and len({dst for _, dst in all_copies}) == copies
+    assert s.stats.prefill_tokens == prompt_len                  # the prompt once for the group
+    assert s.stats.cached_prompt_tokens == 7 * prompt_len
+    assert s.stats.decode_tokens == 8 * 4                        # tokens 2..5 of each sample
+    assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0
+
+
+def test_n_samples_outputs_equal_reference_after_the_block_copy():
+    """The fake engine stores (position, token) per slot and asserts every read: a sibling reading a block
+    its copy did not fill fails. All samples of the deterministic fake model equal the reference."""
+    s = make(block_size=4, num_blocks=64, max_num_seqs=8)
+    prompt = list(range(1, 19))
+    s.add_request("g", prompt, StopCondition(max_tokens=9), n=8)
     fin = FakeKVEngine(s, VOCAB).run()
     assert sorted(f.sample_index for f in fin) == list(range(8))
-    # leader computes 18 prompt tokens; each of 7 forks recomputes only 18 - 16 = 2
-    assert s.stats.prefill_tokens == 18 + 7 * 2
-    assert s.stats.cached_prompt_tokens == 7 * 16
-    ref = reference_output(prompt, 5, VOCAB)        # deterministic fake model: all samples equal
+    ref = reference_output(prompt, 9, VOCAB)
     assert all(f.output_token_ids == ref for f in fin)
+    assert all(f.num_cached_tokens == 18 for f in fin if f.sample_index > 0)
     assert s.pool.num_in_use == 0
+
+
+@pytest.mark.parametrize("case", ["max_tokens_1", "eos_first"])
+def test_n_samples_that_finish_on_their_first_token(case):
+    s = make(block_size=4, num_blocks=64, max_num_seqs=8)
+    prompt = list(range(1, 19))
+    first = reference_output(prompt, 1, VOCAB)[0]
+    stop = StopCondition(max_tokens=1) if case == "max_tokens_1" else \
+        StopCondition(max_tokens=6, eos_token_ids=frozenset({first}))
+    s.add_request("g", prompt, stop, n=4)
+    eng = FakeKVEngine(s, VOCAB)
+    out = s.schedule()
+    fin = s.update(out, eng.execute(out))
+    s.check_integrity()
+    assert len(fin) == 4 and all(f.output_token_ids == [first] for f in fin)
+    assert not s.has_unfinished()
+    assert s.schedule().block_copies == []      # finished siblings never get a tail copy
+    assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0
+
+
+def test_recompute_baseline_recomputes_the_last_prompt_block_per_sibling():
+    s = Scheduler(SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32,
+                                  max_model_len=256, preemption="recompute"))
+    prompt = list(range(1, 19))
+    s.add_request("g", prompt, StopCondition(max_tokens=5), n=8)
+    fin = FakeKVEngine(s, VOCAB).run()
+    assert s.stats.prefill_tokens == 18 + 7 * 2    # as vLLM: each sibling recomputes 18 - 16 tokens
+    ref = reference_output(prompt, 5, VOCAB)
+    assert all(f.output_token_ids == ref for f in fin)
 
 
 def test_abort_waiting_running_and_unforked_siblings():
