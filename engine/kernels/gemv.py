@@ -14,11 +14,16 @@ with a second reduce kernel for long K). These kernels stream W once with plain 
 The grid has cdiv(N, BLOCK_N) programs: with BLOCK_N 1-8 that is hundreds to thousands of programs, enough
 loads in flight to cover HBM latency without a split-K reduction.
 
-Fused prologue, ``silu_mul_gemv``: x = silu(gate) * up computed from the gate_up output [M, 2K] while it is
-loaded (the MLP's down projection without the SiLU-and-mul kernel); it rounds where ``silu_and_mul`` does.
+Fused prologues (each saves a kernel launch per use):
+  - ``norm_gemv``: x = RMSNorm(x + residual) computed by every program (1/rms over the whole row first: K is a
+    hidden size, a few KB from L2), program 0 also writing the new residual; the qkv and gate_up projections.
+  - ``silu_mul_gemv``: x = silu(gate) * up computed from the gate_up output [M, 2K] while it is loaded; the
+    down projection.
+Both round where ``rms_norm`` / ``silu_and_mul`` do.
 
 Whether these beat cuBLAS depends on the card and the shape; ``engine.cuda_graphs`` measures both inside the
-captured decode graph and keeps the faster (``DecoderLayer.small_batch_gemv``).
+captured decode graph and keeps the faster (``DecoderLayer.gemv_rows``). ``benchmarks/kernels_gpu.py --gemv``
+times each projection shape both ways.
 """
 from __future__ import annotations
 
@@ -128,14 +133,18 @@ class GemvConfig:
 
 
 def default_config(n: int, k: int, rows: int) -> GemvConfig:
-    """Tile sizes by shape, from a sweep on an H100 (0.5B-8B projection shapes, batch 1, inside CUDA graphs
-    over distinct weights so that every read comes from HBM): K steps of up to 2048 (one or two steps for
-    hidden-size K), 2 output columns per program for K <= 2048 and 4 for longer K, 4 warps. The fp32
-    accumulator is reduced every step once it would pass 32 registers per thread."""
+    """Tile sizes by shape, from sweeps on an H100 (0.5B-8B projection shapes, 1-2 rows, plain and fused
+    variants, inside CUDA graphs over distinct weights so that every read comes from HBM): 4 output columns
+    per program, K steps of up to 2048 (one or two steps for a hidden-size K), 4 warps. The fp32 accumulator
+    is reduced over K every step (a [rows, 4] accumulator instead of [rows, 4, BLOCK_K]) when the grid is
+    large (> 1024 programs: fewer registers, more programs resident per SM; the 0.5B gate_up with its norm
+    prologue took 11.2 us instead of 8.6 us without it), when K takes more than 4 steps (the 8B down
+    projection: 52 vs 45 us), or when the full accumulator would pass 64 registers per thread.
+    ``benchmarks/kernels_gpu.py --only gemv`` measures the result against cuBLAS."""
+    block_n, num_warps = 4, 4
     block_k = min(2048, triton.next_power_of_2(k))
-    block_n = 2 if k <= 2048 else 4
-    num_warps = 4
-    reduce_each = rows * block_n * block_k > 32 * 32 * num_warps
+    reduce_each = (triton.cdiv(n, block_n) > 1024 or triton.cdiv(k, block_k) > 4
+                   or rows * block_n * block_k > 64 * 32 * num_warps)
     return GemvConfig(block_n, block_k, num_warps, reduce_each)
 
 
