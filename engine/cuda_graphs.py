@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from engine.attention.base import AttentionBackend
+from engine.attention.base import AttentionBackend, decode_split_count
 from engine.step_inputs import GraphInputs
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,9 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 def decode_splits(batch: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
-    """Split-K count frozen into the graph of ``batch`` rows: about two programs per SM for the shortest
-    useful split; a power of two. Empty trailing splits of short contexts cost one early exit each."""
-    want = -(-2 * num_sms // max(1, batch * num_kv_heads))
-    n = max(1, min(want, max_splits))
-    return 1 << (n - 1).bit_length()
+    """Split-K count frozen into the graph of ``batch`` rows (``decode_split_count`` without a context
+    length: a graph serves every length). Empty trailing splits of short contexts cost one early exit each."""
+    return decode_split_count(batch, num_kv_heads, num_sms, max_splits)
 
 
 class DecodeGraphs:

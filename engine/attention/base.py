@@ -59,6 +59,18 @@ class AttentionMetadata:
         return int(self.slot_mapping.shape[0])
 
 
+def decode_split_count(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int,
+                       max_seq_len: int | None = None, block_n: int = 64) -> int:
+    """Split-K count of a paged decode: enough (sequence, kv head, split) programs to cover the SMs about
+    twice, at most ``max_splits``, and, when ``max_seq_len`` is known, at least two KV tiles of ``block_n``
+    per split; a power of two (few distinct compilations)."""
+    n = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    if max_seq_len is not None:
+        n = min(n, -(-max_seq_len // (2 * block_n)))
+    n = max(1, min(n, max_splits))
+    return 1 << (n - 1).bit_length()
+
+
 class AttentionBackend(ABC):
     """One implementation of paged attention. Stateless across steps; registered by name in
     ``engine.attention`` (``get_backend``)."""

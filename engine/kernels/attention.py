@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.attention.base import decode_split_count
 from engine.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
 
 _LOG2E = 1.4426950408889634
@@ -170,10 +171,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
     # a bare "cuda" device means the current one, not GPU 0
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
-    want = -(-2 * sms // max(1, num_seqs * num_kv_heads))
-    by_len = -(-max_seq_len // (2 * block_n))
-    n = max(1, min(want, by_len, 64))
-    return 1 << (n - 1).bit_length()
+    return decode_split_count(num_seqs, num_kv_heads, sms, 64, max_seq_len, block_n)
 
 
 def _ieee_dot(dtype: torch.dtype) -> bool:

@@ -143,6 +143,12 @@ def test_graph_sizes_and_splits():
     assert graph_batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
     assert graph_batch_sizes(1024) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert decode_splits(1, 2, 132) == 16 and decode_splits(256, 2, 132) == 1
+    # eager steps also bound the split count by the context: at least two 64-token tiles per split
+    from engine.attention.base import decode_split_count
+    assert decode_split_count(1, 2, 132, 64, max_seq_len=100) == 1
+    assert decode_split_count(1, 2, 132, 64, max_seq_len=4096) == 32
+    assert decode_split_count(1, 2, 132, 64, max_seq_len=10 ** 6) == 64      # 2 x 132 / 2 = 132 -> capped
+    assert decode_split_count(3, 2, 132, 64, max_seq_len=10 ** 6) == 64      # 44 -> next power of two
     assert all(s & (s - 1) == 0 for s in (decode_splits(b, 8, 132) for b in range(1, 300)))
 
 
