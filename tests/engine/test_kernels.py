@@ -7,6 +7,7 @@ element or a read past the context fails, and compares in float32 tightly, in bf
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.fixture(autouse=True)
 def _seed(request):
     # fresh inputs per test, reproducible per test id
-    torch.manual_seed(hash(request.node.nodeid) % (2 ** 31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _nan(shape, dtype):
@@ -190,13 +191,14 @@ def test_gemv_matches_linear(dtype, rows, n, k, bias):
 @pytest.mark.parametrize("rows", [1, 4])
 def test_silu_mul_gemv_matches_silu_and_mul_then_linear(dtype, rows):
     n, inter = 24, 200   # inter not a multiple of the K step: the tail is masked
-    gate_up = (3 * torch.randn(rows, 2 * inter, device=DEVICE)).to(dtype)
+    gate_up = torch.randn(rows, 2 * inter, device=DEVICE).to(dtype)
     w = (torch.randn(n, inter, device=DEVICE) / inter ** 0.5).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     ref = F.linear((F.silu(gate) * up).double(), w.double())
     tol = TOL[dtype]
     if DEVICE == "cpu" and dtype == torch.bfloat16:
-        # the interpreter truncates the two bf16 roundings of each of the 200 products (see test_rms_norm)
+        # the interpreter truncates the two bf16 roundings of each of the 200 products (see test_rms_norm):
+        # a bias toward zero that adds up over K (at most ~3e-2 here)
         tol = dict(atol=6e-2, rtol=4e-2)
     for config in GEMV_CONFIGS:
         torch.testing.assert_close(silu_mul_gemv(gate_up, w, config=config).double(), ref, **tol)
@@ -217,9 +219,12 @@ def test_norm_gemv_matches_rms_norm_then_linear(dtype, with_residual, rows):
     summed = residual + x if with_residual else x
     with torch.no_grad():
         ref = F.linear(norm(summed).double(), w.double(), b.double())
+    tol = TOL[dtype]
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        tol = dict(atol=6e-2, rtol=4e-2)   # the interpreter truncates the norm's two roundings (see above)
     for config in GEMV_CONFIGS:
         out, new_res = norm_gemv(x, residual, norm.weight, eps, w, b, config=config)
-        torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+        torch.testing.assert_close(out.double(), ref, **tol)
         exact = DEVICE == "cuda" or dtype == torch.float32  # see test_rms_norm: the interpreter truncates
         torch.testing.assert_close(new_res, summed, atol=0, rtol=0 if exact else 2 ** -7)
         if not with_residual:
