@@ -409,3 +409,32 @@ def test_gemv_auto_choice_measured_and_equal_bf16_real_shape(tmp_path):
     for x, y, same in zip(on, off, same_next):
         if same:
             assert abs(x.logprobs[1] - y.logprobs[1]) < 5e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("prompt_len", [37, 32], ids=["partial-last-block", "aligned"])
+def test_n_samples_on_the_gpu_match_transformers_fp32(prompt_len, tmp_path):
+    """n > 1 on the CUDA path (graphs, block copies on the device, sibling rows from the leader's row):
+    every sample's logprobs at T = 1 equal transformers' over its own context (fp32, CPU oracle)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import SamplingParams
+    from engine.tiny_models import make_tiny_model
+
+    path = make_tiny_model("qwen2", tmp_path / "m", seed=13)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = [(7 * i + 3) % 500 + 2 for i in range(prompt_len)]
+    eng = _engine(path, "float32", block_size=16)
+    outs = eng.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=9, max_tokens=24, ignore_eos=True))
+    assert eng.runner.step_counts["graph"] > 0
+    assert len({tuple(c.token_ids) for c in outs}) > 1
+    for c in outs:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + c.token_ids])).logits[0].double()
+        lp = torch.log_softmax(logits, dim=-1)
+        idx = torch.arange(prompt_len - 1, prompt_len - 1 + len(c.token_ids))
+        ref = lp[idx, torch.tensor(c.token_ids)]
+        assert (torch.tensor(c.logprobs, dtype=torch.float64) - ref).abs().max().item() < 1e-3
+    assert eng.stats()["prefill_tokens"] == prompt_len
+    eng.check_integrity()
