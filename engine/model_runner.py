@@ -155,7 +155,9 @@ class ModelRunner:
                 return PendingStep(items, [], [])
             hidden = hidden[step.sample_rows]  # the last token of each sampling item
         sample_rows = [rows[items[i].seq_id] for i in sample_items]
-        forks = [(j, i, seq_id) for j, i in enumerate(sample_items) for seq_id, _ in items[i].fork_samples]
+        forks = []
+        if len(rows) > len(sample_items):   # the engine added rows for n > 1 siblings (rare: scan only then)
+            forks = [(j, i, seq_id) for j, i in enumerate(sample_items) for seq_id, _ in items[i].fork_samples]
         if forks:
             # n > 1 siblings sample their first token from their leader's row: repeat it
             idx = list(range(len(sample_items))) + [j for j, _, _ in forks]
@@ -240,8 +242,11 @@ class PendingStep:
         self.rows = rows
         # every sample row: the item it belongs to (index) and the sequence it samples for; rows past the
         # items' own are n > 1 siblings sampled from their leader's row
-        self.row_items = list(sample_items) + [i for i, _ in forks]
-        self.row_seq_ids = [items[i].seq_id for i in sample_items] + [seq_id for _, seq_id in forks]
+        self.row_items = sample_items
+        self.row_seq_ids = [items[i].seq_id for i in sample_items]
+        if forks:
+            self.row_items = list(sample_items) + [i for i, _ in forks]
+            self.row_seq_ids += [seq_id for _, seq_id in forks]
         self.token_ids = token_ids   # [R] int64 on the device: the inputs of a decode step scheduled ahead
         self._host = host            # [[2, R] float64 ids + logprobs, (top vals, top ids)] (pinned on CUDA)
         self._event = event          # recorded after the device->host copies

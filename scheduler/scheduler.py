@@ -114,11 +114,14 @@ class Scheduler:
         """Blocks one sequence may hold: KV of the context + every sampled token but the last."""
         return max(1, cdiv(num_context_tokens + max_tokens - 1, self.block_size))
 
+    def _fork_shared_blocks(self, num_prompt: int) -> int:
+        """Prompt blocks an n > 1 sibling shares with its leader: every full one (the recompute baseline
+        recomputes the last prompt token's block per sibling, so it shares the full blocks before it)."""
+        return (num_prompt - (1 if self._recompute else 0)) // self.block_size
+
     def _group_blocks(self, num_prompt: int, max_tokens: int, n: int, num_held: int) -> int:
         per_seq = self.blocks_needed(num_prompt, max_tokens)
-        # full prompt blocks a fork shares (the recompute baseline recomputes the last prompt token per fork)
-        shared = (num_prompt - (1 if self._recompute else 0)) // self.block_size
-        return (per_seq - num_held) + (n - 1) * (per_seq - shared)
+        return (per_seq - num_held) + (n - 1) * (per_seq - self._fork_shared_blocks(num_prompt))
 
     def _clamp(self, stop: StopCondition, num_context: int, n: int = 1) -> StopCondition:
         if num_context >= self.config.max_model_len:
@@ -566,18 +569,22 @@ class Scheduler:
                 self._register_full_blocks(seq)
             if not item.sample:
                 continue
-            token = sampled[item.seq_id]
             if seq.pending_forks:
                 self._fork(seq, sampled, finished)
-            tokens = seq.token_ids
-            tokens.append(token)
-            seq.is_output.append(1)
-            reason = seq.stop.check(token, len(tokens) - seq.num_prompt_tokens)
-            if reason is not None:
-                finished.append(self._finish(seq, reason))
+            self._append_sampled(seq, sampled[item.seq_id], finished)
         stats.prefill_tokens += prefill
         stats.decode_tokens += decode
         return finished
+
+    def _append_sampled(self, seq: Sequence, token: int, finished: list[FinishedSequence]) -> bool:
+        """Append a sampled token; finish the turn when it stops it. -> whether the sequence still runs."""
+        tokens = seq.token_ids
+        tokens.append(token)
+        seq.is_output.append(1)
+        reason = seq.stop.check(token, len(tokens) - seq.num_prompt_tokens)
+        if reason is not None:
+            finished.append(self._finish(seq, reason))
+        return reason is None
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.block_size
@@ -594,10 +601,8 @@ class Scheduler:
         start them on its full prompt blocks, each with its own copy of a partial last block. The recompute
         baseline instead recomputes the last prompt token's block per sibling (as vLLM does)."""
         bs, num_prompt = self.block_size, leader.num_prompt_tokens
-        if self._recompute:
-            shared, computed = (num_prompt - 1) // bs, ((num_prompt - 1) // bs) * bs
-        else:
-            shared, computed = num_prompt // bs, num_prompt
+        shared = self._fork_shared_blocks(num_prompt)
+        computed = shared * bs if self._recompute else num_prompt
         per_seq = self.blocks_needed(num_prompt, leader.stop.max_tokens)
         for fork in self._requests[leader.request_id][1:]:
             self.pool.take(leader.block_ids[:shared])
@@ -614,13 +619,7 @@ class Scheduler:
             self.running[fork.seq_id] = fork
             if self._recompute:
                 continue
-            token = sampled[fork.seq_id]
-            fork.token_ids.append(token)
-            fork.is_output.append(1)
-            reason = fork.stop.check(token, 1)
-            if reason is not None:
-                finished.append(self._finish(fork, reason))
-            elif computed % bs:
+            if self._append_sampled(fork, sampled[fork.seq_id], finished) and computed % bs:
                 # the partial last prompt block: the fork appends its own tokens to a copy of it
                 self._allocate(fork, [])                     # from its reservation: cannot fail
                 self._block_copies.append((leader.block_ids[shared], fork.block_ids[-1]))

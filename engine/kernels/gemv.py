@@ -11,8 +11,8 @@ with a second reduce kernel for long K). These kernels stream W once with plain 
     The next W tile is loaded while the current one is multiplied; the first one before the kernel waits
     for its predecessor (programmatic dependent launch, ``engine.kernels.pdl``).
 
-The grid has cdiv(N, BLOCK_N) programs: with BLOCK_N 1-8 that is hundreds to thousands of programs, enough
-loads in flight to cover HBM latency without a split-K reduction.
+The grid has cdiv(N, BLOCK_N) programs: with BLOCK_N = 4 (``default_config``) that is hundreds to
+thousands of programs, enough loads in flight to cover HBM latency without a split-K reduction.
 
 Fused prologues (each saves a kernel launch per use):
   - ``norm_gemv``: x = RMSNorm(x + residual) computed by every program (1/rms over the whole row first: K is a
@@ -22,7 +22,7 @@ Fused prologues (each saves a kernel launch per use):
 Both round where ``rms_norm`` / ``silu_and_mul`` do.
 
 Whether these beat cuBLAS depends on the card and the shape; ``engine.cuda_graphs`` measures both inside the
-captured decode graph and keeps the faster (``DecoderLayer.gemv_rows``). ``benchmarks/kernels_gpu.py --gemv``
+captured decode graph and keeps the faster (``DecoderLayer.gemv_rows``). ``benchmarks/kernels_gpu.py --only gemv``
 times each projection shape both ways.
 """
 from __future__ import annotations

@@ -36,15 +36,21 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write k/v [T, Hkv, D] into k_cache/v_cache [NB, BS, Hkv, D] at ``slot_mapping`` (negative = skip)."""
+def _check_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     assert v.shape == k.shape and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.shape[2:] == (num_kv_heads, head_dim), "cache [NB, BS, Hkv, D] disagrees with k"
     assert k_cache.is_contiguous(), "slots are flat indices: the cache must be contiguous"
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
     assert slot_mapping.shape == (num_tokens,)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, D] into k_cache/v_cache [NB, BS, Hkv, D] at ``slot_mapping`` (negative = skip)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    _check_store_args(k, v, k_cache, v_cache, slot_mapping)
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
@@ -101,15 +107,11 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     in place, the rotated k goes to the cache only (k is not modified), v is copied; cos/sin [T, D/2]."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, _ = k.shape
-    assert v.shape == k.shape and k.shape[0] == num_tokens and k.shape[2] == head_dim and head_dim % 2 == 0
-    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
+    _check_store_args(k, v, k_cache, v_cache, slot_mapping)
+    assert k.shape[0] == num_tokens and k.shape[2] == head_dim and head_dim % 2 == 0 and q.stride(2) == 1
     assert cos.stride(1) == 1 and sin.stride(1) == 1
     half = head_dim // 2
     assert cos.shape == (num_tokens, half) and sin.shape == (num_tokens, half)
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
-    assert k_cache.shape[2:] == (num_kv_heads, head_dim), "cache [NB, BS, Hkv, D] disagrees with k"
-    assert k_cache.is_contiguous(), "slots are flat indices: the cache must be contiguous"
-    assert slot_mapping.shape == (num_tokens,)
     if num_tokens == 0:
         return
     pdl = use_pdl(q)

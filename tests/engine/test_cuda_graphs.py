@@ -283,6 +283,12 @@ def test_gemv_decoder_path_matches_torch_path(arch, num_seqs, tmp_path):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def _assert_same_tokens(got, ref, logprob_tol: float) -> None:
+    """Completions of the same prompts: equal token ids, logprobs within ``logprob_tol``."""
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+    assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < logprob_tol
+
+
 def _engine(path, dtype, backend=None, **kw):
     from engine import EngineConfig, LLMEngine
     return LLMEngine(EngineConfig(model=str(path), device="cuda", dtype=dtype, attention_backend=backend,
@@ -305,9 +311,8 @@ def test_graph_decode_equals_eager_bf16_real_shape(tmp_path):
     graphed = eng.generate(prompts, params)
     eng.runner.use_cuda_graphs = False
     eager = eng.generate(prompts, params)
-    assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
     # bf16, and the graphs' split-K count differs from eager's: rounding differs, tokens do not
-    assert max(abs(a - b) for x, y in zip(graphed, eager) for a, b in zip(x.logprobs, y.logprobs)) < 5e-2
+    _assert_same_tokens(graphed, eager, 5e-2)
 
 
 @pytest.mark.gpu
@@ -325,8 +330,7 @@ def test_graph_greedy_equals_reference_fp32(arch, tmp_path):
     fast = _engine(path, "float32")
     assert fast.backend.name == "triton" and fast.runner.graphs is not None
     got = fast.generate(prompts, params)
-    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
-    assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-3
+    _assert_same_tokens(got, ref, 1e-3)
     fast.check_integrity()
 
 
@@ -371,8 +375,7 @@ def test_gemv_graphs_greedy_equal_reference_fp32(arch, tmp_path):
         graphs_before = fast.runner.step_counts["graph"]
         got = fast.generate(prompts, params)
         assert fast.runner.step_counts["graph"] - graphs_before >= 30
-        assert [c.token_ids for c in got] == [c.token_ids for c in ref]
-        assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-3
+        _assert_same_tokens(got, ref, 1e-3)
     fast.check_integrity()
 
 
@@ -421,6 +424,7 @@ def test_n_samples_on_the_gpu_match_transformers_fp32(prompt_len, tmp_path):
 
     from engine import SamplingParams
     from engine.tiny_models import make_tiny_model
+    from tests.engine.test_engine_exactness import _hf_logprobs
 
     path = make_tiny_model("qwen2", tmp_path / "m", seed=13)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -430,11 +434,7 @@ def test_n_samples_on_the_gpu_match_transformers_fp32(prompt_len, tmp_path):
     assert eng.runner.step_counts["graph"] > 0
     assert len({tuple(c.token_ids) for c in outs}) > 1
     for c in outs:
-        with torch.no_grad():
-            logits = hf(torch.tensor([prompt + c.token_ids])).logits[0].double()
-        lp = torch.log_softmax(logits, dim=-1)
-        idx = torch.arange(prompt_len - 1, prompt_len - 1 + len(c.token_ids))
-        ref = lp[idx, torch.tensor(c.token_ids)]
+        ref = _hf_logprobs(hf, prompt, c.token_ids)
         assert (torch.tensor(c.logprobs, dtype=torch.float64) - ref).abs().max().item() < 1e-3
     assert eng.stats()["prefill_tokens"] == prompt_len
     eng.check_integrity()

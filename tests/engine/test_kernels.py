@@ -50,6 +50,14 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+def _random_norm(size: int, eps: float, dtype) -> RMSNorm:
+    """The model's RMSNorm (the oracle) with a random weight."""
+    norm = RMSNorm(size, eps, dtype).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(size, device=DEVICE))
+    return norm
+
+
 def _nan(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
@@ -209,9 +217,7 @@ def test_silu_mul_gemv_matches_silu_and_mul_then_linear(dtype, rows):
 @pytest.mark.parametrize("rows", [1, 3])
 def test_norm_gemv_matches_rms_norm_then_linear(dtype, with_residual, rows):
     n, k, eps = 40, 96, 1e-6
-    norm = RMSNorm(k, eps, dtype).to(DEVICE)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(k, device=DEVICE))
+    norm = _random_norm(k, eps, dtype)
     x = torch.randn(rows, k, device=DEVICE).to(dtype)
     residual = torch.randn(rows, k, device=DEVICE).to(dtype) if with_residual else None
     w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
@@ -351,9 +357,7 @@ def test_backend_decode_with_fixed_splits():
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(dtype, with_residual):
     T, N, eps = 7, 96, 1e-6
-    norm = RMSNorm(N, eps, dtype).to(DEVICE)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(N, device=DEVICE))
+    norm = _random_norm(N, eps, dtype)
     x = torch.randn(T, N, device=DEVICE).to(dtype)
     residual = torch.randn(T, N, device=DEVICE).to(dtype) if with_residual else None
     out, res_out = _nan((T, N), dtype), _nan((T, N), dtype)
