@@ -1,15 +1,18 @@
 """Agentic multi-turn workload: sessions of several turns with simulated tool latency between them,
 a KV pool far smaller than all sessions need. Compares, in one run:
 
-  ours          preemption-free reservation admission, session KV retained (offloaded to a host pool
-                under pressure), prefix cache on
+  ours          preemption-free reservation admission that counts what idle sessions can give back, session
+                KV retained (offloaded to a pinned host pool under pressure, copies on a side stream),
+                prefix cache on
   recompute     vLLM-style baseline: admit without reserving, preempt the newest running sequence and
                 recompute it later; no session retention (prefix cache on, as vLLM)
   no-retention  every turn re-prefills the whole history (no retention, no prefix cache)
 
-Reports prefill tokens computed, recomputed tokens, preemptions, offload/drop counts and output
-throughput, checks that greedy outputs agree across policies, prints a table and appends it to
-benchmarks/RESULTS.md.
+Reports prefill tokens computed, recomputed tokens, preemptions, offload/drop counts, output throughput and
+the time split that explains it (host time in schedule / launch / update, waiting for the device, waiting
+for restores, idle waiting for tools; graph and eager steps, steps planned ahead, batch sizes, bytes
+copied to and from the host), checks that greedy outputs agree across policies, prints a table and
+appends it to benchmarks/RESULTS.md.
 
     python benchmarks/multi_turn.py                       # CPU, tiny random model
     python benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import json
 import random
 import sys
 import tempfile
@@ -28,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import append_results, markdown_table  # noqa: E402
+from benchmarks.timing import timed_methods  # noqa: E402
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 
@@ -52,42 +57,96 @@ def kv_tokens_needed(plans: list[SessionPlan]) -> int:
     return sum(sum(len(t) + m for t, m in p.turns) for p in plans)
 
 
-def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan]) -> dict:
+def sync(engine: LLMEngine) -> None:
+    if engine.device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(engine.device)
+
+
+def warm_up(engine: LLMEngine, vocab: int) -> None:
+    """Compile the kernels a run uses (prefill chunks, decode graphs, host copies) outside the timed region."""
+    sid = engine.open_session("warm-up", ttl_s=3600.0)
+    engine.run_turn(sid, [3 + i % (vocab - 3) for i in range(40)], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.close_session(sid)
+    engine.generate([[5] * 20] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+    sync(engine)
+
+
+def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab: int) -> dict:
+    t_load = time.perf_counter()
     engine = LLMEngine(config)
+    load_s = time.perf_counter() - t_load
+    warm_up(engine, vocab)
+    base = engine.stats()
+    steps_before = dict(engine.runner.step_counts)
     outputs: dict[tuple[int, int], list[int]] = {}
     sids = [engine.open_session(f"s{i}", ttl_s=3600.0) for i in range(len(plans))]
     next_turn = [0] * len(plans)
     ready: list[tuple[float, int]] = [(0.0, i) for i in range(len(plans))]
     in_flight: dict[str, int] = {}
-    start = time.perf_counter()
+    batch_sizes: list[int] = []
+    launch = engine.runner.launch
+
+    def counted_launch(output, rows, prev=None):
+        if output.scheduled:
+            batch_sizes.append(len(output.scheduled))
+        return launch(output, rows, prev)
+    engine.runner.launch = counted_launch
+    acc: dict = {}
+    targets = [(engine.scheduler, "schedule", "schedule"),
+               (engine.scheduler, "schedule_decode_ahead", "plan decode ahead"),
+               (engine.runner, "launch", "launch (inputs, kernels, copies)"),
+               (engine.outputs, "record", "wait for the device + read rows"),
+               (engine.scheduler, "update", "update"),
+               (engine.host_cache, "wait", "wait for restores (nothing else to run)")]
+    idle = 0.0
     generated = 0
-    while ready or in_flight:
-        now = time.perf_counter() - start
-        while ready and ready[0][0] <= now:
-            _, i = heapq.heappop(ready)
-            tokens, max_tokens = plans[i].turns[next_turn[i]]
-            rid = engine.submit_turn(sids[i], tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-            in_flight[rid] = i
-        if not engine.has_unfinished():
-            if ready:
-                time.sleep(max(0.0, ready[0][0] - (time.perf_counter() - start)))
-            continue
-        for c in engine.step():
-            i = in_flight.pop(c.request_id)
-            outputs[(i, next_turn[i])] = c.token_ids
-            generated += len(c.token_ids)
-            next_turn[i] += 1
-            if next_turn[i] < len(plans[i].turns):
-                heapq.heappush(ready, (time.perf_counter() - start + plans[i].latencies[next_turn[i] - 1], i))
-            else:
-                engine.close_session(sids[i])
-    elapsed = time.perf_counter() - start
+    with timed_methods(targets, acc):
+        sync(engine)
+        start = time.perf_counter()
+        while ready or in_flight:
+            now = time.perf_counter() - start
+            while ready and ready[0][0] <= now:
+                _, i = heapq.heappop(ready)
+                tokens, max_tokens = plans[i].turns[next_turn[i]]
+                rid = engine.submit_turn(sids[i], tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+                in_flight[rid] = i
+            if not engine.has_unfinished():
+                if ready:
+                    t0 = time.perf_counter()
+                    time.sleep(max(0.0, ready[0][0] - (t0 - start)))
+                    idle += time.perf_counter() - t0
+                continue
+            for c in engine.step():
+                i = in_flight.pop(c.request_id)
+                outputs[(i, next_turn[i])] = c.token_ids
+                generated += len(c.token_ids)
+                next_turn[i] += 1
+                if next_turn[i] < len(plans[i].turns):
+                    heapq.heappush(ready, (time.perf_counter() - start + plans[i].latencies[next_turn[i] - 1], i))
+                else:
+                    engine.close_session(sids[i])
+        sync(engine)
+        elapsed = time.perf_counter() - start
     engine.check_integrity()
     s = engine.stats()
-    return dict(name=name, seconds=elapsed, generated=generated, tok_s=generated / elapsed,
-                prefill=s["prefill_tokens"], recomputed=s["recomputed_tokens"], preemptions=s["preemptions"],
-                offloaded=s["offloaded_sessions"], restored=s["restored_sessions"], dropped=s["dropped_sessions"],
-                cached=s["cached_prompt_tokens"], outputs=outputs, blocks=s["num_total_blocks"])
+    d = {k: s[k] - base.get(k, 0) for k in ("prefill_tokens", "recomputed_tokens", "preemptions",
+                                            "offloaded_sessions", "restored_sessions", "dropped_sessions",
+                                            "cached_prompt_tokens", "steps", "steps_ahead", "host_copy_bytes",
+                                            "offloaded_bytes", "restored_bytes")}
+    split = {k: round(v, 3) for k, v in acc.items()}
+    split["idle (waiting for tools)"] = round(idle, 3)
+    split["other (benchmark loop, stats)"] = round(elapsed - sum(acc.values()) - idle, 3)
+    runner_steps = {k: v - steps_before.get(k, 0) for k, v in engine.runner.step_counts.items()}
+    result = dict(name=name, seconds=elapsed, generated=generated, tok_s=generated / elapsed, load_s=load_s,
+                  prefill=d["prefill_tokens"], recomputed=d["recomputed_tokens"], preemptions=d["preemptions"],
+                  offloaded=d["offloaded_sessions"], restored=d["restored_sessions"], dropped=d["dropped_sessions"],
+                  cached=d["cached_prompt_tokens"], steps=len(batch_sizes), steps_ahead=d["steps_ahead"],
+                  runner_steps=runner_steps, mean_batch=sum(batch_sizes) / max(1, len(batch_sizes)),
+                  peak_running=s["peak_running"], host_copy_gb=d["host_copy_bytes"] / 1e9,
+                  time_split_s=split, outputs=outputs, blocks=s["num_total_blocks"])
+    del engine
+    return result
 
 
 def main() -> None:
@@ -102,6 +161,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="ours,recompute,no-retention", help="comma-separated policies to run")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--no-results", action="store_true")
     args = p.parse_args()
 
@@ -118,42 +179,65 @@ def main() -> None:
         from engine.tiny_models import make_tiny_model
         model = str(make_tiny_model("qwen2", tmp / "tiny", seed=0, max_position_embeddings=4096))
         label = "tiny random qwen2"
+    from engine.kv_cache import kv_bytes_per_block
     from engine.model_config import ModelConfig
-    vocab = ModelConfig.from_pretrained(model).vocab_size
+    mc = ModelConfig.from_pretrained(model)
+    vocab = mc.vocab_size
 
     plans = make_workload(args.sessions, args.turns, vocab, args.seed)
     need_tokens = kv_tokens_needed(plans)
     need_blocks = -(-need_tokens // args.block_size) + len(plans)
     num_blocks = int(need_blocks * args.pool_fraction)
+    import torch
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    host_bytes = need_blocks * kv_bytes_per_block(mc, args.block_size, dtype)
     common = dict(model=model, device=args.device, dtype=args.dtype, load_format=load_format,
                   block_size=args.block_size, num_kv_blocks=num_blocks, max_num_seqs=256,
                   max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
-    probe = LLMEngine(EngineConfig(**common))
-    host_bytes = need_blocks * probe.kv_block_bytes
-    del probe
-    policies = [
-        ("ours (no preemption, sessions retained)", EngineConfig(**common, host_kv_cache_bytes=host_bytes)),
-        ("recompute baseline (vLLM-style)", EngineConfig(**common, preemption="recompute", retain_sessions=False)),
-        ("no-retention baseline", EngineConfig(**common, retain_sessions=False, enable_prefix_caching=False)),
-    ]
+    policies = {
+        "ours": ("ours (no preemption, sessions retained)", EngineConfig(**common, host_kv_cache_bytes=host_bytes)),
+        "recompute": ("recompute baseline (vLLM-style)",
+                      EngineConfig(**common, preemption="recompute", retain_sessions=False, host_kv_cache_bytes=0)),
+        "no-retention": ("no-retention baseline", EngineConfig(**common, retain_sessions=False,
+                                                               enable_prefix_caching=False, host_kv_cache_bytes=0)),
+    }
     results = []
-    for name, cfg in policies:
+    for key in args.only.split(","):
+        name, cfg = policies[key]
         print(f"running {name} ...", flush=True)
-        results.append(run_policy(name, cfg, plans))
+        results.append(run_policy(name, cfg, plans, vocab))
+        r = results[-1]
+        print(f"  {r['tok_s']:,.0f} tok/s in {r['seconds']:.2f} s (engine load {r['load_s']:.1f} s); "
+              f"split {r['time_split_s']}", flush=True)
     ours = results[0]
+    best = max(results[1:], key=lambda r: r["tok_s"], default=None)
     headers = ["policy", "prefill tokens", "recomputed tokens", "preemptions", "offloaded / restored / dropped sessions",
-               "output tok/s", "wall s", "outputs = ours"]
+               "output tok/s", "wall s", "vs best baseline", "steps (graph / eager / ahead)", "mean batch",
+               "peak running", "host copies GB", "outputs = ours"]
     rows = [[r["name"], r["prefill"], r["recomputed"], r["preemptions"],
              f"{r['offloaded']} / {r['restored']} / {r['dropped']}", r["tok_s"], r["seconds"],
+             f"{r['tok_s'] / best['tok_s']:.2f}x" if best else "-",
+             f"{r['runner_steps'].get('graph', 0)} / {r['runner_steps'].get('eager', 0)} / {r['steps_ahead']}",
+             round(r["mean_batch"], 1), r["peak_running"], round(r["host_copy_gb"], 2),
              "yes" if r["outputs"] == ours["outputs"] else "NO"] for r in results]
     table = markdown_table(headers, rows)
-    ratio = results[2]["prefill"] / max(1, ours["prefill"])
+    split_keys = list(dict.fromkeys(k for r in results for k in r["time_split_s"]))
+    split_table = markdown_table(["host time, s"] + [r["name"].split(" (")[0] for r in results],
+                                 [[k] + [r["time_split_s"].get(k, 0.0) for r in results] for k in split_keys])
+    no_ret = next((r for r in results if r["name"].startswith("no-retention")), None)
+    ratio = no_ret["prefill"] / max(1, ours["prefill"]) if no_ret else float("nan")
     notes = (f"Workload: {args.sessions} sessions x {args.turns} turns, observations 50-300 tokens, outputs 20-200 "
              f"tokens (ignore_eos), tool latency 0-50 ms; model {label}, {args.dtype}; KV pool {num_blocks} blocks of "
              f"{args.block_size} = {args.pool_fraction:.0%} of the {need_blocks} blocks all sessions need; host pool "
-             f"(ours) sized for all of them. No-retention computes {ratio:.1f}x the prefill tokens of ours.")
+             f"(ours) sized for all of them; token budget {args.max_num_batched_tokens}. No-retention computes "
+             f"{ratio:.1f}x the prefill tokens of ours. Each engine compiled its kernels on a warm-up session first "
+             f"(outside the timed region).\n\nTime split (host wall time by where the engine thread was):\n\n"
+             f"{split_table}")
     print(table)
     print(notes)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "outputs"} for r in results],
+                                              indent=1))
     if not args.no_results:
         append_results("multi_turn: agentic sessions under KV pressure", args.device, table, notes)
 

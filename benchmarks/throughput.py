@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import timed_methods  # noqa: E402
 from benchmarks.report import append_results, card_name, markdown_table  # noqa: E402
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from engine.sampling import SamplingRow  # noqa: E402
@@ -177,19 +178,6 @@ def w1_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int
     return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def _timed(obj, name: str, acc: dict) -> None:
-    """Wrap obj.name to add its wall time to acc[name] (instance attribute; removed by _untime)."""
-    fn = getattr(obj, name)
-
-    def wrapper(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
-    setattr(obj, name, wrapper)
-
-
 def run_ours(eng: LLMEngine, prompts, params) -> dict:
     eng.generate([p[:32] for p in prompts[:4]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     before = eng.stats()
@@ -197,15 +185,12 @@ def run_ours(eng: LLMEngine, prompts, params) -> dict:
     acc: dict = {}
     timed = ((eng.scheduler, "schedule"), (eng.scheduler, "schedule_decode_ahead"), (eng.runner, "launch"),
              (eng.scheduler, "update"))
-    for obj, name in timed:
-        _timed(obj, name, acc)
-    sync(eng.config.device)
-    t0 = time.perf_counter()
-    outs = eng.generate(prompts, params)
-    sync(eng.config.device)
-    wall = time.perf_counter() - t0
-    for obj, name in timed:
-        delattr(obj, name)
+    with timed_methods(timed, acc):
+        sync(eng.config.device)
+        t0 = time.perf_counter()
+        outs = eng.generate(prompts, params)
+        sync(eng.config.device)
+        wall = time.perf_counter() - t0
     acc["other (waiting for the device, outputs)"] = wall - sum(acc.values())
     after = eng.stats()
     n_out = sum(len(c.token_ids) for c in outs)

@@ -32,11 +32,18 @@ class EngineConfig:
                                                 # (see LLMEngine.step, docs/scheduler.md)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
-    host_kv_cache_bytes: int = 0                # pinned host pool for offloaded idle-session KV
-                                                # (0: under pressure idle sessions' KV is dropped)
+    host_kv_cache_bytes: Optional[int] = None   # pinned host pool for offloaded KV (idle sessions, swapped
+                                                # sequences); None: on CUDA a quarter of available host memory
+                                                # (at most the device KV cache and 16 GiB), 0 on CPU;
+                                                # 0: under pressure idle sessions' KV is dropped
     session_ttl_s: float = 600.0                # default TTL of an idle session
+    preemption: str = "never"                   # "never": reserve each turn's worst case, nothing running is
+                                                # ever moved; "swap": reserve for expected_output_tokens and swap
+                                                # the youngest running sequence to the host pool when blocks run
+                                                # out (long chain-of-thought work); "recompute": the vLLM-style
+                                                # baseline (benchmarks only). See scheduler.SchedulerConfig.
+    expected_output_tokens: int = 1024          # "swap": output tokens a turn reserves for at admission
     # Scheduling baselines, for benchmarks only (see scheduler.SchedulerConfig):
-    preemption: str = "never"                   # "recompute": vLLM-style preempt-and-recompute
     retain_sessions: bool = True                # False: re-prefill a session's history every turn
 
     def __post_init__(self) -> None:
@@ -64,11 +71,13 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed must be an int, got {self.seed!r}")
-        if isinstance(self.host_kv_cache_bytes, bool) or not isinstance(self.host_kv_cache_bytes, int) \
-                or self.host_kv_cache_bytes < 0:
-            raise ValueError(f"EngineConfig.host_kv_cache_bytes must be an int >= 0, got {self.host_kv_cache_bytes!r}")
-        if self.preemption not in ("never", "recompute"):
-            raise ValueError(f"EngineConfig.preemption must be 'never' or 'recompute', got {self.preemption!r}")
+        if self.host_kv_cache_bytes is not None and (isinstance(self.host_kv_cache_bytes, bool) or not isinstance(
+                self.host_kv_cache_bytes, int) or self.host_kv_cache_bytes < 0):
+            raise ValueError(f"EngineConfig.host_kv_cache_bytes must be None or an int >= 0, "
+                             f"got {self.host_kv_cache_bytes!r}")
+        if self.preemption not in ("never", "swap", "recompute"):
+            raise ValueError(f"EngineConfig.preemption must be 'never', 'swap' or 'recompute', got {self.preemption!r}")
+        _positive_int("expected_output_tokens", self.expected_output_tokens)
         if not isinstance(self.retain_sessions, bool):
             raise ValueError(f"EngineConfig.retain_sessions must be a bool, got {self.retain_sessions!r}")
         if not (isinstance(self.session_ttl_s, (int, float)) and self.session_ttl_s > 0):

@@ -26,11 +26,26 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zero-filled caches (zeros, not empty: kernels that read a padded tail never see NaN garbage)."""
+    """Zero-filled caches (zeros, not empty: kernels that read a padded tail never see NaN garbage).
+
+    All layers live in one tensor ``[2 * num_layers, num_blocks, block_size, Hkv, D]`` (layer i's K is row 2i,
+    its V row 2i + 1), each a contiguous view, so a block of every layer moves with one indexing kernel
+    (``kv_storage``; host offload) while every kernel still sees per-layer tensors."""
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
-    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(model_config.num_layers)
-    ]
+    shape = (2 * model_config.num_layers, num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    storage = torch.zeros(shape, dtype=dtype, device=device)
+    return [(storage[2 * i], storage[2 * i + 1]) for i in range(model_config.num_layers)]
+
+
+def kv_storage(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """The ``[2L, num_blocks, ...]`` tensor the caches are consecutive views of (``allocate_kv_cache``), or
+    None for caches allocated otherwise."""
+    layers = [c for pair in kv_caches for c in pair]
+    base = layers[0]._base
+    if base is None or base.dim() != layers[0].dim() + 1 or base.shape[0] != len(layers):
+        return None
+    step = base.stride(0) * base.element_size()
+    if any(c._base is not base or c.data_ptr() != base.data_ptr() + i * step for i, c in enumerate(layers)):
+        return None
+    return base

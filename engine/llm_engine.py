@@ -23,12 +23,16 @@ from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from engine.kv_offload import HostKVCache
+from engine.memory import device_kv_blocks, host_kv_bytes
 from engine.model_runner import ModelRunner, PendingStep
+from engine.engine_stats import engine_stats
+from engine.output_processor import OutputProcessor
+from engine.request_validation import validate_input
 from engine.outputs import Completion
-from engine.sampling import Sampler, SamplingParams, SamplingRow
+from engine.sampling import Sampler, SamplingParams
 from engine.weight_update import UpdateReport, WeightUpdater, WeightUpdateError
 from engine.weights import load_model
-from scheduler import ContextTooLarge, FinishedSequence, Scheduler, SchedulerConfig, StopCondition
+from scheduler import FinishedSequence, Scheduler, SchedulerConfig, StopCondition
 
 logger = logging.getLogger(__name__)
 
@@ -69,31 +73,29 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.kv_block_bytes = kv_bytes_per_block(mc, config.block_size, self.dtype)
-        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        num_blocks = config.num_kv_blocks or device_kv_blocks(config, mc, self.kv_block_bytes, self.max_model_len,
+                                                              self.device)
         backend_name = self._choose_backend()
         self.backend = get_backend(backend_name)
         logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",
                     mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
                     num_blocks, config.block_size)
         self.kv_caches = allocate_kv_cache(mc, num_blocks, config.block_size, self.dtype, self.device)
-        num_host_blocks = config.host_kv_cache_bytes // self.kv_block_bytes
+        num_host_blocks = host_kv_bytes(config, self.device, num_blocks * self.kv_block_bytes) // self.kv_block_bytes
         host_cache = HostKVCache(self.kv_caches, num_host_blocks) if num_host_blocks else None
+        self.host_cache = host_cache
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching, num_host_blocks=num_host_blocks,
             default_session_ttl_s=float(config.session_ttl_s), preemption=config.preemption,
-            retain_sessions=config.retain_sessions))
+            expected_output_tokens=config.expected_output_tokens, retain_sessions=config.retain_sessions))
         self.runner = ModelRunner(self.model, mc, self.kv_caches, self.backend, config.block_size,
                                   self.device, Sampler(config.seed), host_cache,
                                   enable_cuda_graphs=config.enable_cuda_graphs,
                                   cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
                                   max_model_len=self.max_model_len, decode_gemv=config.decode_gemv)
-        self._params: dict[str, SamplingParams] = {}
-        self._logprobs: dict[int, list[float]] = {}
-        self._versions: dict[int, list[int]] = {}
-        self._rows: dict[int, SamplingRow] = {}   # per sequence, for the current request/turn
-        self._top_logprobs: dict[int, list[list[tuple[int, float]]]] = {}
+        self.outputs = OutputProcessor()
         self._unclaimed: list[Completion] = []
         self._request_counter = itertools.count()
         self._tokenizer = None
@@ -122,27 +124,6 @@ class LLMEngine:
                         "EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND)", name, self.device)
         return name
 
-    # ------------------------------------------------------------------ sizing
-    def _auto_num_blocks(self) -> int:
-        per_block = self.kv_block_bytes
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            mc = self.model_config
-            # Headroom for one step's activations and logits (eager, no reuse assumed).
-            activations = self.config.max_num_batched_tokens * (
-                mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
-            logits = self.config.max_num_seqs * mc.vocab_size * 4 * 3
-            budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations - logits
-        else:
-            budget = self.config.kv_cache_memory_bytes
-        # Never more than every running sequence at full length could use.
-        ceiling = -(-self.config.max_num_seqs * self.max_model_len // self.config.block_size)
-        num_blocks = min(budget // per_block, ceiling)
-        if num_blocks < 1:
-            raise ValueError(f"no memory left for the KV cache ({budget} bytes, {per_block} per block): "
-                             f"lower max_num_batched_tokens / max_num_seqs or raise the memory budget")
-        return int(num_blocks)
-
     # ------------------------------------------------------------------ properties
     @property
     def vocab_size(self) -> int:
@@ -166,27 +147,7 @@ class LLMEngine:
         if self.updater.inconsistent:
             raise WeightsInconsistentState("the engine's weights are inconsistent after a failed update; "
                                            "it refuses work until a complete update_weights succeeds")
-        if params is None:
-            params = SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
-            raise ValueError(f"{field} must be a list of token ids, got {type(prompt_token_ids).__name__}")
-        tokens = list(prompt_token_ids)
-        if not tokens and not allow_empty:
-            raise ValueError(f"{field} must not be empty")
-        vocab = self.vocab_size
-        # Fast path (C-level loops) for the common all-plain-int prompt; the per-token loop names the culprit.
-        if not (all(type(t) is int for t in tokens) and (not tokens or (min(tokens) >= 0 and max(tokens) < vocab))):
-            for i, t in enumerate(tokens):
-                if isinstance(t, bool) or not isinstance(t, int):
-                    raise ValueError(f"{field}[{i}] must be an int, got {t!r}")
-                if not 0 <= t < vocab:
-                    raise ValueError(f"{field}[{i}] = {t} is outside the vocabulary [0, {vocab})")
-        if len(tokens) >= self.max_model_len:
-            raise ContextTooLarge(f"{field} has {len(tokens)} tokens; the model's context "
-                             f"(max_model_len) is {self.max_model_len}")
-        return tokens, params
+        return validate_input(prompt_token_ids, params, self.vocab_size, self.max_model_len, allow_empty, field)
 
     def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
@@ -201,12 +162,7 @@ class LLMEngine:
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
         seq_ids = self.scheduler.add_request(request_id, tokens, self._stop(params), n=params.n)
-        self._params[request_id] = params
-        for seq_id in seq_ids:
-            self._logprobs[seq_id] = []
-            self._versions[seq_id] = []
-            if params.logprobs is not None:
-                self._top_logprobs[seq_id] = []
+        self.outputs.add(request_id, params, seq_ids)
         return request_id
 
     def _stop(self, params: SamplingParams) -> StopCondition:
@@ -236,13 +192,8 @@ class LLMEngine:
                              "(open one session per sample instead)")
         if request_id is None:
             request_id = f"turn-{next(self._request_counter)}"
-        self.scheduler.submit_turn(session_id, request_id, tokens, self._stop(params))
-        self._params[request_id] = params
-        seq = self.scheduler.sessions[session_id]
-        self._logprobs[seq.seq_id] = []
-        self._versions[seq.seq_id] = []
-        if params.logprobs is not None:
-            self._top_logprobs[seq.seq_id] = []
+        seq_id = self.scheduler.submit_turn(session_id, request_id, tokens, self._stop(params))
+        self.outputs.add(request_id, params, [seq_id])
         return request_id
 
     def run_turn(self, session_id: str, new_token_ids: Sequence[int],
@@ -269,6 +220,13 @@ class LLMEngine:
         generated so far (a step queued ahead for it is dropped when read). Unknown or finished ids return []."""
         return [self._completion(f) for f in self.scheduler.abort(request_id)]
 
+    def output_length(self, request_id: str, sample_index: int = 0) -> int:
+        """Tokens a running request (or turn) has generated so far, as recorded from the steps read; 0 when
+        it is unknown or finished (progress for callers that stop work on their own criteria)."""
+        seqs = self.scheduler.request_sequences(request_id) if self.scheduler.has_request(request_id) else ()
+        seq = next((s for s in seqs if s.sample_index == sample_index), None)
+        return self.outputs.num_recorded(seq.seq_id) if seq is not None else 0
+
     def has_unfinished(self) -> bool:
         self._settle_dead_pending()
         return self.scheduler.has_unfinished() or self._pending is not None
@@ -290,52 +248,39 @@ class LLMEngine:
         are read (``Scheduler.schedule_decode_ahead``), so the host prepares step N+1 and processes step N's
         results while the device runs; the queued step is the one the next ``step`` call reads."""
         done, self._unclaimed = self._unclaimed, []
+        self._poll_restores()
         if self._pending is None:
             output = self.scheduler.schedule()
+            if output.is_empty and self.scheduler.offload.num_landing:
+                # nothing can run until a restore lands: wait for the oldest copies, then schedule again
+                self.scheduler.kv_landed(self.host_cache.wait())
+                output = self.scheduler.schedule()
             if output.is_empty:
                 return done
             self._pending = (output, self._launch(output), self.scheduler.weight_version)
         output, pending, version = self._pending
         self._pending = None
         if self.config.async_scheduling and pending.on_device:
+            self._poll_restores()
             ahead = self.scheduler.schedule_decode_ahead(output)
             if ahead is not None:
                 self._pending = (ahead, self._launch(ahead, pending), self.scheduler.weight_version)
         return done + self._finish_step(output, pending, version)
 
-    def _launch(self, output, prev: Optional[PendingStep] = None) -> PendingStep:
-        rows = {}
-        for it in output.scheduled:
-            if it.sample:
-                rows[it.seq_id] = self._row(it.seq_id, it.request_id, it.sample_index, it.num_output_tokens)
-                for seq_id, sample_index in it.fork_samples:   # siblings' first tokens, from the same row
-                    rows[seq_id] = self._row(seq_id, it.request_id, sample_index, 0)
-        return self.runner.launch(output, rows, prev)
+    def _poll_restores(self) -> None:
+        """Tell the scheduler which restores' host -> device copies have landed (never blocks)."""
+        if self.host_cache is not None and (self.scheduler.offload.num_landing or self.host_cache.copies_in_flight):
+            landed = self.host_cache.poll()
+            if landed:
+                self.scheduler.kv_landed(landed)
 
-    def _row(self, seq_id: int, request_id: str, sample_index: int, num_output_tokens: int) -> SamplingRow:
-        row = self._rows.get(seq_id)
-        if row is None or row.sample_index != sample_index:
-            row = self._rows[seq_id] = SamplingRow.from_params(self._params[request_id], sample_index,
-                                                               num_output_tokens)
-        row.step = num_output_tokens     # the only per-step field (keys seeded draws)
-        return row
+    def _launch(self, output, prev: Optional[PendingStep] = None) -> PendingStep:
+        return self.runner.launch(output, self.outputs.rows(output), prev)
 
     def _finish_step(self, output, pending: PendingStep, version: int) -> list[Completion]:
         """Read a queued step, record its tokens and advance the scheduler. A row whose sequence ended (stop
         token, abort, closed session) after the step was queued is dropped here and by ``Scheduler.update``."""
-        token_ids, logprobs, tops = pending.read_rows()
-        items, rows = pending.items, pending.rows
-        live = self.scheduler.live_sequence
-        all_logprobs, all_versions = self._logprobs, self._versions
-        sampled = {}
-        for r, (i, seq_id) in enumerate(zip(pending.row_items, pending.row_seq_ids)):
-            sampled[seq_id] = token_ids[r]
-            if live(items[i]) is None:   # the row's item (a fork's: its leader's) ended since it was queued
-                continue
-            all_logprobs[seq_id].append(logprobs[r])
-            all_versions[seq_id].append(version)
-            if tops is not None and rows[r].num_logprobs is not None:
-                self._top_logprobs[seq_id].append(tops[r])
+        sampled = self.outputs.record(pending, version, self.scheduler.live_sequence)
         finished = self.scheduler.update(output, sampled)
         return [self._completion(f) for f in finished]
 
@@ -348,17 +293,7 @@ class LLMEngine:
             self._unclaimed.extend(self._finish_step(output, pending, version))
 
     def _completion(self, f: FinishedSequence) -> Completion:
-        logprobs = self._logprobs.pop(f.seq_id)
-        versions = self._versions.pop(f.seq_id)
-        self._rows.pop(f.seq_id, None)   # a session's next turn may bring other params
-        top = self._top_logprobs.pop(f.seq_id, None)
-        if not self.scheduler.has_request(f.request_id):
-            self._params.pop(f.request_id, None)  # its last sample is out (several may finish in one step)
-        return Completion(request_id=f.request_id, sample_index=f.sample_index,
-                          prompt_token_ids=f.prompt_token_ids, token_ids=f.output_token_ids,
-                          logprobs=logprobs, versions=versions, finish_reason=f.finish_reason,
-                          num_cached_tokens=f.num_cached_tokens, top_logprobs=top, session_id=f.session_id,
-                          num_prefill_tokens=f.num_prefill_tokens, queue_wait_s=f.queue_wait_s)
+        return self.outputs.completion(f, request_done=not self.scheduler.has_request(f.request_id))
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[Completion]:
@@ -467,42 +402,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
-        s = self.scheduler.stats
-        pool = self.scheduler.pool
-        return {
-            "steps": s.steps,
-            "prefill_tokens": s.prefill_tokens,
-            "cached_prompt_tokens": s.cached_prompt_tokens,
-            "decode_tokens": s.decode_tokens,
-            "preemptions": s.preemptions,
-            "finished_requests": s.finished_requests,
-            "aborted_requests": s.aborted_requests,
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "num_free_blocks": pool.num_available,
-            "num_total_blocks": pool.num_blocks,
-            "num_reserved_blocks": pool.num_reserved,
-            "num_cached_blocks": pool.num_cached_blocks,
-            "prefix_cache_evictions": pool.num_evictions,
-            "weight_version": self.weight_version,
-            "weights_inconsistent": self.updater.inconsistent,
-            "recomputed_tokens": s.recomputed_tokens,
-            "finished_turns": s.finished_turns,
-            "open_sessions": len(self.scheduler.sessions),
-            "offloaded_blocks": s.offloaded_blocks,
-            "offloaded_bytes": s.offloaded_blocks * self.kv_block_bytes,
-            "offloaded_sessions": s.offloaded_sessions,
-            "restored_blocks": s.restored_blocks,
-            "restored_bytes": s.restored_blocks * self.kv_block_bytes,
-            "restored_sessions": s.restored_sessions,
-            "dropped_sessions": s.dropped_sessions,
-            "dropped_tokens": s.dropped_tokens,
-            "expired_sessions": s.expired_sessions,
-            "num_host_blocks": self.scheduler.kv.host.num_blocks,
-            "num_free_host_blocks": self.scheduler.kv.host.num_free,
-            "mean_queue_wait_s": s.queue_wait_s / max(1, s.admissions),
-            "steps_ahead": s.steps_ahead,
-        }
+        """Counters and gauges (docs/scheduler.md, "Statistics")."""
+        return engine_stats(self)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionBackend, build_metadata
+from engine.kv_cache import kv_storage
 from engine.kv_offload import HostKVCache
 from engine.model_config import ModelConfig
 from engine.sampling import Sampler, SamplingRow, upload_nonblocking
@@ -48,6 +49,7 @@ class ModelRunner:
         self.model = model
         self.model_config = model_config
         self.kv_caches = kv_caches
+        self.kv_storage = kv_storage(kv_caches)
         self.backend = backend
         self.block_size = block_size
         self.device = torch.device(device)
@@ -128,11 +130,15 @@ class ModelRunner:
         ``prev``: for a decode step scheduled ahead (``Scheduler.schedule_decode_ahead``), the pending step whose
         sampled tokens are this step's inputs: its items carry placeholder ids, and the real ids are copied on
         the device from ``prev``'s sampled-token tensor, so nothing waits for ``prev`` to finish."""
-        if output.block_copies:
-            self._copy_blocks(output.block_copies)
         if output.swap_out or output.swap_in:
+            # reads before writes (the scheduler's copy contract): gather what leaves, then copy
             assert self.host_cache is not None, "the scheduler offloaded KV without a host pool"
-            self.host_cache.swap(output.swap_out, output.swap_in)
+            gathered = self.host_cache.gather(output.swap_out)
+            if output.block_copies:
+                self._copy_blocks(output.block_copies)
+            self.host_cache.copy(gathered, output.swap_in, output.restores)
+        elif output.block_copies:
+            self._copy_blocks(output.block_copies)
         items = output.scheduled
         if not items:
             return PendingStep(items, [], [])
@@ -192,6 +198,9 @@ class ModelRunner:
         """Device block src -> dst in every layer's K and V cache (a forked sibling's partial last block)."""
         src = upload_nonblocking([s for s, _ in copies], torch.int64, self.device)
         dst = upload_nonblocking([d for _, d in copies], torch.int64, self.device)
+        if self.kv_storage is not None:           # [2L, num_blocks, block_size, Hkv, D]: every layer at once
+            self.kv_storage.index_copy_(1, dst, self.kv_storage.index_select(1, src))
+            return
         for k_cache, v_cache in self.kv_caches:   # [num_blocks, block_size, Hkv, D]
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))

@@ -328,7 +328,7 @@ class EngineLoop:
 
     def _snapshot_load(self) -> None:
         sched = self.engine.scheduler
-        self.load_snapshot = {"num_free_blocks": sched.pool.num_available, "num_total_blocks": sched.pool.num_blocks,
+        self.load_snapshot = {"num_free_blocks": sched.kv.headroom, "num_total_blocks": sched.pool.num_blocks,
                               "num_waiting": len(sched.waiting), "num_running": len(sched.running),
                               "open_sessions": len(sched.sessions), "weight_version": self.engine.weight_version}
 

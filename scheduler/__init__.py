@@ -7,7 +7,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.output import FinishedSequence, ScheduledSequence, SchedulerOutput
 from scheduler.host_pool import HostBlockPool
 from scheduler.request import FinishReason, KVLocation, Sequence, SequenceStatus, StopCondition
-from scheduler.scheduler import ContextTooLarge, Scheduler, SchedulerStats, SessionError
+from scheduler.scheduler import Scheduler
+from scheduler.stats import ContextTooLarge, SchedulerStats, SessionError
 
 __all__ = [
     "BlockPool", "block_keys", "SchedulerConfig", "FinishedSequence", "ScheduledSequence",

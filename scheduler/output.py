@@ -40,6 +40,10 @@ class SchedulerOutput:
     #                                        sibling's own copy of its leader's partial last prompt block
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)   # (host block, device block)
+    # NOTE: every device block swap_out reads and every host block swap_in reads is read before any write of
+    # this output (block copies, swap-ins, swap-outs' host writes, the forward): see scheduler.kv_offload.
+    restores: list[int] = field(default_factory=list)   # seq ids whose KV the swap_in copies bring back: not
+    #                                     scheduled until the engine reports them landed (Scheduler.kv_landed)
 
     @property
     def is_empty(self) -> bool:

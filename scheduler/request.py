@@ -12,13 +12,15 @@ from scheduler.block_pool import BlockKey
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"                # a request or turn is queued
     RUNNING = "running"                # admitted: holds blocks and a reservation for the rest of its turn
+                                       # (swap mode: for its expected length)
     AWAITING_INPUT = "awaiting_input"  # a session between turns: keeps its KV (device or host), no reservation
     FINISHED = "finished"              # a request done or a session closed: holds nothing
 
 
 class KVLocation(enum.Enum):
     DEVICE = "device"   # computed tokens' KV is in device blocks (``block_ids``)
-    HOST = "host"       # offloaded to the host pool (``host_block_ids``); restored at the next turn
+    HOST = "host"       # offloaded to the host pool (``host_block_ids``); restored at the next turn (or, for
+                        # a sequence swapped out mid-turn in swap mode, when it is admitted again)
     NONE = "none"       # nothing computed yet, or dropped: the next turn re-prefills
 
 
@@ -59,7 +61,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)       # device blocks, by block index
     host_block_ids: list[int] = field(default_factory=list)  # host blocks while offloaded
     kv: KVLocation = KVLocation.NONE
-    num_reserved_blocks: int = 0        # reservation not yet turned into blocks
+    kv_ready: bool = True               # False while a host -> device restore of its blocks is in flight
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of full computed blocks, in order
     inflight_keys: deque = field(default_factory=deque)      # keys of full context blocks still to compute
     context_keys: Optional[tuple] = None                     # ((num_tokens, version), keys) admission cache
@@ -73,6 +75,7 @@ class Sequence:
     enqueued_at: float = 0.0            # clock at which the turn was queued (queue wait)
     queue_wait_s: float = 0.0
     lost_tokens: int = 0                # recompute baseline: computed tokens thrown away by a preemption
+    preempted: bool = False             # moved out while running (swap mode, recompute baseline): first in line
     # session
     ttl_s: Optional[float] = None
     priority: int = 0

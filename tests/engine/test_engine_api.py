@@ -149,3 +149,25 @@ def test_request_larger_than_pool_rejected(model_path):
     with pytest.raises(ValueError, match="KV blocks"):
         e.add_request(PROMPT, SamplingParams(max_tokens=100))
     assert e.generate([PROMPT], SamplingParams(max_tokens=8))[0].finish_reason in ("length", "stop")
+
+
+def test_output_length_reports_progress_of_a_running_request(tmp_path):
+    path = make_tiny_model("qwen2", tmp_path / "m", seed=3)
+    engine = LLMEngine(EngineConfig(model=str(path), block_size=4, num_kv_blocks=32))
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert engine.output_length(rid) == 0 and engine.output_length("unknown") == 0
+    lengths = []
+    while engine.has_unfinished():
+        done = engine.step()
+        lengths.append(engine.output_length(rid) if not done else len(done[0].token_ids))
+    assert lengths == sorted(lengths) and lengths[-1] == 10 and engine.output_length(rid) == 0
+
+
+def test_host_kv_pool_size_defaults():
+    import torch
+    from engine.memory import host_kv_bytes
+    cfg = EngineConfig(model="unused")
+    assert host_kv_bytes(cfg, torch.device("cpu"), 1 << 30) == 0            # CPU: no host pool by default
+    assert host_kv_bytes(EngineConfig(model="unused", host_kv_cache_bytes=123), torch.device("cpu"), 1 << 30) == 123
+    with pytest.raises(ValueError, match="host_kv_cache_bytes"):
+        EngineConfig(model="unused", host_kv_cache_bytes=-1)

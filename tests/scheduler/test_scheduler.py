@@ -20,7 +20,7 @@ def test_single_request_matches_reference_and_frees_everything():
     fin = FakeKVEngine(s, VOCAB).run()
     assert len(fin) == 1 and fin[0].output_token_ids == reference_output([1, 2, 3, 4, 5], 10, VOCAB)
     assert fin[0].finish_reason == "length"
-    assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0
+    assert s.pool.num_in_use == 0 and s.kv.num_reserved == 0
 
 
 def test_stop_and_eos():
@@ -98,19 +98,21 @@ def test_n_samples_compute_the_prompt_once(prefix, prompt_len, copies):
     assert s.stats.prefill_tokens == prompt_len                  # the prompt once for the group
     assert s.stats.cached_prompt_tokens == 7 * prompt_len
     assert s.stats.decode_tokens == 8 * 4                        # tokens 2..5 of each sample
-    assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0
+    assert s.pool.num_in_use == 0 and s.kv.num_reserved == 0
 
 
 def test_n_samples_outputs_equal_reference_after_the_block_copy():
     """The fake engine stores (position, token) per slot and asserts every read: a sibling reading a block
-    its copy did not fill fails. All samples of the deterministic fake model equal the reference."""
+    its copy did not fill fails. Each sample's tokens depend on its index, so a sibling that wrote into its
+    leader's partial block (or read another's) would change the outputs; each equals its own reference."""
     s = make(block_size=4, num_blocks=64, max_num_seqs=8)
     prompt = list(range(1, 19))
     s.add_request("g", prompt, StopCondition(max_tokens=9), n=8)
     fin = FakeKVEngine(s, VOCAB).run()
     assert sorted(f.sample_index for f in fin) == list(range(8))
-    ref = reference_output(prompt, 9, VOCAB)
-    assert all(f.output_token_ids == ref for f in fin)
+    refs = [reference_output(prompt, 9, VOCAB, sample_index=i) for i in range(8)]
+    assert len({tuple(r) for r in refs}) == 8                 # the samples really differ
+    assert all(f.output_token_ids == refs[f.sample_index] for f in fin)
     assert all(f.num_cached_tokens == 18 for f in fin if f.sample_index > 0)
     assert s.pool.num_in_use == 0
 
@@ -119,18 +121,18 @@ def test_n_samples_outputs_equal_reference_after_the_block_copy():
 def test_n_samples_that_finish_on_their_first_token(case):
     s = make(block_size=4, num_blocks=64, max_num_seqs=8)
     prompt = list(range(1, 19))
-    first = reference_output(prompt, 1, VOCAB)[0]
+    firsts = [reference_output(prompt, 1, VOCAB, sample_index=i)[0] for i in range(4)]
     stop = StopCondition(max_tokens=1) if case == "max_tokens_1" else \
-        StopCondition(max_tokens=6, eos_token_ids=frozenset({first}))
+        StopCondition(max_tokens=6, eos_token_ids=frozenset(firsts))
     s.add_request("g", prompt, stop, n=4)
     eng = FakeKVEngine(s, VOCAB)
     out = s.schedule()
     fin = s.update(out, eng.execute(out))
     s.check_integrity()
-    assert len(fin) == 4 and all(f.output_token_ids == [first] for f in fin)
+    assert len(fin) == 4 and all(f.output_token_ids == [firsts[f.sample_index]] for f in fin)
     assert not s.has_unfinished()
     assert s.schedule().block_copies == []      # finished siblings never get a tail copy
-    assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0
+    assert s.pool.num_in_use == 0 and s.kv.num_reserved == 0
 
 
 def test_recompute_baseline_recomputes_the_last_prompt_block_per_sibling():
@@ -140,8 +142,7 @@ def test_recompute_baseline_recomputes_the_last_prompt_block_per_sibling():
     s.add_request("g", prompt, StopCondition(max_tokens=5), n=8)
     fin = FakeKVEngine(s, VOCAB).run()
     assert s.stats.prefill_tokens == 18 + 7 * 2    # as vLLM: each sibling recomputes 18 - 16 tokens
-    ref = reference_output(prompt, 5, VOCAB)
-    assert all(f.output_token_ids == ref for f in fin)
+    assert all(f.output_token_ids == reference_output(prompt, 5, VOCAB, sample_index=f.sample_index) for f in fin)
 
 
 def test_abort_waiting_running_and_unforked_siblings():
@@ -157,7 +158,7 @@ def test_abort_waiting_running_and_unforked_siblings():
     assert len(fin) == 1 and fin[0].output_token_ids == []
     assert s.abort("unknown") == []
     s.check_integrity()
-    assert not s.has_unfinished() and s.pool.num_in_use == 0 and s.pool.num_reserved == 0
+    assert not s.has_unfinished() and s.pool.num_in_use == 0 and s.kv.num_reserved == 0
 
 
 def test_bad_requests_leave_scheduler_unchanged():
@@ -200,7 +201,8 @@ def test_randomized_small_pool_never_preempts_and_matches_reference():
                 s.add_request(f"r{r}", prompt, StopCondition(max_tokens=max_tokens), n=n)
             except ValueError:
                 continue  # larger than the whole pool (or n > max_num_seqs): rejected up front
-            expected[f"r{r}"] = (reference_output(prompt, min(max_tokens, 128 - len(prompt)), VOCAB), n)
+            expected[f"r{r}"] = [reference_output(prompt, min(max_tokens, 128 - len(prompt)), VOCAB, sample_index=i)
+                                 for i in range(n)]
         eng = FakeKVEngine(s, VOCAB)
         fin = eng.run(check=True)
         scenarios_that_waited += eng.steps_with_queue > 0
@@ -208,10 +210,10 @@ def test_randomized_small_pool_never_preempts_and_matches_reference():
         for f in fin:
             got.setdefault(f.request_id, []).append(f)
         assert set(got) == set(expected), scenario
-        for rid, (ref, n) in expected.items():
-            assert len(got[rid]) == n
-            assert all(f.output_token_ids == ref for f in got[rid]), (scenario, rid)
+        for rid, refs in expected.items():
+            assert len(got[rid]) == len(refs)
+            assert all(f.output_token_ids == refs[f.sample_index] for f in got[rid]), (scenario, rid)
         assert s.stats.preemptions == 0
-        assert s.pool.num_in_use == 0 and s.pool.num_reserved == 0, scenario
+        assert s.pool.num_in_use == 0 and s.kv.num_reserved == 0, scenario
         assert s.pool.num_free + s.pool.num_evictable == num_blocks
     assert scenarios_that_waited >= 50, scenarios_that_waited  # the pools really were too small

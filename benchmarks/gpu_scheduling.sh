@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Session scheduling on one GPU (issue 14), in three calls that each fit a device lease: correctness first, then
+# timings. Logs and JSON go to $OUT; the sections appended to benchmarks/RESULTS.md there are copied to
+# $OUT/results_new.md (the device's copy of the tree has no .git: pass ROLLOUT_COMMIT=<hash>).
+#
+#   bash benchmarks/gpu_scheduling.sh a     GPU tests, offload overlap (0.5B, 8B)
+#   bash benchmarks/gpu_scheduling.sh b     multi_turn 0.5B, long_cot 0.5B
+#   bash benchmarks/gpu_scheduling.sh c     multi_turn 8B
+set -u
+part=${1:-a}
+out=${OUT:-/tmp/gpu_scheduling}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+results=benchmarks/RESULTS.md
+before=$(wc -l < "$results")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+step() {   # step NAME SECONDS CMD...: run with a time limit, keep its log, report how long it took
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name.log"
+    echo "=== $name: rc $rc in $((SECONDS - t0)) s"
+}
+
+case "$part" in
+a)  step tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_kv_offload.py \
+        tests/engine/test_triton_engine.py tests/engine/test_cuda_graphs.py tests/engine/test_sessions.py
+    step overlap_05b 120 python3 benchmarks/offload_overlap.py --shape qwen2.5-0.5b
+    step overlap_8b 180 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100 ;;
+b)  step multi_turn_05b 240 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --json "$out/multi_turn_05b.json"
+    step long_cot_05b 300 python3 benchmarks/long_cot.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --json "$out/long_cot_05b.json" ;;
+c)  step multi_turn_8b 540 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
+        --json "$out/multi_turn_8b.json" ;;
+esac
+tail -n +"$((before + 1))" "$results" > "$out/results_new.md"
