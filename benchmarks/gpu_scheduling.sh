@@ -3,9 +3,9 @@
 # timings. Logs and JSON go to $OUT; the sections appended to benchmarks/RESULTS.md there are copied to
 # $OUT/results_new.md (the device's copy of the tree has no .git: pass ROLLOUT_COMMIT=<hash>).
 #
-#   bash benchmarks/gpu_scheduling.sh a     GPU tests, offload overlap (0.5B, 8B)
-#   bash benchmarks/gpu_scheduling.sh b     multi_turn 0.5B, long_cot 0.5B
-#   bash benchmarks/gpu_scheduling.sh c     multi_turn 8B
+#   bash benchmarks/gpu_scheduling.sh a     GPU tests (engine on CUDA, graphs, host copies, sessions)
+#   bash benchmarks/gpu_scheduling.sh b     host-copy test, offload overlap, multi_turn and long_cot on the 0.5B shape
+#   bash benchmarks/gpu_scheduling.sh c     offload overlap and multi_turn on the 8B shape
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -28,14 +28,15 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, keep its log, repo
 
 case "$part" in
 a)  step tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_kv_offload.py \
-        tests/engine/test_triton_engine.py tests/engine/test_cuda_graphs.py tests/engine/test_sessions.py
-    step overlap_05b 120 python3 benchmarks/offload_overlap.py --shape qwen2.5-0.5b
-    step overlap_8b 180 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100 ;;
-b)  step multi_turn_05b 240 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        tests/engine/test_triton_engine.py tests/engine/test_cuda_graphs.py tests/engine/test_sessions.py ;;
+b)  step tests 60 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_kv_offload.py
+    step overlap_05b 90 python3 benchmarks/offload_overlap.py --shape qwen2.5-0.5b
+    step multi_turn_05b 200 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
         --json "$out/multi_turn_05b.json"
-    step long_cot_05b 300 python3 benchmarks/long_cot.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+    step long_cot_05b 220 python3 benchmarks/long_cot.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
         --json "$out/long_cot_05b.json" ;;
-c)  step multi_turn_8b 540 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
+c)  step overlap_8b 90 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100
+    step multi_turn_8b 450 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
         --json "$out/multi_turn_8b.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

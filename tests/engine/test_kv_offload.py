@@ -74,16 +74,20 @@ def test_offload_then_restore_is_bitwise_and_reports_landing(device, one_storage
         assert torch.equal(block(kv, b_dst), orig[b_src])
 
 
-def test_one_step_may_restore_into_blocks_it_offloads_and_reuse_host_blocks():
-    """Reads before writes: a device block leaving and a host block being read are both reused in the step."""
-    kv = caches()
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_one_step_may_restore_into_blocks_it_offloads_and_reuse_host_blocks(device):
+    """Reads before writes: a device block leaving and a host block being read are both reused in the step
+    (on CUDA: across the two copy streams, and without a synchronize between the steps)."""
+    kv = caches(device=device)
     host = HostKVCache(kv, 4)
     orig = {b: block(kv, b).clone() for b in range(16)}
     step(host, [(0, 0), (1, 1)], [])                           # session A -> host 0, 1
     # one step: B (device 2, 3) leaves into host 0, 1 while A comes back into device 2, 3
     step(host, [(2, 0), (3, 1)], [(0, 2), (1, 3)], restores=[1])
-    assert torch.equal(block(kv, 2), orig[0]) and torch.equal(block(kv, 3), orig[1])
     step(host, [], [(0, 5), (1, 6)], restores=[2])             # B back, from the host blocks it reused
+    if device == "cuda":
+        torch.cuda.synchronize()                               # the copy streams are not the current stream
+    assert torch.equal(block(kv, 2), orig[0]) and torch.equal(block(kv, 3), orig[1])
     assert torch.equal(block(kv, 5), orig[2]) and torch.equal(block(kv, 6), orig[3])
     assert host.poll() == [1, 2]
 
