@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_scheduling.sh a     GPU tests (engine on CUDA, graphs, host copies, sessions)
 #   bash benchmarks/gpu_scheduling.sh b     host-copy test, offload overlap, multi_turn and long_cot on the 0.5B shape
 #   bash benchmarks/gpu_scheduling.sh c     offload overlap and multi_turn on the 8B shape
+#   bash benchmarks/gpu_scheduling.sh d     b and c without the tests (overlap, multi_turn on both shapes, long_cot)
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -38,5 +39,12 @@ b)  step tests 60 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_
 c)  step overlap_8b 90 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100
     step multi_turn_8b 450 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
         --json "$out/multi_turn_8b.json" ;;
+d)  step overlap_05b 60 python3 benchmarks/offload_overlap.py --shape qwen2.5-0.5b
+    step overlap_8b 70 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100
+    step multi_turn_05b 90 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --json "$out/multi_turn_05b.json"
+    step multi_turn_8b 150 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
+        --json "$out/multi_turn_8b.json"
+    step long_cot_05b 200 python3 benchmarks/long_cot.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="default 8192 on CUDA, 512 on CPU")
     p.add_argument("--median", type=float, default=None, help="median sample length (default max_tokens / 10)")
     p.add_argument("--pool-tokens", type=int, default=None,
-                   help="KV pool in tokens (default: a sixth of what every sample at max_tokens would need)")
+                   help="KV pool in tokens (default: a sixteenth of what every sample at max_tokens would need)")
     p.add_argument("--expected-output-tokens", type=int, default=None, help="swap mode (default 1.5 x median)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -136,7 +136,7 @@ def main() -> None:
     mc = ModelConfig.from_pretrained(model)
     work = make_workload(prompts, args.n, mc.vocab_size, args.seed, max_tokens, median=median)
     worst = sum(len(pr) + max_tokens for pr, _ in work)
-    pool_tokens = args.pool_tokens or worst // 6
+    pool_tokens = args.pool_tokens or worst // 16
     num_blocks = pool_tokens // args.block_size
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     host_bytes = 2 * num_blocks * kv_bytes_per_block(mc, args.block_size, dtype)
@@ -174,7 +174,7 @@ def main() -> None:
              f"{lengths[len(lengths) // 2]}, p90 {lengths[int(0.9 * len(lengths))]}, max {lengths[-1]}, "
              f"{sum(lengths):,} tokens in all; each sample ended at its length (unforeseeable to the scheduler). "
              f"Model {label}, {args.dtype}; KV pool {num_blocks} blocks of {args.block_size} = {pool_tokens:,} tokens "
-             f"(a sixth of every sample at max_tokens); swap host pool twice the device pool; temperature 1, seeded.")
+             f"(a sixteenth of every sample at max_tokens); swap host pool twice the device pool; temperature 1, seeded.")
     print(table)
     print(notes)
     if args.json:

@@ -7,7 +7,7 @@ Block-major, so one host block of every layer's K and V is contiguous and a run 
 blocks moves in one copy. Per step (``SchedulerOutput``), in the order the scheduler's copy contract asks
 (reads before writes, ``scheduler.kv_offload``):
 
-    main stream:  gather the swap-out device blocks into a staging buffer   (one kernel over all layers)
+    main stream:  gather the swap-out device blocks into a staging buffer   (2 kernels over all layers)
                   (the step's block copies and forward follow on this stream)
     in stream:    after the main stream up to here: host runs -> device staging (async, pinned) -> one
                   scatter into the KV caches; an event: the step's restores have landed once it completes
@@ -84,9 +84,7 @@ def _pinned_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 class HostKVCache:
     def __init__(self, device_caches: list[tuple[torch.Tensor, torch.Tensor]], num_host_blocks: int) -> None:
         self.layers = [c for pair in device_caches for c in pair]   # 2L tensors [num_blocks, bs, Hkv, D]
-        storage = kv_storage(device_caches)                         # [2L, num_blocks, bs, Hkv, D] or None
-        # block-major view of every layer at once: one indexing kernel moves a block of all layers
-        self.blocks = storage.transpose(0, 1) if storage is not None else None   # [num_blocks, 2L, bs, Hkv, D]
+        self.storage = kv_storage(device_caches)                    # [2L, num_blocks, bs, Hkv, D] or None
         k0 = self.layers[0]
         self.device = k0.device
         self.num_blocks = num_host_blocks
@@ -115,8 +113,10 @@ class HostKVCache:
             return None
         pairs = sorted(swap_out, key=lambda p: p[1])          # host order: consecutive ids copy as one run
         dev = upload_nonblocking([d for d, _ in pairs], torch.int64, self.device)
-        if self.blocks is not None:
-            staged = self.blocks.index_select(0, dev)                           # [n, 2L, bs, Hkv, D]
+        if self.storage is not None:
+            # one gather over every layer (contiguous 32 KB-ish rows), then block-major: measured faster on an
+            # H200 than one index_select over a transposed view (a generic strided kernel on the main stream)
+            staged = self.storage.index_select(1, dev).transpose(0, 1).contiguous()   # [n, 2L, bs, Hkv, D]
         else:
             staged = torch.stack([c.index_select(0, dev) for c in self.layers], dim=1)
         return staged, [h for _, h in pairs]
@@ -175,8 +175,8 @@ class HostKVCache:
         for i, h, length in _runs([h for h, _ in pairs]):
             staged[i:i + length].copy_(self.host[h:h + length], non_blocking=nb)
         dev = upload_nonblocking([d for _, d in pairs], torch.int64, self.device)
-        if self.blocks is not None:
-            self.blocks.index_copy_(0, dev, staged)           # one scatter over every layer (writes the storage)
+        if self.storage is not None:
+            self.storage.index_copy_(1, dev, staged.transpose(0, 1))      # one scatter over every layer
         else:
             for j, c in enumerate(self.layers):
                 c.index_copy_(0, dev, staged[:, j])

@@ -146,15 +146,15 @@ class ModelRunner:
         if batch is not None:
             self.inputs.prepare_graph_decode(items, self.graphs.inputs, batch)
             if prev is not None:
-                self._feed_tokens(prev, items, self.graphs.inputs.input_ids)
+                self._feed_tokens(prev, items[:output.num_fed], self.graphs.inputs.input_ids)
             hidden = self.graphs.replay(batch)[:len(items)]   # [n, hidden]: every item samples
             sample_items = list(range(len(items)))
             self.step_counts["graph"] += 1
         else:
             self.step_counts["eager"] += 1
             step = self.inputs.prepare(items, output.num_batched_tokens)
-            if prev is not None:
-                self._feed_tokens(prev, items, step.input_ids)
+            if prev is not None:   # the fed items come first, one token each: input_ids[:num_fed]
+                self._feed_tokens(prev, items[:output.num_fed], step.input_ids)
             hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)  # [T, hidden]
             sample_items = step.sample_items
             if not sample_items:
@@ -180,12 +180,15 @@ class ModelRunner:
                             [(i, seq_id) for _, i, seq_id in forks])
 
     def _feed_tokens(self, prev: "PendingStep", items, input_ids: torch.Tensor) -> None:
-        """input_ids[j] = the token ``prev`` sampled for items[j]'s sequence, on the device.
+        """input_ids[j] = the token ``prev`` sampled for items[j]'s sequence, on the device (``items``: the fed
+        items of a step planned ahead, ``SchedulerOutput.num_fed``).
 
-        A step scheduled ahead lists ``prev``'s sequences in ``prev``'s order, minus those that ended: with
-        as many items as ``prev`` has sample rows, row j feeds item j (the common case, one slice copy)."""
+        They list ``prev``'s sampling sequences in ``prev``'s order, minus those that ended: with as many items
+        as ``prev`` has sample rows, row j feeds item j (the common case, one slice copy)."""
         assert prev.token_ids is not None, "a step scheduled ahead needs a previous step sampled on the device"
         n = len(items)
+        if n == 0:
+            return
         assert len(prev.row_seq_ids) == len(prev.sample_items), "a step with forked siblings is never chained"
         if n == len(prev.sample_items):
             input_ids[:n].copy_(prev.token_ids[:n])

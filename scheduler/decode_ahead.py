@@ -1,21 +1,23 @@
-"""Decode steps planned before the previous step's sampled tokens are known (async scheduling).
+"""Steps planned before the previous step's sampled tokens are known (async scheduling).
 
 The engine queues step N+1 on the device while it still runs step N, so the host's scheduling, input
-preparation and result processing overlap the device's work. Only a pure-decode step N qualifies (every
-item one token that samples), with nothing a full ``Scheduler.schedule`` would do differently: no
-admission possible (nothing waiting, admission paused, no free sequence slot, or the last admission
-attempt found no room and nothing has been released or queued since), no restore landed since, no
-pending forks, and no sequence needing a block its reservation does not cover while the policy would
-have to move a running sequence to give it one. Each step-N sequence still running continues with one
-token whose id is a placeholder (-1): the engine feeds the token sampled by step N on the device. A
-sequence that reaches max_tokens with step N's token is left out; one that stops on it (EOS, a stop
-token) or is aborted meanwhile is computed and then ignored by ``update`` (its KV lands past its last
-computed position: a slot no one reads, in a block no prefix-cache entry covers).
+preparation and result processing overlap the device's work. Step N+1 continues exactly what step N ran and
+nothing else: each step-N sequence that sampled continues with one decode token whose id is a placeholder
+(-1; the engine feeds the token step N sampled, on the device: ``SchedulerOutput.num_fed`` leading items),
+and each prefill chunk that did not reach its sequence's end continues with its next chunk (its tokens are
+known). Planned only when a full ``Scheduler.schedule`` would do nothing else: no admission possible (nothing
+waiting, admission paused, no free sequence slot, or the last admission attempt found no room and nothing
+has been released or queued since), every ready running sequence in step N, no restore landed since, no
+pending forks, and no block needed beyond a reservation that the headroom cannot cover (the policy decides
+those, in ``schedule``). A sequence that reaches max_tokens with step N's token is left out; one that stops
+on it (EOS, a stop token) or is aborted meanwhile is computed and then ignored by ``update`` (its KV lands
+past its last computed position: a slot no one reads, in a block no prefix-cache entry covers).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from scheduler.kv_manager import cdiv
 from scheduler.output import ScheduledSequence, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -30,38 +32,55 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
     if sched.waiting and not sched.admission_paused and len(sched.running) < sched.config.max_num_seqs \
             and not sched.admission_stalled:
         return None
-    for it in prev.scheduled:
-        if it.num_tokens != 1 or not it.sample:
-            return None
     live, bs, kv = sched.live_sequence, sched.block_size, sched.kv
-    plan = []
-    growing = 0
+    decodes, chunks = [], []
+    num_live = 0
     for it in prev.scheduled:
+        if it.fork_samples:
+            return None                                 # siblings join at update
         seq = live(it)
         if seq is None:
             continue                                    # aborted since prev was scheduled
-        assert seq.num_computed_tokens == it.start_pos, "decode ahead after prev's update"
+        num_live += 1
+        assert seq.num_computed_tokens == it.start_pos, "a step planned ahead after prev's update"
         if seq.pending_forks:
             return None
-        num_out = it.num_output_tokens + 1
-        if num_out >= seq.stop.max_tokens:
-            continue                                    # prev's token is its last (length)
-        pos = it.start_pos + 1                          # where prev's token will be computed
-        grows = len(seq.block_ids) <= pos // bs
-        if grows and not kv.reserved(seq):
-            growing += 1
-        plan.append((seq, it, num_out, pos, grows))
+        pos = it.seq_len                                # where the next token goes
+        if it.sample:
+            num_out = it.num_output_tokens + 1
+            if num_out < seq.stop.max_tokens:           # else prev's token is its last (length)
+                decodes.append((seq, it, pos, 1, num_out))
+        else:
+            chunks.append((seq, it, pos))
+    if num_live != sum(1 for s in sched.running.values() if s.kv_ready):
+        return None                                     # a ready sequence prev did not run: a full schedule
+    budget = sched.config.max_num_batched_tokens - len(decodes)
+    plan = list(decodes)
+    for seq, it, pos in chunks:
+        if budget <= 0:
+            return None
+        n = min(seq.num_tokens - pos, budget)
+        budget -= n
+        plan.append((seq, it, pos, n, seq.num_output_tokens))
+    growing = sum(max(0, cdiv(pos + n, bs) - len(seq.block_ids) - kv.reserved(seq)) for seq, _, pos, n, _ in plan)
     if not plan or growing > kv.headroom:
-        return None                                     # a block past a reservation: the policy decides, in schedule
+        return None                                     # blocks past a reservation: the policy decides, in schedule
     sched.begin_step()
     scheduled: list[ScheduledSequence] = []
-    for seq, it, num_out, pos, grows in plan:
-        if grows:
-            kv.allocate(seq)                            # reservation or headroom, counted above: cannot fail
+    for seq, it, pos, n, num_out in plan:
+        need = cdiv(pos + n, bs)
+        if len(seq.block_ids) < need:
+            while len(seq.block_ids) < need:
+                kv.allocate(seq)                        # reservation or headroom, counted above: cannot fail
             blocks = list(seq.block_ids)
         else:
             blocks = it.block_ids   # prev's snapshot, equal to seq.block_ids (snapshots are never mutated)
-        scheduled.append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, _PLACEHOLDER, pos,
-                                           blocks, True, num_out))
+        if it.sample:
+            scheduled.append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, _PLACEHOLDER, pos,
+                                               blocks, True, num_out))
+        else:
+            scheduled.append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index,
+                                               seq.token_ids[pos:pos + n], pos, blocks, pos + n == seq.num_tokens,
+                                               num_out))
     sched.stats.steps_ahead += 1
-    return sched.build_output(scheduled)
+    return sched.build_output(scheduled, num_fed=len(decodes))

@@ -44,6 +44,8 @@ class SchedulerOutput:
     # this output (block copies, swap-ins, swap-outs' host writes, the forward): see scheduler.kv_offload.
     restores: list[int] = field(default_factory=list)   # seq ids whose KV the swap_in copies bring back: not
     #                                     scheduled until the engine reports them landed (Scheduler.kv_landed)
+    num_fed: int = 0   # a step planned ahead: its first num_fed items are 1-token decodes whose input is the token
+    #                    the previous step sampled for that sequence (placeholder -1 here; fed on the device)
 
     @property
     def is_empty(self) -> bool:

@@ -298,11 +298,12 @@ class Scheduler:
         (``scheduler.decode_ahead`` says when)."""
         return plan_decode_ahead(self, prev)
 
-    def build_output(self, scheduled: list[ScheduledSequence]) -> SchedulerOutput:
+    def build_output(self, scheduled: list[ScheduledSequence], num_fed: int = 0) -> SchedulerOutput:
         copies, self.kv.block_copies = self.kv.block_copies, []
         swap_out, swap_in, restores = self.offload.take_copies()
         out = SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(it.num_tokens for it in scheduled),
-                              block_copies=copies, swap_out=swap_out, swap_in=swap_in, restores=restores)
+                              block_copies=copies, swap_out=swap_out, swap_in=swap_in, restores=restores,
+                              num_fed=num_fed)
         if not out.is_empty:
             self.stats.steps += 1
         return out

@@ -48,7 +48,9 @@ class FakeKVEngine:
             else:
                 dst[block * bs + i] = value
 
-    def execute(self, output: SchedulerOutput) -> dict[int, int]:
+    def execute(self, output: SchedulerOutput, fed: dict[int, int] | None = None) -> dict[int, int]:
+        """Run a step; ``fed``: the previous step's samples, for a step planned ahead of it (its first
+        ``num_fed`` items carry placeholders: the engine feeds the sampled token)."""
         bs = self.block_size
         # Reads first: swap-outs' device blocks and swap-ins' host blocks.
         outs = [(h, self._read_block(self.kv, d)) for d, h in output.swap_out]
@@ -67,11 +69,13 @@ class FakeKVEngine:
                 self._write_block(self.kv, d, values)
             self.scheduler.kv_landed(output.restores)
         sampled = {}
-        for item in output.scheduled:
+        for j, item in enumerate(output.scheduled):
+            tokens = [fed[item.seq_id]] if j < output.num_fed else item.token_ids
+            assert -1 not in tokens, "a placeholder token reached the fake model"
             for pos in range(item.seq_len):
                 assert item.block_ids[pos // bs] not in self._unlanded, (
                     f"sequence {item.seq_id} reads block {item.block_ids[pos // bs]} before its restore landed")
-            for i, tok in enumerate(item.token_ids):
+            for i, tok in enumerate(tokens):
                 pos = item.start_pos + i
                 slot = item.block_ids[pos // bs] * bs + pos % bs
                 self.kv[slot] = (pos, tok)

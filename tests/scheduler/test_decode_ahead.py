@@ -21,10 +21,11 @@ def make(clock, **kw):
 
 def chain(s, eng, out, steps, clock=None, dt=0.0):
     """Run ``steps`` decode steps each planned ahead of the previous one's update; -> how many were."""
-    ahead_count = 0
+    ahead_count, fed = 0, None
     for _ in range(steps):
         ahead = s.schedule_decode_ahead(out)
-        s.update(out, eng.execute(out))
+        fed = eng.execute(out, fed)
+        s.update(out, fed)
         s.check_integrity()
         if ahead is None:
             return ahead_count
@@ -32,7 +33,7 @@ def chain(s, eng, out, steps, clock=None, dt=0.0):
         out = ahead
         if clock is not None:
             clock.t += dt
-    s.update(out, eng.execute(out))
+    s.update(out, eng.execute(out, fed))
     return ahead_count
 
 
@@ -89,12 +90,75 @@ def test_decode_ahead_may_carry_an_offload():
     out = s.schedule()
     s.update(out, eng.execute(out))
     out = s.schedule()
-    swapped = []
+    swapped, fed = [], None
     for _ in range(38):
         ahead = s.schedule_decode_ahead(out)
         assert ahead is not None
         swapped += ahead.swap_out
-        s.update(out, eng.execute(out))
+        fed = eng.execute(out, fed)
+        s.update(out, fed)
         s.check_integrity()
         out = ahead
     assert len(swapped) == 8 and s.get_session("p").kv.value == "host"
+
+
+def drive_ahead(s, eng, max_steps=20_000):
+    """Run everything with steps planned ahead whenever the scheduler allows (as the engine does): each step's
+    placeholder inputs are fed from the previous step's samples. -> finished sequences, steps planned ahead."""
+    finished, ahead_steps, steps = [], 0, 0
+    out, fed = s.schedule(), None
+    while not out.is_empty or s.has_unfinished():
+        ahead = s.schedule_decode_ahead(out) if out.scheduled else None
+        sampled = eng.execute(out, fed)
+        finished += s.update(out, sampled)
+        s.check_integrity()
+        if ahead is not None:
+            out, fed = ahead, sampled
+            ahead_steps += 1
+        else:
+            out, fed = s.schedule(), None
+        steps += 1
+        assert steps < max_steps
+    return finished, ahead_steps
+
+
+def test_steps_planned_ahead_after_prefill_chunks_match_the_reference():
+    """Steps planned ahead after a prefill step (its sampled tokens fed, its unfinished chunks continued):
+    random prompts longer than the token budget, sessions with late restores, small pools."""
+    import random
+    from tests.scheduler.fake_engine import reference_output
+    rng = random.Random(21)
+    ahead_total = 0
+    for scenario in range(60):
+        clock = Clock()
+        s = make(clock, num_blocks=rng.randint(24, 64), max_num_batched_tokens=rng.randint(3, 24),
+                 enable_prefix_caching=rng.random() < 0.5)
+        eng = FakeKVEngine(s, 50, landing_delay=rng.choice([0, 2]))
+        expected = {}
+        for i in range(rng.randint(1, 6)):
+            prompt = [rng.randrange(50) for _ in range(rng.randint(1, 40))]
+            max_tokens = rng.randint(1, 12)
+            s.add_request(f"r{i}", prompt, StopCondition(max_tokens=max_tokens))
+            expected[f"r{i}"] = reference_output(prompt, max_tokens, 50)
+        finished, ahead = drive_ahead(s, eng)
+        assert {f.request_id: f.output_token_ids for f in finished} == expected, scenario
+        assert s.pool.num_in_use == 0 and s.kv.num_reserved == 0
+        ahead_total += ahead
+    assert ahead_total > 500, ahead_total
+
+
+def test_a_chunked_prefill_continues_in_steps_planned_ahead():
+    clock = Clock()
+    s = make(clock, max_num_batched_tokens=8)
+    eng = FakeKVEngine(s, 50)
+    s.add_request("long", list(range(1, 41)), StopCondition(max_tokens=3))   # 5 chunks of 8
+    out = s.schedule()
+    kinds = []
+    fed = None
+    while out is not None and out.scheduled:
+        kinds.append((out.num_fed, out.scheduled[0].num_tokens, out.scheduled[0].sample))
+        ahead = s.schedule_decode_ahead(out)
+        sampled = eng.execute(out, fed)
+        s.update(out, sampled)
+        out, fed = ahead, sampled
+    assert kinds == [(0, 8, False)] * 4 + [(0, 8, True), (1, 1, True), (1, 1, True)]
