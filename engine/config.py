@@ -30,6 +30,8 @@ class EngineConfig:
                                                 # graph capture and keeps the faster; "on" | "off" force it
     async_scheduling: bool = True               # queue decode step N+1 before reading step N's tokens
                                                 # (see LLMEngine.step, docs/scheduler.md)
+    async_after_prefill: bool = True            # ... also after a step with prefill chunks (False: only after
+                                                # pure decode steps)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
     host_kv_cache_bytes: Optional[int] = None   # pinned host pool for offloaded KV (idle sessions, swapped
@@ -55,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.async_after_prefill, bool):
+            raise ValueError(f"EngineConfig.async_after_prefill must be a bool, got {self.async_after_prefill!r}")
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"EngineConfig.async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.decode_gemv not in ("auto", "on", "off"):

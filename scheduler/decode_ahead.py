@@ -32,6 +32,8 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
     if sched.waiting and not sched.admission_paused and len(sched.running) < sched.config.max_num_seqs \
             and not sched.admission_stalled:
         return None
+    if not sched.config.plan_ahead_after_prefill and any(it.num_tokens != 1 or not it.sample for it in prev.scheduled):
+        return None
     live, bs, kv = sched.live_sequence, sched.block_size, sched.kv
     decodes, chunks = [], []
     num_live = 0

@@ -162,3 +162,14 @@ def test_a_chunked_prefill_continues_in_steps_planned_ahead():
         s.update(out, sampled)
         out, fed = ahead, sampled
     assert kinds == [(0, 8, False)] * 4 + [(0, 8, True), (1, 1, True), (1, 1, True)]
+
+
+def test_planning_ahead_after_prefill_can_be_turned_off():
+    for after_prefill in (True, False):
+        s = make(Clock(), plan_ahead_after_prefill=after_prefill)
+        eng = FakeKVEngine(s, 50)
+        s.add_request("a", [1, 2, 3], StopCondition(max_tokens=5))
+        out = s.schedule()                                # a prefill step
+        ahead = s.schedule_decode_ahead(out)
+        assert (ahead is not None) == after_prefill
+        s.update(out, eng.execute(out))
