@@ -196,8 +196,8 @@ def main() -> None:
                   max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     policies = {
         "ours": ("ours (no preemption, sessions retained)", EngineConfig(**common, host_kv_cache_bytes=host_bytes)),
-        "ours-decode-ahead-only": ("ours, steps planned ahead after decode steps only",
-                                   EngineConfig(**common, host_kv_cache_bytes=host_bytes, async_after_prefill=False)),
+        "ours-ahead-after-prefill": ("ours, steps planned ahead after prefill steps too",
+                                     EngineConfig(**common, host_kv_cache_bytes=host_bytes, async_after_prefill=True)),
         "recompute": ("recompute baseline (vLLM-style)",
                       EngineConfig(**common, preemption="recompute", retain_sessions=False, host_kv_cache_bytes=0)),
         "no-retention": ("no-retention baseline", EngineConfig(**common, retain_sessions=False,

@@ -24,8 +24,8 @@ class SchedulerConfig:
                                          # "recompute" (baseline, benchmarks only): vLLM-style, reserve the
                                          # context only, evict the newest running sequence and recompute it
     expected_output_tokens: int = 1024   # "swap" only: output tokens a turn reserves for at admission
-    plan_ahead_after_prefill: bool = True  # async scheduling: also plan the step after a prefill step ahead
-                                           # (False: only after pure decode steps)
+    plan_ahead_after_prefill: bool = False  # async scheduling: also plan the step after a prefill step ahead
+                                            # (default: only after pure decode steps; see EngineConfig)
     # Baselines for benchmarks only:
     retain_sessions: bool = True         # False: a session's KV is dropped at the end of each turn
 

@@ -65,15 +65,17 @@ def submit(engine, reqs):
         engine.add_request(prompt, params, request_id=rid)
 
 
+@pytest.mark.parametrize("after_prefill", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stop_tokens_waiting_and_small_pool_same_as_sync(model_path, seed):
+def test_stop_tokens_waiting_and_small_pool_same_as_sync(model_path, seed, after_prefill):
     probe = make(model_path, False)
     vocab = probe.vocab_size
     submit(probe, workload(seed, vocab))
     plain = drive(probe)
     results = {}
     for mode in (False, True):
-        e = make(model_path, mode, num_kv_blocks=40)    # small pool: requests wait for blocks
+        # small pool: requests wait for blocks; after_prefill: steps after prefill steps are planned ahead too
+        e = make(model_path, mode, num_kv_blocks=40, async_after_prefill=after_prefill)
         submit(e, workload(seed, vocab, stop_from=plain))
         results[mode] = drive(e)
         ahead = e.stats()["steps_ahead"]

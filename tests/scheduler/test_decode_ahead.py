@@ -132,7 +132,7 @@ def test_steps_planned_ahead_after_prefill_chunks_match_the_reference():
     for scenario in range(60):
         clock = Clock()
         s = make(clock, num_blocks=rng.randint(24, 64), max_num_batched_tokens=rng.randint(3, 24),
-                 enable_prefix_caching=rng.random() < 0.5)
+                 enable_prefix_caching=rng.random() < 0.5, plan_ahead_after_prefill=True)
         eng = FakeKVEngine(s, 50, landing_delay=rng.choice([0, 2]))
         expected = {}
         for i in range(rng.randint(1, 6)):
@@ -149,7 +149,7 @@ def test_steps_planned_ahead_after_prefill_chunks_match_the_reference():
 
 def test_a_chunked_prefill_continues_in_steps_planned_ahead():
     clock = Clock()
-    s = make(clock, max_num_batched_tokens=8)
+    s = make(clock, max_num_batched_tokens=8, plan_ahead_after_prefill=True)
     eng = FakeKVEngine(s, 50)
     s.add_request("long", list(range(1, 41)), StopCondition(max_tokens=3))   # 5 chunks of 8
     out = s.schedule()
