@@ -169,6 +169,31 @@ def test_cancelled_request_is_aborted_on_its_worker(pool):
     run(scenario())
 
 
+def test_timed_out_episode_frees_its_session_on_the_worker(pool):
+    """A caller's timeout on run_episode (asyncio cancellation through the pool and Ray) closes the episode's
+    session on its worker at once, while its environment is still in a tool call — not at the session's TTL."""
+    delay = 4.0
+
+    def open_sessions(stats):
+        return sum(w["open_sessions"] for w in stats["workers"])
+
+    async def scenario():
+        assert open_sessions(await pool.stats()) == 0
+        episode = asyncio.ensure_future(pool.run_episode("slow_test", {"delay_s": delay, "num_steps": 2}, GREEDY, 3))
+        deadline = time.monotonic() + 3 * delay + 30
+        while open_sessions(await pool.stats()) == 0:      # reset slept; the session is open, a step may follow
+            assert time.monotonic() < deadline and not episode.done()
+            await asyncio.sleep(0.02)
+        episode.cancel()                                    # what asyncio.wait_for does when it times out
+        cancelled_at = time.monotonic()
+        while open_sessions(await pool.stats()) != 0:
+            assert time.monotonic() - cancelled_at < delay - 1.0, "the session outlived its cancelled episode"
+            await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.CancelledError):
+            await episode
+    run(scenario())
+
+
 def test_grpo_n_and_completion_order(pool, oracle_a):
     params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=5)
     group = run(pool.generate([3, 4, 5, 6], params))
