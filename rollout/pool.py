@@ -15,11 +15,13 @@ pool keeps the last complete source (loader name + kwargs, or the object refs of
 reload a restarted worker. A worker that dies during an update is restarted on the new weights and does
 not count as a failure.
 
-Faults: a call that sees ``RayActorError`` marks its worker dead; every call still waiting on that worker
-fails at once with WORKER_DIED (each waits on its result *or* the worker's death), sessions that lived on
-it are forgotten (their later turns get UNKNOWN_SESSION), and a new actor starts in the same bundle and
-loads the current weights before it takes requests. Refs handed out by ``generate_refs`` raise Ray's own
-error; ``as_completed`` turns it into ``RolloutError(WORKER_DIED)``.
+Faults: a call that sees ``RayActorError`` marks its worker dead, and so does the failure of the one
+``watch()`` call the pool keeps open on every actor, so a worker that dies idle is noticed before anything
+is routed to it (within Ray's failure detection: about a second for a killed process). Every call still
+waiting on that worker fails at once with WORKER_DIED (each waits on its result *or* the worker's death),
+sessions that lived on it are forgotten (their later turns get UNKNOWN_SESSION), and a new actor starts in
+the same bundle and loads the current weights before it takes requests. Refs handed out by
+``generate_refs`` raise Ray's own error; ``as_completed`` turns it into ``RolloutError(WORKER_DIED)``.
 """
 from __future__ import annotations
 
@@ -121,6 +123,7 @@ class RolloutPool:
                                        for s in self._slots))
         self.worker_info = list(infos)
         for s in self._slots:
+            self._watch(s, s.actor)
             s.ready.set()
         self._refresher = self._loop.create_task(self._refresh_loads())
 
@@ -185,10 +188,29 @@ class RolloutPool:
 
         def done(fut: concurrent.futures.Future) -> None:
             actor.inflight -= 1
-            exc = None if fut.cancelled() else fut.exception()
-            if exc is not None and to_rollout_error(exc, slot.index).code is ErrorCode.WORKER_DIED:
-                self._worker_died(slot, actor)
-        ref.future().add_done_callback(lambda f: self._loop.call_soon_threadsafe(done, f))
+            self._died_if(fut, slot, actor)
+        self._when_done(ref, done)
+
+    def _watch(self, slot: Slot, actor: Incarnation) -> None:
+        """Learn of ``actor``'s death with nothing in flight: its ``watch()`` call never returns while it lives,
+        and Ray fails it (RayActorError) once the actor is gone, within Ray's own failure detection (a killed
+        process: about a second; a lost node: the GCS heartbeat timeout)."""
+        actor.watch = actor.handle.watch.remote()
+        self._when_done(actor.watch, lambda fut: self._died_if(fut, slot, actor))
+
+    def _when_done(self, ref: Any, callback) -> None:
+        """``callback(future)`` on the pool's loop once ``ref`` resolves (Ray calls back on its own thread)."""
+        def hop(fut: concurrent.futures.Future) -> None:
+            try:
+                self._loop.call_soon_threadsafe(callback, fut)
+            except RuntimeError:   # the pool's loop is closed: shut down, nothing to tell
+                pass
+        ref.future().add_done_callback(hop)
+
+    def _died_if(self, fut: concurrent.futures.Future, slot: Slot, actor: Incarnation) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None and to_rollout_error(exc, slot.index).code is ErrorCode.WORKER_DIED:
+            self._worker_died(slot, actor)
 
     def _worker_died(self, slot: Slot, actor: Incarnation) -> None:
         if actor is not slot.actor or actor.death.done() or self._closing:
@@ -218,6 +240,7 @@ class RolloutPool:
                 logger.error("worker %d: %s", slot.index, slot.failed)
                 return
             slot.actor = actor
+            self._watch(slot, actor)
             slot.restarts += 1
             slot.load = {}
             slot.ready.set()
@@ -381,6 +404,11 @@ class RolloutPool:
     @property
     def version(self) -> int:
         return self._weights.version
+
+    @property
+    def worker_deaths(self) -> int:
+        """Worker deaths the pool has noticed (read from its own state: no call to any worker)."""
+        return self._worker_deaths
 
     # ================================================================ training-loop API (Ray refs, sync)
     def generate_refs(self, prompts: list[list[int]], params: SamplingParams) -> list:

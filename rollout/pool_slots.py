@@ -68,6 +68,7 @@ class Incarnation:
     handle: Any
     death: asyncio.Future                      # resolved when this actor is found dead
     inflight: int = 0                          # calls waiting on it (routing load)
+    watch: Any = None                          # the ref of its never-returning watch() call (fails on death)
 
 
 @dataclass(eq=False)

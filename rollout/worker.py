@@ -103,6 +103,12 @@ class RolloutWorker:
         await self.update_weights(source, mode="abort", kv="recompute")
         return await self.ready()
 
+    async def watch(self) -> None:
+        """Never returns while the actor lives (the one method that does not return promptly, on purpose): the
+        pool keeps one such call open per actor, and Ray fails it as soon as the actor dies, so the pool learns
+        of a death with no request in flight (an idle dead worker looks least loaded)."""
+        await asyncio.Event().wait()
+
     async def load(self) -> dict[str, Any]:
         """Routing snapshot, answered without going through the engine thread."""
         return dict(self.loop.load_snapshot)

@@ -4,6 +4,7 @@
 - a worker process killed with SIGKILL mid-rollout (through the ZeroMQ front end over a 2-worker pool);
 - a client that vanishes mid-session: the TTL frees its KV (worker stats) and the pool forgets it;
 - the front end process killed and restarted on the same address while clients stay connected;
+- a worker killed while idle: the pool notices before routing anything to it;
 - a weight update failing half-way through the front end: old weights serve bitwise, version unchanged;
 - an environment that raises, and one that hangs past env_timeout_s;
 - a trainer process that dies in the middle of a distributed (gloo) weight broadcast.
@@ -423,3 +424,31 @@ def test_sigkill_worker_mid_rollout_fails_its_requests_then_serves(pool):
     del ray
     print(f"SIGKILL of worker 0: {died} requests failed with worker_died {fail_latency:.2f} s after the kill, "
           f"{done} completed; all ended {ended:.2f} s after it")
+
+
+def test_idle_worker_killed_is_noticed_before_it_is_routed_to(pool):
+    """A worker that dies with nothing in flight looks least loaded; the pool must learn of the death by itself
+    (no request has to fail first) and route the next requests to the live worker only."""
+    health = run(pool.health())
+    assert health["ok"], health
+    pids = {w["worker"]: w["pid"] for w in health["workers"]}
+    deaths = pool.worker_deaths
+    os.kill(pids[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    while pool.worker_deaths == deaths:   # the pool's own state: reading it calls no worker
+        assert time.monotonic() - killed_at < 15.0, "the pool did not notice that an idle worker died"
+        time.sleep(0.02)
+    noticed_s = time.monotonic() - killed_at
+
+    async def burst():
+        return await asyncio.gather(*(pool.generate([i + 2, 7, 8], GREEDY) for i in range(8)), return_exceptions=True)
+    outcomes = run(burst())
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes   # none was sent to the dead worker
+    assert all(len(o[0].token_ids) == 4 for o in outcomes)
+    deadline = time.monotonic() + 90
+    while not run(pool.health())["ok"]:
+        assert time.monotonic() < deadline, "the killed worker did not come back"
+        time.sleep(0.5)
+    health = run(pool.health())
+    assert health["workers"][1]["pid"] != pids[1] and pool.worker_deaths == deaths + 1
+    print(f"idle worker SIGKILLed: the pool noticed {noticed_s:.2f} s later; {len(outcomes)} requests served")
