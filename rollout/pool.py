@@ -223,7 +223,7 @@ class RolloutPool:
             del self._affinity[sid]
             self._session_ttl.pop(sid, None)
         slot.open_sessions = 0
-        self._loop.create_task(self._restart(slot, actor))
+        slot.restarting = self._loop.create_task(self._restart(slot, actor))
 
     async def _restart(self, slot: Slot, dead: Incarnation) -> None:
         import ray
@@ -231,39 +231,50 @@ class RolloutPool:
             ray.kill(dead.handle, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        async with self._weights.lock:   # a consistent weight source: not in the middle of an update
-            try:
+        try:
+            async with self._weights.lock:   # a consistent weight source: not in the middle of an update
                 actor = self._spawn(slot.index)
-                await asyncio.wait_for(actor.handle.load_state.remote(self._weights.source), self._start_timeout_s)
-            except Exception as e:  # noqa: BLE001
-                slot.failed = f"restart failed: {to_rollout_error(e, slot.index).message}"
-                logger.error("worker %d: %s", slot.index, slot.failed)
-                return
-            slot.actor = actor
-            self._watch(slot, actor)
-            slot.restarts += 1
-            slot.load = {}
-            slot.ready.set()
-        logger.info("worker %d restarted at weight version %d", slot.index, self._weights.version)
+                try:
+                    await asyncio.wait_for(actor.handle.ready.remote(), self._start_timeout_s)
+                    slot.actor = actor
+                    held = await self._weights.reload(slot, self._start_timeout_s)
+                except Exception as e:  # noqa: BLE001 - it did not come up: the slot is lost
+                    slot.failed = f"restart failed: {to_rollout_error(e, slot.index).message}"
+                    logger.error("worker %d: %s", slot.index, slot.failed)
+                    try:
+                        ray.kill(actor.handle, no_restart=True)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    return
+                self._watch(slot, actor)
+                slot.restarts += 1
+                slot.load = {}
+                if held is None:
+                    slot.serve()
+                    logger.info("worker %d restarted at weight version %d", slot.index, self._weights.version)
+                else:
+                    slot.hold(held)
+                    logger.error("worker %d restarted but is held out of routing: %s", slot.index, held)
+        finally:
+            slot.restarting = None
 
     async def _pick(self) -> Slot:
-        """The least loaded ready worker; waits (bounded) while every worker is restarting."""
+        """The least loaded serving worker; waits (bounded) while no worker serves and some are restarting."""
         if self._closing:
             raise RolloutError(ErrorCode.UNAVAILABLE, "the pool is shut down")
         if self._weights.inconsistent:
             raise RolloutError(ErrorCode.UNAVAILABLE, "the pool's workers hold different weight versions after a "
                                                       "partial update; run update_weights to bring them together")
-        ready = [s for s in self._slots if s.ready.is_set() and not s.failed]
+        ready = [s for s in self._slots if s.ready.is_set()]
         if not ready:
-            waiters = [asyncio.ensure_future(s.ready.wait()) for s in self._slots if not s.failed]
-            if waiters:
-                _, pending = await asyncio.wait(waiters, timeout=self._start_timeout_s,
-                                                return_when=asyncio.FIRST_COMPLETED)
-                for w in pending:
-                    w.cancel()
-            ready = [s for s in self._slots if s.ready.is_set() and not s.failed]
+            restarts = [s.restarting for s in self._slots if s.restarting is not None]
+            if restarts:   # NOTE: asyncio.wait does not cancel them on timeout
+                await asyncio.wait(restarts, timeout=self._start_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            ready = [s for s in self._slots if s.ready.is_set()]
             if not ready:
-                raise RolloutError(ErrorCode.UNAVAILABLE, "no worker is available")
+                held = "; ".join(f"worker {s.index}: {s.failed or s.awaiting_weights or 'restarting'}"
+                                 for s in self._slots)
+                raise RolloutError(ErrorCode.UNAVAILABLE, f"no worker is available ({held})")
         return min(ready, key=Slot.key)
 
     def _request_id(self, request_id: Optional[str]) -> str:
@@ -440,8 +451,9 @@ class RolloutPool:
         async def one(slot: Slot) -> dict[str, Any]:
             base = {"worker": slot.index, "restarts": slot.restarts, "inflight": slot.actor.inflight,
                     "open_sessions": slot.open_sessions, "sessions_opened": slot.sessions_opened,
-                    "turns_routed": slot.turns_routed, "failed": slot.failed, "alive": slot.ready.is_set()}
-            if slot.ready.is_set():
+                    "turns_routed": slot.turns_routed, "failed": slot.failed, "alive": slot.ready.is_set(),
+                    "awaiting_weights": slot.awaiting_weights}
+            if slot.live:
                 try:
                     base.update(await asyncio.wait_for(self._call(slot, "stats"), 30.0))
                 except (RolloutError, asyncio.TimeoutError) as e:
@@ -462,10 +474,12 @@ class RolloutPool:
 
     async def _health(self) -> dict[str, Any]:
         async def one(slot: Slot) -> dict[str, Any]:
-            info = {"worker": slot.index, "alive": False, "restarts": slot.restarts}
-            if slot.ready.is_set():
+            # alive: serving (routing picks it); a worker awaiting weights answers but is not alive in that sense
+            info = {"worker": slot.index, "alive": False, "restarts": slot.restarts,
+                    "awaiting_weights": slot.awaiting_weights, "failed": slot.failed}
+            if slot.live:
                 try:
-                    info.update(await asyncio.wait_for(self._call(slot, "ready"), 10.0), alive=True)
+                    info.update(await asyncio.wait_for(self._call(slot, "ready"), 10.0), alive=slot.ready.is_set())
                 except (RolloutError, asyncio.TimeoutError):
                     pass
             return info

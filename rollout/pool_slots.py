@@ -73,6 +73,9 @@ class Incarnation:
 
 @dataclass(eq=False)
 class Slot:
+    """States: *serving* (``ready`` set: routing picks it), *restarting* (``restarting`` is the task bringing a
+    new actor up), *awaiting weights* (a live actor that does not hold the pool's weights: never routed to,
+    included in the next update, serving again once one lands on it), *failed* (no actor could be started)."""
     index: int
     actor: Incarnation
     ready: asyncio.Event                       # set while the worker takes requests (routing picks only these)
@@ -81,7 +84,22 @@ class Slot:
     turns_routed: int = 0
     restarts: int = 0
     failed: Optional[str] = None               # a restart that could not bring it back
+    awaiting_weights: Optional[str] = None     # why this live worker is held out of routing
+    restarting: Optional[asyncio.Task] = None
     load: dict[str, int] = field(default_factory=dict)
 
     def key(self) -> tuple:
         return (self.actor.inflight + self.open_sessions, -self.load.get("num_free_blocks", 0), self.index)
+
+    @property
+    def live(self) -> bool:
+        """Its actor is up (serving or awaiting weights): it can be called, and takes part in updates."""
+        return not self.actor.death.done() and not self.failed
+
+    def serve(self) -> None:
+        self.awaiting_weights = None
+        self.ready.set()
+
+    def hold(self, reason: str) -> None:
+        self.awaiting_weights = reason
+        self.ready.clear()

@@ -38,17 +38,28 @@ class WorkerError(Exception):
 @dataclass(frozen=True)
 class WeightSource:
     """Where the current weights came from, so a restarted worker can load them again: a registered
-    loader by name (e.g. a safetensors path) or the object refs of an in-memory update."""
+    loader by name (e.g. a safetensors path) or the object refs of an in-memory update. Neither set: a
+    broadcast through the pool's weight-sync group, which cannot be replayed."""
     version: int
     loader: Optional[str] = None                           # weight_sync registry name
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
     refs: Optional[list] = None                            # put_state_dict's refs (manifest first)
+    # The content digest (weight_sync.digest) of what the workers read from loader + loader_kwargs, recorded by
+    # the pool once they agreed; a replay must read the same bytes or it is refused. None: not recorded yet
+    # (the first read), or refs (object-store objects never change).
+    digest: Optional[str] = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.refs is not None or self.loader is not None
 
     def make_loader(self) -> Any:
-        from weight_sync import RayObjectLoader, get_loader
+        from weight_sync import RayObjectLoader, digesting, get_loader
         if self.refs is not None:
             return RayObjectLoader(self.refs)
-        return get_loader(self.loader, **self.loader_kwargs)
+        if self.loader is None:
+            raise ValueError(f"version {self.version} came through the weight-sync group and cannot be replayed")
+        return digesting(get_loader(self.loader, **self.loader_kwargs), expected=self.digest)
 
 
 class RolloutWorker:
@@ -93,8 +104,16 @@ class RolloutWorker:
         return await self._await(self.loop.abort(request_id))
 
     async def update_weights(self, source: WeightSource, mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
-        """Apply ``source`` at ``source.version``; the loader is built on the engine thread."""
-        return await self._await(self.loop.update_weights(source.make_loader, source.version, mode, kv))
+        """Apply ``source`` at ``source.version``; the loader is built on the engine thread. The report's
+        ``digest`` is the content digest of what was read (None for object refs)."""
+        made: list[Any] = []
+
+        def make_loader() -> Any:
+            made.append(source.make_loader())
+            return made[0]
+        report = await self._await(self.loop.update_weights(make_loader, source.version, mode, kv))
+        report["digest"] = getattr(made[0], "digest", None)   # the future resolved: the engine thread is done
+        return report
 
     async def load_state(self, source: Optional[WeightSource]) -> dict[str, Any]:
         """Restart hook: bring a fresh worker to the pool's current weights (no requests are in flight yet)."""

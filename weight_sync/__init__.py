@@ -8,6 +8,7 @@ from weight_sync.base import (DEFAULT_BUCKET_BYTES, CheckpointLoader, Manifest, 
                               register_loader)
 from weight_sync.buckets import BucketPlan, plan_buckets
 from weight_sync.cuda_ipc import CudaIpcLoader, CudaIpcPayload, CudaIpcSender
+from weight_sync.digest import DigestingLoader, DigestMismatch, TensorDigest, digesting
 from weight_sync.distributed import DistributedLoader, DistributedSender, WeightSyncGroup, init_weight_sync_group
 from weight_sync.ray_objects import RayObjectLoader, put_state_dict
 from weight_sync.safetensors_loader import SafetensorsLoader
@@ -26,4 +27,5 @@ __all__ = [
     "DistributedLoader", "DistributedSender", "WeightSyncGroup", "init_weight_sync_group",
     "RayObjectLoader", "put_state_dict",
     "CudaIpcLoader", "CudaIpcPayload", "CudaIpcSender",
+    "DigestingLoader", "DigestMismatch", "TensorDigest", "digesting",
 ]

@@ -5,6 +5,7 @@
 - a client that vanishes mid-session: the TTL frees its KV (worker stats) and the pool forgets it;
 - the front end process killed and restarted on the same address while clients stay connected;
 - a worker killed while idle: the pool notices before routing anything to it;
+- a worker restarted after its weight source (a safetensors path) was overwritten: it refuses to replay it;
 - a weight update failing half-way through the front end: old weights serve bitwise, version unchanged;
 - an environment that raises, and one that hangs past env_timeout_s;
 - a trainer process that dies in the middle of a distributed (gloo) weight broadcast.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -452,3 +454,49 @@ def test_idle_worker_killed_is_noticed_before_it_is_routed_to(pool):
     health = run(pool.health())
     assert health["workers"][1]["pid"] != pids[1] and pool.worker_deaths == deaths + 1
     print(f"idle worker SIGKILLed: the pool noticed {noticed_s:.2f} s later; {len(outcomes)} requests served")
+
+
+def test_restarted_worker_refuses_an_overwritten_weight_source(pool, models, tmp_path):
+    """update_weights from a safetensors path records the content digest the workers read. The trainer then
+    overwrites that path; a worker restarted afterwards must not replay it (it would serve other weights under
+    the same version): it is held out of routing, the other worker keeps serving the recorded version, the pool
+    stays consistent, and the next complete update brings the held worker back."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(models[1], ckpt)
+    version = pool.version + 1
+    assert run(pool.update_weights("safetensors", {"path": str(ckpt)}, version=version))["num_workers"] == 2
+    shutil.copy(models[0] / "model.safetensors", ckpt / "model.safetensors")      # the trainer saved again
+    health = run(pool.health())
+    pids, restarts = {w["worker"]: w["pid"] for w in health["workers"]}, health["workers"][0]["restarts"]
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        w0 = run(pool.health())["workers"][0]
+        if w0["restarts"] == restarts + 1 or w0.get("failed"):
+            break
+        assert time.monotonic() < deadline, "worker 0 was not restarted"
+        time.sleep(0.5)
+    assert w0.get("failed") is None and w0["pid"] != pids[0]
+    assert w0["alive"] is False and w0["version"] == 0, w0              # up, at its own weights, not serving
+    assert f"cannot reload version {version}" in w0["awaiting_weights"], w0
+    assert "no longer holds the weights" in w0["awaiting_weights"], w0
+    stats = run(pool.stats())
+    assert stats["inconsistent"] is False and stats["version"] == version
+    prompts = [[i + 2, 9, 4, 7] for i in range(6)]
+    oracle_b, oracle_a = LLMEngine(config(models[1])), LLMEngine(config(models[0]))
+
+    async def generate_all():
+        return await asyncio.gather(*(pool.generate(p, GREEDY) for p in prompts))
+    served = run(generate_all())
+    assert {t[0].metrics["worker"] for t in served} == {1}                 # never routed to the held worker
+    assert all(set(t[0].versions) == {version} for t in served)
+    assert [t[0].token_ids for t in served] == [c.token_ids for c in oracle_b.generate(prompts, GREEDY)]
+    # A complete update lands on every live worker, the held one included, and it serves again.
+    assert run(pool.update_weights("safetensors", {"path": str(ckpt)}, version=version + 1))["num_workers"] == 2
+    health = run(pool.health())
+    assert health["ok"] and [w["version"] for w in health["workers"]] == [version + 1] * 2, health
+    assert all(w["awaiting_weights"] is None for w in health["workers"])
+    served = run(generate_all())
+    assert {t[0].metrics["worker"] for t in served} == {0, 1}
+    assert [t[0].token_ids for t in served] == [c.token_ids for c in oracle_a.generate(prompts, GREEDY)]
+    print(f"restarted worker held out: {w0['awaiting_weights'][:160]}")
