@@ -5,31 +5,29 @@ Threading: the pool's state (routing counters, the session affinity map, the wei
 a private asyncio loop on a background thread. Async methods hop onto it, so they work from any event loop;
 the synchronous training-loop API (``generate_refs``, ``run_episodes_refs``) hops onto it too.
 
-Routing: a new session or request goes to the least loaded ready worker, by the pool's own counters
+Routing: a new session or request goes to the least loaded serving worker, by the pool's own counters
 (calls in flight + open sessions, then free KV blocks from the last load snapshot; no RPC per request);
 every later turn of a session goes to the worker that opened it (affinity map).
 
-Weights: ``update_weights`` / ``update_weights_from_state_dict`` run on every worker concurrently and return
-once all of them reached the new version (one barrier; the outcomes are in ``rollout.pool_weights``). The
-pool keeps the last complete source (loader name + kwargs, or the object refs of an in-memory update) to
-reload a restarted worker. A worker that dies during an update is restarted on the new weights and does
-not count as a failure.
+Weights (``rollout.pool_updates``): ``update_weights`` (a registered loader by name),
+``update_weights_from_state_dict`` (the object store) and ``update_weights_from_distributed`` (a trainer's
+broadcast through the pool's weight-sync group, ``rollout.weight_group``) run on every worker concurrently
+and return once all of them reached the new version: one barrier, whose outcomes (all, none, or some: the
+pool then refuses work) are in ``rollout.pool_weights``. The pool keeps the last complete source to reload
+a restarted worker; one that cannot reload it (a broadcast, or a path whose bytes changed since) is held
+out of routing until the next update lands on it.
 
-Faults: a call that sees ``RayActorError`` marks its worker dead, and so does the failure of the one
-``watch()`` call the pool keeps open on every actor, so a worker that dies idle is noticed before anything
-is routed to it (within Ray's failure detection: about a second for a killed process). Every call still
-waiting on that worker fails at once with WORKER_DIED (each waits on its result *or* the worker's death),
-sessions that lived on it are forgotten (their later turns get UNKNOWN_SESSION), and a new actor starts in
-the same bundle and loads the current weights before it takes requests. Refs handed out by
-``generate_refs`` raise Ray's own error; ``as_completed`` turns it into ``RolloutError(WORKER_DIED)``.
+Faults (``rollout.pool_supervisor``): a worker's death is noticed by the calls waiting on it or by the watch
+every actor keeps open (so a worker that dies idle is not routed to); its requests fail at once with
+WORKER_DIED, its sessions are forgotten (later turns get UNKNOWN_SESSION), and a new actor starts in the same
+bundle and loads the current weights before it takes requests. Refs handed out by ``generate_refs`` raise
+Ray's own error; ``as_completed`` turns it into ``RolloutError(WORKER_DIED)``.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import itertools
-import logging
 import threading
 import time
 import uuid
@@ -38,18 +36,20 @@ from typing import Any, Optional
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError, gather_or_cancel
-from rollout.pool_slots import Incarnation, Slot, as_completed, default_runtime_env, to_rollout_error
+from rollout.pool_slots import Incarnation, Slot, as_completed, default_runtime_env
+from rollout.pool_supervisor import Supervisor
+from rollout.pool_updates import PoolWeightsAPI
 from rollout.pool_weights import WeightState
 from rollout.trajectory import Trajectory
-from rollout.worker import RolloutWorker, WeightSource
-
-logger = logging.getLogger(__name__)
+from rollout.weight_group import WeightGroups
+from rollout.worker import RolloutWorker
+from weight_sync.distributed import backend_for
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SESSION_EXPIRY_GRACE_S = 5.0   # past a session's TTL, before the pool forgets it (its worker expired it by then)
 
 
-class RolloutPool:
+class RolloutPool(PoolWeightsAPI):
     def __init__(self, engine_config: EngineConfig, num_workers: int, *, placement: str = "PACK",
                  address: Optional[str] = None, num_cpus_per_worker: float = 1.0, env_threads: int = 4,
                  runtime_env: Optional[dict[str, Any]] = None, start_timeout_s: float = 300.0,
@@ -80,8 +80,11 @@ class RolloutPool:
         self._ids = itertools.count()
         self._weights = WeightState()
         self._closing = False
-        self._worker_deaths = 0
         self._loop = asyncio.new_event_loop()
+        self._workers = Supervisor(self._loop, self._spawn, self._weights, start_timeout_s, self._forget_worker)
+        self._call = self._workers.call
+        self._groups = WeightGroups(f"rollout-pool-{uuid.uuid4().hex[:8]}", self._call,
+                                    backend_for("cuda" if self._gpu else "cpu"))
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-pool", daemon=True)
         self._thread.start()
         self._sync(self._start(placement), timeout=start_timeout_s + 30)
@@ -99,15 +102,14 @@ class RolloutPool:
             pass
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
-    def _spawn(self, index: int) -> Incarnation:
+    def _spawn(self, index: int) -> Any:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         actor_cls = ray.remote(RolloutWorker)
-        handle = actor_cls.options(
+        return actor_cls.options(
             num_cpus=self._cpus, num_gpus=1 if self._gpu else 0, max_concurrency=1000, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
         ).remote(self._worker_config, index, self._env_threads)
-        return Incarnation(handle, self._loop.create_future())
 
     async def _start(self, placement: str) -> None:
         from ray.util.placement_group import placement_group
@@ -118,13 +120,8 @@ class RolloutPool:
         except asyncio.TimeoutError:
             raise RolloutError(ErrorCode.UNAVAILABLE, f"the cluster cannot place {self.num_workers} x {bundle} "
                                                       f"({placement}) within {self._start_timeout_s} s") from None
-        self._slots = [Slot(i, self._spawn(i), asyncio.Event()) for i in range(self.num_workers)]
-        infos = await asyncio.gather(*(asyncio.wait_for(s.actor.handle.ready.remote(), self._start_timeout_s)
-                                       for s in self._slots))
-        self.worker_info = list(infos)
-        for s in self._slots:
-            self._watch(s, s.actor)
-            s.ready.set()
+        self.worker_info = await self._workers.start(self.num_workers)
+        self._slots = self._workers.slots
         self._refresher = self._loop.create_task(self._refresh_loads())
 
     async def _refresh_loads(self) -> None:
@@ -148,115 +145,14 @@ class RolloutPool:
                     self._forget_session(sid, slot)
                 self._session_ttl.pop(sid, None)
 
-    async def _call(self, slot: Slot, method: str, *args: Any) -> Any:
-        """Call a worker method; its result, or RolloutError — WORKER_DIED as soon as the worker is found dead."""
-        actor = slot.actor
-        if actor.death.done() or slot.failed:
-            raise RolloutError(ErrorCode.WORKER_DIED, f"worker {slot.index} is down")
-        ref = getattr(actor.handle, method).remote(*args)
-        result = asyncio.wrap_future(ref.future())
-        actor.inflight += 1
-        try:
-            await asyncio.wait({result, actor.death}, return_when=asyncio.FIRST_COMPLETED)
-            if not result.done():
-                if actor.death.cancelled():
-                    raise RolloutError(ErrorCode.UNAVAILABLE, "the pool shut down with this request in flight")
-                raise RolloutError(ErrorCode.WORKER_DIED, f"worker {slot.index} died with this request in flight")
-            exc = result.exception()
-            if exc is None:
-                return result.result()
-            err = to_rollout_error(exc, slot.index)
-            if err.code is ErrorCode.WORKER_DIED:
-                self._worker_died(slot, actor)
-            raise err from None
-        finally:
-            actor.inflight -= 1
-            if not result.done():
-                # Cancelling the wrapper alone leaves the actor task running (Ray does not cancel it):
-                # cancel the task itself, which aborts the request in the worker's engine.
-                result.cancel()
-                try:
-                    import ray
-                    ray.cancel(ref)
-                except Exception:  # noqa: BLE001 - already finished or the worker is gone
-                    pass
-
-    def _track_ref(self, slot: Slot, ref: Any) -> None:
-        """Count a ref handed to the caller as load and watch it for the worker's death."""
-        actor = slot.actor
-        actor.inflight += 1
-
-        def done(fut: concurrent.futures.Future) -> None:
-            actor.inflight -= 1
-            self._died_if(fut, slot, actor)
-        self._when_done(ref, done)
-
-    def _watch(self, slot: Slot, actor: Incarnation) -> None:
-        """Learn of ``actor``'s death with nothing in flight: its ``watch()`` call never returns while it lives,
-        and Ray fails it (RayActorError) once the actor is gone, within Ray's own failure detection (a killed
-        process: about a second; a lost node: the GCS heartbeat timeout)."""
-        actor.watch = actor.handle.watch.remote()
-        self._when_done(actor.watch, lambda fut: self._died_if(fut, slot, actor))
-
-    def _when_done(self, ref: Any, callback) -> None:
-        """``callback(future)`` on the pool's loop once ``ref`` resolves (Ray calls back on its own thread)."""
-        def hop(fut: concurrent.futures.Future) -> None:
-            try:
-                self._loop.call_soon_threadsafe(callback, fut)
-            except RuntimeError:   # the pool's loop is closed: shut down, nothing to tell
-                pass
-        ref.future().add_done_callback(hop)
-
-    def _died_if(self, fut: concurrent.futures.Future, slot: Slot, actor: Incarnation) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None and to_rollout_error(exc, slot.index).code is ErrorCode.WORKER_DIED:
-            self._worker_died(slot, actor)
-
-    def _worker_died(self, slot: Slot, actor: Incarnation) -> None:
-        if actor is not slot.actor or actor.death.done() or self._closing:
-            return
-        logger.error("worker %d died; failing its requests and restarting it", slot.index)
-        self._worker_deaths += 1
-        actor.death.set_result(None)   # wakes every call waiting on it
-        slot.ready.clear()
+    def _forget_worker(self, slot: Slot, actor: Incarnation) -> None:
+        """The pool's bookkeeping for a dead worker: its sessions are gone (their later turns get
+        UNKNOWN_SESSION), and a weight-sync group it was in cannot be used again."""
         for sid in [sid for sid, s in self._affinity.items() if s is slot]:
             del self._affinity[sid]
             self._session_ttl.pop(sid, None)
         slot.open_sessions = 0
-        slot.restarting = self._loop.create_task(self._restart(slot, actor))
-
-    async def _restart(self, slot: Slot, dead: Incarnation) -> None:
-        import ray
-        try:
-            ray.kill(dead.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        try:
-            async with self._weights.lock:   # a consistent weight source: not in the middle of an update
-                actor = self._spawn(slot.index)
-                try:
-                    await asyncio.wait_for(actor.handle.ready.remote(), self._start_timeout_s)
-                    slot.actor = actor
-                    held = await self._weights.reload(slot, self._start_timeout_s)
-                except Exception as e:  # noqa: BLE001 - it did not come up: the slot is lost
-                    slot.failed = f"restart failed: {to_rollout_error(e, slot.index).message}"
-                    logger.error("worker %d: %s", slot.index, slot.failed)
-                    try:
-                        ray.kill(actor.handle, no_restart=True)
-                    except Exception:  # noqa: BLE001
-                        pass
-                    return
-                self._watch(slot, actor)
-                slot.restarts += 1
-                slot.load = {}
-                if held is None:
-                    slot.serve()
-                    logger.info("worker %d restarted at weight version %d", slot.index, self._weights.version)
-                else:
-                    slot.hold(held)
-                    logger.error("worker %d restarted but is held out of routing: %s", slot.index, held)
-        finally:
-            slot.restarting = None
+        self._groups.member_lost(slot, actor)
 
     async def _pick(self) -> Slot:
         """The least loaded serving worker; waits (bounded) while no worker serves and some are restarting."""
@@ -388,39 +284,6 @@ class RolloutPool:
         slot = self._requests.get(request_id)
         return False if slot is None else bool(await self._call(slot, "abort", request_id))
 
-    # ================================================================ weights
-    async def update_weights(self, loader: str, loader_kwargs: dict[str, Any], version: Optional[int] = None,
-                             mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
-        """Build the named loader on every worker and apply it; returns once all are at ``version``
-        (default: the pool's current version + 1)."""
-        if not isinstance(loader, str) or not isinstance(loader_kwargs, dict):
-            raise RolloutError(ErrorCode.BAD_REQUEST, "update_weights needs a loader name and a kwargs dict")
-        return await self._hop(self._update(lambda v: WeightSource(v, loader, dict(loader_kwargs)), version, mode, kv))
-
-    async def update_weights_from_state_dict(self, state_dict: Any, version: Optional[int] = None,
-                                             mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
-        """In-memory weights (a state dict or ``named_parameters()``): put in the object store once, in
-        buckets, and read by every worker (``RayObjectLoader``)."""
-        from weight_sync import put_state_dict
-        refs = await asyncio.get_running_loop().run_in_executor(None, put_state_dict, state_dict)
-        return await self._hop(self._update(lambda v: WeightSource(v, refs=refs), version, mode, kv))
-
-    async def _update(self, make_source, version, mode, kv) -> dict[str, Any]:
-        async with self._weights.lock:
-            source = make_source(self._weights.next_version(version))
-            slots = [s for s in self._slots if not s.failed]
-            return await self._weights.update(
-                slots, source, lambda slot, src: self._call(slot, "update_weights", src, mode, kv))
-
-    @property
-    def version(self) -> int:
-        return self._weights.version
-
-    @property
-    def worker_deaths(self) -> int:
-        """Worker deaths the pool has noticed (read from its own state: no call to any worker)."""
-        return self._worker_deaths
-
     # ================================================================ training-loop API (Ray refs, sync)
     def generate_refs(self, prompts: list[list[int]], params: SamplingParams) -> list:
         """One ObjectRef per prompt, each resolving to list[Trajectory] (its ``params.n`` samples); consume
@@ -437,7 +300,7 @@ class RolloutPool:
         for args in arg_lists:
             slot = await self._pick()
             ref = getattr(slot.actor.handle, method).remote(*args)
-            self._track_ref(slot, ref)
+            self._workers.track_ref(slot, ref)
             refs.append(ref)
         return refs
 
@@ -466,8 +329,8 @@ class RolloutPool:
                 if k != "worker" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     total[k] = total.get(k, 0) + v
         return {"workers": workers, "total": total, "version": self._weights.version,
-                "inconsistent": self._weights.inconsistent, "worker_deaths": self._worker_deaths,
-                "sessions": len(self._affinity)}
+                "inconsistent": self._weights.inconsistent, "worker_deaths": self._workers.deaths,
+                "sessions": len(self._affinity), "weight_sync_group": self._groups.status()}
 
     async def health(self) -> dict[str, Any]:
         return await self._hop(self._health())
@@ -499,19 +362,11 @@ class RolloutPool:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     async def _shutdown(self) -> None:
-        import ray
         from ray.util.placement_group import remove_placement_group
         if self._closing:
             return
         self._closing = True
         self._refresher.cancel()
-        live = [s for s in self._slots if not s.actor.death.done()]
-        await asyncio.gather(*(asyncio.wait_for(s.actor.handle.shutdown.remote(), 15.0) for s in live),
-                             return_exceptions=True)
-        for s in self._slots:
-            s.actor.death.cancel()   # wake anything still waiting: the pool is gone
-            try:
-                ray.kill(s.actor.handle, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
+        self._groups.invalidate("the pool shut down", tell_members=False)
+        await self._workers.stop()
         remove_placement_group(self._pg)

@@ -28,9 +28,19 @@ import dataclasses
 import time
 from typing import Any, Awaitable, Callable, Optional
 
+from engine.llm_engine import KV_POLICIES, UPDATE_MODES
 from rollout.backend import ErrorCode, RolloutError
 from rollout.pool_slots import Slot, to_rollout_error
 from rollout.worker import WeightSource
+
+def check_update_policy(mode: str, kv: str) -> None:
+    """BAD_REQUEST unless ``mode`` / ``kv`` are the engine's (checked here when a refusal must happen before any
+    worker reads the update)."""
+    if mode not in UPDATE_MODES:
+        raise RolloutError(ErrorCode.BAD_REQUEST, f"mode must be one of {UPDATE_MODES}, got {mode!r}")
+    if kv not in KV_POLICIES:
+        raise RolloutError(ErrorCode.BAD_REQUEST, f"kv must be one of {KV_POLICIES}, got {kv!r}")
+
 
 # Applies one update on one worker: (slot, source) -> the worker's report ({"version", "num_bytes", "digest", ...}).
 ApplyOne = Callable[[Slot, WeightSource], Awaitable[dict[str, Any]]]

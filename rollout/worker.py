@@ -21,6 +21,7 @@ from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.engine_loop import EngineLoop
 from rollout.trajectory import Trajectory
+from rollout.weight_group import GroupMembership
 
 
 class WorkerError(Exception):
@@ -66,6 +67,7 @@ class RolloutWorker:
     def __init__(self, engine_config: EngineConfig, worker_index: int, env_threads: int = 4) -> None:
         self.index = worker_index
         self.loop = EngineLoop(engine_config, env_threads=env_threads)
+        self.weight_group = GroupMembership(self.loop.engine.device)
 
     async def _await(self, fut) -> Any:
         try:
@@ -115,6 +117,60 @@ class RolloutWorker:
         report["digest"] = getattr(made[0], "digest", None)   # the future resolved: the engine thread is done
         return report
 
+    # ---------------------------------------------------------------- the pool's weight-sync group
+    async def join_weight_group(self, spec: Any, rank: int, generation: int) -> dict[str, Any]:
+        """Join the pool's group ``generation`` as ``rank``; returns once every rank (the trainer too) joined."""
+        try:
+            await self.weight_group.join(spec, rank, generation)
+        except RuntimeError as e:
+            raise WorkerError(ErrorCode.UNAVAILABLE.value, str(e)) from None
+        return {"worker": self.index, "rank": rank, "generation": generation}
+
+    async def leave_weight_group(self, generation: int) -> None:
+        self.weight_group.leave(generation)
+
+    async def update_weights_from_group(self, generation: int, version: int, mode: str = "keep",
+                                        kv: str = "keep") -> dict[str, Any]:
+        """Receive the trainer's next broadcast on group ``generation`` and apply it at ``version``."""
+        loader = self._group_loader(generation, version)
+        in_thread = asyncio.get_running_loop().run_in_executor
+        try:
+            # The trainer may start sending after this call: wait for its header on a thread of the actor, so
+            # the engine keeps stepping until the bytes are on their way.
+            sent = await in_thread(None, lambda: loader.sent_version)
+            if sent is not None and sent != version:
+                await in_thread(None, loader.close)           # drained: the trainer's send completes
+                raise WorkerError(ErrorCode.UPDATE_FAILED.value, f"the trainer sent version {sent} but the pool "
+                                                                 f"applies version {version}; the update was dropped")
+            report = await self._await(self.loop.update_weights(lambda: loader, version, mode, kv))
+        except WorkerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a transport error before the engine took the loader
+            raise WorkerError(ErrorCode.UPDATE_FAILED.value, f"weight-sync group generation {generation}: "
+                                                             f"{type(e).__name__}: {e}") from None
+        finally:
+            self.weight_group.settle(loader, generation)
+        report["digest"] = None   # a broadcast is not re-read: nothing to compare later
+        return report
+
+    async def drain_weight_group(self, generation: int) -> None:
+        """Receive the trainer's next broadcast and drop it (the pool refused the update)."""
+        loader = self._group_loader(generation)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, loader.close)
+        except Exception as e:  # noqa: BLE001
+            raise WorkerError(ErrorCode.UPDATE_FAILED.value, f"dropping an update failed: {type(e).__name__}: "
+                                                             f"{e}") from None
+        finally:
+            self.weight_group.settle(loader, generation)
+
+    def _group_loader(self, generation: int, version: Optional[int] = None) -> Any:
+        try:
+            return self.weight_group.loader(generation, version)
+        except RuntimeError as e:
+            raise WorkerError(ErrorCode.UPDATE_FAILED.value, str(e)) from None
+
+    # ---------------------------------------------------------------- restart, routing, stats
     async def load_state(self, source: Optional[WeightSource]) -> dict[str, Any]:
         """Restart hook: bring a fresh worker to the pool's current weights (no requests are in flight yet)."""
         if source is None or source.version <= self.loop.engine.weight_version:
