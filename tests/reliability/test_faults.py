@@ -29,12 +29,11 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.tiny_models import make_tiny_model
 from rollout.backend import ErrorCode, RolloutError
 from rollout.client import AsyncRolloutClient, RolloutClient
 from rollout.server import BackgroundFrontEnd
+from tests.rollout.pool_helpers import REPO, local_pool, tiny_model_pair
 
-REPO = str(Path(__file__).resolve().parents[2])
 BIND = "tcp://127.0.0.1:*"
 GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
 
@@ -55,8 +54,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return make_tiny_model("qwen2", root / "a", seed=5), make_tiny_model("qwen2", root / "b", seed=6)
+    return tiny_model_pair(tmp_path_factory.mktemp("faults"))
 
 
 # ====================================================================== in-process engine faults
@@ -322,16 +320,9 @@ def test_trainer_dies_during_distributed_update(models):
 # ====================================================================== pool faults (one pool, kill last)
 @pytest.fixture(scope="module")
 def pool(models):
-    ray = pytest.importorskip("ray")
-    from rollout.pool import RolloutPool
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO}})
-    try:
-        pool = RolloutPool(config(models[0]), 2, num_cpus_per_worker=0.5, start_timeout_s=120)
+    pytest.importorskip("ray")
+    with local_pool(config(models[0])) as pool:
         yield pool
-        pool.close()
-    finally:
-        ray.shutdown()
 
 
 def _held(stats: dict) -> list:

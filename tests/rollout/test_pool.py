@@ -4,18 +4,16 @@ one barrier (and a partial failure); a worker killed mid-rollout fails what it h
 current weights. Tests run in file order and share one pool (the fault test is last)."""
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.tiny_models import make_tiny_model  # noqa: E402
 from rollout.backend import ErrorCode, RolloutBackend, RolloutError  # noqa: E402
 from rollout.trajectory import ENV_VERSION  # noqa: E402
+from tests.rollout.pool_helpers import local_pool, tiny_model_pair  # noqa: E402
 
-REPO = str(Path(__file__).resolve().parents[2])
 GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
 
 
@@ -25,21 +23,13 @@ def config(path):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pool")
-    return make_tiny_model("qwen2", root / "a", seed=5), make_tiny_model("qwen2", root / "b", seed=6)
+    return tiny_model_pair(tmp_path_factory.mktemp("pool"))
 
 
 @pytest.fixture(scope="module")
 def pool(models):
-    from rollout.pool import RolloutPool
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO}})
-    try:
-        pool = RolloutPool(config(models[0]), 2, num_cpus_per_worker=0.5, start_timeout_s=120)
+    with local_pool(config(models[0])) as pool:
         yield pool
-        pool.close()
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import asyncio
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,12 +23,11 @@ ray = pytest.importorskip("ray")
 import torch.multiprocessing as mp  # noqa: E402
 
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.tiny_models import make_tiny_model  # noqa: E402
 from rollout.backend import ErrorCode, RolloutError  # noqa: E402
 from rollout.trajectory import ENV_VERSION  # noqa: E402
 from tests.rollout import _trainer  # noqa: E402
+from tests.rollout.pool_helpers import local_pool, tiny_model_pair  # noqa: E402
 
-REPO = str(Path(__file__).resolve().parents[2])
 GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
 GROUP_TIMEOUT_S = 20.0      # the stated bound: a broken broadcast fails within it (at once when a peer is gone)
 BUCKET_BYTES = 16 << 10     # several buckets for the tiny model, so a broadcast can be cut half-way
@@ -46,8 +44,7 @@ def run(coro, timeout=120):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("group")
-    return make_tiny_model("qwen2", root / "a", seed=5), make_tiny_model("qwen2", root / "b", seed=6)
+    return tiny_model_pair(tmp_path_factory.mktemp("group"))
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +54,8 @@ def oracles(models):
 
 @pytest.fixture(scope="module")
 def pool(models):
-    from rollout.pool import RolloutPool
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO}})
-    try:
-        pool = RolloutPool(config(models[0]), 2, num_cpus_per_worker=0.5, start_timeout_s=120)
+    with local_pool(config(models[0])) as pool:
         yield pool
-        pool.close()
-    finally:
-        ray.shutdown()
 
 
 class Trainer:
