@@ -133,7 +133,7 @@ class RolloutPool(PoolWeightsAPI):
                 if s.ready.is_set() and not s.actor.death.done():
                     try:
                         s.load = await asyncio.wait_for(s.actor.handle.load.remote(), 5.0)
-                    except Exception:  # noqa: BLE001 - a dead worker is found by the calls themselves
+                    except Exception:  # noqa: BLE001 - deaths are noticed by the calls and the watch (pool_supervisor)
                         pass
 
     def _forget_expired_sessions(self) -> None:
