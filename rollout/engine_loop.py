@@ -11,7 +11,8 @@ it awaitable)::
 Futures resolve with ``Trajectory`` objects (``rollout.trajectory``) or raise ``RolloutError``: engine
 errors are mapped to an ``ErrorCode`` (``error_from_exception``); an unexpected exception while stepping
 fails every pending future with INTERNAL and the loop keeps going; ``shutdown`` fails whatever is left with
-UNAVAILABLE. Cancelling a future aborts its request.
+UNAVAILABLE. Cancelling a future aborts its request; cancelling an episode's future closes its session at
+once (its KV is freed, a turn in flight is aborted, the environment is not stepped again).
 
 Sessions: the loop accumulates each session's whole trajectory across turns (the first turn's tokens are
 its ``prompt_ids``, later new tokens are environment tokens with loss mask 0, model tokens carry loss mask
@@ -420,11 +421,30 @@ class _Episode:
         self.turns = 0
         self.reward = 0.0
         self.env_seconds = 0.0
-        self.opened = False
         self.truncated = False
+        # True from the moment the session is open until someone closes it: the normal end, a failure or a
+        # cancellation, whichever comes first (they run on different threads; the lock makes it exactly once).
+        self._session_open = False
+        self._session_lock = threading.Lock()
 
     def start(self) -> None:
+        self.outer.add_done_callback(self._on_outer_done)
         self._on_env(self._reset, env_call="reset")
+
+    def _on_outer_done(self, outer: Future) -> None:
+        """A caller that gives up (cancels the future: asyncio cancellation, a pool or front-end timeout) frees
+        the session's KV now, not at its TTL. Closing aborts a turn in flight; a tool call in flight runs on
+        (Python cannot stop its thread) but its result is dropped."""
+        if outer.cancelled():
+            self._release_session()
+
+    def _release_session(self) -> Optional[Future]:
+        """Close the session if it is open and nobody closed it yet; the close future, else None."""
+        with self._session_lock:
+            if not self._session_open:
+                return None
+            self._session_open = False
+        return self.loop.close_session(self.session_id)
 
     # ---------------------------------------------------------------- env side (thread pool)
     def _on_env(self, fn: Callable[..., None], *args: Any, env_call: str = "") -> None:
@@ -473,13 +493,13 @@ class _Episode:
         self._chain(self.loop.open_session(self.session_id), lambda _sid: self._opened(obs))
 
     def _opened(self, obs: list[int]) -> None:
-        self.opened = True
-        self._turn(obs)
+        with self._session_lock:
+            self._session_open = True
+        self._turn(obs)   # NOTE: checks outer first: a cancellation that came before the flag was set is seen there
 
     def _turn(self, obs: list[int]) -> None:
-        if self.outer.done():   # cancelled (session still open), or failed (_fail closed it already)
-            if self.opened:
-                self._close()
+        if self.outer.done():   # cancelled or failed: close the session (if nobody has) and go no further
+            self._release_session()
             return
         self._chain(self.loop.step_session(self.session_id, obs, self.params), self._on_turn,
                     on_error=self._turn_failed, env_call="step")
@@ -494,6 +514,9 @@ class _Episode:
         return True
 
     def _on_turn(self, turn: Trajectory) -> None:
+        if self.outer.done():   # cancelled while the turn ran (its session closed, the turn aborted): no env step
+            self._release_session()
+            return
         self.turns += 1
         t0 = time.perf_counter()
         obs, reward, done = self.env.step(list(turn.token_ids))
@@ -507,7 +530,9 @@ class _Episode:
             self._turn(list(obs))
 
     def _close(self) -> None:
-        self._chain(self.loop.close_session(self.session_id), self._closed)
+        closing = self._release_session()
+        if closing is not None:   # None: a cancellation closed it first; nobody waits for the trajectory
+            self._chain(closing, self._closed)
 
     def _closed(self, whole: Trajectory) -> None:
         whole.reward = self.reward
@@ -534,7 +559,5 @@ class _Episode:
         fut.add_done_callback(done)
 
     def _fail(self, error: BaseException) -> None:
-        if self.opened:
-            self.opened = False
-            self.loop.close_session(self.session_id)   # best effort: free its KV
+        self._release_session()   # best effort: free its KV
         _resolve(self.outer, error=error_from_exception(error))

@@ -5,121 +5,51 @@ Threading: the pool's state (routing counters, the session affinity map, the wei
 a private asyncio loop on a background thread. Async methods hop onto it, so they work from any event loop;
 the synchronous training-loop API (``generate_refs``, ``run_episodes_refs``) hops onto it too.
 
-Routing: a new session or request goes to the least loaded ready worker, by the pool's own counters
+Routing: a new session or request goes to the least loaded serving worker, by the pool's own counters
 (calls in flight + open sessions, then free KV blocks from the last load snapshot; no RPC per request);
 every later turn of a session goes to the worker that opened it (affinity map).
 
-Weights: ``update_weights`` / ``update_weights_from_state_dict`` run on every worker concurrently and return
-once all of them reached the new version (one barrier). The pool keeps the last complete source (loader
-name + kwargs, or the object refs of an in-memory update) to reload a restarted worker. If every worker
-rejects an update, the old weights keep serving everywhere (the engine's apply is atomic) and
-UPDATE_FAILED is raised. If some apply it and others reject it, the pool does not try to roll back (a
-version never goes backwards) — it is marked *inconsistent* and refuses new work (UNAVAILABLE) until a
-later update lands on every worker, so two versions are never mixed silently. A worker that dies during
-an update is restarted on the new weights and does not count as a failure.
+Weights (``rollout.pool_updates``): ``update_weights`` (a registered loader by name),
+``update_weights_from_state_dict`` (the object store) and ``update_weights_from_distributed`` (a trainer's
+broadcast through the pool's weight-sync group, ``rollout.weight_group``) run on every worker concurrently
+and return once all of them reached the new version: one barrier, whose outcomes (all, none, or some: the
+pool then refuses work) are in ``rollout.pool_weights``. The pool keeps the last complete source to reload
+a restarted worker; one that cannot reload it (a broadcast, or a path whose bytes changed since) is held
+out of routing until the next update lands on it.
 
-Faults: a call that sees ``RayActorError`` marks its worker dead; every call still waiting on that worker
-fails at once with WORKER_DIED (each waits on its result *or* the worker's death), sessions that lived on
-it are forgotten (their later turns get UNKNOWN_SESSION), and a new actor starts in the same bundle and
-loads the current weights before it takes requests. Refs handed out by ``generate_refs`` raise Ray's own
-error; ``as_completed`` turns it into ``RolloutError(WORKER_DIED)``.
+Faults (``rollout.pool_supervisor``): a worker's death is noticed by the calls waiting on it or by the watch
+every actor keeps open (so a worker that dies idle is not routed to); its requests fail at once with
+WORKER_DIED, its sessions are forgotten (later turns get UNKNOWN_SESSION), and a new actor starts in the same
+bundle and loads the current weights before it takes requests. Refs handed out by ``generate_refs`` raise
+Ray's own error; ``as_completed`` turns it into ``RolloutError(WORKER_DIED)``.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import itertools
-import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError, gather_or_cancel
+from rollout.pool_slots import Incarnation, Slot, as_completed, default_runtime_env
+from rollout.pool_supervisor import Supervisor
+from rollout.pool_updates import PoolWeightsAPI
+from rollout.pool_weights import WeightState
 from rollout.trajectory import Trajectory
-from rollout.worker import RolloutWorker, WeightSource, WorkerError
-
-logger = logging.getLogger(__name__)
+from rollout.weight_group import WeightGroups
+from rollout.worker import RolloutWorker
+from weight_sync.distributed import backend_for
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SESSION_EXPIRY_GRACE_S = 5.0   # past a session's TTL, before the pool forgets it (its worker expired it by then)
 
 
-def to_rollout_error(exc: BaseException, worker: Optional[int] = None) -> RolloutError:
-    """Ray's wrapping of a worker's error, or a dead actor, as the ``RolloutError`` a caller sees."""
-    import ray.exceptions as rex
-    if isinstance(exc, RolloutError):
-        return exc
-    if isinstance(exc, rex.RayActorError):
-        return RolloutError(ErrorCode.WORKER_DIED, f"worker {worker} died: {type(exc).__name__}")
-    cause = getattr(exc, "cause", exc)
-    if isinstance(cause, WorkerError):
-        return cause.to_rollout_error()
-    return RolloutError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-
-
-def as_completed(refs: list, timeout_s: Optional[float] = None, *,
-                 return_exceptions: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, result)`` for ``refs`` in completion order (a ``ray.wait`` loop). A failed ref raises
-    its ``RolloutError`` (or yields it with ``return_exceptions=True``); ``timeout_s`` bounds the whole wait."""
-    import ray
-    index = {ref: i for i, ref in enumerate(refs)}
-    pending = list(refs)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while pending:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
-        if not ready:
-            raise RolloutError(ErrorCode.UNAVAILABLE, f"{len(pending)} results not ready after {timeout_s} s")
-        for ref in ready:
-            try:
-                yield index[ref], ray.get(ref)
-            except Exception as e:  # noqa: BLE001
-                err = to_rollout_error(e)
-                if not return_exceptions:
-                    raise err from None
-                yield index[ref], err
-
-
-def _default_runtime_env() -> dict[str, Any]:
-    """Workers import this repository's packages: put its root on their PYTHONPATH (harmless when the
-    package is installed). On a real cluster pass ``runtime_env`` (e.g. a ``working_dir``) instead."""
-    import os
-    from pathlib import Path
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path}}
-
-
-@dataclass(eq=False)
-class _Incarnation:
-    """One actor of a worker slot; a restart makes a new one."""
-    handle: Any
-    death: asyncio.Future                      # resolved when this actor is found dead
-    inflight: int = 0                          # calls waiting on it (routing load)
-
-
-@dataclass(eq=False)
-class _Slot:
-    index: int
-    actor: _Incarnation
-    ready: asyncio.Event
-    open_sessions: int = 0
-    sessions_opened: int = 0                   # ever (tests compare with the worker's resumed-turn counters)
-    turns_routed: int = 0
-    restarts: int = 0
-    failed: Optional[str] = None               # a restart that could not bring it back
-    load: dict[str, int] = field(default_factory=dict)
-
-    def key(self) -> tuple:
-        return (self.actor.inflight + self.open_sessions, -self.load.get("num_free_blocks", 0), self.index)
-
-
-class RolloutPool:
+class RolloutPool(PoolWeightsAPI):
     def __init__(self, engine_config: EngineConfig, num_workers: int, *, placement: str = "PACK",
                  address: Optional[str] = None, num_cpus_per_worker: float = 1.0, env_threads: int = 4,
                  runtime_env: Optional[dict[str, Any]] = None, start_timeout_s: float = 300.0,
@@ -130,7 +60,7 @@ class RolloutPool:
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if not ray.is_initialized():
-            ray.init(address=address, runtime_env=runtime_env or _default_runtime_env(), include_dashboard=False)
+            ray.init(address=address, runtime_env=runtime_env or default_runtime_env(), include_dashboard=False)
         self.engine_config = engine_config
         self.num_workers = num_workers
         self._gpu = engine_config.device.startswith("cuda")
@@ -140,23 +70,23 @@ class RolloutPool:
         self._env_threads = env_threads
         self._start_timeout_s = start_timeout_s
         self._load_refresh_s = load_refresh_s
-        self._slots: list[_Slot] = []
-        self._affinity: dict[str, _Slot] = {}          # session id -> its worker
+        self._slots: list[Slot] = []
+        self._affinity: dict[str, Slot] = {}          # session id -> its worker
         # session id -> (ttl_s, idle since: monotonic time its last turn ended, None while a turn runs). A session
         # idle past its TTL (+ grace) has been expired by its worker: forget it here too (a vanished client never
         # closes it, and its affinity entry would count as load forever).
         self._session_ttl: dict[str, tuple[float, Optional[float]]] = {}
-        self._requests: dict[str, _Slot] = {}          # request id in flight -> its worker
+        self._requests: dict[str, Slot] = {}          # request id in flight -> its worker
         self._ids = itertools.count()
-        self._version = 0
-        self._source: Optional[WeightSource] = None    # the last complete update (None: the model's own)
-        self._inconsistent = False
+        self._weights = WeightState()
         self._closing = False
-        self._worker_deaths = 0
         self._loop = asyncio.new_event_loop()
+        self._workers = Supervisor(self._loop, self._spawn, self._weights, start_timeout_s, self._forget_worker)
+        self._call = self._workers.call
+        self._groups = WeightGroups(f"rollout-pool-{uuid.uuid4().hex[:8]}", self._call,
+                                    backend_for("cuda" if self._gpu else "cpu"))
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-pool", daemon=True)
         self._thread.start()
-        self._weights_lock: asyncio.Lock
         self._sync(self._start(placement), timeout=start_timeout_s + 30)
 
     # ================================================================ plumbing
@@ -172,19 +102,17 @@ class RolloutPool:
             pass
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
-    def _spawn(self, index: int) -> _Incarnation:
+    def _spawn(self, index: int) -> Any:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         actor_cls = ray.remote(RolloutWorker)
-        handle = actor_cls.options(
+        return actor_cls.options(
             num_cpus=self._cpus, num_gpus=1 if self._gpu else 0, max_concurrency=1000, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
         ).remote(self._worker_config, index, self._env_threads)
-        return _Incarnation(handle, self._loop.create_future())
 
     async def _start(self, placement: str) -> None:
         from ray.util.placement_group import placement_group
-        self._weights_lock = asyncio.Lock()
         bundle = {"CPU": self._cpus, **({"GPU": 1} if self._gpu else {})}
         self._pg = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=placement)
         try:
@@ -192,12 +120,8 @@ class RolloutPool:
         except asyncio.TimeoutError:
             raise RolloutError(ErrorCode.UNAVAILABLE, f"the cluster cannot place {self.num_workers} x {bundle} "
                                                       f"({placement}) within {self._start_timeout_s} s") from None
-        self._slots = [_Slot(i, self._spawn(i), asyncio.Event()) for i in range(self.num_workers)]
-        infos = await asyncio.gather(*(asyncio.wait_for(s.actor.handle.ready.remote(), self._start_timeout_s)
-                                       for s in self._slots))
-        self.worker_info = list(infos)
-        for s in self._slots:
-            s.ready.set()
+        self.worker_info = await self._workers.start(self.num_workers)
+        self._slots = self._workers.slots
         self._refresher = self._loop.create_task(self._refresh_loads())
 
     async def _refresh_loads(self) -> None:
@@ -209,7 +133,7 @@ class RolloutPool:
                 if s.ready.is_set() and not s.actor.death.done():
                     try:
                         s.load = await asyncio.wait_for(s.actor.handle.load.remote(), 5.0)
-                    except Exception:  # noqa: BLE001 - a dead worker is found by the calls themselves
+                    except Exception:  # noqa: BLE001 - deaths are noticed by the calls and the watch (pool_supervisor)
                         pass
 
     def _forget_expired_sessions(self) -> None:
@@ -221,103 +145,33 @@ class RolloutPool:
                     self._forget_session(sid, slot)
                 self._session_ttl.pop(sid, None)
 
-    async def _call(self, slot: _Slot, method: str, *args: Any) -> Any:
-        """Call a worker method; its result, or RolloutError — WORKER_DIED as soon as the worker is found dead."""
-        actor = slot.actor
-        if actor.death.done() or slot.failed:
-            raise RolloutError(ErrorCode.WORKER_DIED, f"worker {slot.index} is down")
-        ref = getattr(actor.handle, method).remote(*args)
-        result = asyncio.wrap_future(ref.future())
-        actor.inflight += 1
-        try:
-            await asyncio.wait({result, actor.death}, return_when=asyncio.FIRST_COMPLETED)
-            if not result.done():
-                if actor.death.cancelled():
-                    raise RolloutError(ErrorCode.UNAVAILABLE, "the pool shut down with this request in flight")
-                raise RolloutError(ErrorCode.WORKER_DIED, f"worker {slot.index} died with this request in flight")
-            exc = result.exception()
-            if exc is None:
-                return result.result()
-            err = to_rollout_error(exc, slot.index)
-            if err.code is ErrorCode.WORKER_DIED:
-                self._worker_died(slot, actor)
-            raise err from None
-        finally:
-            actor.inflight -= 1
-            if not result.done():
-                # Cancelling the wrapper alone leaves the actor task running (Ray does not cancel it):
-                # cancel the task itself, which aborts the request in the worker's engine.
-                result.cancel()
-                try:
-                    import ray
-                    ray.cancel(ref)
-                except Exception:  # noqa: BLE001 - already finished or the worker is gone
-                    pass
-
-    def _track_ref(self, slot: _Slot, ref: Any) -> None:
-        """Count a ref handed to the caller as load and watch it for the worker's death."""
-        actor = slot.actor
-        actor.inflight += 1
-
-        def done(fut: concurrent.futures.Future) -> None:
-            actor.inflight -= 1
-            exc = None if fut.cancelled() else fut.exception()
-            if exc is not None and to_rollout_error(exc, slot.index).code is ErrorCode.WORKER_DIED:
-                self._worker_died(slot, actor)
-        ref.future().add_done_callback(lambda f: self._loop.call_soon_threadsafe(done, f))
-
-    def _worker_died(self, slot: _Slot, actor: _Incarnation) -> None:
-        if actor is not slot.actor or actor.death.done() or self._closing:
-            return
-        logger.error("worker %d died; failing its requests and restarting it", slot.index)
-        self._worker_deaths += 1
-        actor.death.set_result(None)   # wakes every call waiting on it
-        slot.ready.clear()
+    def _forget_worker(self, slot: Slot, actor: Incarnation) -> None:
+        """The pool's bookkeeping for a dead worker: its sessions are gone (their later turns get
+        UNKNOWN_SESSION), and a weight-sync group it was in cannot be used again."""
         for sid in [sid for sid, s in self._affinity.items() if s is slot]:
             del self._affinity[sid]
             self._session_ttl.pop(sid, None)
         slot.open_sessions = 0
-        self._loop.create_task(self._restart(slot, actor))
+        self._groups.member_lost(slot, actor)
 
-    async def _restart(self, slot: _Slot, dead: _Incarnation) -> None:
-        import ray
-        try:
-            ray.kill(dead.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        async with self._weights_lock:   # a consistent weight source: not in the middle of an update
-            try:
-                actor = self._spawn(slot.index)
-                await asyncio.wait_for(actor.handle.load_state.remote(self._source), self._start_timeout_s)
-            except Exception as e:  # noqa: BLE001
-                slot.failed = f"restart failed: {to_rollout_error(e, slot.index).message}"
-                logger.error("worker %d: %s", slot.index, slot.failed)
-                return
-            slot.actor = actor
-            slot.restarts += 1
-            slot.load = {}
-            slot.ready.set()
-        logger.info("worker %d restarted at weight version %d", slot.index, self._version)
-
-    async def _pick(self) -> _Slot:
-        """The least loaded ready worker; waits (bounded) while every worker is restarting."""
+    async def _pick(self) -> Slot:
+        """The least loaded serving worker; waits (bounded) while no worker serves and some are restarting."""
         if self._closing:
             raise RolloutError(ErrorCode.UNAVAILABLE, "the pool is shut down")
-        if self._inconsistent:
+        if self._weights.inconsistent:
             raise RolloutError(ErrorCode.UNAVAILABLE, "the pool's workers hold different weight versions after a "
                                                       "partial update; run update_weights to bring them together")
-        ready = [s for s in self._slots if s.ready.is_set() and not s.failed]
+        ready = [s for s in self._slots if s.ready.is_set()]
         if not ready:
-            waiters = [asyncio.ensure_future(s.ready.wait()) for s in self._slots if not s.failed]
-            if waiters:
-                _, pending = await asyncio.wait(waiters, timeout=self._start_timeout_s,
-                                                return_when=asyncio.FIRST_COMPLETED)
-                for w in pending:
-                    w.cancel()
-            ready = [s for s in self._slots if s.ready.is_set() and not s.failed]
+            restarts = [s.restarting for s in self._slots if s.restarting is not None]
+            if restarts:   # NOTE: asyncio.wait does not cancel them on timeout
+                await asyncio.wait(restarts, timeout=self._start_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            ready = [s for s in self._slots if s.ready.is_set()]
             if not ready:
-                raise RolloutError(ErrorCode.UNAVAILABLE, "no worker is available")
-        return min(ready, key=_Slot.key)
+                held = "; ".join(f"worker {s.index}: {s.failed or s.awaiting_weights or 'restarting'}"
+                                 for s in self._slots)
+                raise RolloutError(ErrorCode.UNAVAILABLE, f"no worker is available ({held})")
+        return min(ready, key=Slot.key)
 
     def _request_id(self, request_id: Optional[str]) -> str:
         return request_id if request_id is not None else f"pool-{next(self._ids)}"
@@ -363,14 +217,14 @@ class RolloutPool:
         self._session_ttl[sid] = (ttl, time.monotonic())
         return sid
 
-    def _session_slot(self, session_id: str) -> _Slot:
+    def _session_slot(self, session_id: str) -> Slot:
         slot = self._affinity.get(session_id)
         if slot is None:
             raise RolloutError(ErrorCode.UNKNOWN_SESSION, f"session {session_id!r} is unknown, closed, "
                                                           "or was lost with its worker")
         return slot
 
-    def _forget_session(self, session_id: str, slot: _Slot) -> None:
+    def _forget_session(self, session_id: str, slot: Slot) -> None:
         if self._affinity.get(session_id) is slot:
             del self._affinity[session_id]
             slot.open_sessions -= 1
@@ -381,7 +235,7 @@ class RolloutPool:
         return await self._hop(self._step_session(session_id, new_token_ids, params, request_id))
 
     async def _step_session(self, session_id, new_token_ids, params, request_id) -> Trajectory:
-        if self._inconsistent:
+        if self._weights.inconsistent:
             await self._pick()   # raises UNAVAILABLE
         slot = self._session_slot(session_id)
         rid = self._request_id(request_id)
@@ -430,57 +284,6 @@ class RolloutPool:
         slot = self._requests.get(request_id)
         return False if slot is None else bool(await self._call(slot, "abort", request_id))
 
-    # ================================================================ weights
-    async def update_weights(self, loader: str, loader_kwargs: dict[str, Any], version: Optional[int] = None,
-                             mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
-        """Build the named loader on every worker and apply it; returns once all are at ``version``
-        (default: the pool's current version + 1)."""
-        if not isinstance(loader, str) or not isinstance(loader_kwargs, dict):
-            raise RolloutError(ErrorCode.BAD_REQUEST, "update_weights needs a loader name and a kwargs dict")
-        return await self._hop(self._update(lambda v: WeightSource(v, loader, dict(loader_kwargs)), version, mode, kv))
-
-    async def update_weights_from_state_dict(self, state_dict: Any, version: Optional[int] = None,
-                                             mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
-        """In-memory weights (a state dict or ``named_parameters()``): put in the object store once, in
-        buckets, and read by every worker (``RayObjectLoader``)."""
-        from weight_sync import put_state_dict
-        refs = await asyncio.get_running_loop().run_in_executor(None, put_state_dict, state_dict)
-        return await self._hop(self._update(lambda v: WeightSource(v, refs=refs), version, mode, kv))
-
-    async def _update(self, make_source, version, mode, kv) -> dict[str, Any]:
-        async with self._weights_lock:
-            if version is None:
-                version = self._version + 1
-            if isinstance(version, bool) or not isinstance(version, int) or version <= self._version:
-                raise RolloutError(ErrorCode.BAD_REQUEST,
-                                   f"version must be an int greater than the pool's {self._version}, got {version!r}")
-            source = make_source(version)
-            slots = [s for s in self._slots if not s.failed]
-            start = time.perf_counter()
-            results = await asyncio.gather(*(self._call(s, "update_weights", source, mode, kv) for s in slots),
-                                           return_exceptions=True)
-            applied = [r for r in results if not isinstance(r, BaseException)]
-            died = [r for r in results if isinstance(r, RolloutError) and r.code is ErrorCode.WORKER_DIED]
-            failed = [(s.index, r) for s, r in zip(slots, results) if isinstance(r, BaseException) and r not in died]
-            if not failed:
-                # Workers that died mid-update restart on the new source (they wait for this lock).
-                self._version, self._source, self._inconsistent = version, source, False
-                return {"version": version, "seconds": time.perf_counter() - start,
-                        "num_bytes": max((r["num_bytes"] for r in applied), default=0),
-                        "num_workers": len(applied), "restarted_workers": len(died)}
-            detail = "; ".join(f"worker {i}: {to_rollout_error(r, i).message}" for i, r in failed)
-            if applied:
-                self._version, self._inconsistent = version, True
-                raise RolloutError(ErrorCode.UPDATE_FAILED,
-                                   f"{len(applied)} of {len(slots)} workers applied version {version}, the others "
-                                   f"failed ({detail}); the pool refuses work until a complete update_weights")
-            raise RolloutError(ErrorCode.UPDATE_FAILED, f"every worker rejected version {version} and keeps "
-                                                        f"serving version {self._version}: {detail}")
-
-    @property
-    def version(self) -> int:
-        return self._version
-
     # ================================================================ training-loop API (Ray refs, sync)
     def generate_refs(self, prompts: list[list[int]], params: SamplingParams) -> list:
         """One ObjectRef per prompt, each resolving to list[Trajectory] (its ``params.n`` samples); consume
@@ -497,7 +300,7 @@ class RolloutPool:
         for args in arg_lists:
             slot = await self._pick()
             ref = getattr(slot.actor.handle, method).remote(*args)
-            self._track_ref(slot, ref)
+            self._workers.track_ref(slot, ref)
             refs.append(ref)
         return refs
 
@@ -508,11 +311,12 @@ class RolloutPool:
         return await self._hop(self._stats())
 
     async def _stats(self) -> dict[str, Any]:
-        async def one(slot: _Slot) -> dict[str, Any]:
+        async def one(slot: Slot) -> dict[str, Any]:
             base = {"worker": slot.index, "restarts": slot.restarts, "inflight": slot.actor.inflight,
                     "open_sessions": slot.open_sessions, "sessions_opened": slot.sessions_opened,
-                    "turns_routed": slot.turns_routed, "failed": slot.failed, "alive": slot.ready.is_set()}
-            if slot.ready.is_set():
+                    "turns_routed": slot.turns_routed, "failed": slot.failed, "alive": slot.ready.is_set(),
+                    "awaiting_weights": slot.awaiting_weights}
+            if slot.live:
                 try:
                     base.update(await asyncio.wait_for(self._call(slot, "stats"), 30.0))
                 except (RolloutError, asyncio.TimeoutError) as e:
@@ -524,24 +328,27 @@ class RolloutPool:
             for k, v in w.items():
                 if k != "worker" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     total[k] = total.get(k, 0) + v
-        return {"workers": workers, "total": total, "version": self._version, "inconsistent": self._inconsistent,
-                "worker_deaths": self._worker_deaths, "sessions": len(self._affinity)}
+        return {"workers": workers, "total": total, "version": self._weights.version,
+                "inconsistent": self._weights.inconsistent, "worker_deaths": self._workers.deaths,
+                "sessions": len(self._affinity), "weight_sync_group": self._groups.status()}
 
     async def health(self) -> dict[str, Any]:
         return await self._hop(self._health())
 
     async def _health(self) -> dict[str, Any]:
-        async def one(slot: _Slot) -> dict[str, Any]:
-            info = {"worker": slot.index, "alive": False, "restarts": slot.restarts}
-            if slot.ready.is_set():
+        async def one(slot: Slot) -> dict[str, Any]:
+            # alive: serving (routing picks it); a worker awaiting weights answers but is not alive in that sense
+            info = {"worker": slot.index, "alive": False, "restarts": slot.restarts,
+                    "awaiting_weights": slot.awaiting_weights, "failed": slot.failed}
+            if slot.live:
                 try:
-                    info.update(await asyncio.wait_for(self._call(slot, "ready"), 10.0), alive=True)
+                    info.update(await asyncio.wait_for(self._call(slot, "ready"), 10.0), alive=slot.ready.is_set())
                 except (RolloutError, asyncio.TimeoutError):
                     pass
             return info
         workers = list(await asyncio.gather(*(one(s) for s in self._slots)))
-        ok = not self._closing and not self._inconsistent and all(w["alive"] for w in workers)
-        return {"ok": ok, "workers": workers, "version": self._version}
+        ok = not self._closing and not self._weights.inconsistent and all(w["alive"] for w in workers)
+        return {"ok": ok, "workers": workers, "version": self._weights.version}
 
     async def shutdown(self) -> None:
         if self._thread.is_alive():
@@ -555,19 +362,11 @@ class RolloutPool:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     async def _shutdown(self) -> None:
-        import ray
         from ray.util.placement_group import remove_placement_group
         if self._closing:
             return
         self._closing = True
         self._refresher.cancel()
-        live = [s for s in self._slots if not s.actor.death.done()]
-        await asyncio.gather(*(asyncio.wait_for(s.actor.handle.shutdown.remote(), 15.0) for s in live),
-                             return_exceptions=True)
-        for s in self._slots:
-            s.actor.death.cancel()   # wake anything still waiting: the pool is gone
-            try:
-                ray.kill(s.actor.handle, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
+        self._groups.invalidate("the pool shut down", tell_members=False)
+        await self._workers.stop()
         remove_placement_group(self._pg)

@@ -21,6 +21,7 @@ from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.engine_loop import EngineLoop
 from rollout.trajectory import Trajectory
+from rollout.weight_group import GroupMembership
 
 
 class WorkerError(Exception):
@@ -38,23 +39,35 @@ class WorkerError(Exception):
 @dataclass(frozen=True)
 class WeightSource:
     """Where the current weights came from, so a restarted worker can load them again: a registered
-    loader by name (e.g. a safetensors path) or the object refs of an in-memory update."""
+    loader by name (e.g. a safetensors path) or the object refs of an in-memory update. Neither set: a
+    broadcast through the pool's weight-sync group, which cannot be replayed."""
     version: int
     loader: Optional[str] = None                           # weight_sync registry name
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
     refs: Optional[list] = None                            # put_state_dict's refs (manifest first)
+    # The content digest (weight_sync.digest) of what the workers read from loader + loader_kwargs, recorded by
+    # the pool once they agreed; a replay must read the same bytes or it is refused. None: not recorded yet
+    # (the first read), or refs (object-store objects never change).
+    digest: Optional[str] = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.refs is not None or self.loader is not None
 
     def make_loader(self) -> Any:
-        from weight_sync import RayObjectLoader, get_loader
+        from weight_sync import RayObjectLoader, digesting, get_loader
         if self.refs is not None:
             return RayObjectLoader(self.refs)
-        return get_loader(self.loader, **self.loader_kwargs)
+        if self.loader is None:
+            raise ValueError(f"version {self.version} came through the weight-sync group and cannot be replayed")
+        return digesting(get_loader(self.loader, **self.loader_kwargs), expected=self.digest)
 
 
 class RolloutWorker:
     def __init__(self, engine_config: EngineConfig, worker_index: int, env_threads: int = 4) -> None:
         self.index = worker_index
         self.loop = EngineLoop(engine_config, env_threads=env_threads)
+        self.weight_group = GroupMembership(self.loop.engine.device)
 
     async def _await(self, fut) -> Any:
         try:
@@ -93,15 +106,83 @@ class RolloutWorker:
         return await self._await(self.loop.abort(request_id))
 
     async def update_weights(self, source: WeightSource, mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
-        """Apply ``source`` at ``source.version``; the loader is built on the engine thread."""
-        return await self._await(self.loop.update_weights(source.make_loader, source.version, mode, kv))
+        """Apply ``source`` at ``source.version``; the loader is built on the engine thread. The report's
+        ``digest`` is the content digest of what was read (None for object refs)."""
+        made: list[Any] = []
 
+        def make_loader() -> Any:
+            made.append(source.make_loader())
+            return made[0]
+        report = await self._await(self.loop.update_weights(make_loader, source.version, mode, kv))
+        report["digest"] = getattr(made[0], "digest", None)   # the future resolved: the engine thread is done
+        return report
+
+    # ---------------------------------------------------------------- the pool's weight-sync group
+    async def join_weight_group(self, spec: Any, rank: int, generation: int) -> dict[str, Any]:
+        """Join the pool's group ``generation`` as ``rank``; returns once every rank (the trainer too) joined."""
+        try:
+            await self.weight_group.join(spec, rank, generation)
+        except RuntimeError as e:
+            raise WorkerError(ErrorCode.UNAVAILABLE.value, str(e)) from None
+        return {"worker": self.index, "rank": rank, "generation": generation}
+
+    async def leave_weight_group(self, generation: int) -> None:
+        self.weight_group.leave(generation)
+
+    async def update_weights_from_group(self, generation: int, version: int, mode: str = "keep",
+                                        kv: str = "keep") -> dict[str, Any]:
+        """Receive the trainer's next broadcast on group ``generation`` and apply it at ``version``."""
+        loader = self._group_loader(generation, version)
+        in_thread = asyncio.get_running_loop().run_in_executor
+        try:
+            # The trainer may start sending after this call: wait for its header on a thread of the actor, so
+            # the engine keeps stepping until the bytes are on their way.
+            sent = await in_thread(None, lambda: loader.sent_version)
+            if sent is not None and sent != version:
+                await in_thread(None, loader.close)           # drained: the trainer's send completes
+                raise WorkerError(ErrorCode.UPDATE_FAILED.value, f"the trainer sent version {sent} but the pool "
+                                                                 f"applies version {version}; the update was dropped")
+            report = await self._await(self.loop.update_weights(lambda: loader, version, mode, kv))
+        except WorkerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a transport error before the engine took the loader
+            raise WorkerError(ErrorCode.UPDATE_FAILED.value, f"weight-sync group generation {generation}: "
+                                                             f"{type(e).__name__}: {e}") from None
+        finally:
+            self.weight_group.settle(loader, generation)
+        report["digest"] = None   # a broadcast is not re-read: nothing to compare later
+        return report
+
+    async def drain_weight_group(self, generation: int) -> None:
+        """Receive the trainer's next broadcast and drop it (the pool refused the update)."""
+        loader = self._group_loader(generation)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, loader.close)
+        except Exception as e:  # noqa: BLE001
+            raise WorkerError(ErrorCode.UPDATE_FAILED.value, f"dropping an update failed: {type(e).__name__}: "
+                                                             f"{e}") from None
+        finally:
+            self.weight_group.settle(loader, generation)
+
+    def _group_loader(self, generation: int, version: Optional[int] = None) -> Any:
+        try:
+            return self.weight_group.loader(generation, version)
+        except RuntimeError as e:
+            raise WorkerError(ErrorCode.UPDATE_FAILED.value, str(e)) from None
+
+    # ---------------------------------------------------------------- restart, routing, stats
     async def load_state(self, source: Optional[WeightSource]) -> dict[str, Any]:
         """Restart hook: bring a fresh worker to the pool's current weights (no requests are in flight yet)."""
         if source is None or source.version <= self.loop.engine.weight_version:
             return await self.ready()
         await self.update_weights(source, mode="abort", kv="recompute")
         return await self.ready()
+
+    async def watch(self) -> None:
+        """Never returns while the actor lives (the one method that does not return promptly, on purpose): the
+        pool keeps one such call open per actor, and Ray fails it as soon as the actor dies, so the pool learns
+        of a death with no request in flight (an idle dead worker looks least loaded)."""
+        await asyncio.Event().wait()
 
     async def load(self) -> dict[str, Any]:
         """Routing snapshot, answered without going through the engine thread."""

@@ -8,7 +8,9 @@ from weight_sync.base import (DEFAULT_BUCKET_BYTES, CheckpointLoader, Manifest, 
                               register_loader)
 from weight_sync.buckets import BucketPlan, plan_buckets
 from weight_sync.cuda_ipc import CudaIpcLoader, CudaIpcPayload, CudaIpcSender
-from weight_sync.distributed import DistributedLoader, DistributedSender, WeightSyncGroup, init_weight_sync_group
+from weight_sync.digest import DigestingLoader, DigestMismatch, TensorDigest, digesting
+from weight_sync.distributed import (TRAINER_RANK, DistributedLoader, DistributedSender, WeightSyncGroup,
+                                    WeightSyncGroupSpec, backend_for, init_weight_sync_group)
 from weight_sync.ray_objects import RayObjectLoader, put_state_dict
 from weight_sync.safetensors_loader import SafetensorsLoader
 from weight_sync.state_dict_loader import StateDictLoader
@@ -23,7 +25,9 @@ __all__ = [
     "DEFAULT_BUCKET_BYTES", "CheckpointLoader", "Manifest", "available_loaders", "get_loader", "register_loader",
     "BucketPlan", "plan_buckets",
     "SafetensorsLoader", "StateDictLoader",
-    "DistributedLoader", "DistributedSender", "WeightSyncGroup", "init_weight_sync_group",
+    "DistributedLoader", "DistributedSender", "WeightSyncGroup", "WeightSyncGroupSpec", "init_weight_sync_group",
+    "TRAINER_RANK", "backend_for",
     "RayObjectLoader", "put_state_dict",
     "CudaIpcLoader", "CudaIpcPayload", "CudaIpcSender",
+    "DigestingLoader", "DigestMismatch", "TensorDigest", "digesting",
 ]

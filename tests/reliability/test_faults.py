@@ -4,6 +4,8 @@
 - a worker process killed with SIGKILL mid-rollout (through the ZeroMQ front end over a 2-worker pool);
 - a client that vanishes mid-session: the TTL frees its KV (worker stats) and the pool forgets it;
 - the front end process killed and restarted on the same address while clients stay connected;
+- a worker killed while idle: the pool notices before routing anything to it;
+- a worker restarted after its weight source (a safetensors path) was overwritten: it refuses to replay it;
 - a weight update failing half-way through the front end: old weights serve bitwise, version unchanged;
 - an environment that raises, and one that hangs past env_timeout_s;
 - a trainer process that dies in the middle of a distributed (gloo) weight broadcast.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,12 +29,11 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.tiny_models import make_tiny_model
 from rollout.backend import ErrorCode, RolloutError
 from rollout.client import AsyncRolloutClient, RolloutClient
 from rollout.server import BackgroundFrontEnd
+from tests.rollout.pool_helpers import REPO, local_pool, tiny_model_pair
 
-REPO = str(Path(__file__).resolve().parents[2])
 BIND = "tcp://127.0.0.1:*"
 GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
 
@@ -52,8 +54,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return make_tiny_model("qwen2", root / "a", seed=5), make_tiny_model("qwen2", root / "b", seed=6)
+    return tiny_model_pair(tmp_path_factory.mktemp("faults"))
 
 
 # ====================================================================== in-process engine faults
@@ -267,22 +268,10 @@ def test_front_end_killed_and_restarted_clients_reconnect(models):
 # ====================================================================== trainer dies mid-broadcast
 def _dying_sender(port: int, path: str, buckets_to_send: int, bucket_bytes: int) -> None:
     """Trainer rank 0: the manifest and the first ``buckets_to_send`` buckets of a real update, then it dies."""
-    from safetensors.torch import load_file
-
-    from weight_sync.buckets import named_tensor_list, pack_bucket, plan_buckets
-    from weight_sync.distributed import init_weight_sync_group, send_layout
+    from tests.weight_sync._sender import send_part_and_die
+    from weight_sync.distributed import init_weight_sync_group
     group = init_weight_sync_group("127.0.0.1", port, 0, 2, timeout_s=20)
-    tensors = named_tensor_list(load_file(str(Path(path) / "model.safetensors")))
-    plan = plan_buckets(tensors, bucket_bytes, 1)
-    assert len(plan.bucket_sizes) > buckets_to_send
-    send_layout(group, plan, 1)
-    by_name = dict(tensors)
-    for b in range(buckets_to_send):
-        buf = torch.empty(plan.bucket_sizes[b], dtype=torch.uint8)
-        pack_bucket(plan, b, by_name, buf)
-        group.broadcast(buf, 0).wait()
-    time.sleep(0.2)
-    os._exit(1)                                  # the trainer crashes mid-update
+    send_part_and_die(group, str(Path(path) / "model.safetensors"), 1, buckets_to_send, bucket_bytes)
 
 
 def test_trainer_dies_during_distributed_update(models):
@@ -312,8 +301,14 @@ def test_trainer_dies_during_distributed_update(models):
     from engine.weight_update import WeightUpdateError
     assert isinstance(info.value, WeightUpdateError), repr(info.value)
     assert "rolled back" in str(info.value) and "loader raised" in str(info.value)
-    # Bounded: the failing receive and the drain in close() each wait at most the group timeout.
-    assert failed_s < 2 * group_timeout_s + 5, failed_s
+    # Bounded: the failing receive waits at most the group timeout, and close() does not drain a broken group.
+    assert failed_s < group_timeout_s + 5, failed_s
+    # The group is broken for good: a later update on it fails at once and says so (form a new group).
+    assert group.broken is not None and "Connection closed" in group.broken
+    t0 = time.monotonic()
+    with pytest.raises(WeightUpdateError, match="is broken"):
+        engine.update_weights(DistributedLoader(group, src=0, version=1))
+    assert time.monotonic() - t0 < 1.0
     assert engine.weight_version == 0 and not engine.updater.inconsistent
     after = _params_snapshot(engine)
     assert all(torch.equal(after[k], snapshot[k]) for k in snapshot)
@@ -325,16 +320,9 @@ def test_trainer_dies_during_distributed_update(models):
 # ====================================================================== pool faults (one pool, kill last)
 @pytest.fixture(scope="module")
 def pool(models):
-    ray = pytest.importorskip("ray")
-    from rollout.pool import RolloutPool
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO}})
-    try:
-        pool = RolloutPool(config(models[0]), 2, num_cpus_per_worker=0.5, start_timeout_s=120)
+    pytest.importorskip("ray")
+    with local_pool(config(models[0])) as pool:
         yield pool
-        pool.close()
-    finally:
-        ray.shutdown()
 
 
 def _held(stats: dict) -> list:
@@ -423,3 +411,77 @@ def test_sigkill_worker_mid_rollout_fails_its_requests_then_serves(pool):
     del ray
     print(f"SIGKILL of worker 0: {died} requests failed with worker_died {fail_latency:.2f} s after the kill, "
           f"{done} completed; all ended {ended:.2f} s after it")
+
+
+def test_idle_worker_killed_is_noticed_before_it_is_routed_to(pool):
+    """A worker that dies with nothing in flight looks least loaded; the pool must learn of the death by itself
+    (no request has to fail first) and route the next requests to the live worker only."""
+    health = run(pool.health())
+    assert health["ok"], health
+    pids = {w["worker"]: w["pid"] for w in health["workers"]}
+    deaths = pool.worker_deaths
+    os.kill(pids[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    while pool.worker_deaths == deaths:   # the pool's own state: reading it calls no worker
+        assert time.monotonic() - killed_at < 15.0, "the pool did not notice that an idle worker died"
+        time.sleep(0.02)
+    noticed_s = time.monotonic() - killed_at
+
+    async def burst():
+        return await asyncio.gather(*(pool.generate([i + 2, 7, 8], GREEDY) for i in range(8)), return_exceptions=True)
+    outcomes = run(burst())
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes   # none was sent to the dead worker
+    assert all(len(o[0].token_ids) == 4 for o in outcomes)
+    deadline = time.monotonic() + 90
+    while not run(pool.health())["ok"]:
+        assert time.monotonic() < deadline, "the killed worker did not come back"
+        time.sleep(0.5)
+    health = run(pool.health())
+    assert health["workers"][1]["pid"] != pids[1] and pool.worker_deaths == deaths + 1
+    print(f"idle worker SIGKILLed: the pool noticed {noticed_s:.2f} s later; {len(outcomes)} requests served")
+
+
+def test_restarted_worker_refuses_an_overwritten_weight_source(pool, models, tmp_path):
+    """update_weights from a safetensors path records the content digest the workers read. The trainer then
+    overwrites that path; a worker restarted afterwards must not replay it (it would serve other weights under
+    the same version): it is held out of routing, the other worker keeps serving the recorded version, the pool
+    stays consistent, and the next complete update brings the held worker back."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(models[1], ckpt)
+    version = pool.version + 1
+    assert run(pool.update_weights("safetensors", {"path": str(ckpt)}, version=version))["num_workers"] == 2
+    shutil.copy(models[0] / "model.safetensors", ckpt / "model.safetensors")      # the trainer saved again
+    health = run(pool.health())
+    pids, restarts = {w["worker"]: w["pid"] for w in health["workers"]}, health["workers"][0]["restarts"]
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        w0 = run(pool.health())["workers"][0]
+        if w0["restarts"] == restarts + 1 or w0.get("failed"):
+            break
+        assert time.monotonic() < deadline, "worker 0 was not restarted"
+        time.sleep(0.5)
+    assert w0.get("failed") is None and w0["pid"] != pids[0]
+    assert w0["alive"] is False and w0["version"] == 0, w0              # up, at its own weights, not serving
+    assert f"cannot reload version {version}" in w0["awaiting_weights"], w0
+    assert "no longer holds the weights" in w0["awaiting_weights"], w0
+    stats = run(pool.stats())
+    assert stats["inconsistent"] is False and stats["version"] == version
+    prompts = [[i + 2, 9, 4, 7] for i in range(6)]
+    oracle_b, oracle_a = LLMEngine(config(models[1])), LLMEngine(config(models[0]))
+
+    async def generate_all():
+        return await asyncio.gather(*(pool.generate(p, GREEDY) for p in prompts))
+    served = run(generate_all())
+    assert {t[0].metrics["worker"] for t in served} == {1}                 # never routed to the held worker
+    assert all(set(t[0].versions) == {version} for t in served)
+    assert [t[0].token_ids for t in served] == [c.token_ids for c in oracle_b.generate(prompts, GREEDY)]
+    # A complete update lands on every live worker, the held one included, and it serves again.
+    assert run(pool.update_weights("safetensors", {"path": str(ckpt)}, version=version + 1))["num_workers"] == 2
+    health = run(pool.health())
+    assert health["ok"] and [w["version"] for w in health["workers"]] == [version + 1] * 2, health
+    assert all(w["awaiting_weights"] is None for w in health["workers"])
+    served = run(generate_all())
+    assert {t[0].metrics["worker"] for t in served} == {0, 1}
+    assert [t[0].token_ids for t in served] == [c.token_ids for c in oracle_a.generate(prompts, GREEDY)]
+    print(f"restarted worker held out: {w0['awaiting_weights'][:160]}")

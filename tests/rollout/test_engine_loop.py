@@ -27,7 +27,7 @@ def models(tmp_path_factory):
 
 
 def config(path, **kw):
-    return EngineConfig(model=str(path), num_kv_blocks=256, block_size=8, max_model_len=128, **kw)
+    return EngineConfig(model=str(path), **{"num_kv_blocks": 256, "block_size": 8, "max_model_len": 128, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,63 @@ def test_slow_environment_does_not_stall_other_requests(loop):
     traj = episode.result(20)
     assert time.monotonic() - start >= 3 * delay and traj.turns == 2   # reset + 2 steps slept
     assert traj.metrics["env_seconds"] >= 3 * delay * 0.9
+
+
+class GatedEnvironment(EchoTestEnvironment):
+    """``step`` signals ``started`` and blocks until ``release`` (a tool call in progress, its start visible)."""
+
+    def __init__(self, tokenizer=None, *, started: threading.Event, release: threading.Event, **kwargs) -> None:
+        super().__init__(tokenizer, **kwargs)
+        self.started, self.release = started, release
+
+    def step(self, model_token_ids):
+        self.started.set()
+        assert self.release.wait(60), "the test never released the environment"
+        return super().step(model_token_ids)
+
+
+def wait_for_stats(loop, predicate, what, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = loop.stats().result(10)
+        if predicate(s):
+            return s
+        assert time.monotonic() < deadline, f"{what} within {timeout_s} s: {s}"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("cancel_during", ["env_step", "model_turn"])
+def test_cancelled_episode_closes_its_session_at_once(models, cancel_during):
+    """A caller that gives up on run_episode (cancel, or a timeout: the pool and the front end cancel the future)
+    frees the session's KV now, not at its TTL: during a tool call, and during a model turn (which is aborted;
+    the environment is never stepped again)."""
+    from rollout.environment import register_environment
+    register_environment("gated_test", GatedEnvironment, replace=True)
+    loop = EngineLoop(config(models[0], max_model_len=2048, num_kv_blocks=512))
+    started, release = threading.Event(), threading.Event()
+    try:
+        long_turn = SamplingParams(max_tokens=1500 if cancel_during == "model_turn" else 4, ignore_eos=True)
+        fut = loop.run_episode("gated_test", {"started": started, "release": release}, long_turn, max_turns=3)
+        if cancel_during == "env_step":
+            assert started.wait(30), "the episode never reached its environment step"
+        else:
+            wait_for_stats(loop, lambda s: s["num_running"] == 1, "the episode's first turn running")
+            if started.is_set():
+                pytest.fail("the 1500-token turn finished before the test could cancel it")
+        held = loop.stats().result(10)
+        assert held["open_sessions"] == 1 and held["num_free_blocks"] < held["num_total_blocks"], held
+        assert fut.cancel()
+        freed = wait_for_stats(loop, lambda s: s["open_sessions"] == 0 and s["tracked_sessions"] == 0 and
+                               s["num_free_blocks"] == s["num_total_blocks"], "the cancelled episode's session freed",
+                               timeout_s=5.0)
+        assert freed["num_running"] == 0 and freed["pending_requests"] == 0
+        if cancel_during == "model_turn":
+            assert freed["aborted_requests"] == held["aborted_requests"] + 1
+            assert not started.is_set(), "a cancelled episode must not step its environment"
+        assert loop.stats().result(10)["episodes"] == 0
+    finally:
+        release.set()
+        loop.shutdown()
 
 
 def test_local_backend(models):

@@ -4,18 +4,16 @@ one barrier (and a partial failure); a worker killed mid-rollout fails what it h
 current weights. Tests run in file order and share one pool (the fault test is last)."""
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.tiny_models import make_tiny_model  # noqa: E402
 from rollout.backend import ErrorCode, RolloutBackend, RolloutError  # noqa: E402
 from rollout.trajectory import ENV_VERSION  # noqa: E402
+from tests.rollout.pool_helpers import local_pool, tiny_model_pair  # noqa: E402
 
-REPO = str(Path(__file__).resolve().parents[2])
 GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
 
 
@@ -25,21 +23,13 @@ def config(path):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pool")
-    return make_tiny_model("qwen2", root / "a", seed=5), make_tiny_model("qwen2", root / "b", seed=6)
+    return tiny_model_pair(tmp_path_factory.mktemp("pool"))
 
 
 @pytest.fixture(scope="module")
 def pool(models):
-    from rollout.pool import RolloutPool
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO}})
-    try:
-        pool = RolloutPool(config(models[0]), 2, num_cpus_per_worker=0.5, start_timeout_s=120)
+    with local_pool(config(models[0])) as pool:
         yield pool
-        pool.close()
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +156,31 @@ def test_cancelled_request_is_aborted_on_its_worker(pool):
                 return
             assert time.monotonic() < deadline, "the cancelled request kept running on its worker"
             await asyncio.sleep(0.05)
+    run(scenario())
+
+
+def test_timed_out_episode_frees_its_session_on_the_worker(pool):
+    """A caller's timeout on run_episode (asyncio cancellation through the pool and Ray) closes the episode's
+    session on its worker at once, while its environment is still in a tool call — not at the session's TTL."""
+    delay = 4.0
+
+    def open_sessions(stats):
+        return sum(w["open_sessions"] for w in stats["workers"])
+
+    async def scenario():
+        assert open_sessions(await pool.stats()) == 0
+        episode = asyncio.ensure_future(pool.run_episode("slow_test", {"delay_s": delay, "num_steps": 2}, GREEDY, 3))
+        deadline = time.monotonic() + 3 * delay + 30
+        while open_sessions(await pool.stats()) == 0:      # reset slept; the session is open, a step may follow
+            assert time.monotonic() < deadline and not episode.done()
+            await asyncio.sleep(0.02)
+        episode.cancel()                                    # what asyncio.wait_for does when it times out
+        cancelled_at = time.monotonic()
+        while open_sessions(await pool.stats()) != 0:
+            assert time.monotonic() - cancelled_at < delay - 1.0, "the session outlived its cancelled episode"
+            await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.CancelledError):
+            await episode
     run(scenario())
 
 

@@ -1,6 +1,9 @@
 """Trainer-side processes for the distributed and CUDA IPC tests (kept light: spawned children import this)."""
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -39,3 +42,21 @@ def send_ipc(updates: list[tuple[str, int]], bucket_bytes: int, payloads, acks) 
         payloads.put(sender.pack(sd, version=version))
         acks.get(timeout=120)
     sender.release()
+
+
+def send_part_and_die(group, path: str, version: int, buckets_to_send: int, bucket_bytes: int) -> None:
+    """As the trainer (rank ``group.rank``): the header and the first ``buckets_to_send`` buckets of a real update
+    (a safetensors file), then this process dies."""
+    from weight_sync.buckets import named_tensor_list, pack_bucket, plan_buckets
+    from weight_sync.distributed import send_layout
+    tensors = named_tensor_list(load_file(path))
+    plan = plan_buckets(tensors, bucket_bytes, version)
+    assert len(plan.bucket_sizes) > buckets_to_send
+    send_layout(group, plan, version)
+    by_name = dict(tensors)
+    for b in range(buckets_to_send):
+        buf = torch.empty(plan.bucket_sizes[b], dtype=torch.uint8)
+        pack_bucket(plan, b, by_name, buf)
+        group.broadcast(buf, group.rank).wait()
+    time.sleep(0.2)
+    os._exit(1)                                  # the trainer crashes mid-update

@@ -12,7 +12,7 @@ from engine.weight_update import WeightUpdateError, WeightUpdater
 from tests.weight_sync import _sender
 from engine.weights import load_model
 from tests.weight_sync.conftest import assert_params_bitwise, snapshot
-from weight_sync import get_loader, init_weight_sync_group
+from weight_sync import WeightSyncGroupSpec, backend_for, get_loader, init_weight_sync_group
 
 
 def free_port() -> int:
@@ -75,3 +75,17 @@ def test_broadcast_update_after_a_rejected_one(ckpts, device):
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
+
+
+def test_group_spec_checks_every_field_and_picks_the_backend_by_device():
+    ok = WeightSyncGroupSpec("10.0.0.1", 29500, 3, backend_for("cuda:1"), 30.0, "pool/g1")
+    assert ok.backend == "nccl" and backend_for("cpu") == "gloo"
+    for kwargs, field in (({"host": ""}, "host"), ({"port": 0}, "port"), ({"port": 70000}, "port"),
+                          ({"port": True}, "port"), ({"world_size": 1}, "world_size"), ({"backend": "mpi"}, "backend"),
+                          ({"timeout_s": 0}, "timeout_s"), ({"timeout_s": float("inf")}, "timeout_s"),
+                          ({"group_name": ""}, "group_name")):
+        args = {"host": "10.0.0.1", "port": 29500, "world_size": 3, "backend": "gloo", **kwargs}
+        with pytest.raises(ValueError, match=field):
+            WeightSyncGroupSpec(**args)
+    with pytest.raises(ValueError, match="NCCL backend needs a CUDA device"):
+        WeightSyncGroupSpec("127.0.0.1", 29500, 2, "nccl").join(1, device="cpu")

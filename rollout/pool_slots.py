@@ -1,0 +1,105 @@
+"""A ``RolloutPool``'s worker slots and the helpers around its Ray calls.
+
+A *slot* is one bundle of the pool's placement group, i.e. one worker position (``index``); an *incarnation*
+is one actor in that slot. A restart puts a new incarnation in the same slot, so anything that must not
+outlive an actor (a call waiting on it, a weight-sync group it joined) holds the incarnation, not the slot.
+All of it is owned by the pool's event loop (one thread): no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from rollout.backend import ErrorCode, RolloutError
+from rollout.worker import WorkerError
+
+
+def to_rollout_error(exc: BaseException, worker: Optional[int] = None) -> RolloutError:
+    """Ray's wrapping of a worker's error, or a dead actor, as the ``RolloutError`` a caller sees."""
+    import ray.exceptions as rex
+    if isinstance(exc, RolloutError):
+        return exc
+    if isinstance(exc, rex.RayActorError):
+        return RolloutError(ErrorCode.WORKER_DIED, f"worker {worker} died: {type(exc).__name__}")
+    cause = getattr(exc, "cause", exc)
+    if isinstance(cause, WorkerError):
+        return cause.to_rollout_error()
+    return RolloutError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def as_completed(refs: list, timeout_s: Optional[float] = None, *,
+                 return_exceptions: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, result)`` for ``refs`` in completion order (a ``ray.wait`` loop). A failed ref raises
+    its ``RolloutError`` (or yields it with ``return_exceptions=True``); ``timeout_s`` bounds the whole wait."""
+    import ray
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+        if not ready:
+            raise RolloutError(ErrorCode.UNAVAILABLE, f"{len(pending)} results not ready after {timeout_s} s")
+        for ref in ready:
+            try:
+                yield index[ref], ray.get(ref)
+            except Exception as e:  # noqa: BLE001
+                err = to_rollout_error(e)
+                if not return_exceptions:
+                    raise err from None
+                yield index[ref], err
+
+
+def default_runtime_env() -> dict[str, Any]:
+    """Workers import this repository's packages: put its root on their PYTHONPATH (harmless when the
+    package is installed). On a real cluster pass ``runtime_env`` (e.g. a ``working_dir``) instead."""
+    import os
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+@dataclass(eq=False)
+class Incarnation:
+    """One actor of a worker slot; a restart makes a new one."""
+    handle: Any
+    death: asyncio.Future                      # resolved when this actor is found dead
+    inflight: int = 0                          # calls waiting on it (routing load)
+    watch: Any = None                          # the ref of its never-returning watch() call (fails on death)
+
+
+@dataclass(eq=False)
+class Slot:
+    """States: *serving* (``ready`` set: routing picks it), *restarting* (``restarting`` is the task bringing a
+    new actor up), *awaiting weights* (a live actor that does not hold the pool's weights: never routed to,
+    included in the next update, serving again once one lands on it), *failed* (no actor could be started)."""
+    index: int
+    actor: Incarnation
+    ready: asyncio.Event                       # set while the worker takes requests (routing picks only these)
+    open_sessions: int = 0
+    sessions_opened: int = 0                   # ever (tests compare with the worker's resumed-turn counters)
+    turns_routed: int = 0
+    restarts: int = 0
+    failed: Optional[str] = None               # a restart that could not bring it back
+    awaiting_weights: Optional[str] = None     # why this live worker is held out of routing
+    restarting: Optional[asyncio.Task] = None
+    load: dict[str, int] = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.actor.inflight + self.open_sessions, -self.load.get("num_free_blocks", 0), self.index)
+
+    @property
+    def live(self) -> bool:
+        """Its actor is up (serving or awaiting weights): it can be called, and takes part in updates."""
+        return not self.actor.death.done() and not self.failed
+
+    def serve(self) -> None:
+        self.awaiting_weights = None
+        self.ready.set()
+
+    def hold(self, reason: str) -> None:
+        self.awaiting_weights = reason
+        self.ready.clear()

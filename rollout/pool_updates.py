@@ -1,0 +1,114 @@
+"""``PoolWeightsAPI``: the weight-update half of ``RolloutPool``'s public API, kept apart from routing.
+
+A mixin of ``RolloutPool`` only: it uses the pool's loop plumbing (``_hop``, ``_loop``), its worker calls
+(``_call``, ``_slots``), its weight state (``_weights``: ``rollout.pool_weights``) and its weight-sync group
+(``_groups``: ``rollout.weight_group``). Every update runs to its end on the pool's loop even when its caller
+stops waiting (``_settled``): workers may have applied it already, so the outcome must still be settled.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any, Optional
+
+from rollout.backend import ErrorCode, RolloutError
+from rollout.pool_weights import check_update_policy
+from rollout.weight_group import DEFAULT_GROUP_TIMEOUT_S
+from rollout.worker import WeightSource
+from weight_sync.distributed import WeightSyncGroupSpec
+
+
+class PoolWeightsAPI:
+    async def update_weights(self, loader: str, loader_kwargs: dict[str, Any], version: Optional[int] = None,
+                             mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
+        """Build the named loader on every worker and apply it; returns once all are at ``version``
+        (default: the pool's current version + 1)."""
+        if not isinstance(loader, str) or not isinstance(loader_kwargs, dict):
+            raise RolloutError(ErrorCode.BAD_REQUEST, "update_weights needs a loader name and a kwargs dict")
+        return await self._hop(self._settled(
+            self._update(lambda v: WeightSource(v, loader, dict(loader_kwargs)), version, mode, kv)))
+
+    async def update_weights_from_state_dict(self, state_dict: Any, version: Optional[int] = None,
+                                             mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
+        """In-memory weights (a state dict or ``named_parameters()``): put in the object store once, in
+        buckets, and read by every worker (``RayObjectLoader``)."""
+        from weight_sync import put_state_dict
+        refs = await asyncio.get_running_loop().run_in_executor(None, put_state_dict, state_dict)
+        return await self._hop(self._settled(self._update(lambda v: WeightSource(v, refs=refs), version, mode, kv)))
+
+    async def _update(self, make_source, version, mode, kv) -> dict[str, Any]:
+        async with self._weights.lock:
+            source = make_source(self._weights.next_version(version))
+            slots = [s for s in self._slots if not s.failed]
+            return await self._weights.update(
+                slots, source, lambda slot, src: self._call(slot, "update_weights", src, mode, kv))
+
+    @staticmethod
+    async def _settled(coro) -> Any:
+        """Run an update to its end even if the caller stops waiting (a cancel, a timeout): workers may have
+        applied it already, so the pool's version and consistency must still be settled."""
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())   # retrieved when nobody awaits it
+        return await asyncio.shield(task)
+
+    # ================================================================ weight-sync group (rollout.weight_group)
+    async def init_weight_sync_group(self, host: Optional[str] = None, port: Optional[int] = None, *,
+                                     backend: Optional[str] = None,
+                                     timeout_s: float = DEFAULT_GROUP_TIMEOUT_S) -> WeightSyncGroupSpec:
+        """Form a process group of the trainer (rank 0) and every worker (ranks 1..N) for broadcast updates; it
+        returns at once with the spec the trainer joins with, ``spec.join(TRAINER_RANK, device)``, while the
+        workers wait for it (``timeout_s``, which also bounds every later collective). ``host``: an address of
+        the trainer's machine the workers reach (default: this node's IP); ``port``: free there (default: one
+        free here). ``backend``: NCCL for workers on CUDA, gloo on the CPU (default). Replaces any earlier group."""
+        return await self._hop(self._form_group(host, port, backend, timeout_s))
+
+    async def _form_group(self, host, port, backend, timeout_s) -> WeightSyncGroupSpec:
+        async with self._weights.lock:
+            return self._groups.form([s for s in self._slots if not s.failed], host, port, backend, timeout_s)
+
+    async def update_weights_from_distributed(self, version: Optional[int] = None, mode: str = "keep",
+                                              kv: str = "keep") -> dict[str, Any]:
+        """Receive the trainer's next ``DistributedSender.send`` on every worker and apply it with one version
+        barrier (call it while the trainer sends). Consumes exactly one send: a refused update (bad version,
+        mode or kv) is received and dropped, so the trainer never blocks on it."""
+        return await self._hop(self._settled(self._update_from_group(version, mode, kv)))
+
+    def start_update_from_distributed(self, version: Optional[int] = None, mode: str = "keep",
+                                      kv: str = "keep") -> "concurrent.futures.Future[dict[str, Any]]":
+        """``update_weights_from_distributed`` for synchronous training loops: starts it and returns at once;
+        call ``DistributedSender.send``, then ``.result()``."""
+        return asyncio.run_coroutine_threadsafe(self._settled(self._update_from_group(version, mode, kv)),
+                                                self._loop)
+
+    async def _update_from_group(self, version, mode, kv) -> dict[str, Any]:
+        async with self._weights.lock:
+            group = await self._groups.ready()
+            try:
+                version = self._weights.next_version(version)
+                check_update_policy(mode, kv)
+            except RolloutError:
+                await self._groups.drain(group)
+                raise
+            try:
+                return await self._weights.update(group.slots, WeightSource(version), lambda slot, src: self._call(
+                    slot, "update_weights_from_group", group.generation, src.version, mode, kv))
+            except BaseException as e:
+                # Some member may be out of step with the others: only a new group is safe.
+                self._groups.invalidate(f"the update to version {version} failed: {getattr(e, 'message', repr(e))}")
+                raise
+
+    async def destroy_weight_sync_group(self) -> None:
+        """Have every member leave the current group (a trainer still sending on it fails at once)."""
+        await self._hop(self._destroy_group())
+
+    async def _destroy_group(self) -> None:
+        await asyncio.gather(*self._groups.invalidate("destroyed by destroy_weight_sync_group"))
+
+    @property
+    def version(self) -> int:
+        return self._weights.version
+
+    @property
+    def worker_deaths(self) -> int:
+        """Worker deaths the pool has noticed (read from its own state: no call to any worker)."""
+        return self._workers.deaths
