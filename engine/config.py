@@ -34,6 +34,10 @@ class EngineConfig:
                                                 # an H200 in multi_turn, same run: 8B 3,195 vs 3,422 tok/s)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
+    update_backup_bytes: Optional[int] = None   # CUDA: device memory kept for an update's rollback copy of what
+                                                # it overwrites (KV sizing leaves it free; also update_weights'
+                                                # default backup budget); None: every parameter's bytes (any
+                                                # failure can be undone); 0 suits resident loaders (CUDA IPC)
     host_kv_cache_bytes: Optional[int] = None   # pinned host pool for offloaded KV (idle sessions, swapped
                                                 # sequences); None: on CUDA a quarter of available host memory
                                                 # (at most the device KV cache and 16 GiB), 0 on CPU;
@@ -79,6 +83,10 @@ class EngineConfig:
                 self.host_kv_cache_bytes, int) or self.host_kv_cache_bytes < 0):
             raise ValueError(f"EngineConfig.host_kv_cache_bytes must be None or an int >= 0, "
                              f"got {self.host_kv_cache_bytes!r}")
+        if self.update_backup_bytes is not None and (isinstance(self.update_backup_bytes, bool) or not isinstance(
+                self.update_backup_bytes, int) or self.update_backup_bytes < 0):
+            raise ValueError(f"EngineConfig.update_backup_bytes must be None or an int >= 0, "
+                             f"got {self.update_backup_bytes!r}")
         if self.preemption not in ("never", "swap", "recompute"):
             raise ValueError(f"EngineConfig.preemption must be 'never', 'swap' or 'recompute', got {self.preemption!r}")
         _positive_int("expected_output_tokens", self.expected_output_tokens)

@@ -99,6 +99,18 @@ class HostKVCache:
         self._landed: list[int] = []     # CPU: restores complete at once
         self.bytes_moved = 0
 
+    def bind(self, device_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The device KV tensors were allocated again (after a sleep): copy to and from these."""
+        self.wait_all()
+        self.layers = [c for pair in device_caches for c in pair]
+        self.storage = kv_storage(device_caches)
+
+    def wait_all(self) -> None:
+        """Block until every copy in flight completed (their restores are still reported by ``poll``)."""
+        if self._inflight:
+            self._inflight[-1][0].synchronize()
+        self._prune()
+
     @property
     def block_bytes(self) -> int:
         return self.host[0].numel() * self.host.element_size()

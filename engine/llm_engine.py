@@ -28,6 +28,7 @@ from engine.model_runner import ModelRunner, PendingStep
 from engine.engine_stats import engine_stats
 from engine.output_processor import OutputProcessor
 from engine.request_validation import validate_input
+from engine.sleep import EngineAsleep, SleepReport, WakeReport, sleep as sleep_engine, wake_up as wake_engine
 from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams
 from engine.weight_update import UpdateReport, WeightUpdater, WeightUpdateError
@@ -73,8 +74,9 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.kv_block_bytes = kv_bytes_per_block(mc, config.block_size, self.dtype)
+        param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         num_blocks = config.num_kv_blocks or device_kv_blocks(config, mc, self.kv_block_bytes, self.max_model_len,
-                                                              self.device)
+                                                              self.device, param_bytes)
         backend_name = self._choose_backend()
         self.backend = get_backend(backend_name)
         logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",
@@ -103,6 +105,9 @@ class LLMEngine:
         self.updater = WeightUpdater(self.model, mc)
         # A step queued on the device ahead of the one being read (async scheduling): (output, step, version).
         self._pending: Optional[tuple] = None
+        self.asleep = 0                       # the sleep level while asleep (engine.sleep), else 0
+        self.weights_discarded = False        # woken from sleep(2): undefined until a complete update lands
+        self._released_params: list = []      # (Parameter, shape) released by sleep(2)
 
     def _choose_backend(self) -> str:
         """Forced by EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND; else Triton on CUDA
@@ -148,6 +153,9 @@ class LLMEngine:
         if self.updater.inconsistent:
             raise WeightsInconsistentState("the engine's weights are inconsistent after a failed update; "
                                            "it refuses work until a complete update_weights succeeds")
+        if self.weights_discarded:
+            raise WeightsInconsistentState("the engine's weights were released by sleep(level=2); it refuses work "
+                                           "until a complete update_weights lands")
         return validate_input(prompt_token_ids, params, self.vocab_size, self.max_model_len, allow_empty, field)
 
     def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
@@ -201,6 +209,7 @@ class LLMEngine:
                  params: Optional[SamplingParams] = None) -> Completion:
         """Blocking ``submit_turn``: steps the engine until this turn finishes (other requests
         progress too; their completions are returned by the next ``step``)."""
+        self._require_awake("run_turn")
         request_id = self.submit_turn(session_id, new_token_ids, params)
         while True:
             for c in self.step():
@@ -229,6 +238,9 @@ class LLMEngine:
         return self.outputs.num_recorded(seq.seq_id) if seq is not None else 0
 
     def has_unfinished(self) -> bool:
+        """Whether ``step`` has work to do (False while asleep: queued work waits for ``wake_up``)."""
+        if self.asleep:
+            return False
         self._settle_dead_pending()
         return self.scheduler.has_unfinished() or self._pending is not None
 
@@ -249,6 +261,8 @@ class LLMEngine:
         are read (``Scheduler.schedule_decode_ahead``), so the host prepares step N+1 and processes step N's
         results while the device runs; the queued step is the one the next ``step`` call reads."""
         done, self._unclaimed = self._unclaimed, []
+        if self.asleep:
+            return done
         self._poll_restores()
         if self._pending is None:
             output = self.scheduler.schedule()
@@ -300,6 +314,7 @@ class LLMEngine:
                  params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[Completion]:
         """Generate for every prompt; returns one Completion per sample, prompt-major (prompt i's
         n samples are consecutive, by sample_index). All inputs are validated before any is queued."""
+        self._require_awake("generate")
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise ValueError("prompts must be a list of token-id lists")
         if params is None or isinstance(params, SamplingParams):
@@ -365,6 +380,10 @@ class LLMEngine:
             raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
         if kv not in KV_POLICIES:
             raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+        self._require_awake("update_weights")
+        if self.weights_discarded and partial:
+            raise ValueError("partial=True: the weights were released by sleep(level=2); only a complete update "
+                             "(partial=False) can bring them back")
         self._drain_pending()   # a step queued ahead ran under the old weights: record it as such first
         if version is None:
             version = getattr(loader, "version", None)
@@ -372,17 +391,13 @@ class LLMEngine:
         if isinstance(version, bool) or not isinstance(version, int) or version <= self.weight_version:
             raise ValueError(f"version must be an int greater than the current {self.weight_version}, got {version!r}")
         if mode == "drain":
-            self.scheduler.admission_paused = True
-            try:
-                while self.scheduler.running:
-                    finished = self.step()   # NOTE: step() replaces self._unclaimed; extend after it
-                    self._unclaimed.extend(finished)
-            finally:
-                self.scheduler.admission_paused = False
+            self.drain_running()
         elif mode == "abort":
             self._abort_all()
         self._applying = True
         try:
+            if backup_budget_bytes is None:   # what KV sizing left free for it (EngineConfig.update_backup_bytes)
+                backup_budget_bytes = self.config.update_backup_bytes
             report = self.updater.apply(loader, partial=partial, check_finite=check_finite,
                                         backup_budget_bytes=backup_budget_bytes)
         except WeightUpdateError as e:
@@ -390,12 +405,41 @@ class LLMEngine:
                 logger.error("weight update failed after writes that could not be undone: refusing work (%s)", e)
                 self._abort_all()
             raise
+        if not partial:
+            self.weights_discarded = False
         self.scheduler.set_weight_version(version)
         if kv == "recompute":
             self.scheduler.invalidate_kv()
         logger.info("weights updated to version %d: %d tensors, %.1f MB in %.3f s (mode=%s, kv=%s)", version,
                     report.num_tensors, report.num_bytes / 1e6, report.seconds, mode, kv)
         return report
+
+    def _require_awake(self, what: str) -> None:
+        if self.asleep:
+            raise EngineAsleep(f"{what}: the engine is asleep (sleep level {self.asleep}); call wake_up first")
+
+    def drain_running(self) -> None:
+        """Finish every running sequence (queued work waits; their completions come from the next ``step``)."""
+        self._drain_pending()
+        self.scheduler.admission_paused = True
+        try:
+            while self.scheduler.running:
+                finished = self.step()   # NOTE: step() replaces self._unclaimed; extend after it
+                self._unclaimed.extend(finished)
+        finally:
+            self.scheduler.admission_paused = False
+
+    # ------------------------------------------------------------------ sleep
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Release device memory while idle (a colocated trainer's turn): level 1 the KV cache, level 2 the
+        weights too. Running sequences finish first; queued work waits; parked sessions' KV goes to the host
+        pool where it fits (``engine.sleep`` says what happens to everything)."""
+        return sleep_engine(self, level)
+
+    def wake_up(self) -> WakeReport:
+        """Take the memory back (KV cache zeroed, CUDA graphs re-captured) and resume; after level 2 the
+        weights must be updated before any work runs."""
+        return wake_engine(self)
 
     def _abort_all(self) -> None:
         for request_id in self.scheduler.unfinished_request_ids():

@@ -13,25 +13,44 @@ logger = logging.getLogger(__name__)
 
 
 def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, max_model_len: int,
-                     device: torch.device) -> int:
-    """KV blocks from the memory budget: on CUDA ``gpu_memory_utilization`` of the device minus what is in use
-    and one step's working memory; on CPU ``kv_cache_memory_bytes``. Never more than every running sequence at
-    full length could use."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        # Headroom for one step's activations and logits (eager, no reuse assumed).
-        activations = config.max_num_batched_tokens * (
-            mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
-        logits = config.max_num_seqs * mc.vocab_size * 4 * 3
-        budget = int(total * config.gpu_memory_utilization) - (total - free) - activations - logits
-    else:
-        budget = config.kv_cache_memory_bytes
+                     device: torch.device, param_bytes: int = 0, mem_get_info=None) -> int:
+    """KV blocks from the memory budget. On CUDA: ``gpu_memory_utilization`` of the device, minus what is in use
+    (the weights, loaded), one eager step's activations, the sampler's logits, the CUDA graphs' pool, and the
+    backup a weight update keeps of what it overwrites (``update_backup_bytes``, default every parameter's
+    bytes). On CPU: ``kv_cache_memory_bytes``. Never more than every running sequence at full length could use;
+    a budget that cannot hold one sequence of ``max_model_len`` fails here, naming each term."""
     ceiling = -(-config.max_num_seqs * max_model_len // config.block_size)
-    num_blocks = min(budget // block_bytes, ceiling)
-    if num_blocks < 1:
-        raise ValueError(f"no memory left for the KV cache ({budget} bytes, {block_bytes} per block): "
-                         f"lower max_num_batched_tokens / max_num_seqs or raise the memory budget")
+    if device.type == "cuda":
+        free, total = (mem_get_info or torch.cuda.mem_get_info)(device)
+        per_token = (mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
+        terms = {
+            "in use now (weights, context)": total - free,
+            "one eager step's activations": config.max_num_batched_tokens * per_token,
+            "sampler logits": config.max_num_seqs * mc.vocab_size * 4 * 3,
+            "CUDA graph pool": min(config.cuda_graph_max_batch, config.max_num_seqs) * per_token
+            if config.enable_cuda_graphs else 0,
+            "weight-update backup (update_backup_bytes)": update_backup_bytes(config, param_bytes),
+        }
+        allowed = int(total * config.gpu_memory_utilization)
+        budget = allowed - sum(terms.values())
+    else:
+        terms, allowed = {}, config.kv_cache_memory_bytes
+        budget = allowed
+    num_blocks = min(max(0, budget) // block_bytes, ceiling)
+    one_sequence = -(-max_model_len // config.block_size)
+    if num_blocks < min(one_sequence, ceiling):
+        detail = "; ".join(f"{k} {v / 1e9:.2f} GB" for k, v in terms.items())
+        raise ValueError(
+            f"the KV cache would hold {max(0, num_blocks) * config.block_size} tokens, less than one sequence of "
+            f"max_model_len={max_model_len}: budget {allowed / 1e9:.2f} GB" + (f" minus {detail}" if detail else "")
+            + f" leaves {budget / 1e9:.2f} GB for {block_bytes} bytes a block. Lower max_model_len, "
+            "max_num_batched_tokens, max_num_seqs or update_backup_bytes, or raise the memory budget")
     return int(num_blocks)
+
+
+def update_backup_bytes(config: EngineConfig, param_bytes: int) -> int:
+    """Device memory a weight update may use for originals of what it overwrites (its rollback)."""
+    return param_bytes if config.update_backup_bytes is None else config.update_backup_bytes
 
 
 def host_kv_bytes(config: EngineConfig, device: torch.device, device_kv_bytes: int) -> int:

@@ -48,8 +48,7 @@ class ModelRunner:
         (measured at capture), "on" or "off" (``engine.cuda_graphs``)."""
         self.model = model
         self.model_config = model_config
-        self.kv_caches = kv_caches
-        self.kv_storage = kv_storage(kv_caches)
+        self.set_kv_caches(kv_caches)
         self.backend = backend
         self.block_size = block_size
         self.device = torch.device(device)
@@ -72,8 +71,10 @@ class ModelRunner:
         if decode_gemv == "on" and self.device.type == "cuda" and hasattr(model, "set_gemv_rows"):
             from engine.kernels.gemv import MAX_ROWS
             model.set_gemv_rows(MAX_ROWS)  # eager forwards too, with or without graphs
+        self._graph_args = None
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
-            self.capture_cuda_graphs(cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings)
+            self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings)
+            self.capture_cuda_graphs(*self._graph_args)
         if self.device.type == "cuda":
             self._warm_up_eager()
 
@@ -93,6 +94,18 @@ class ModelRunner:
             self.model.compute_logits(hidden[-1:])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def set_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """The KV tensors every step reads (None while the engine sleeps)."""
+        self.kv_caches = kv_caches
+        self.kv_storage = kv_storage(kv_caches) if kv_caches is not None else None
+
+    def recapture_cuda_graphs(self) -> bool:
+        """Capture the decode graphs again (new KV or weight addresses after a sleep); -> whether graphs are used."""
+        if self._graph_args is None:
+            return False
+        self.capture_cuda_graphs(*self._graph_args)
+        return True
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         from engine.attention.triton_backend import TritonBackend

@@ -181,6 +181,10 @@ class WeightUpdater:
             raise WeightUpdateError(f"weight {name!r} has non-finite values (NaN or inf)")
         return target
 
+    def forget_plans(self) -> None:
+        """Parameters were reallocated (sleep level 2): cached bucket plans point at their old storage."""
+        self._bucket_plans.clear()
+
     # ------------------------------------------------------------------------------------------ apply
     def apply(self, loader: Any, *, partial: bool = False, check_finite: bool = False,
               backup_budget_bytes: Optional[int] = None) -> UpdateReport:

@@ -25,6 +25,7 @@ close session -> trajectory with the summed reward.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -209,6 +210,28 @@ class EngineLoop:
                 self._dispatch(engine.step())
             _resolve(fut, {"version": engine.weight_version, "seconds": report.seconds,
                            "num_bytes": report.num_bytes, "num_tensors": report.num_tensors})
+        return self._submit(run)
+
+    def sleep(self, level: int) -> "Future[dict[str, Any]]":
+        """Release the engine's device memory between two steps (``LLMEngine.sleep``); running work finishes
+        first, queued work waits for ``wake_up``. Resolves with the report's fields."""
+        def run(engine: LLMEngine, fut: Future) -> None:
+            try:
+                report = engine.sleep(level)
+            except ValueError as e:
+                raise RolloutError(ErrorCode.BAD_REQUEST, str(e)) from None
+            finally:
+                self._dispatch(engine.step())      # completions of the work sleep finished
+            _resolve(fut, dataclasses.asdict(report))
+        return self._submit(run)
+
+    def wake_up(self) -> "Future[dict[str, Any]]":
+        def run(engine: LLMEngine, fut: Future) -> None:
+            try:
+                report = engine.wake_up()
+            except ValueError as e:
+                raise RolloutError(ErrorCode.BAD_REQUEST, str(e)) from None
+            _resolve(fut, dataclasses.asdict(report))
         return self._submit(run)
 
     def stats(self) -> "Future[dict[str, Any]]":

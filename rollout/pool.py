@@ -306,6 +306,21 @@ class RolloutPool(PoolWeightsAPI):
 
     as_completed = staticmethod(as_completed)
 
+    # ================================================================ sleep (colocated with a trainer)
+    async def sleep(self, level: int = 1) -> list[dict[str, Any]]:
+        """Every worker releases its device memory (``LLMEngine.sleep``: level 1 the KV cache, level 2 the
+        weights too) once its running work finished; requests sent meanwhile wait on their worker until
+        ``wake_up``. Returns each worker's report (freed bytes, sessions moved to the host)."""
+        return await self._hop(self._on_every_worker("sleep", level))
+
+    async def wake_up(self) -> list[dict[str, Any]]:
+        """Every worker takes its memory back (CUDA graphs re-captured). After ``sleep(2)`` push weights
+        (``update_weights*``) before sending work: until then the workers refuse it."""
+        return await self._hop(self._on_every_worker("wake_up"))
+
+    async def _on_every_worker(self, method: str, *args: Any) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self._call(slot, method, *args) for slot in self._slots if slot.live)))
+
     # ================================================================ introspection, shutdown
     async def stats(self) -> dict[str, Any]:
         return await self._hop(self._stats())

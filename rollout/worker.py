@@ -105,6 +105,12 @@ class RolloutWorker:
     async def abort(self, request_id: str) -> bool:
         return await self._await(self.loop.abort(request_id))
 
+    async def sleep(self, level: int) -> dict[str, Any]:
+        return {"worker": self.index, **await self._await(self.loop.sleep(level))}
+
+    async def wake_up(self) -> dict[str, Any]:
+        return {"worker": self.index, **await self._await(self.loop.wake_up())}
+
     async def update_weights(self, source: WeightSource, mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
         """Apply ``source`` at ``source.version``; the loader is built on the engine thread. The report's
         ``digest`` is the content digest of what was read (None for object refs)."""

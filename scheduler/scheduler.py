@@ -145,6 +145,18 @@ class Scheduler:
         """Every sample of an unfinished request (leader first)."""
         return self._requests[request_id]
 
+    def evacuate(self) -> None:
+        """Empty the device pool of everything not running (the engine goes to sleep; nothing may run): parked
+        sessions' KV goes to the host pool where it fits, else is dropped (counted); the prefix cache is
+        emptied. The copies go with the next output."""
+        assert not self.running, "evacuate with sequences running"
+        off = self.offload
+        for seq in list(off.parked.values()):
+            if seq.kv is KVLocation.DEVICE and not off.offload(seq):
+                off.drop(seq)
+        self.pool.drop_cached()
+        self._epoch += 1
+
     def set_weight_version(self, version: int) -> None:
         """New weights: cached blocks of other versions are never reused."""
         self.kv.set_weight_version(version)

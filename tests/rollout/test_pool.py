@@ -204,6 +204,25 @@ def test_grpo_n_and_completion_order(pool, oracle_a):
     assert [b[0].token_ids for b in batch] == [seen[i][0].token_ids for i in range(3)]
 
 
+def test_sleep_and_wake_every_worker(pool, oracle_a):
+    """pool.sleep(1) releases every worker's KV cache; work sent meanwhile waits on its worker (its engine
+    runs nothing while asleep) and completes after wake_up, equal to a single engine."""
+    reports = run(pool.sleep(1))
+    assert sorted(r["worker"] for r in reports) == [0, 1]
+    assert all(r["level"] == 1 and r["kv_bytes"] > 0 and r["freed_bytes"] >= r["kv_bytes"] for r in reports)
+    prompts = [observations(i)[0] for i in range(4)]
+    refs = pool.generate_refs(prompts, GREEDY)
+    ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+    assert ready == []                          # asleep: nothing runs (not a race: the engine takes no step)
+    woken = run(pool.wake_up())
+    assert sorted(r["worker"] for r in woken) == [0, 1] and all(r["level"] == 1 for r in woken)
+    trajs = ray.get(refs, timeout=60)
+    assert [t[0].token_ids for t in trajs] == [c.token_ids for c in oracle_a.generate(prompts, GREEDY)]
+    with pytest.raises(RolloutError) as err:
+        run(pool.wake_up())                     # not asleep
+    assert err.value.code is ErrorCode.BAD_REQUEST
+
+
 def versions_by_worker(pool, prompts, oracle):
     """Generate on both workers; check tokens against ``oracle``; -> {worker: set of versions}."""
     out = {}

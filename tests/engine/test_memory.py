@@ -1,0 +1,51 @@
+"""KV sizing (engine.memory): on CUDA the budget leaves room for an eager step, the sampler, the CUDA graph pool
+and the rollback copy an update keeps; a configuration that cannot hold one sequence fails at start, naming
+each term. (mem_get_info is given, so this runs without a GPU.)"""
+import pytest
+import torch
+
+from engine import EngineConfig
+from engine.memory import device_kv_blocks, host_kv_bytes
+from engine.model_config import ModelConfig
+from engine.tiny_models import make_tiny_model
+
+GB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def mc(tmp_path_factory):
+    return ModelConfig.from_pretrained(make_tiny_model("qwen2", tmp_path_factory.mktemp("mem"), seed=1))
+
+
+def sized(cfg, mc, free, total, param_bytes, block_bytes=1 << 20, max_model_len=1024):
+    return device_kv_blocks(cfg, mc, block_bytes, max_model_len, torch.device("cuda"), param_bytes,
+                            mem_get_info=lambda device: (free, total))
+
+
+def test_the_budget_leaves_room_for_the_update_backup_graphs_and_sampler(mc):
+    cfg = EngineConfig(model="unused", max_num_seqs=64, max_num_batched_tokens=2048, cuda_graph_max_batch=32)
+    free, total, params = 70 * GB, 80 * GB, 4 * GB
+    per_token = (mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
+    expected_budget = int(total * 0.9) - (total - free) - 2048 * per_token - 64 * mc.vocab_size * 12 \
+        - 32 * per_token - params
+    kw = dict(block_bytes=64 << 10, max_model_len=1 << 20)     # a ceiling far above the budget
+    assert sized(cfg, mc, free, total, params, **kw) == expected_budget // (64 << 10)
+    no_backup = EngineConfig(model="unused", max_num_seqs=64, max_num_batched_tokens=2048, cuda_graph_max_batch=32,
+                             update_backup_bytes=0)
+    assert sized(no_backup, mc, free, total, params, **kw) - sized(cfg, mc, free, total, params, **kw) \
+        == params // (64 << 10)
+
+
+def test_a_budget_that_cannot_hold_one_sequence_fails_at_start_naming_the_terms(mc):
+    cfg = EngineConfig(model="unused")
+    with pytest.raises(ValueError, match="max_model_len") as err:
+        sized(cfg, mc, free=10 * GB, total=20 * GB, param_bytes=8 * GB, block_bytes=64 << 20, max_model_len=4096)
+    assert "update_backup_bytes" in str(err.value) and "GB" in str(err.value)
+    with pytest.raises(ValueError, match="update_backup_bytes"):
+        EngineConfig(model="unused", update_backup_bytes=-1)
+
+
+def test_cpu_budget_and_host_pool_defaults(mc):
+    cfg = EngineConfig(model="unused", kv_cache_memory_bytes=64 << 20, max_num_seqs=4)
+    assert device_kv_blocks(cfg, mc, 1 << 20, 1024, torch.device("cpu")) == 64
+    assert host_kv_bytes(cfg, torch.device("cpu"), GB) == 0
