@@ -28,10 +28,11 @@ from engine.model_runner import ModelRunner, PendingStep
 from engine.engine_stats import engine_stats
 from engine.output_processor import OutputProcessor
 from engine.request_validation import validate_input
+from engine.engine_update import apply_update
 from engine.sleep import EngineAsleep, SleepReport, WakeReport, sleep as sleep_engine, wake_up as wake_engine
 from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams
-from engine.weight_update import UpdateReport, WeightUpdater, WeightUpdateError
+from engine.weight_update import UpdateReport, WeightUpdater
 from engine.weights import load_model
 from scheduler import FinishedSequence, Scheduler, SchedulerConfig, StopCondition
 
@@ -39,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
-UPDATE_MODES = ("keep", "drain", "abort")
-KV_POLICIES = ("keep", "recompute")
 
 
 class WeightsInconsistentState(RuntimeError):
@@ -368,51 +367,12 @@ class LLMEngine:
         # The loader protocol: close() exactly once on every path (a distributed sender blocks until
         # its receiver has drained or closed). WeightUpdater.apply closes it; a rejection before
         # apply is reached closes it here.
-        self._applying = False
+        applying = [False]     # set once WeightUpdater.apply (which closes the loader) is reached
         try:
-            return self._update_weights(loader, version, mode, kv, partial, check_finite, backup_budget_bytes)
+            return apply_update(self, loader, version, mode, kv, partial, check_finite, backup_budget_bytes, applying)
         finally:
-            if not self._applying and getattr(loader, "close", None) is not None:
+            if not applying[0] and getattr(loader, "close", None) is not None:
                 loader.close()
-
-    def _update_weights(self, loader, version, mode, kv, partial, check_finite, backup_budget_bytes) -> UpdateReport:
-        if mode not in UPDATE_MODES:
-            raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
-        if kv not in KV_POLICIES:
-            raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
-        self._require_awake("update_weights")
-        if self.weights_discarded and partial:
-            raise ValueError("partial=True: the weights were released by sleep(level=2); only a complete update "
-                             "(partial=False) can bring them back")
-        self._drain_pending()   # a step queued ahead ran under the old weights: record it as such first
-        if version is None:
-            version = getattr(loader, "version", None)
-            version = self.weight_version + 1 if version is None else version
-        if isinstance(version, bool) or not isinstance(version, int) or version <= self.weight_version:
-            raise ValueError(f"version must be an int greater than the current {self.weight_version}, got {version!r}")
-        if mode == "drain":
-            self.drain_running()
-        elif mode == "abort":
-            self._abort_all()
-        self._applying = True
-        try:
-            if backup_budget_bytes is None:   # what KV sizing left free for it (EngineConfig.update_backup_bytes)
-                backup_budget_bytes = self.config.update_backup_bytes
-            report = self.updater.apply(loader, partial=partial, check_finite=check_finite,
-                                        backup_budget_bytes=backup_budget_bytes)
-        except WeightUpdateError as e:
-            if e.inconsistent:
-                logger.error("weight update failed after writes that could not be undone: refusing work (%s)", e)
-                self._abort_all()
-            raise
-        if not partial:
-            self.weights_discarded = False
-        self.scheduler.set_weight_version(version)
-        if kv == "recompute":
-            self.scheduler.invalidate_kv()
-        logger.info("weights updated to version %d: %d tensors, %.1f MB in %.3f s (mode=%s, kv=%s)", version,
-                    report.num_tensors, report.num_bytes / 1e6, report.seconds, mode, kv)
-        return report
 
     def _require_awake(self, what: str) -> None:
         if self.asleep:

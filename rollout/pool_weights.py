@@ -28,7 +28,7 @@ import dataclasses
 import time
 from typing import Any, Awaitable, Callable, Optional
 
-from engine.llm_engine import KV_POLICIES, UPDATE_MODES
+from engine.engine_update import KV_POLICIES, UPDATE_MODES
 from rollout.backend import ErrorCode, RolloutError
 from rollout.pool_slots import Slot, to_rollout_error
 from rollout.worker import WeightSource

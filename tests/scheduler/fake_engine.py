@@ -164,3 +164,49 @@ def run_turn(s: Scheduler, eng: FakeKVEngine, session_id: str, request_id: str, 
             if f.request_id == request_id:
                 assert f.output_token_ids == reference_output(context, max_tokens, eng.vocab)
                 return f
+
+
+class RandomSessions:
+    """Sessions that take turns at random while a test steps the scheduler: each session's first turn starts
+    with ``prefix`` (a shared system prompt), turns are submitted with probability ``p_submit`` when the
+    session awaits input, and each turn's expected output is kept for ``check``."""
+
+    def __init__(self, s: Scheduler, rng, vocab: int, turns: dict[str, int], prefix: list[int], p_submit: float,
+                 new_len: tuple[int, int], max_tokens: tuple[int, int]) -> None:
+        self.s, self.rng, self.vocab = s, rng, vocab
+        self.plan = dict(turns)                      # session id -> turns left
+        self.turn_no = dict.fromkeys(turns, 0)
+        self.prefix, self.p_submit, self.new_len, self.max_tokens = prefix, p_submit, new_len, max_tokens
+        self.expected: dict[str, list[int]] = {}
+        for sid in turns:
+            s.open_session(sid)
+
+    @property
+    def done(self) -> bool:
+        return not self.plan and not self.s.has_unfinished()
+
+    def submit(self) -> None:
+        rng, s = self.rng, self.s
+        for sid in list(self.plan):
+            sess = s.get_session(sid)
+            if sess.status.value != "awaiting_input" or rng.random() >= self.p_submit:
+                continue
+            new = (self.prefix if self.turn_no[sid] == 0 else []) + \
+                [rng.randrange(self.vocab) for _ in range(rng.randint(*self.new_len))]
+            max_tokens = rng.randint(*self.max_tokens)
+            rid = f"{sid}-{self.turn_no[sid]}"
+            try:
+                s.submit_turn(sid, rid, new, StopCondition(max_tokens=max_tokens))
+            except ValueError:
+                self.plan.pop(sid)                   # the session outgrew the pool or context: stop it
+                s.close_session(sid)
+                continue
+            self.expected[rid] = reference_output(sess.token_ids, max_tokens, self.vocab)
+            self.turn_no[sid] += 1
+            self.plan[sid] -= 1
+            if self.plan[sid] == 0:
+                self.plan.pop(sid)
+
+    def check(self, finished, scenario=None) -> None:
+        for f in finished:
+            assert f.output_token_ids == self.expected.pop(f.request_id), (scenario, f.request_id)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from scheduler import KVLocation, Scheduler, SchedulerConfig, StopCondition
-from tests.scheduler.fake_engine import FakeKVEngine, reference_output
+from tests.scheduler.fake_engine import FakeKVEngine, RandomSessions, reference_output
 
 VOCAB = 60
 SYSTEM = list(range(1, 17))          # a 16-token system prompt: 4 full blocks of 4, shared by every session
@@ -108,42 +108,21 @@ def test_randomized_shared_prefixes_under_pressure_move_kv_only_when_a_block_is_
             calls.append(s.pool.num_unheld)
             original(n)
         s.kv.reclaim = reclaim
-        system = SYSTEM[:rng.choice([0, 4, 8, 16])]
-        plan = {f"s{i}": rng.randint(1, 4) for i in range(rng.randint(2, 7))}
-        turn_no = dict.fromkeys(plan, 0)
-        expected = {}
-        for sid in plan:
-            s.open_session(sid)
+        sessions = RandomSessions(s, rng, VOCAB, {f"s{i}": rng.randint(1, 4) for i in range(rng.randint(2, 7))},
+                                  SYSTEM[:rng.choice([0, 4, 8, 16])], 0.6, (1, 8), (1, 8))
         steps = 0
-        while plan or s.has_unfinished():
-            for sid in list(plan):
-                sess = s.get_session(sid)
-                if sess.status.value == "awaiting_input" and rng.random() < 0.6:
-                    new = (system if turn_no[sid] == 0 else []) + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))]
-                    rid = f"{sid}-{turn_no[sid]}"
-                    max_tokens = rng.randint(1, 8)
-                    try:
-                        s.submit_turn(sid, rid, new, StopCondition(max_tokens=max_tokens))
-                    except ValueError:
-                        plan.pop(sid)
-                        s.close_session(sid)
-                        continue
-                    expected[rid] = reference_output(sess.token_ids, max_tokens, VOCAB)
-                    turn_no[sid] += 1
-                    plan[sid] -= 1
-                    if plan[sid] == 0:
-                        plan.pop(sid)
+        while not sessions.done:
+            sessions.submit()
             before = (s.stats.offloaded_sessions, s.stats.dropped_sessions)
             _, fin = eng.step(check=True)
             if (s.stats.offloaded_sessions, s.stats.dropped_sessions) != before:
                 assert calls, "KV moved outside an allocation"
             assert all(unheld == 0 for unheld in calls), (scenario, calls)
             calls.clear()
-            for f in fin:
-                assert f.output_token_ids == expected.pop(f.request_id), (scenario, f.request_id)
+            sessions.check(fin, scenario)
             steps += 1
             assert steps < 20_000
-        assert not expected, scenario
+        assert not sessions.expected, scenario
         moved += s.stats.offloaded_sessions + s.stats.dropped_sessions
         assert s.stats.preemptions == 0 and s.stats.recomputed_tokens == 0
         for sid in list(s.sessions):

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from scheduler import KVLocation, Scheduler, SchedulerConfig, SessionError, StopCondition
-from tests.scheduler.fake_engine import FakeKVEngine, reference_output, run_turn
+from tests.scheduler.fake_engine import FakeKVEngine, RandomSessions, reference_output, run_turn
 
 VOCAB = 60
 
@@ -147,40 +147,19 @@ def test_randomized_sessions_small_pool_never_preempt():
                  max_num_batched_tokens=rng.randint(4, 40), num_host_blocks=rng.choice([0, 8, 64]),
                  enable_prefix_caching=rng.random() < 0.7, max_model_len=256)
         eng = FakeKVEngine(s, VOCAB)
-        num_sessions = rng.randint(1, 8)
-        plan = {f"s{i}": rng.randint(1, 4) for i in range(num_sessions)}
-        shared = [rng.randrange(VOCAB) for _ in range(rng.randint(0, 10))]   # GRPO-like common prefix
-        turn_no = {sid: 0 for sid in plan}
-        expected = {}
-        for sid in plan:
-            s.open_session(sid)
+        sessions = RandomSessions(s, rng, VOCAB, {f"s{i}": rng.randint(1, 4) for i in range(rng.randint(1, 8))},
+                                  [rng.randrange(VOCAB) for _ in range(rng.randint(0, 10))],   # GRPO-like prefix
+                                  0.5, (1, 12), (1, 10))
         steps = 0
-        while plan or s.has_unfinished():
-            for sid in list(plan):
-                sess = s.get_session(sid)
-                if sess.status.value == "awaiting_input" and rng.random() < 0.5:
-                    new = (shared if turn_no[sid] == 0 else []) + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))]
-                    max_tokens = rng.randint(1, 10)
-                    rid = f"{sid}-{turn_no[sid]}"
-                    try:
-                        s.submit_turn(sid, rid, new, StopCondition(max_tokens=max_tokens))
-                    except ValueError:
-                        plan.pop(sid)            # the session outgrew the pool or context: stop it
-                        s.close_session(sid)
-                        continue
-                    expected[rid] = reference_output(sess.token_ids, max_tokens, VOCAB)
-                    turn_no[sid] += 1
-                    plan[sid] -= 1
-                    if plan[sid] == 0:
-                        plan.pop(sid)
+        while not sessions.done:
+            sessions.submit()
             if s.waiting and s.running:
                 waited += 1
             _, fin = eng.step(check=True)
-            for f in fin:
-                assert f.output_token_ids == expected.pop(f.request_id), (scenario, f.request_id)
+            sessions.check(fin, scenario)
             steps += 1
             assert steps < 20_000
-        assert not expected, scenario
+        assert not sessions.expected, scenario
         moved += s.stats.offloaded_sessions + s.stats.dropped_sessions
         assert s.stats.preemptions == 0 and s.stats.recomputed_tokens == 0
         for sid in list(s.sessions):
