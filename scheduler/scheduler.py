@@ -1,32 +1,17 @@
-"""Session-aware continuous-batching scheduler: the orchestrator over small managers.
+"""Session-aware continuous-batching scheduler: the orchestrator over small managers, each the only writer of
+its state (docs/scheduler.md, "Structure"): SessionManager (sessions.py), KVManager (kv_manager.py: block
+tables, the reservation ledger, forks, prefix blocks in flight), OffloadManager (kv_offload.py: parked
+sessions, host pool, copies), Admission (admission.py), the policies (policy.py, recompute.py), steps planned
+ahead (decode_ahead.py) and results (results.py). This class owns the queues (waiting, running, the request
+map) and a sequence's status and tokens.
 
 Every step, each admitted sequence's ``num_computed_tokens`` catches up with its token count under a
-per-step token budget: running decodes first, then running prefill chunks, then admissions
-(``scheduler.admission``: class order, the admission rule). Each piece of state has one writer:
-
-    SessionManager   the session map, TTLs, a session's lifecycle between turns     (scheduler.sessions)
-    KVManager        device block tables, the reservation ledger, forks, prefix     (scheduler.kv_manager)
-                     blocks in flight
-    OffloadManager   parked sessions, the host pool, offload / restore / drop,      (scheduler.kv_offload)
-                     the copies of the next output
-    Admission        who starts next and whether it fits                            (scheduler.admission)
-    policy           what a turn reserves and what happens when one runs short      (scheduler.policy,
-                                                                                     scheduler.recompute)
-    decode ahead     a decode step planned before the previous one is read          (scheduler.decode_ahead)
-
-This class owns the queues (waiting, running, the request map) and a sequence's status and tokens.
-
-No preemption with the default policy, by construction: a request or turn is admitted only when its
-worst case fits (see ``scheduler.admission``), so an admitted sequence can always allocate its next
-block; parked sessions give blocks back (to the host pool) only when one is actually needed. Work that
-could never fit the pool is rejected when it is submitted.
-
-Sessions: ``open_session`` / ``submit_turn`` / ``close_session``. A session keeps its whole token history
-and the KV of every computed token between turns, so a turn computes only what is new (its new tokens,
-plus the previous turn's last sampled token, whose KV a turn never computes — counted as a decode token).
-``n > 1`` requests compute the prompt once: the leader's chunk that completes it also samples every
-sibling's first token from the same row (``ScheduledSequence.fork_samples``); the siblings then share the
-prompt's full blocks and get their own copy of a partial last block (``SchedulerOutput.block_copies``).
+per-step token budget: running decodes first, then running prefill chunks, then admissions. No preemption
+with the default policy, by construction: a turn is admitted only when its worst case fits (the rule in
+scheduler/admission.py), parked sessions give blocks back only when one is actually needed, and work that
+could never fit is rejected when submitted. A session keeps its token history and KV between turns, so a
+turn computes only what is new; ``n > 1`` requests compute the prompt once (``fork_samples``, then each
+sibling's own copy of a partial last block, ``block_copies``).
 """
 from __future__ import annotations
 
