@@ -354,8 +354,8 @@ def idle_problems(stats: dict) -> list[str]:
     out = []
     for w in stats["backend"]["workers"]:
         i = w["worker"]
-        if w.get("num_free_blocks") != w.get("num_total_blocks"):
-            out.append(f"worker {i}: {w.get('num_free_blocks')} of {w.get('num_total_blocks')} KV blocks free")
+        if w.get("num_held_blocks"):
+            out.append(f"worker {i}: {w.get('num_held_blocks')} of {w.get('num_total_blocks')} KV blocks still held")
         for key in ("open_sessions", "pending_requests", "tracked_sessions", "num_running", "num_waiting",
                     "num_reserved_blocks", "inflight"):
             if w.get(key, 0) != 0:

@@ -20,7 +20,8 @@ def engine_stats(engine: "LLMEngine") -> dict:
         "aborted_requests": s.aborted_requests,
         "num_running": len(sched.running),
         "num_waiting": len(sched.waiting),
-        "num_free_blocks": sched.kv.headroom,
+        "num_free_blocks": sched.kv.headroom,       # what new admissions may claim (idle sessions' blocks count)
+        "num_held_blocks": pool.num_in_use,         # blocks some sequence or parked session holds
         "num_total_blocks": pool.num_blocks,
         "num_reserved_blocks": sched.kv.num_reserved,
         "num_reclaimable_blocks": pool.num_reclaimable,

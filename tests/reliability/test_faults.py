@@ -326,7 +326,7 @@ def pool(models):
 
 
 def _held(stats: dict) -> list:
-    return [(w["worker"], w["open_sessions"], w["num_total_blocks"] - w["num_free_blocks"], w["tracked_sessions"])
+    return [(w["worker"], w["open_sessions"], w["num_held_blocks"], w["tracked_sessions"])
             for w in stats["backend"]["workers"]]
 
 
