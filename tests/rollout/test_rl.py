@@ -108,6 +108,7 @@ def _tis_case():
 def _hand_loss(batch, old_lp, new_lp, ref_lp, clip_eps, kl_coef, cap):
     """Per-token loop in plain Python floats: -mean(w * min(r A, clip(r) A)) + kl_coef * mean(k3), with
     w = min(exp(old - behaviour), cap), r = exp(new - old), over model tokens only; and d loss / d new_lp."""
+    new_lp, old_lp = new_lp.detach(), old_lp.detach()     # plain numbers from here on
     items = [(i, t) for i in range(batch.loss_mask.shape[0]) for t in range(batch.loss_mask.shape[1])
              if batch.loss_mask[i, t].item() == 1.0]
     n = len(items)
