@@ -31,10 +31,12 @@ Each step:
 Why the warm-up: Adam's first step is sign-like (bias-corrected m/sqrt(v) = g/|g|, so every weight moves by
 about lr whatever the gradient's size, and gradient clipping cannot shrink it). Without warm-up, step 0's
 update was 1.5x the later ones (parameter update norm 0.456 vs 0.299, 0.264, 0.236 for seed 0) and clipped
-a third of the tokens at its second epoch (vs 18%, 9%, 3%).
+a third of the tokens at its second epoch (vs 18%, 9%, 3%); with two warm-up steps it was 0.372 vs 0.368,
+0.282, 0.248 (README: all seeds).
 
-KL in the log and the plot is the k3 estimate at the first epoch, on the step's own samples: there the
-sampling policy is the one evaluated, so the estimate is unbiased for KL(policy || reference). At later
+KL in the log and the plot is the k3 estimate at the first epoch, on the step's own samples: there (in
+synchronous mode) the sampling policy is the one evaluated, so the estimate is unbiased for
+KL(policy || reference); with ``--async`` the samples are up to N versions old. At later
 epochs the same tokens are off-policy for the updated weights and k3 = r - 1 - log r (r = pi_ref / pi) is
 heavy-tailed (a single token whose probability an update cut can add hundreds); those values are in
 ``kl_epochs`` for diagnosis, not in the headline figure.
