@@ -2,20 +2,44 @@
 
     python examples/ppo.py                      # CPU, the defaults below (about 6 minutes on 2 cores)
     python examples/ppo.py --device cuda --questions 32 --group-size 8
+    python examples/ppo.py --async 1 --tis-cap 2   # step k+1's rollouts run while step k trains
 
 Each step:
   1. rollouts: a RolloutPool (Ray actors hosting engines) runs the calculator tool environment server-side
      for ``questions x group_size`` episodes: the model may call ``<calc>EXPR</calc>``, reads the result as
      an observation (loss mask 0), answers; reward 1 for the right number (+ credit for a well-formed call,
      see rollout/envs/calculator.py). Trajectories come back through Ray object refs, in completion order.
+     With ``--async N`` the episodes of step k+N are submitted before step k trains, so they run under
+     version k weights (and k+1.. once updates land mid-episode): every model token is then at most N
+     versions stale, which the example checks on each trajectory's per-token versions and fails on if not.
   2. advantages: group-relative (GRPO): reward minus the mean of the episodes of the same question, over
      their std. No value head.
   3. PPO: ``--epochs`` passes of the clipped surrogate on the engine's behaviour logprobs plus a k3 KL
-     penalty to the frozen reference policy, token-mean over model tokens. At the first epoch the
-     importance ratio trainer/engine is printed: it must be 1 (within 1e-3 on average) — the
-     train/inference mismatch check.
+     penalty to the frozen reference policy, token-mean over model tokens; one AdamW step per epoch,
+     the learning rate warmed up linearly over the first ``--lr-warmup`` optimizer steps. At the first
+     epoch the importance ratio trainer/engine is printed: it must be 1 (within 1e-3 on average) — the
+     train/inference mismatch check, on the tokens sampled by the trainer's current version.
+     ``--tis-cap C`` (needed with ``--async``): the ratio is taken against the trainer's own logprobs at
+     the step's start (the first epoch's forward, before any update) and each token's surrogate is
+     multiplied by min(pi_old / pi_behaviour, C), the truncated importance weight for stale tokens
+     (rollout.rl.ppo_loss).
   4. weight sync: the trainer's state dict (Hugging Face names) goes to every worker through the Ray object
-     store in buckets (weight_sync.RayObjectLoader), validated and applied atomically; version += 1.
+     store in buckets (weight_sync.RayObjectLoader), validated and applied atomically; version += 1. In-flight
+     turns continue under the new weights with their KV recomputed, so a token's version names the weights
+     its whole context was computed with (in synchronous mode nothing is in flight at that point).
+
+Why the warm-up: Adam's first step is sign-like (bias-corrected m/sqrt(v) = g/|g|, so every weight moves by
+about lr whatever the gradient's size, and gradient clipping cannot shrink it). Without warm-up, step 0's
+update was 1.5x the later ones (parameter update norm 0.456 vs 0.299, 0.264, 0.236 for seed 0) and clipped
+a third of the tokens at its second epoch (vs 18%, 9%, 3%); with two warm-up steps it was 0.372 vs 0.368,
+0.282, 0.248 (README: all seeds).
+
+KL in the log and the plot is the k3 estimate at the first epoch, on the step's own samples: there (in
+synchronous mode) the sampling policy is the one evaluated, so the estimate is unbiased for
+KL(policy || reference); with ``--async`` the samples are up to N versions old. At later
+epochs the same tokens are off-policy for the updated weights and k3 = r - 1 - log r (r = pi_ref / pi) is
+heavy-tailed (a single token whose probability an update cut can add hundreds); those values are in
+``kl_epochs`` for diagnosis, not in the headline figure.
 
 Writes ``<out>/metrics.json`` and ``<out>/ppo.png`` (reward and KL per step).
 """
@@ -28,7 +52,10 @@ import logging
 import random
 import sys
 import time
+from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,7 +63,9 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from engine import EngineConfig, SamplingParams  # noqa: E402
-from rollout.rl import group_advantages, make_batch, ppo_loss, token_logprobs  # noqa: E402
+from rollout.rl import (behaviour_mismatch, group_advantages, make_batch, ppo_loss, staleness,  # noqa: E402
+                        token_logprobs)
+from rollout.trajectory import Trajectory  # noqa: E402
 
 logger = logging.getLogger("ppo")
 
@@ -53,14 +82,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=48, help="per model turn")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr-warmup", type=int, default=2,
+                   help="optimizer steps of linear learning-rate warm-up (0 = none); see above for why")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--minibatch", type=int, default=8)
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--kl-coef", type=float, default=0.02)
+    p.add_argument("--tis-cap", type=float, default=0.0,
+                   help="truncated importance sampling: cap C of the weight pi_old / pi_behaviour (0 = off)")
+    p.add_argument("--async", dest="async_lag", type=int, default=0, metavar="N",
+                   help="submit the rollouts of step k+N before step k trains (0 = synchronous); "
+                        "model tokens are then at most N versions stale")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/ppo")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.lr_warmup < 0:
+        p.error(f"--lr-warmup must be >= 0, got {args.lr_warmup}")
+    if not args.tis_cap >= 0:
+        p.error(f"--tis-cap must be >= 0 (0 = off), got {args.tis_cap}")
+    if args.async_lag < 0:
+        p.error(f"--async must be >= 0, got {args.async_lag}")
+    if args.async_lag > 0 and args.tis_cap == 0:
+        p.error("--async N trains on tokens sampled up to N versions ago: pass --tis-cap C (e.g. 2) so the loss "
+                "corrects for it")
+    return args
 
 
 def plot(metrics: list[dict], path: Path) -> None:
@@ -80,6 +128,181 @@ def plot(metrics: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@dataclass
+class TrainStats:
+    """What one PPO step's epochs measured. Means are token-weighted over the step's model tokens."""
+    kl: float                       # k3 KL to the reference at the first epoch (on the step's own samples)
+    kl_epochs: list[float]          # the same per epoch (later epochs: off-policy, heavy-tailed)
+    policy_loss: float              # mean over epochs
+    clip_frac: float                # mean over epochs of the fraction of tokens with |ratio - 1| > clip
+    clip_frac_epochs: list[float]
+    first_epoch_ratio_abs_dev: Optional[float]  # mean |pi_trainer / pi_engine - 1| at the first epoch, on
+                                                # the tokens the trainer's version sampled (None: none were)
+    mismatch_tokens: int            # how many tokens that check covered
+    tis_weight_mean: float          # mean min(pi_old / pi_behaviour, C) (1.0 with TIS off)
+    tis_capped_frac: float          # fraction of tokens whose weight hit C (0.0 with TIS off)
+    grad_norms: list[float]         # before clipping, one per optimizer step
+    lrs: list[float]                # learning rate of each optimizer step
+    update_norm: float              # L2 norm of the step's change to the parameters
+
+
+def train_step(policy, reference, optimizer, scheduler, trajs: list[Trajectory], advantages: list[float],
+               args: argparse.Namespace, pad_id: int, device: torch.device, version: int) -> TrainStats:
+    """``args.epochs`` passes over ``trajs`` with the trainer at weight ``version``: one optimizer step per
+    epoch (gradients accumulated over microbatches), so every ratio of the first epoch is measured before
+    any update of this step."""
+    policy.train()
+    num_tokens = max(1, sum(t.num_model_tokens for t in trajs))
+    micro = [list(range(i, min(i + args.minibatch, len(trajs)))) for i in range(0, len(trajs), args.minibatch)]
+    batches = [make_batch([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id).to(device) for idx in micro]
+    weights = [b.loss_mask.sum().item() / num_tokens for b in batches]     # token-mean over the whole step
+    with torch.no_grad():
+        ref_lps = [token_logprobs(reference, b, args.temperature) for b in batches]
+    before = [p.detach().clone() for p in policy.parameters()]
+    kl_epochs, clip_epochs, loss_epochs, grad_norms, lrs = [], [], [], [], []
+    dev_sum, dev_tokens, tis_mean, tis_capped = 0.0, 0, 0.0, 0.0
+    old_lps: list[Optional[torch.Tensor]] = [None] * len(batches)   # the step's starting policy, with TIS
+    for epoch in range(args.epochs):
+        optimizer.zero_grad(set_to_none=True)
+        kl = clip = loss = 0.0
+        for i, (batch, ref_lp, weight) in enumerate(zip(batches, ref_lps, weights)):
+            new_lp = token_logprobs(policy, batch, args.temperature)
+            if epoch == 0:
+                mismatch = behaviour_mismatch(new_lp, batch, version)
+                dev_sum += mismatch.abs_dev * mismatch.num_tokens
+                dev_tokens += mismatch.num_tokens
+                if args.tis_cap > 0:
+                    # NOTE: no optimizer step happens inside an epoch, so the first epoch's forward is the old
+                    # policy's: no extra forward pass needed to recompute it
+                    old_lps[i] = new_lp.detach()
+            res = ppo_loss(new_lp, batch, ref_lp, args.clip, args.kl_coef, old_lp=old_lps[i], tis_cap=args.tis_cap)
+            (res.loss * weight).backward()
+            kl += res.kl * weight
+            clip += res.clip_frac * weight
+            loss += res.policy_loss * weight
+            if epoch == 0:     # old and behaviour logprobs are fixed for the step: so are the TIS weights
+                tis_mean += res.tis_weight_mean * weight
+                tis_capped += res.tis_capped_frac * weight
+        kl_epochs.append(kl)
+        clip_epochs.append(clip)
+        loss_epochs.append(loss)
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0).item())
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    with torch.no_grad():
+        update_norm = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(policy.parameters(), before))).item()
+    return TrainStats(kl=kl_epochs[0], kl_epochs=kl_epochs, policy_loss=sum(loss_epochs) / len(loss_epochs),
+                      clip_frac=sum(clip_epochs) / len(clip_epochs), clip_frac_epochs=clip_epochs,
+                      first_epoch_ratio_abs_dev=dev_sum / dev_tokens if dev_tokens else None,
+                      mismatch_tokens=dev_tokens, tis_weight_mean=tis_mean, tis_capped_frac=tis_capped,
+                      grad_norms=grad_norms, lrs=lrs, update_norm=update_norm)
+
+
+@dataclass
+class Rollouts:
+    """One step's episodes, submitted to the pool and not yet collected."""
+    step: int
+    refs: list[Any]            # Ray ObjectRefs, one per episode, each resolving to a Trajectory
+    submitted_at: float        # time.perf_counter() at submission
+    engine_version: int        # the pool's weight version at submission
+
+
+class RolloutQueue:
+    """Steps' episodes submitted ahead of their training, in step order. ``fill(n)`` keeps the next ``n``
+    steps in flight: after step k's episodes are collected, ``fill(N)`` submits step k+N's under the engine's
+    version k, and step k+N trains at version k+N, so none of its tokens is more than N versions stale."""
+
+    def __init__(self, pool: Any, args: argparse.Namespace, params: SamplingParams) -> None:
+        self.pool, self.args, self.params = pool, args, params
+        self.rng = random.Random(args.seed)   # questions drawn in step order: a seed asks the same ones
+        self.next_step = 0
+        self.in_flight: deque[Rollouts] = deque()
+
+    def fill(self, n: int) -> None:
+        while len(self.in_flight) < n and self.next_step < self.args.steps:
+            questions = [self.rng.randrange(1 << 30) for _ in range(self.args.questions)]
+            env_kwargs = [{"seed": q, "difficulty": self.args.difficulty, "few_shot": True}
+                          for q in questions for _ in range(self.args.group_size)]
+            refs = self.pool.run_episodes_refs("calculator", env_kwargs, self.params, self.args.max_turns)
+            self.in_flight.append(Rollouts(self.next_step, refs, time.perf_counter(), self.pool.version))
+            self.next_step += 1
+
+    def collect(self, step: int) -> tuple[Rollouts, list[Trajectory]]:
+        """Step ``step``'s trajectories (in episode order; gathered in completion order)."""
+        self.fill(1)
+        rollouts = self.in_flight.popleft()
+        assert rollouts.step == step, (rollouts.step, step)
+        trajs: list[Any] = [None] * len(rollouts.refs)
+        for i, traj in self.pool.as_completed(rollouts.refs):
+            trajs[i] = traj
+        return rollouts, trajs
+
+
+def train_loop(args: argparse.Namespace, pool, policy, reference, optimizer, scheduler, pad_id: int,
+               device: torch.device) -> list[dict]:
+    """``args.steps`` PPO steps (rollouts, advantages, epochs, weight push); one metrics dict per step."""
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    version = 0
+    metrics: list[dict] = []
+    queue = RolloutQueue(pool, args, params)
+    progress = tqdm(range(args.steps), desc="PPO", unit="step")
+    for step in progress:
+        # ---- 1. rollouts (server-side agent loop): this step's (submitted a step ahead with --async), then the
+        # next --async steps' episodes go out so they run while this step trains
+        t0 = time.perf_counter()
+        rollouts, trajs = queue.collect(step)
+        rollout_wait_s = time.perf_counter() - t0
+        rollout_s = time.perf_counter() - rollouts.submitted_at    # with --async: overlaps the training
+        queue.fill(args.async_lag)
+        rewards = [t.reward or 0.0 for t in trajs]
+        num_model_tokens = sum(t.num_model_tokens for t in trajs)
+        env_tokens = sum(len(t.loss_mask) - t.num_model_tokens for t in trajs)
+        stale = staleness(torch.tensor([v for t in trajs for v in t.versions], dtype=torch.long),
+                          torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.long), version)
+        if stale.max > args.async_lag:
+            raise RuntimeError(f"step {step}: a model token was sampled {stale.max} versions before the trainer's "
+                               f"{version}, more than --async {args.async_lag} allows (submitted at engine version "
+                               f"{rollouts.engine_version})")
+
+        # ---- 2. advantages, 3. PPO epochs
+        advantages = group_advantages(rewards, args.group_size)
+        t1 = time.perf_counter()
+        stats = train_step(policy, reference, optimizer, scheduler, trajs, advantages, args, pad_id, device, version)
+        train_s = time.perf_counter() - t1
+
+        # ---- 4. push the new weights to every engine (Ray object store, one version barrier); in-flight
+        # turns (--async) continue under them with their KV recomputed
+        t2 = time.perf_counter()
+        version += 1
+        state = {n: p.detach().to("cpu") for n, p in policy.state_dict().items()}
+        asyncio.run(pool.update_weights_from_state_dict(state, version=version, mode="keep", kv="recompute"))
+        sync_ms = (time.perf_counter() - t2) * 1000
+
+        m = dict(step=step, version=version, reward_mean=sum(rewards) / len(rewards),
+                 reward_max=max(rewards), **asdict(stats),
+                 tool_calls=sum(1 for t in trajs if t.turns > 1), episodes=len(trajs),
+                 model_tokens=num_model_tokens, env_tokens=env_tokens,
+                 rollout_tok_s=num_model_tokens / rollout_s, rollout_s=rollout_s, rollout_wait_s=rollout_wait_s,
+                 train_s=train_s, weight_sync_ms=sync_ms, staleness=stale.max, staleness_mean=stale.mean,
+                 engine_version_at_submit=rollouts.engine_version)
+        metrics.append(m)
+        dev = stats.first_epoch_ratio_abs_dev
+        logger.info("step %d: reward %.3f (max %.2f) | KL %.4f | policy loss %.4f | clip %.3f | |ratio-1| %s "
+                    "at epoch 0 (%d fresh tokens) | %d/%d episodes used the tool | rollout %.0f tok/s, waited %.1f s | "
+                    "weight sync %.0f ms | staleness max %d mean %.2f | version %d", step, m["reward_mean"],
+                    m["reward_max"], m["kl"], m["policy_loss"], m["clip_frac"], "n/a" if dev is None else f"{dev:.2e}",
+                    stats.mismatch_tokens, m["tool_calls"], m["episodes"], m["rollout_tok_s"], rollout_wait_s, sync_ms,
+                    stale.max, stale.mean, version)
+        logger.info("step %d: per epoch KL %s clip %s | grad norm %s | lr %s | update norm %.4f | TIS weight mean "
+                    "%.3f, capped %.3f", step, [round(x, 4) for x in stats.kl_epochs],
+                    [round(x, 3) for x in stats.clip_frac_epochs], [round(x, 2) for x in stats.grad_norms],
+                    [f"{x:.1e}" for x in stats.lrs], stats.update_norm, stats.tis_weight_mean, stats.tis_capped_frac)
+        progress.set_postfix(reward=f"{m['reward_mean']:.2f}", kl=f"{m['kl']:.3f}")
+
+    return metrics
 
 
 def main(argv=None) -> dict:
@@ -104,6 +327,9 @@ def main(argv=None) -> dict:
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     reference.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    # linear warm-up: optimizer step t (0-based) runs at lr * (t + 1) / lr_warmup until it reaches lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 1.0 if args.lr_warmup == 0 else min(1.0, (t + 1) / args.lr_warmup))
     pad_id = policy.config.pad_token_id if policy.config.pad_token_id is not None else 0
 
     if not ray.is_initialized():
@@ -111,90 +337,21 @@ def main(argv=None) -> dict:
     engine_config = EngineConfig(model=str(model_dir), device=args.device, dtype="float32",
                                  max_num_seqs=max(64, args.questions * args.group_size), seed=args.seed)
     pool = RolloutPool(engine_config, num_workers=args.workers)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    version = 0
-    metrics: list[dict] = []
-    rng = random.Random(args.seed)
-    progress = tqdm(range(args.steps), desc="PPO", unit="step")
-    for step in progress:
-        # ---- 1. rollouts (server-side agent loop), consumed in completion order
-        t0 = time.perf_counter()
-        questions = [rng.randrange(1 << 30) for _ in range(args.questions)]
-        env_kwargs = [{"seed": q, "difficulty": args.difficulty, "few_shot": True}
-                      for q in questions for _ in range(args.group_size)]
-        refs = pool.run_episodes_refs("calculator", env_kwargs, params, args.max_turns)
-        trajs = [None] * len(refs)
-        for i, traj in pool.as_completed(refs):
-            trajs[i] = traj
-        rollout_s = time.perf_counter() - t0
-        rewards = [t.reward or 0.0 for t in trajs]
-        num_model_tokens = sum(t.num_model_tokens for t in trajs)
-        env_tokens = sum(len(t.loss_mask) - t.num_model_tokens for t in trajs)
-        staleness = max((version - v for t in trajs for v, m in zip(t.versions, t.loss_mask) if m), default=0)
-
-        # ---- 2. advantages, 3. PPO epochs: one optimizer step per epoch (gradients accumulated over
-        # microbatches), so every ratio of the first epoch is measured before any update of this step
-        advantages = group_advantages(rewards, args.group_size)
-        policy.train()
-        stats = {"policy_loss": [], "kl": [], "clip_frac": [], "ratio_dev": []}
-        first_epoch_ratio_dev = []
-        t1 = time.perf_counter()
-        num_tokens = max(1, num_model_tokens)
-        micro = [list(range(i, min(i + args.minibatch, len(trajs)))) for i in range(0, len(trajs), args.minibatch)]
-        batches = [make_batch([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id) for idx in micro]
-        batches = [type(b)(*(x.to(device) for x in vars(b).values())) for b in batches]
-        with torch.no_grad():
-            ref_lps = [token_logprobs(reference, b, args.temperature) for b in batches]
-        for epoch in range(args.epochs):
-            optimizer.zero_grad(set_to_none=True)
-            for batch, ref_lp in zip(batches, ref_lps):
-                new_lp = token_logprobs(policy, batch, args.temperature)
-                res = ppo_loss(new_lp, batch, ref_lp, args.clip, args.kl_coef)
-                weight = batch.loss_mask.sum().item() / num_tokens     # token-mean over the whole step
-                (res.loss * weight).backward()
-                if epoch == 0:
-                    first_epoch_ratio_dev.append((res.ratio_abs_dev, weight))
-                for k, v in (("policy_loss", res.policy_loss), ("kl", res.kl), ("clip_frac", res.clip_frac),
-                             ("ratio_dev", res.ratio_abs_dev)):
-                    stats[k].append(v)
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            optimizer.step()
-        train_s = time.perf_counter() - t1
-
-        # ---- 4. push the new weights to every engine (Ray object store, one version barrier)
-        t2 = time.perf_counter()
-        version += 1
-        state = {n: p.detach().to("cpu") for n, p in policy.state_dict().items()}
-        asyncio.run(pool.update_weights_from_state_dict(state, version=version))
-        sync_ms = (time.perf_counter() - t2) * 1000
-
-        m = dict(step=step, version=version, reward_mean=sum(rewards) / len(rewards),
-                 reward_max=max(rewards), kl=sum(stats["kl"]) / len(stats["kl"]),
-                 policy_loss=sum(stats["policy_loss"]) / len(stats["policy_loss"]),
-                 clip_frac=sum(stats["clip_frac"]) / len(stats["clip_frac"]),
-                 first_epoch_ratio_abs_dev=sum(d * w for d, w in first_epoch_ratio_dev),
-                 tool_calls=sum(1 for t in trajs if t.turns > 1), episodes=len(trajs),
-                 model_tokens=num_model_tokens, env_tokens=env_tokens,
-                 rollout_tok_s=num_model_tokens / rollout_s, rollout_s=rollout_s, train_s=train_s,
-                 weight_sync_ms=sync_ms, staleness=staleness)
-        metrics.append(m)
-        logger.info("step %d: reward %.3f (max %.2f) | KL %.4f | policy loss %.4f | clip %.3f | |ratio-1| %.2e "
-                    "at epoch 0 | %d/%d episodes used the tool | rollout %.0f tok/s | weight sync %.0f ms | "
-                    "staleness %d | version %d", step, m["reward_mean"], m["reward_max"], m["kl"], m["policy_loss"],
-                    m["clip_frac"], m["first_epoch_ratio_abs_dev"], m["tool_calls"], m["episodes"],
-                    m["rollout_tok_s"], sync_ms, staleness, version)
-        progress.set_postfix(reward=f"{m['reward_mean']:.2f}", kl=f"{m['kl']:.3f}")
-
+    try:
+        metrics = train_loop(args, pool, policy, reference, optimizer, scheduler, pad_id, device)
+    finally:
+        pool.close()
+        ray.shutdown()
     first = sum(m["reward_mean"] for m in metrics[:3]) / min(3, len(metrics))
     last = sum(m["reward_mean"] for m in metrics[-3:]) / min(3, len(metrics))
-    summary = dict(args=vars(args), steps=metrics, reward_first3=first, reward_last3=last,
-                   improvement=last - first, final_version=version, pool_stats=None)
+    max_staleness = max(m["staleness"] for m in metrics)
+    summary = dict(args=vars(args), steps=metrics, reward_first3=first, reward_last3=last, improvement=last - first,
+                   final_version=metrics[-1]["version"], max_staleness=max_staleness, pool_stats=None)
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     plot(metrics, out / "ppo.png")
     print(f"\nmean reward: first 3 steps {first:.3f} -> last 3 steps {last:.3f} ({last - first:+.3f}); "
-          f"weight version {version}; wrote {out / 'metrics.json'} and {out / 'ppo.png'}")
-    pool.close()
-    ray.shutdown()
+          f"weight version {metrics[-1]['version']}; max staleness {max_staleness}; wrote {out / 'metrics.json'} and "
+          f"{out / 'ppo.png'}")
     return summary
 
 
