@@ -18,10 +18,11 @@ Sessions: the loop accumulates each session's whole trajectory across turns (the
 its ``prompt_ids``, later new tokens are environment tokens with loss mask 0, model tokens carry loss mask
 1, logprobs and versions); ``close_session`` returns it.
 
-Server-side agent loop (``run_episode``): environment ``reset``/``step`` run on a small thread pool and
-only *submit* commands; the engine thread never waits on an environment, so a slow tool never stalls other
-requests. An episode is a chain of callbacks: env reset -> open session -> turn -> env step -> turn ... ->
-close session -> trajectory with the summed reward.
+Server-side agent loop (``run_episode``, ``rollout.episode``): environment ``reset``/``step`` run on a small
+thread pool and only *submit* commands; the engine thread never waits on an environment, so a slow tool never
+stalls other requests. An episode is a chain of callbacks: env reset -> open session -> turn -> env step ->
+turn ... -> close session -> trajectory with the summed reward. Futures, error codes and trajectories of
+completions: ``rollout.loop_results``.
 """
 from __future__ import annotations
 
@@ -30,74 +31,26 @@ import itertools
 import logging
 import queue
 import threading
-import time
-import uuid
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, WeightsInconsistentState
+from engine.llm_engine import LLMEngine
 from engine.outputs import Completion
 from engine.sampling import SamplingParams
-from engine.weight_update import WeightUpdateError
 from rollout.backend import ErrorCode, RolloutError
-from rollout.environment import get_environment
+from rollout.episode import Episode
+from rollout.loop_results import _metrics, _resolve, completion_to_trajectory, error_from_exception  # noqa: F401
 from rollout.trajectory import Trajectory
-from scheduler import ContextTooLarge, SessionError
+from scheduler import SessionError
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()   # sentinel command: leave the loop
 TTL_POLL_S = 0.5   # how often an idle loop holding sessions runs an empty step to expire idle ones
 DEFAULT_ENV_TIMEOUT_S = 600.0   # one environment reset/step call; past it the episode fails (ABORTED)
-
-
-def error_from_exception(exc: BaseException) -> RolloutError:
-    """The ``RolloutError`` an engine exception means for a caller."""
-    if isinstance(exc, RolloutError):
-        return exc
-    msg = str(exc)
-    if isinstance(exc, SessionError):   # before ValueError: it is one
-        code = {"busy": ErrorCode.SESSION_BUSY, "unknown": ErrorCode.UNKNOWN_SESSION,
-                "closed": ErrorCode.UNKNOWN_SESSION}.get(exc.kind, ErrorCode.BAD_REQUEST)
-        return RolloutError(code, msg)
-    if isinstance(exc, ContextTooLarge):
-        return RolloutError(ErrorCode.TOO_LARGE, msg)
-    if isinstance(exc, WeightUpdateError):
-        return RolloutError(ErrorCode.UPDATE_FAILED, msg)
-    if isinstance(exc, WeightsInconsistentState):
-        return RolloutError(ErrorCode.UNAVAILABLE, msg)
-    if isinstance(exc, (ValueError, TypeError)):
-        return RolloutError(ErrorCode.BAD_REQUEST, msg)
-    return RolloutError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {msg}")
-
-
-def _resolve(fut: Future, result: Any = None, error: Optional[BaseException] = None) -> None:
-    """Set a future's outcome unless it is already done (cancelled by its caller)."""
-    if fut.done():
-        return
-    try:
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:   # cancelled between the check and the set
-        pass
-
-
-def completion_to_trajectory(c: Completion) -> Trajectory:
-    """One generate sample: every generated token is a model token."""
-    return Trajectory(prompt_ids=list(c.prompt_token_ids), token_ids=list(c.token_ids), logprobs=list(c.logprobs),
-                      loss_mask=[1] * len(c.token_ids), versions=list(c.versions), turns=1,
-                      finish_reason=c.finish_reason, metrics=_metrics(c), request_id=c.request_id,
-                      session_id=c.session_id, sample_index=c.sample_index)
-
-
-def _metrics(c: Completion) -> dict[str, Any]:
-    return {"num_cached_tokens": c.num_cached_tokens, "num_prefill_tokens": c.num_prefill_tokens,
-            "queue_wait_s": c.queue_wait_s}
 
 
 @dataclass
@@ -260,7 +213,7 @@ class EngineLoop:
         if self._closing:
             _resolve(outer, error=RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shut down"))
             return outer
-        _Episode(self, env_name, dict(env_kwargs or {}), params, max_turns, outer).start()
+        Episode(self, env_name, dict(env_kwargs or {}), params, max_turns, outer).start()
         return outer
 
     def tokenizer(self) -> Any:
@@ -429,158 +382,3 @@ class EngineLoop:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001
                 logger.exception("could not abort %s after a failed step", rid)
-
-
-class _Episode:
-    """One server-side agent loop: a chain of callbacks between the env pool and the engine loop.
-    NOTE: callbacks of engine futures run on the loop thread; they only hand work to the env pool."""
-
-    def __init__(self, loop: EngineLoop, env_name: str, env_kwargs: dict[str, Any], params: SamplingParams,
-                 max_turns: int, outer: Future) -> None:
-        self.loop, self.env_name, self.env_kwargs = loop, env_name, env_kwargs
-        self.params, self.max_turns, self.outer = params, max_turns, outer
-        self.env: Any = None
-        self.session_id = f"episode-{uuid.uuid4().hex[:12]}"
-        self.turns = 0
-        self.reward = 0.0
-        self.env_seconds = 0.0
-        self.truncated = False
-        # True from the moment the session is open until someone closes it: the normal end, a failure or a
-        # cancellation, whichever comes first (they run on different threads; the lock makes it exactly once).
-        self._session_open = False
-        self._session_lock = threading.Lock()
-
-    def start(self) -> None:
-        self.outer.add_done_callback(self._on_outer_done)
-        self._on_env(self._reset, env_call="reset")
-
-    def _on_outer_done(self, outer: Future) -> None:
-        """A caller that gives up (cancels the future: asyncio cancellation, a pool or front-end timeout) frees
-        the session's KV now, not at its TTL. Closing aborts a turn in flight; a tool call in flight runs on
-        (Python cannot stop its thread) but its result is dropped."""
-        if outer.cancelled():
-            self._release_session()
-
-    def _release_session(self) -> Optional[Future]:
-        """Close the session if it is open and nobody closed it yet; the close future, else None."""
-        with self._session_lock:
-            if not self._session_open:
-                return None
-            self._session_open = False
-        return self.loop.close_session(self.session_id)
-
-    # ---------------------------------------------------------------- env side (thread pool)
-    def _on_env(self, fn: Callable[..., None], *args: Any, env_call: str = "") -> None:
-        """Run ``fn`` on the env pool; ``env_call`` names the environment method it calls (reset/step),
-        which then gets ``env_timeout_s``: past it the episode fails with ABORTED (never hangs)."""
-        timeout = self.loop.env_timeout_s if env_call else None
-
-        def timed() -> None:
-            # The clock starts when the call starts, not when it was queued behind other episodes'
-            # environment calls (a busy pool must not time episodes out).
-            timer = None
-            if timeout is not None:
-                timer = threading.Timer(timeout, self._fail, (RolloutError(
-                    ErrorCode.ABORTED, f"environment {self.env_name!r}: {env_call} did not return within "
-                                       f"{timeout} s (env_timeout_s); the episode is abandoned"),))
-                timer.daemon = True
-                timer.start()
-            try:
-                self._guard(fn, *args)
-            finally:
-                if timer is not None:
-                    timer.cancel()
-        try:
-            self.loop._env_pool.submit(timed)
-        except RuntimeError:   # pool shut down
-            self._fail(RolloutError(ErrorCode.UNAVAILABLE, "the engine loop is shut down"))
-
-    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            fn(*args)
-        except RolloutError as e:
-            self._fail(e)
-        except Exception as e:  # noqa: BLE001 - an environment bug fails its episode only
-            logger.exception("environment %r failed", self.env_name)
-            code = ErrorCode.BAD_REQUEST if self.env is None and isinstance(e, (ValueError, TypeError)) \
-                else ErrorCode.INTERNAL
-            self._fail(RolloutError(code, f"environment {self.env_name!r}: {type(e).__name__}: {e}"))
-
-    def _reset(self) -> None:
-        self.env = get_environment(self.env_name, tokenizer=self.loop.tokenizer(), **self.env_kwargs)
-        t0 = time.perf_counter()
-        obs = list(self.env.reset())
-        self.env_seconds += time.perf_counter() - t0
-        if self.outer.done():   # cancelled, or failed (timed out) while reset ran
-            return
-        self._chain(self.loop.open_session(self.session_id), lambda _sid: self._opened(obs))
-
-    def _opened(self, obs: list[int]) -> None:
-        with self._session_lock:
-            self._session_open = True
-        self._turn(obs)   # NOTE: checks outer first: a cancellation that came before the flag was set is seen there
-
-    def _turn(self, obs: list[int]) -> None:
-        if self.outer.done():   # cancelled or failed: close the session (if nobody has) and go no further
-            self._release_session()
-            return
-        self._chain(self.loop.step_session(self.session_id, obs, self.params), self._on_turn,
-                    on_error=self._turn_failed, env_call="step")
-
-    def _turn_failed(self, error: RolloutError) -> bool:
-        """A later turn that no longer fits the context ends the episode as truncated (finish_reason
-        "length", the observation not appended) rather than losing it."""
-        if error.code is not ErrorCode.TOO_LARGE or self.turns == 0:
-            return False
-        self.truncated = True
-        self._on_env(self._close)
-        return True
-
-    def _on_turn(self, turn: Trajectory) -> None:
-        if self.outer.done():   # cancelled while the turn ran (its session closed, the turn aborted): no env step
-            self._release_session()
-            return
-        self.turns += 1
-        t0 = time.perf_counter()
-        obs, reward, done = self.env.step(list(turn.token_ids))
-        self.env_seconds += time.perf_counter() - t0
-        if self.outer.done():   # failed (timed out) while step ran: _fail closed the session
-            return
-        self.reward += float(reward)
-        if done or self.turns >= self.max_turns or turn.finish_reason == "aborted":
-            self._close()
-        else:
-            self._turn(list(obs))
-
-    def _close(self) -> None:
-        closing = self._release_session()
-        if closing is not None:   # None: a cancellation closed it first; nobody waits for the trajectory
-            self._chain(closing, self._closed)
-
-    def _closed(self, whole: Trajectory) -> None:
-        whole.reward = self.reward
-        if self.truncated:
-            whole.finish_reason = "length"
-        whole.metrics.update(env_seconds=self.env_seconds, env_name=self.env_name)
-        self.loop.counters.episodes += 1
-        _resolve(self.outer, whole)
-
-    # ---------------------------------------------------------------- plumbing
-    def _chain(self, fut: Future, then: Callable[[Any], None],
-               on_error: Optional[Callable[[RolloutError], bool]] = None, env_call: str = "") -> None:
-        """When ``fut`` resolves, run ``then(result)`` on the env pool; an error fails the episode unless
-        ``on_error`` handles it (returns True)."""
-        def done(f: Future) -> None:
-            if f.cancelled():
-                self._fail(RolloutError(ErrorCode.ABORTED, "cancelled"))
-            elif f.exception() is not None:
-                error = error_from_exception(f.exception())
-                if on_error is None or not on_error(error):
-                    self._fail(error)
-            else:
-                self._on_env(then, f.result(), env_call=env_call)
-        fut.add_done_callback(done)
-
-    def _fail(self, error: BaseException) -> None:
-        self._release_session()   # best effort: free its KV
-        _resolve(self.outer, error=error_from_exception(error))
