@@ -55,7 +55,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,8 +63,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from engine import EngineConfig, SamplingParams  # noqa: E402
-from rollout.rl import (behaviour_mismatch, group_advantages, make_batch, ppo_loss, staleness,  # noqa: E402
-                        token_logprobs)
+from rollout.ppo_step import PPOStepConfig, train_step  # noqa: E402
+from rollout.rl import group_advantages, staleness  # noqa: E402
 from rollout.trajectory import Trajectory  # noqa: E402
 
 logger = logging.getLogger("ppo")
@@ -131,77 +131,6 @@ def plot(metrics: list[dict], path: Path) -> None:
 
 
 @dataclass
-class TrainStats:
-    """What one PPO step's epochs measured. Means are token-weighted over the step's model tokens."""
-    kl: float                       # k3 KL to the reference at the first epoch (on the step's own samples)
-    kl_epochs: list[float]          # the same per epoch (later epochs: off-policy, heavy-tailed)
-    policy_loss: float              # mean over epochs
-    clip_frac: float                # mean over epochs of the fraction of tokens with |ratio - 1| > clip
-    clip_frac_epochs: list[float]
-    first_epoch_ratio_abs_dev: Optional[float]  # mean |pi_trainer / pi_engine - 1| at the first epoch, on
-                                                # the tokens the trainer's version sampled (None: none were)
-    mismatch_tokens: int            # how many tokens that check covered
-    tis_weight_mean: float          # mean min(pi_old / pi_behaviour, C) (1.0 with TIS off)
-    tis_capped_frac: float          # fraction of tokens whose weight hit C (0.0 with TIS off)
-    grad_norms: list[float]         # before clipping, one per optimizer step
-    lrs: list[float]                # learning rate of each optimizer step
-    update_norm: float              # L2 norm of the step's change to the parameters
-
-
-def train_step(policy, reference, optimizer, scheduler, trajs: list[Trajectory], advantages: list[float],
-               args: argparse.Namespace, pad_id: int, device: torch.device, version: int) -> TrainStats:
-    """``args.epochs`` passes over ``trajs`` with the trainer at weight ``version``: one optimizer step per
-    epoch (gradients accumulated over microbatches), so every ratio of the first epoch is measured before
-    any update of this step."""
-    policy.train()
-    num_tokens = max(1, sum(t.num_model_tokens for t in trajs))
-    micro = [list(range(i, min(i + args.minibatch, len(trajs)))) for i in range(0, len(trajs), args.minibatch)]
-    batches = [make_batch([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id).to(device) for idx in micro]
-    weights = [b.loss_mask.sum().item() / num_tokens for b in batches]     # token-mean over the whole step
-    with torch.no_grad():
-        ref_lps = [token_logprobs(reference, b, args.temperature) for b in batches]
-    before = [p.detach().clone() for p in policy.parameters()]
-    kl_epochs, clip_epochs, loss_epochs, grad_norms, lrs = [], [], [], [], []
-    dev_sum, dev_tokens, tis_mean, tis_capped = 0.0, 0, 0.0, 0.0
-    old_lps: list[Optional[torch.Tensor]] = [None] * len(batches)   # the step's starting policy, with TIS
-    for epoch in range(args.epochs):
-        optimizer.zero_grad(set_to_none=True)
-        kl = clip = loss = 0.0
-        for i, (batch, ref_lp, weight) in enumerate(zip(batches, ref_lps, weights)):
-            new_lp = token_logprobs(policy, batch, args.temperature)
-            if epoch == 0:
-                mismatch = behaviour_mismatch(new_lp, batch, version)
-                dev_sum += mismatch.abs_dev * mismatch.num_tokens
-                dev_tokens += mismatch.num_tokens
-                if args.tis_cap > 0:
-                    # NOTE: no optimizer step happens inside an epoch, so the first epoch's forward is the old
-                    # policy's: no extra forward pass needed to recompute it
-                    old_lps[i] = new_lp.detach()
-            res = ppo_loss(new_lp, batch, ref_lp, args.clip, args.kl_coef, old_lp=old_lps[i], tis_cap=args.tis_cap)
-            (res.loss * weight).backward()
-            kl += res.kl * weight
-            clip += res.clip_frac * weight
-            loss += res.policy_loss * weight
-            if epoch == 0:     # old and behaviour logprobs are fixed for the step: so are the TIS weights
-                tis_mean += res.tis_weight_mean * weight
-                tis_capped += res.tis_capped_frac * weight
-        kl_epochs.append(kl)
-        clip_epochs.append(clip)
-        loss_epochs.append(loss)
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0).item())
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    with torch.no_grad():
-        update_norm = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(policy.parameters(), before))).item()
-    return TrainStats(kl=kl_epochs[0], kl_epochs=kl_epochs, policy_loss=sum(loss_epochs) / len(loss_epochs),
-                      clip_frac=sum(clip_epochs) / len(clip_epochs), clip_frac_epochs=clip_epochs,
-                      first_epoch_ratio_abs_dev=dev_sum / dev_tokens if dev_tokens else None,
-                      mismatch_tokens=dev_tokens, tis_weight_mean=tis_mean, tis_capped_frac=tis_capped,
-                      grad_norms=grad_norms, lrs=lrs, update_norm=update_norm)
-
-
-@dataclass
 class Rollouts:
     """One step's episodes, submitted to the pool and not yet collected."""
     step: int
@@ -245,6 +174,8 @@ def train_loop(args: argparse.Namespace, pool, policy, reference, optimizer, sch
                device: torch.device) -> list[dict]:
     """``args.steps`` PPO steps (rollouts, advantages, epochs, weight push); one metrics dict per step."""
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    step_cfg = PPOStepConfig(epochs=args.epochs, minibatch=args.minibatch, clip=args.clip, kl_coef=args.kl_coef,
+                             tis_cap=args.tis_cap, temperature=args.temperature)
     version = 0
     metrics: list[dict] = []
     queue = RolloutQueue(pool, args, params)
@@ -270,7 +201,8 @@ def train_loop(args: argparse.Namespace, pool, policy, reference, optimizer, sch
         # ---- 2. advantages, 3. PPO epochs
         advantages = group_advantages(rewards, args.group_size)
         t1 = time.perf_counter()
-        stats = train_step(policy, reference, optimizer, scheduler, trajs, advantages, args, pad_id, device, version)
+        stats = train_step(policy, reference, optimizer, scheduler, trajs, advantages, step_cfg, pad_id, device,
+                           version)
         train_s = time.perf_counter() - t1
 
         # ---- 4. push the new weights to every engine (Ray object store, one version barrier); in-flight

@@ -202,6 +202,7 @@ class Mismatch:
     """Train/inference agreement on the tokens sampled by the trainer's own current weights."""
     abs_dev: float      # mean |pi_trainer / pi_behaviour - 1| over those tokens (0.0 when there are none)
     num_tokens: int     # how many there were (0: every token was stale, nothing to compare)
+    max_abs_dev: float = 0.0  # the largest |pi_trainer / pi_behaviour - 1| among them
 
 
 def behaviour_mismatch(trainer_lp: torch.Tensor, batch: Batch, current_version: int) -> Mismatch:
@@ -216,5 +217,5 @@ def behaviour_mismatch(trainer_lp: torch.Tensor, batch: Batch, current_version: 
     if count == 0:
         return Mismatch(0.0, 0)
     with torch.no_grad():
-        dev = (torch.exp(trainer_lp.detach()[fresh] - batch.behaviour_logprobs[fresh]) - 1).abs().mean()
-    return Mismatch(dev.item(), count)
+        dev = (torch.exp(trainer_lp.detach()[fresh] - batch.behaviour_logprobs[fresh]) - 1).abs()
+    return Mismatch(dev.mean().item(), count, dev.max().item())

@@ -60,7 +60,22 @@ def test_recomputed_logprobs_match_engine_multi_turn(tiny):
     assert (batch.versions[~batch.loss_mask.bool()] == ENV_VERSION).all()
     mismatch = behaviour_mismatch(new_lp, batch, current_version=0)
     assert mismatch.num_tokens == batch.loss_mask.sum().item() and mismatch.abs_dev < 1e-4
+    assert mismatch.abs_dev <= mismatch.max_abs_dev < 1e-3
     assert behaviour_mismatch(new_lp, batch, current_version=1).num_tokens == 0     # every token stale
+
+
+def test_mismatch_mean_and_max_by_hand():
+    t = Trajectory(prompt_ids=[1, 2], token_ids=[3, 4, 5], logprobs=[-1.0, -2.0, -0.5], loss_mask=[1, 0, 1],
+                   versions=[3, ENV_VERSION, 3])
+    batch = make_batch([t], [1.0], pad_id=0)
+    trainer = torch.zeros_like(batch.loss_mask)
+    # positions 1, 3 hold the model tokens (prompt length 2 -> first target at position 1)
+    trainer[0, 1] = -1.0 + math.log(1.5)        # ratio 1.5
+    trainer[0, 3] = -0.5 + math.log(0.9)        # ratio 0.9
+    m = behaviour_mismatch(trainer, batch, current_version=3)
+    assert m.num_tokens == 2
+    assert m.abs_dev == pytest.approx((0.5 + 0.1) / 2, rel=1e-5)
+    assert m.max_abs_dev == pytest.approx(0.5, rel=1e-5)
 
 
 def test_group_advantages():
