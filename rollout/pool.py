@@ -355,6 +355,10 @@ class RolloutPool(PoolWeightsAPI):
                 "inconsistent": self._weights.inconsistent, "worker_deaths": self._workers.deaths,
                 "sessions": len(self._affinity), "weight_sync_group": self._groups.status()}
 
+    async def weights_digests(self) -> list[dict[str, Any]]:
+        """Every live worker's parameter digest and version: equal digests = bit-identical weights."""
+        return await self._hop(self._on_every_worker("weights_digest"))
+
     async def health(self) -> dict[str, Any]:
         return await self._hop(self._health())
 

@@ -214,6 +214,10 @@ class RolloutWorker:
         """Routing snapshot, answered without going through the engine thread."""
         return dict(self.loop.load_snapshot)
 
+    async def weights_digest(self) -> dict[str, Any]:
+        """The engine's parameter digest and version (``EngineLoop.weights_digest``)."""
+        return {"worker": self.index, **await self._await(self.loop.weights_digest())}
+
     async def stats(self) -> dict[str, Any]:
         s = await self._await(self.loop.stats())
         s["worker"] = self.index
