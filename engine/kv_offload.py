@@ -105,6 +105,13 @@ class HostKVCache:
         self.layers = [c for pair in device_caches for c in pair]
         self.storage = kv_storage(device_caches)
 
+    def unbind(self) -> None:
+        """The device KV tensors are being released (a sleep): drop every reference to them, or their memory
+        would stay allocated (``bind`` again at wake)."""
+        self.wait_all()
+        self.layers = []
+        self.storage = None
+
     def wait_all(self) -> None:
         """Block until every copy in flight completed (their restores are still reported by ``poll``)."""
         if self._inflight:

@@ -88,6 +88,8 @@ def sleep(engine: "LLMEngine", level: int) -> SleepReport:
     kv_bytes = sum(c.numel() * c.element_size() for pair in engine.kv_caches for c in pair)
     engine.runner.graphs = None                       # the graphs hold the old KV and their memory pool
     engine.runner.set_kv_caches(None)
+    if engine.host_cache is not None:                 # it copies to and from the device KV: let go of it
+        engine.host_cache.unbind()
     engine.kv_caches = None
     weight_bytes = 0
     if level == 2:

@@ -196,6 +196,18 @@ class EngineLoop:
             _resolve(fut, s)
         return self._submit(run)
 
+    def weights_digest(self) -> "Future[dict[str, Any]]":
+        """On the engine thread (between steps, never during an update): the content digest of every parameter
+        (``weight_sync.digest.TensorDigest``: names, shapes, dtypes, bytes) and the weight version, so a caller
+        can check that an update landed bit for bit."""
+        def run(engine: LLMEngine, fut: Future) -> None:
+            from weight_sync.digest import TensorDigest
+            digest = TensorDigest()
+            for name, p in engine.model.named_parameters():
+                digest.add(name, p)
+            _resolve(fut, {"digest": digest.hexdigest(), "version": engine.weight_version})
+        return self._submit(run)
+
     def run_episode(self, env_name: str, env_kwargs: Optional[dict[str, Any]], params: SamplingParams,
                     max_turns: int) -> "Future[Trajectory]":
         """Server-side agent loop: until the environment says done or ``max_turns`` model turns ran.

@@ -1,5 +1,12 @@
 """``RolloutPool``: N ``RolloutWorker`` actors behind one ``RolloutBackend``, placed through a Ray placement
-group (one bundle per worker: ``{"CPU": c}`` or ``{"CPU": c, "GPU": 1}``; "PACK" or "SPREAD" over nodes).
+group (one bundle per worker: ``{"CPU": c}`` or ``{"CPU": c, "GPU": g}``; "PACK" or "SPREAD" over nodes).
+
+Colocated with a trainer (veRL's "hybrid engine"): ``num_gpus_per_worker`` < 1 lets a worker share a GPU (with
+the trainer, which Ray does not schedule, or with other workers); the trainer finds the shared GPU by UUID
+(``worker_info[i]["gpu_uuid"]``, ``colocated_with``), pushes weights through CUDA IPC
+(``update_weights_from_ipc``, or ``rollout.weight_push.WeightPusher``) and has the engines release their memory
+while it trains (``sleep`` / ``wake_up``). ``EngineConfig.gpu_memory_utilization`` bounds everything in use on
+the device when the engine starts, the trainer's memory included, so leave the trainer its room there.
 
 Threading: the pool's state (routing counters, the session affinity map, the weight source) has one owner,
 a private asyncio loop on a background thread. Async methods hop onto it, so they work from any event loop;
@@ -36,7 +43,7 @@ from typing import Any, Optional
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError, gather_or_cancel
-from rollout.pool_slots import Incarnation, Slot, as_completed, default_runtime_env
+from rollout.pool_slots import Incarnation, Slot, as_completed, default_runtime_env, gpus_per_worker
 from rollout.pool_supervisor import Supervisor
 from rollout.pool_updates import PoolWeightsAPI
 from rollout.pool_weights import WeightState
@@ -53,17 +60,18 @@ class RolloutPool(PoolWeightsAPI):
     def __init__(self, engine_config: EngineConfig, num_workers: int, *, placement: str = "PACK",
                  address: Optional[str] = None, num_cpus_per_worker: float = 1.0, env_threads: int = 4,
                  runtime_env: Optional[dict[str, Any]] = None, start_timeout_s: float = 300.0,
-                 load_refresh_s: float = 1.0) -> None:
+                 load_refresh_s: float = 1.0, num_gpus_per_worker: Optional[float] = None) -> None:
         import ray
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if not ray.is_initialized():
-            ray.init(address=address, runtime_env=runtime_env or default_runtime_env(), include_dashboard=False)
         self.engine_config = engine_config
         self.num_workers = num_workers
         self._gpu = engine_config.device.startswith("cuda")
+        self._gpus = gpus_per_worker(num_gpus_per_worker, engine_config.device)
+        if not ray.is_initialized():
+            ray.init(address=address, runtime_env=runtime_env or default_runtime_env(), include_dashboard=False)
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: inside, the engine's device is plain "cuda".
         self._worker_config = dataclasses.replace(engine_config, device="cuda") if self._gpu else engine_config
         self._cpus = float(num_cpus_per_worker)
@@ -107,13 +115,13 @@ class RolloutPool(PoolWeightsAPI):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         actor_cls = ray.remote(RolloutWorker)
         return actor_cls.options(
-            num_cpus=self._cpus, num_gpus=1 if self._gpu else 0, max_concurrency=1000, max_restarts=0,
+            num_cpus=self._cpus, num_gpus=self._gpus, max_concurrency=1000, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
         ).remote(self._worker_config, index, self._env_threads)
 
     async def _start(self, placement: str) -> None:
         from ray.util.placement_group import placement_group
-        bundle = {"CPU": self._cpus, **({"GPU": 1} if self._gpu else {})}
+        bundle = {"CPU": self._cpus, **({"GPU": self._gpus} if self._gpu else {})}
         self._pg = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=placement)
         try:
             await asyncio.wait_for(self._pg.ready(), self._start_timeout_s)
@@ -346,6 +354,10 @@ class RolloutPool(PoolWeightsAPI):
         return {"workers": workers, "total": total, "version": self._weights.version,
                 "inconsistent": self._weights.inconsistent, "worker_deaths": self._workers.deaths,
                 "sessions": len(self._affinity), "weight_sync_group": self._groups.status()}
+
+    async def weights_digests(self) -> list[dict[str, Any]]:
+        """Every live worker's parameter digest and version: equal digests = bit-identical weights."""
+        return await self._hop(self._on_every_worker("weights_digest"))
 
     async def health(self) -> dict[str, Any]:
         return await self._hop(self._health())

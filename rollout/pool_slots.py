@@ -103,3 +103,19 @@ class Slot:
     def hold(self, reason: str) -> None:
         self.awaiting_weights = reason
         self.ready.clear()
+
+
+def gpus_per_worker(num_gpus: Optional[float], device: str) -> float:
+    """GPUs in each worker's bundle: 1 by default on CUDA, 0 on CPU; a fraction in (0, 1] shares a GPU (with the
+    trainer or other workers)."""
+    cuda = device.startswith("cuda")
+    if num_gpus is None:
+        return 1.0 if cuda else 0.0
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)):
+        raise ValueError(f"num_gpus_per_worker must be a number, got {type(num_gpus).__name__}")
+    if not cuda:
+        raise ValueError(f"num_gpus_per_worker={num_gpus!r} needs a CUDA engine (EngineConfig.device is {device!r})")
+    if not 0 < num_gpus <= 1:
+        raise ValueError(f"num_gpus_per_worker must be in (0, 1] (one engine uses one GPU; a fraction shares it), "
+                         f"got {num_gpus!r}")
+    return float(num_gpus)

@@ -36,6 +36,29 @@ class PoolWeightsAPI:
         refs = await asyncio.get_running_loop().run_in_executor(None, put_state_dict, state_dict)
         return await self._hop(self._settled(self._update(lambda v: WeightSource(v, refs=refs), version, mode, kv)))
 
+    async def update_weights_from_ipc(self, payload: Any, version: Optional[int] = None, mode: str = "keep",
+                                      kv: str = "keep") -> dict[str, Any]:
+        """A colocated trainer's update through CUDA IPC: ``payload`` is ``CudaIpcSender.pack(...)``'s (IPC handles
+        and a layout, no tensor bytes); every worker maps the trainer's buffers (kept mapped across updates
+        while the sender reuses them) and copies from them on its GPU. Every worker must share the sender's GPU
+        (``colocated_with``); one that does not rejects the update with the GPU UUIDs named. ``version``:
+        default the payload's, else the pool's + 1. The trainer may refill its buffers (the next ``pack``)
+        once this returns. A restarted worker cannot replay IPC handles: it waits for the next update."""
+        from weight_sync import CudaIpcPayload
+        if not isinstance(payload, CudaIpcPayload):
+            raise RolloutError(ErrorCode.BAD_REQUEST, f"update_weights_from_ipc needs a CudaIpcPayload "
+                                                      f"(CudaIpcSender.pack), got {type(payload).__name__}")
+        if version is None:
+            version = payload.version
+        return await self._hop(self._settled(self._update(lambda v: WeightSource(v, ipc=payload), version, mode,
+                                                          kv)))
+
+    def colocated_with(self, device_uuid: str) -> bool:
+        """Whether every worker's engine runs on the GPU ``device_uuid`` (``weight_sync.cuda_ipc.gpu_uuid``):
+        the condition for ``update_weights_from_ipc``."""
+        uuids = [info.get("gpu_uuid") for info in self.worker_info]
+        return bool(uuids) and all(u == device_uuid for u in uuids)
+
     async def _update(self, make_source, version, mode, kv) -> dict[str, Any]:
         async with self._weights.lock:
             source = make_source(self._weights.next_version(version))

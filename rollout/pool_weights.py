@@ -111,8 +111,9 @@ class WeightState:
         if source is None:
             return None                              # the model's own weights: a fresh actor has them
         if not source.replayable:
-            return (f"version {source.version} came through the weight-sync group, which cannot be replayed; "
-                    f"it serves again after the next update (form a new group to include it)")
+            return (f"version {source.version} came through {source.transport}, which cannot be replayed; "
+                    f"it serves again after the next update"
+                    + (" (form a new group to include it)" if source.ipc is None else ""))
         try:
             await asyncio.wait_for(slot.actor.handle.load_state.remote(source), timeout_s)
         except Exception as e:  # noqa: BLE001

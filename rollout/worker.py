@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
@@ -39,8 +41,9 @@ class WorkerError(Exception):
 @dataclass(frozen=True)
 class WeightSource:
     """Where the current weights came from, so a restarted worker can load them again: a registered
-    loader by name (e.g. a safetensors path) or the object refs of an in-memory update. Neither set: a
-    broadcast through the pool's weight-sync group, which cannot be replayed."""
+    loader by name (e.g. a safetensors path) or the object refs of an in-memory update. A CUDA IPC payload
+    (``ipc``: the trainer's buffers, refilled by its next update) or none of them (a broadcast through the
+    pool's weight-sync group) cannot be replayed."""
     version: int
     loader: Optional[str] = None                           # weight_sync registry name
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -49,13 +52,22 @@ class WeightSource:
     # the pool once they agreed; a replay must read the same bytes or it is refused. None: not recorded yet
     # (the first read), or refs (object-store objects never change).
     digest: Optional[str] = None
+    ipc: Optional[Any] = None                              # weight_sync.CudaIpcPayload (handles, no tensors)
 
     @property
     def replayable(self) -> bool:
-        return self.refs is not None or self.loader is not None
+        return self.ipc is None and (self.refs is not None or self.loader is not None)
+
+    @property
+    def transport(self) -> str:
+        if self.ipc is not None:
+            return "CUDA IPC"
+        return "the object store" if self.refs is not None else (self.loader or "the weight-sync group")
 
     def make_loader(self) -> Any:
-        from weight_sync import RayObjectLoader, digesting, get_loader
+        from weight_sync import CudaIpcLoader, RayObjectLoader, digesting, get_loader
+        if self.ipc is not None:
+            return CudaIpcLoader(self.ipc)        # this process's index of the sender's GPU: by its UUID
         if self.refs is not None:
             return RayObjectLoader(self.refs)
         if self.loader is None:
@@ -82,7 +94,15 @@ class RolloutWorker:
     async def ready(self) -> dict[str, Any]:
         import ray
         return {"worker": self.index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "version": self.loop.engine.weight_version}
+                "version": self.loop.engine.weight_version, "gpu_uuid": self._gpu_uuid()}
+
+    def _gpu_uuid(self) -> Optional[str]:
+        """The UUID of the engine's GPU (None on CPU): how a trainer finds out whether it shares it."""
+        device = self.loop.engine.device
+        if device.type != "cuda":
+            return None
+        from weight_sync.cuda_ipc import gpu_uuid
+        return gpu_uuid(device.index if device.index is not None else torch.cuda.current_device())
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: Optional[str] = None) -> list[Trajectory]:
@@ -193,6 +213,10 @@ class RolloutWorker:
     async def load(self) -> dict[str, Any]:
         """Routing snapshot, answered without going through the engine thread."""
         return dict(self.loop.load_snapshot)
+
+    async def weights_digest(self) -> dict[str, Any]:
+        """The engine's parameter digest and version (``EngineLoop.weights_digest``)."""
+        return {"worker": self.index, **await self._await(self.loop.weights_digest())}
 
     async def stats(self) -> dict[str, Any]:
         s = await self._await(self.loop.stats())

@@ -128,19 +128,24 @@ def named_tensor_list(named_tensors: NamedTensors) -> list[tuple[str, torch.Tens
 
 
 def plan_buckets(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int,
-                 version: Optional[int] = None) -> BucketPlan:
-    """Greedy packing in the given order; a tensor larger than ``bucket_bytes`` gets a bucket of its own."""
+                 version: Optional[int] = None, cast: Optional[torch.dtype] = None) -> BucketPlan:
+    """Greedy packing in the given order; a tensor larger than ``bucket_bytes`` gets a bucket of its own.
+    ``cast``: floating-point tensors are sent in this dtype (e.g. an fp32 trainer's weights to a bf16 engine:
+    half the bytes; ``pack_bucket`` converts while it copies)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
+        raise ValueError(f"cast must be a floating-point torch.dtype or None, got {cast!r}")
     entries: list[BucketEntry] = []
     sizes: list[int] = []
     used = 0  # bytes used in the open bucket (last of `sizes`), aligned
     for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
+        dtype = cast if cast is not None and t.dtype.is_floating_point else t.dtype
+        nbytes = t.numel() * dtype.itemsize
         if not sizes or (used > 0 and used + nbytes > bucket_bytes):
             sizes.append(0)
             used = 0
-        entries.append(BucketEntry(name, tuple(t.shape), t.dtype, len(sizes) - 1, used))
+        entries.append(BucketEntry(name, tuple(t.shape), dtype, len(sizes) - 1, used))
         sizes[-1] = used + nbytes
         used = _align(used + nbytes)
     return BucketPlan(version, tuple(sizes), tuple(entries))
@@ -152,16 +157,23 @@ def _align(n: int) -> int:
 
 def pack_bucket(plan: BucketPlan, bucket: int, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
     """Copy bucket ``bucket``'s tensors into ``out`` (uint8 [>= bucket size], any device): one multi-tensor copy
-    (``torch._foreach_copy_``: a few kernel launches per bucket instead of one per tensor)."""
-    dst, src = [], []
+    (``torch._foreach_copy_``: a few kernel launches per bucket instead of one per tensor). A tensor planned in
+    another dtype (``plan_buckets(cast=...)``) is converted by the copy into its typed view of ``out``."""
+    dst, src, cast_dst, cast_src = [], [], [], []
     for e in plan.entries_of(bucket):
         t = tensors[e.name]
         if t.device != out.device:
             t = t.to(out.device)  # NOTE: blocking; a non-blocking device->host copy could be read unfinished
-        dst.append(out[e.offset:e.offset + e.nbytes])
-        src.append(t.contiguous().reshape(-1).view(torch.uint8))
+        if t.dtype == e.dtype:
+            dst.append(out[e.offset:e.offset + e.nbytes])
+            src.append(t.contiguous().reshape(-1).view(torch.uint8))
+        else:
+            cast_dst.append(out[e.offset:e.offset + e.nbytes].view(e.dtype))
+            cast_src.append(t.reshape(-1))
     if dst:
         torch._foreach_copy_(dst, src)
+    if cast_dst:
+        torch._foreach_copy_(cast_dst, cast_src)
 
 
 def unpack_bucket(plan: BucketPlan, bucket: int, buf: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -50,13 +50,20 @@ class CudaIpcPayload:
     version: Optional[int] = None
     sender_id: str = ""
     generation: int = 0
+    device_uuid: str = ""    # the GPU holding the buffers: a receiver finds its own index for it by this
 
 
 class CudaIpcSender:
-    def __init__(self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: torch.device | str | None = None) -> None:
+    def __init__(self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: torch.device | str | None = None,
+                 cast: Optional[torch.dtype] = None) -> None:
+        """``cast``: send floating-point tensors in this dtype (the engine's), converted while packing."""
         _require_cuda("CudaIpcSender")
         self.bucket_bytes = bucket_bytes
+        self.cast = cast
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device_uuid = gpu_uuid(self.device.index)
         self.sender_id = uuid.uuid4().hex
         self.generation = 0
         self._buffers: list[torch.Tensor] = []
@@ -69,7 +76,7 @@ class CudaIpcSender:
         from torch.multiprocessing.reductions import reduce_tensor
 
         tensors = named_tensor_list(named_tensors)
-        plan = plan_buckets(tensors, self.bucket_bytes, version)
+        plan = plan_buckets(tensors, self.bucket_bytes, version, cast=self.cast)
         if tuple(b.numel() for b in self._buffers) != plan.bucket_sizes:
             self.release()
             self._buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in plan.bucket_sizes]
@@ -80,12 +87,29 @@ class CudaIpcSender:
             pack_bucket(plan, b, by_name, buf)
         # NOTE: the receiver reads the buffers on its own stream; finish the packing copies before handing out.
         torch.cuda.synchronize(self.device)
-        return CudaIpcPayload(plan.to_bytes(), self._handles, version, self.sender_id, self.generation)
+        return CudaIpcPayload(plan.to_bytes(), self._handles, version, self.sender_id, self.generation,
+                              self.device_uuid)
 
     def release(self) -> None:
         """Free the buffers (engines still mapping them keep the memory until they map a newer set or unmap)."""
         self._buffers = []
         self._handles = ()
+
+
+def gpu_uuid(index: int) -> str:
+    """The GPU's UUID, the same in every process whatever CUDA_VISIBLE_DEVICES numbers it as."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def local_index_of(device_uuid: str) -> int:
+    """This process's CUDA index for the GPU ``device_uuid``; ValueError naming both sides if it sees no such GPU
+    (the sender's buffers are on a GPU this process cannot map: CUDA IPC needs the same GPU)."""
+    seen = [gpu_uuid(i) for i in range(torch.cuda.device_count())]
+    if device_uuid not in seen:
+        raise ValueError(f"CUDA IPC: the sender's buffers are on GPU {device_uuid}, which this process does not see "
+                         f"(it sees {seen}); IPC updates need a receiver on the sender's GPU (colocated), "
+                         "use a broadcast (update_weights_from_distributed) or the object store otherwise")
+    return seen.index(device_uuid)
 
 
 # (sender_id, generation, device index) -> mapped bucket tensors, kept open across updates. One entry per sender:
@@ -119,7 +143,8 @@ def unmap_all() -> None:
 
 class CudaIpcLoader(BucketedLoader):
     """Engine side. ``device``: this process's index for the sender's GPU when the two processes number GPUs
-    differently (e.g. different ``CUDA_VISIBLE_DEVICES``); default: the index the sender used."""
+    differently (e.g. different ``CUDA_VISIBLE_DEVICES``); default: found by the payload's GPU UUID (or, for a
+    payload without one, the index the sender used)."""
 
     buckets_resident = True      # every bucket is mapped before the first is yielded
     persistent_buffers = True    # the same mapped buffers come back while the sender reuses them
@@ -135,6 +160,12 @@ class CudaIpcLoader(BucketedLoader):
                              f"{len(payload.handles)} handles")
         self.version = version if version is not None else payload.version
         self._device_index = device if isinstance(device, int) or device is None else torch.device(device).index
+        if self._device_index is None and payload.device_uuid:
+            self._device_index = local_index_of(payload.device_uuid)
+        elif self._device_index is not None and payload.device_uuid and \
+                gpu_uuid(self._device_index) != payload.device_uuid:
+            raise ValueError(f"CUDA IPC: device {self._device_index} is GPU {gpu_uuid(self._device_index)}, the "
+                             f"sender's buffers are on GPU {payload.device_uuid}")
         self._buffers: Optional[list[torch.Tensor]] = _map(payload, self._device_index)
 
     def bucket_plan(self) -> BucketPlan:

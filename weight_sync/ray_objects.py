@@ -16,14 +16,15 @@ from weight_sync.buckets import BucketedLoader, BucketPlan, NamedTensors, named_
 
 
 def put_state_dict(state_dict: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES, *,
-                   version: Optional[int] = None) -> list:
+                   version: Optional[int] = None, cast: Optional[torch.dtype] = None) -> list:
     """Pack ``state_dict`` (or ``named_parameters()``) into buckets in the object store. -> list of ObjectRefs,
-    the manifest first. Needs ``ray.init()`` in this process."""
+    the manifest first. ``cast``: floating-point tensors are stored in this dtype (the engine's). Needs
+    ``ray.init()`` in this process."""
     import numpy as np
     import ray
 
     tensors = named_tensor_list(state_dict)
-    plan = plan_buckets(tensors, bucket_bytes, version)
+    plan = plan_buckets(tensors, bucket_bytes, version, cast=cast)
     by_name = dict(tensors)
     refs = [ray.put((version, plan.to_bytes()))]
     for b, size in enumerate(plan.bucket_sizes):

@@ -54,6 +54,38 @@ def test_sleep_level_1_frees_the_kv_cache_and_outputs_are_unchanged_after_wake(t
     e.check_integrity()
 
 
+def _live_storages() -> set[tuple[int, int]]:
+    """(data pointer, bytes) of the storage of every live CPU tensor."""
+    import gc
+    gc.collect()
+    return {(o.untyped_storage().data_ptr(), o.untyped_storage().nbytes()) for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu"}
+
+
+def _live_tensors_on(storage_ptr: int, nbytes: int) -> int:
+    return int((storage_ptr, nbytes) in _live_storages())
+
+
+@pytest.mark.parametrize("host_bytes", [0, 1 << 20])
+def test_sleep_keeps_no_reference_to_the_released_kv_cache(tiny, host_bytes):
+    """freed_bytes on CPU is counted, not measured: check that no tensor still holds the KV storage (with a host
+    pool, the offload side held it, so on CUDA nothing was given back)."""
+    e = engine(tiny, host_kv_cache_bytes=host_bytes)
+    e.generate([[5, 6, 7]], GREEDY)
+    storage = e.kv_caches[0][0].untyped_storage()
+    ptr, nbytes = storage.data_ptr(), storage.nbytes()
+    del storage
+    assert _live_tensors_on(ptr, nbytes) > 0
+    e.sleep(1)
+    assert _live_tensors_on(ptr, nbytes) == 0
+    e.wake_up()
+    assert e.generate([[5, 6, 7]], GREEDY)[0].token_ids == engine(tiny).generate([[5, 6, 7]], GREEDY)[0].token_ids
+    weights = [(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in e.model.parameters()]
+    assert set(weights) <= _live_storages()
+    e.sleep(2)
+    assert set(weights) & _live_storages() == set()     # level 2: no weight storage kept either
+
+
 def test_sleep_level_2_releases_the_weights_until_an_update_lands(tiny, tmp_path):
     e = engine(tiny)
     weight_bytes = sum(p.numel() * p.element_size() for p in e.updater.params.values())

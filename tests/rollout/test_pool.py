@@ -316,3 +316,46 @@ def test_killed_worker_fails_its_requests_and_restarts_on_current_weights(pool, 
     stats = run(pool.stats())
     assert stats["worker_deaths"] == 1 and stats["workers"][0]["restarts"] == 1
     print(f"requests on the killed worker failed {fail_latency:.2f} s after the kill")
+
+
+def test_weight_pusher_sends_a_trainers_parameters_to_every_worker(pool, models, oracle_a):
+    """A trainer's model (Hugging Face, tied names once) through WeightPusher: on CPU the object store; every
+    worker's greedy tokens equal a fresh engine on those weights, at the pushed version. CUDA IPC needs a GPU
+    shared with the workers: asking for it here is refused with the reason, and the pool is untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rollout.weight_push import WeightPusher
+    trainer = AutoModelForCausalLM.from_pretrained(models[0], dtype=torch.float32)
+    with pytest.raises(ValueError, match="cuda_ipc.*trainer's weights are on cpu"):
+        WeightPusher(pool, transport="cuda_ipc")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        WeightPusher(pool, transport="nccl")
+    assert pool.version == 6
+    pusher = WeightPusher(pool)
+    assert pusher.transport == "object_store"
+    report = pusher.push(trainer.named_parameters(), version=7)
+    assert report.version == 7 and report.num_workers == 2 and report.transport == "object_store"
+    assert report.bytes == sum(p.numel() * p.element_size() for p in trainer.parameters())
+    prompts = [observations(i)[0] for i in range(6)]
+    assert versions_by_worker(pool, prompts, oracle_a) == {0: {7}, 1: {7}}
+    from weight_sync.digest import TensorDigest
+    fresh = TensorDigest()
+    for name, p in oracle_a.model.named_parameters():
+        fresh.add(name, p)
+    assert [(d["digest"], d["version"]) for d in run(pool.weights_digests())] == [(fresh.hexdigest(), 7)] * 2
+    with pytest.raises(RolloutError) as info:      # a version that does not move forward: refused, nothing applied
+        pusher.push(trainer.named_parameters(), version=7)
+    assert info.value.code is ErrorCode.BAD_REQUEST and pool.version == 7
+
+
+def test_num_gpus_per_worker_is_checked_before_anything_starts():
+    from rollout.pool import RolloutPool
+    cpu = EngineConfig(model="unused")
+    with pytest.raises(ValueError, match="needs a CUDA engine"):
+        RolloutPool(cpu, 1, num_gpus_per_worker=0.5)
+    for bad in (0, 1.5, -0.5):
+        with pytest.raises(ValueError, match=r"num_gpus_per_worker must be in \(0, 1\]"):
+            RolloutPool(EngineConfig(model="unused", device="cuda"), 1, num_gpus_per_worker=bad)
+    with pytest.raises(ValueError, match="must be a number"):
+        RolloutPool(EngineConfig(model="unused", device="cuda"), 1, num_gpus_per_worker="half")

@@ -33,7 +33,8 @@ def test_cuda_ipc_updates_from_another_process(ckpts):
             assert len(payload.handles) > 3  # several buckets, not one handle per tensor
             loader = get_loader("cuda_ipc", payload=payload)
             assert loader.version == version and payload.generation == 1
-            buffers = cuda_ipc._MAPPINGS[(payload.sender_id, 1, None)]
+            assert payload.device_uuid == cuda_ipc.gpu_uuid(torch.cuda.current_device())
+            buffers = next(v for k, v in cuda_ipc._MAPPINGS.items() if k[:2] == (payload.sender_id, 1))
             assert mapped is None or buffers is mapped  # opened once, kept across updates
             mapped = buffers
             report = updater.apply(loader)  # close() synchronizes: the trainer may refill after the ack

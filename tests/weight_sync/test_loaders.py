@@ -47,6 +47,24 @@ def test_bucket_plan_pack_unpack_roundtrip():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t)
 
 
+def test_bucket_plan_casts_floating_tensors_while_packing():
+    """An fp32 trainer sending to a bf16 engine: floating tensors are planned and packed in the cast dtype (half the
+    bytes), each equal to torch's own conversion of it; integer tensors travel as they are."""
+    tensors = [("w", torch.randn(33, 5)), ("h", torch.randn(9).to(torch.float16)), ("ids", torch.arange(6)),
+               ("t", torch.randn(4, 3).t())]
+    plan = plan_buckets(tensors, bucket_bytes=1 << 20, cast=torch.bfloat16)
+    assert [e.dtype for e in plan.entries] == [torch.bfloat16, torch.bfloat16, torch.int64, torch.bfloat16]
+    assert sum(e.nbytes for e in plan.entries) == 33 * 5 * 2 + 9 * 2 + 6 * 8 + 12 * 2
+    buf = torch.empty(plan.bucket_sizes[0], dtype=torch.uint8)
+    pack_bucket(plan, 0, dict(tensors), buf)
+    got = dict(unpack_bucket(plan, 0, buf))
+    for name, t in tensors:
+        want = t.to(torch.bfloat16) if t.dtype.is_floating_point else t
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    with pytest.raises(ValueError, match="cast must be a floating-point"):
+        plan_buckets(tensors, bucket_bytes=512, cast=torch.int32)
+
+
 # ------------------------------------------------------------------------------------------------ safetensors
 @pytest.mark.parametrize("source", ["file", "dir", "sharded_dir", "sharded_index", "bf16"])
 def test_safetensors_loader(ckpts, source):

@@ -1,0 +1,124 @@
+"""``WeightPusher``: the trainer's side of a weight update through a ``RolloutPool``, by the fastest transport the
+placement allows.
+
+- ``cuda_ipc``: every worker shares the trainer's GPU (``RolloutPool(num_gpus_per_worker=0.5)``, a colocated
+  "hybrid engine"). The trainer packs its parameters into persistent bucket buffers on its GPU, converted to
+  the engine's dtype while copying (``CudaIpcSender(cast=...)``), and the pool hands the workers the IPC
+  handles only; each engine copies device to device from the mapped buffers. Steady state: no host round trip,
+  no pickled tensor, no handle re-opened.
+- ``object_store``: anything else (CPU, workers on other GPUs or nodes): the parameters go to host memory in the
+  engine's dtype and through the Ray object store in buckets (``update_weights_from_state_dict``).
+``auto`` (the default) picks ``cuda_ipc`` when the pool is colocated with the trainer's device, else
+``object_store``; asking for ``cuda_ipc`` when it cannot work is a ValueError saying why. (A broadcast to
+workers on other GPUs goes through ``pool.init_weight_sync_group`` + ``DistributedSender``: rollout.weight_group.)
+
+Names: what ``push`` is given (``model.named_parameters()`` of a Hugging Face model: tied weights once) is what
+the engines receive. ``push`` returns once every worker applied the update (the pool's version barrier), so the
+next ``push`` may refill the same IPC buffers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from weight_sync.base import DEFAULT_BUCKET_BYTES
+from weight_sync.buckets import NamedTensors, named_tensor_list
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("auto", "cuda_ipc", "object_store")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _wait(coro) -> Any:
+    """Run a pool coroutine to its end from synchronous code (the pool's methods hop onto its own loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError("WeightPusher.push was called inside a running event loop: await push_async instead")
+
+
+@dataclass(frozen=True)
+class PushReport:
+    version: int
+    transport: str          # "cuda_ipc" | "object_store"
+    seconds: float          # the whole push: pack + every worker's apply (the caller's wait)
+    pack_seconds: float     # the trainer's share: copying its weights into the send buffers / host memory
+    bytes: int              # bytes each worker received (in the engine's dtype)
+    num_workers: int
+
+
+class WeightPusher:
+    def __init__(self, pool: Any, *, transport: str = "auto", device: Optional[torch.device | str] = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        """``device``: the trainer's device holding the weights (default: the current CUDA device when CUDA is
+        there, else CPU)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.pool = pool
+        self.cast = _DTYPES[pool.engine_config.dtype]
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.transport = self._choose(transport)
+        self._sender = None
+        if self.transport == "cuda_ipc":
+            from weight_sync.cuda_ipc import CudaIpcSender
+            self._sender = CudaIpcSender(bucket_bytes=bucket_bytes, device=self.device, cast=self.cast)
+        self._bucket_bytes = bucket_bytes
+        logger.info("weight pushes go through %s (engine dtype %s)", self.transport, pool.engine_config.dtype)
+
+    def _choose(self, transport: str) -> str:
+        colocated, why = self._colocated()
+        if transport == "cuda_ipc" and not colocated:
+            raise ValueError(f"transport 'cuda_ipc' needs every worker on the trainer's GPU: {why}")
+        if transport == "auto":
+            return "cuda_ipc" if colocated else "object_store"
+        return transport
+
+    def _colocated(self) -> tuple[bool, str]:
+        if self.device.type != "cuda":
+            return False, f"the trainer's weights are on {self.device}"
+        from weight_sync.cuda_ipc import gpu_uuid
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        mine = gpu_uuid(index)
+        if not self.pool.colocated_with(mine):
+            theirs = [info.get("gpu_uuid") for info in self.pool.worker_info]
+            return False, f"the trainer is on GPU {mine}, the workers on {theirs}"
+        return True, ""
+
+    def push(self, named_tensors: NamedTensors, version: int, *, mode: str = "keep",
+             kv: str = "recompute") -> PushReport:
+        """Send ``named_tensors`` as weight ``version`` to every worker; returns once all applied it. ``mode``
+        and ``kv``: what happens to requests in flight (``RolloutPool.update_weights``)."""
+        start = time.perf_counter()
+        if self.transport == "cuda_ipc":
+            payload = self._sender.pack(named_tensors, version=version)
+            packed = time.perf_counter()
+            report = _wait(self.pool.update_weights_from_ipc(payload, version=version, mode=mode, kv=kv))
+        else:
+            state = {name: (t.to("cpu", self.cast) if t.dtype.is_floating_point else t.to("cpu"))
+                     for name, t in named_tensor_list(named_tensors)}
+            packed = time.perf_counter()
+            report = _wait(self.pool.update_weights_from_state_dict(state, version=version, mode=mode, kv=kv))
+        return PushReport(version=report["version"], transport=self.transport, seconds=time.perf_counter() - start,
+                          pack_seconds=packed - start, bytes=int(report["num_bytes"]),
+                          num_workers=int(report["num_workers"]))
+
+    async def push_async(self, named_tensors: NamedTensors, version: int, *, mode: str = "keep",
+                         kv: str = "recompute") -> PushReport:
+        """``push`` from a coroutine (the waiting happens on a thread)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.push(named_tensors, version, mode=mode, kv=kv))
+
+    def close(self) -> None:
+        """Free the trainer's IPC buffers (after the last push)."""
+        if self._sender is not None:
+            self._sender.release()
