@@ -11,6 +11,8 @@ step (rollout.ppo_step.train_step: fp32 trainer, AdamW) and the weight sync, for
             each re-prefilling its whole history (benchmarks/hf_episodes.py); the trainer's own model samples, so
             there is no weight sync; then the same train_step.
 
+Weights go to the pool through rollout.weight_push.WeightPusher: CUDA IPC when the worker shares the trainer's
+GPU (``--worker-gpus`` < 1, 0.5 by default), the Ray object store otherwise (CPU), in the engine's dtype.
 Each variant starts from the same weights (a fresh trainer; ours pushes them to the pool first, untimed), runs
 one warm-up step (CUDA graphs, allocator; not in the figures) and ``--steps`` timed ones, on the same questions.
 Prints a table, appends it to benchmarks/RESULTS.md, writes every figure to ``--out`` (JSON).
@@ -81,13 +83,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="the colocated engine's share of the GPU (weights + KV); the rest is the trainer's")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs of the rollout worker")
+    p.add_argument("--worker-gpus", type=float, default=0.5,
+                   help="CUDA: the worker's share of the trainer's GPU (< 1: colocated, weights through CUDA IPC)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/rl_step.json", help="JSON of every figure")
     p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     chosen = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(chosen) - set(VARIANTS))
-    args.variant_keys = [k for k in VARIANTS if k in chosen]   # ours first: the baseline runs once the pool is gone
+    args.variant_keys = [k for k in VARIANTS if k in chosen]   # in VARIANTS' order, whatever the flag's
     if unknown or not args.variant_keys:
         p.error(f"--variants: unknown {unknown} (choose from {','.join(VARIANTS)})")
     for name in ("steps", "questions", "group_size", "max_tokens", "max_turns", "epochs", "minibatch"):
@@ -167,6 +171,24 @@ def make_context(args: argparse.Namespace, model_dir: Path) -> Context:
                    tokenizer=AutoTokenizer.from_pretrained(str(model_dir)))
 
 
+def start_pool(args: argparse.Namespace, ctx: Context) -> tuple[Any, bool]:
+    """One rollout worker (sharing the trainer's GPU on CUDA); whether this started Ray (then it stops it)."""
+    import ray
+
+    from rollout.pool import RolloutPool
+    from rollout.pool_slots import default_runtime_env
+    cuda = args.device.startswith("cuda")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env=default_runtime_env(), **({} if cuda else {"num_cpus": 2}))
+    # NOTE: before any trainer exists: gpu_memory_utilization bounds all that is in use on the device when the
+    # engine starts (the trainer's memory included), and the trainer's optimizer state comes only later
+    pool = RolloutPool(ctx.engine_config, num_workers=1, num_cpus_per_worker=args.worker_cpus,
+                       num_gpus_per_worker=args.worker_gpus if cuda else None, start_timeout_s=600)
+    return pool, started
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the chosen variants; returns what ``--out`` holds: args, per variant every step and the means,
     and the headline ratios."""
@@ -176,26 +198,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="rl_step-"))
-    import ray
-    started_ray = False
-    pool = None
+    pool, started_ray = None, False
     try:
         model_dir, label = prepare_model(args, tmp)
         ctx = make_context(args, model_dir)
+        if any(k != "hf" for k in args.variant_keys):
+            pool, started_ray = start_pool(args, ctx)
         results = []
-        ours = [k for k in args.variant_keys if k != "hf"]
-        if ours:
-            from rollout.pool import RolloutPool
-            from rollout.pool_slots import default_runtime_env
-            if not ray.is_initialized():
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                         runtime_env=default_runtime_env(), **({} if args.device.startswith("cuda") else
-                                                               {"num_cpus": 2}))
-                started_ray = True
-            # NOTE: the pool starts before any trainer: the engine sizes its KV from the memory free at its start
-            pool = RolloutPool(ctx.engine_config, num_workers=1, num_cpus_per_worker=args.worker_cpus,
-                               start_timeout_s=600)
-        for key in args.variant_keys:
+        for key in args.variant_keys:      # ours first: the baseline runs once the pool is gone
             if key == "hf" and pool is not None:
                 pool.close()
                 pool = None
@@ -207,10 +217,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if pool is not None:
             pool.close()
         if started_ray:
+            import ray
             ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = {"args": {k: v for k, v in vars(args).items()}, "model": label,
-               "variants": [r.to_dict() for r in results], "headline": headline(results)}
+    summary = {"args": dict(vars(args)), "model": label, "variants": [r.to_dict() for r in results],
+               "headline": headline(results)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

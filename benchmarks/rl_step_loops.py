@@ -17,6 +17,7 @@ from engine import EngineConfig, SamplingParams
 from rollout.ppo_step import PPOStepConfig, TrainStats, train_step
 from rollout.rl import group_advantages, staleness
 from rollout.trajectory import Trajectory
+from rollout.weight_push import PushReport, WeightPusher
 
 logger = logging.getLogger("rl_step")
 
@@ -53,7 +54,8 @@ class StepRecord:
     rollout_s: float            # submission to the last episode done (async: beside the previous step's training)
     rollout_wait_s: float       # of that, how long the trainer waited for its episodes
     train_s: float              # train_step
-    weight_sync_s: float        # pushing the new weights to the pool (0: baseline)
+    weight_sync_s: float        # pushing the new weights to the pool, every worker applied (0: baseline)
+    sync_pack_s: float          # of that, the trainer's share (packing into IPC buffers / host memory)
     sleep_wake_s: float         # pool.sleep(1) + torch.cuda.empty_cache() + pool.wake_up() (sync only)
     step_s: float               # the step's wall time as the trainer sees it
     episodes: int
@@ -110,34 +112,11 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclass(frozen=True)
-class PushReport:
-    transport: str
-    seconds: float
-    bytes: int
-
-
-class StateDictPusher:
-    """Weights to the pool through the Ray object store (what examples/ppo.py does), behind the interface of
-    rollout.weight_push.WeightPusher (``push(named_tensors, version, kv) -> PushReport``) so that switching to it
-    is one line in ``run_variant``."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-
-    def push(self, named_tensors, version: int, kv: str = "recompute") -> PushReport:
-        t0 = time.perf_counter()
-        state = {n: t.detach().to("cpu") for n, t in named_tensors}
-        asyncio.run(self.pool.update_weights_from_state_dict(state, version=version, mode="keep", kv=kv))
-        return PushReport("object store", time.perf_counter() - t0,
-                          sum(t.numel() * t.element_size() for t in state.values()))
-
-
-def push(pusher: Any, trainer: Trainer, device: torch.device) -> PushReport:
-    """The trainer's weights to the pool under the trainer's version; in-flight turns continue on them with
-    their KV recomputed."""
+def push(pusher: WeightPusher, trainer: Trainer, device: torch.device) -> PushReport:
+    """The trainer's weights to the pool under the trainer's version (CUDA IPC when colocated, else the object
+    store; in the engine's dtype); in-flight turns continue on them with their KV recomputed."""
     sync_device(device)
-    return pusher.push(trainer.policy.state_dict().items(), trainer.version, kv="recompute")
+    return pusher.push(list(trainer.policy.named_parameters()), trainer.version, mode="keep", kv="recompute")
 
 
 class InFlight:
@@ -192,7 +171,7 @@ def record(step: int, trajs: list[Trajectory], trainer_version: int, stats: Trai
                       ratio_dev=stats.first_epoch_ratio_abs_dev, **times)
 
 
-def run_sync(ctx: Context, pool: Any, pusher: Any, trainer: Trainer) -> VariantResult:
+def run_sync(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) -> VariantResult:
     """Submit, collect, sleep the engine (its KV cache goes back to the device), train, wake it, push."""
     result: Optional[VariantResult] = None
     for step in range(1 + ctx.steps):
@@ -211,7 +190,7 @@ def run_sync(ctx: Context, pool: Any, pusher: Any, trainer: Trainer) -> VariantR
         trainer.version += 1
         pushed = push(pusher, trainer, ctx.device)
         rec = record(step, trajs, trainer.version - 1, stats, rollout_s=flight.finished - flight.submitted,
-                     rollout_wait_s=t1 - t0, train_s=train_s, weight_sync_s=pushed.seconds,
+                     rollout_wait_s=t1 - t0, train_s=train_s, weight_sync_s=pushed.seconds, sync_pack_s=pushed.pack_seconds,
                      sleep_wake_s=sleep_s + wake_s, step_s=time.perf_counter() - t0,
                      sync_transport=pushed.transport, sync_bytes=pushed.bytes)
         result = _add(result, "sync", rec)
@@ -219,7 +198,7 @@ def run_sync(ctx: Context, pool: Any, pusher: Any, trainer: Trainer) -> VariantR
     return result
 
 
-def run_async(ctx: Context, pool: Any, pusher: Any, trainer: Trainer) -> VariantResult:
+def run_async(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) -> VariantResult:
     """Step k+1's episodes go out as soon as step k's are in, and run while step k trains and pushes (the
     push lands mid-episode: those turns continue on the new weights, KV recomputed), so every model token is
     at most one version stale. The last timed step trains beside rollouts too (one more step's, drained after)."""
@@ -235,7 +214,7 @@ def run_async(ctx: Context, pool: Any, pusher: Any, trainer: Trainer) -> Variant
         trainer.version += 1
         pushed = push(pusher, trainer, ctx.device)
         rec = record(step, trajs, trainer.version - 1, stats, rollout_s=done.finished - done.submitted,
-                     rollout_wait_s=t1 - t0, train_s=train_s, weight_sync_s=pushed.seconds, sleep_wake_s=0.0,
+                     rollout_wait_s=t1 - t0, train_s=train_s, weight_sync_s=pushed.seconds, sync_pack_s=pushed.pack_seconds, sleep_wake_s=0.0,
                      step_s=time.perf_counter() - t0, sync_transport=pushed.transport, sync_bytes=pushed.bytes)
         result = _add(result, "async", rec)
     flight.wait()
@@ -256,7 +235,7 @@ def run_hf(ctx: Context, trainer: Trainer) -> VariantResult:
         stats, train_s = train(ctx, trainer, trajs, ctx.ppo)
         trainer.version += 1
         rec = record(step, trajs, trainer.version - 1, stats, rollout_s=t1 - t0, rollout_wait_s=t1 - t0,
-                     train_s=train_s, weight_sync_s=0.0, sleep_wake_s=0.0, step_s=time.perf_counter() - t0,
+                     train_s=train_s, weight_sync_s=0.0, sync_pack_s=0.0, sleep_wake_s=0.0, step_s=time.perf_counter() - t0,
                      sync_transport="none (same process)", sync_bytes=0)
         result = _add(result, "hf", rec)
     assert result is not None
@@ -280,11 +259,11 @@ def run_variant(key: str, ctx: Context, pool: Any) -> VariantResult:
     """One variant from a fresh trainer; ours first pushes its starting weights (untimed) so the engine
     samples with exactly the trainer's weights at the trainer's version."""
     trainer = make_trainer(ctx, version=0 if pool is None else pool.version + 1)
+    if key == "hf":
+        return run_hf(ctx, trainer)
+    pusher = WeightPusher(pool, device=ctx.device)
     try:
-        if key == "hf":
-            return run_hf(ctx, trainer)
-        pusher = StateDictPusher(pool)
         push(pusher, trainer, ctx.device)
         return (run_sync if key == "sync" else run_async)(ctx, pool, pusher, trainer)
     finally:
-        del trainer
+        pusher.close()

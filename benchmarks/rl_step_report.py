@@ -58,12 +58,13 @@ def notes(results: list[VariantResult], args: argparse.Namespace, label: str) ->
         if f"weight_sync_pct_of_{key}_step" in h:
             parts.append(f"weight sync = {h[f'weight_sync_pct_of_{key}_step']:.1f}% of {name}'s step")
     ours = next((r[k] for k in ("sync", "async") if k in r), None)
-    push = (f"Weights pushed through {ours.steps[0].sync_transport} ({ours.steps[0].sync_bytes / 1e6:,.0f} MB a "
-            f"push, fp32 from the trainer, applied in place with the in-flight turns' KV recomputed). ") if ours else ""
+    push = (f"Weights pushed with rollout.weight_push.WeightPusher through {ours.steps[0].sync_transport} "
+            f"({ours.steps[0].sync_bytes / 1e6:,.0f} MB a push in the engine's dtype; of the push, packing on the "
+            f"trainer's side took {ours.mean('sync_pack_s'):.3g} s), applied in place, in-flight turns' KV "
+            "recomputed. ") if ours else ""
     engine_dtype = args.engine_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    shape_note = ("Random weights (time only) with SmolLM2's 49,152-token vocabulary and tokenizer, so every sampled "
-                  "id decodes; embedding and LM head are smaller than the published model's. "
-                  if args.shape else "")
+    shape_note = ("random weights (time only) with SmolLM2's 49,152-token vocabulary and tokenizer, so every sampled "
+                  "id decodes (embedding and LM head smaller than the published model's); " if args.shape else "")
     env_note = ("calculator tool environment (easy, few-shot), reward 1 for the right number" if args.env == "calculator"
                 else f"echo_test token environment ({args.max_turns} turns per episode, 16-token observations)")
     return (
@@ -76,7 +77,8 @@ def notes(results: list[VariantResult], args: argparse.Namespace, label: str) ->
         f"variants from the same starting weights on the same questions, in one run. {push}"
         "Rollout s: submission to the last episode's end (async: the episodes run beside the previous step's "
         "training and push, so rollout s overlaps them and the trainer waited only the column after); step s: the "
-        "trainer's wall time per step. Prefill tokens: ours, the engine's count (session KV kept between turns); "
+        "trainer's wall time per step. Prefill tokens: ours, the engine's count (session KV kept between turns, "
+        "prompts shared by episodes served from the prefix cache); "
         "baseline, each turn's whole context (generate keeps no KV between calls; left padding not counted).\n\n"
         "Baseline fidelity: the same environment objects and episode rules (stop token kept, max_turns, final "
         "observation not appended), the same sampling (full distribution at the temperature; logprobs from "

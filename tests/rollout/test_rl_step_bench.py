@@ -58,6 +58,7 @@ def test_every_variant_trains_one_step_on_the_same_episodes(tmp_path):
     assert all(x > 0 for x in h.values()) and h["weight_sync_pct_of_sync_step"] < 100
 
 
+@pytest.mark.slow
 def test_hf_episodes_reproduce_the_pools_under_greedy(tmp_path):
     """Same environment, same episode rules, same tokens: transformers' greedy generate turn by turn (history
     re-prefilled) against the server-side agent loop (session KV kept), on 3-turn echo_test episodes."""
