@@ -8,7 +8,7 @@ source views) is computed on the first update and reused::
 
     layout (key, bucket_sizes, entries)  --validate once-->  BucketCopyPlan
         per bucket b: dst[i] = param slice of entry i     src[i] = buf_b[offset_i : offset_i + nbytes_i] as dtype/shape
-    per update, per bucket:  torch._foreach_copy_(dst, src)
+    per update, per bucket:  copy_many(dst, src)   (memcpy per large tensor, one multi-tensor copy for the rest)
 
 The optional loader protocol (duck-typed; ``weight_sync`` implements it, the engine never imports it)::
 
@@ -105,6 +105,26 @@ def build_plan(layout: Any, mapper: WeightMapper, params: dict[str, nn.Parameter
         names.append(e.name)
         num_bytes += nbytes
     return BucketCopyPlan(layout.key, buckets, tuple(names), num_bytes)
+
+
+LARGE_COPY_BYTES = 1 << 20
+
+
+def copy_many(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every i. A same-dtype copy of a large tensor is one copy_ each (a device
+    memcpy, at the card's copy bandwidth); the many small ones (norms, biases) and dtype conversions share one
+    multi-tensor copy: ``_foreach_copy_`` runs its elementwise kernel on everything it is given, which moved
+    16 GB of bf16 weights at about a third of the memcpy rate on an H200."""
+    small_dst, small_src = [], []
+    for d, s in zip(dst, src, strict=True):
+        if d.dtype == s.dtype and d.numel() * d.element_size() >= LARGE_COPY_BYTES and d.is_contiguous() \
+                and s.is_contiguous():
+            d.copy_(s)
+        else:
+            small_dst.append(d)
+            small_src.append(s)
+    if small_dst:
+        torch._foreach_copy_(small_dst, small_src)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> list[bool]:

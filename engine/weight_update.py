@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from engine.bucket_copy import BucketCopyPlan, all_finite, build_plan, check_buffer
+from engine.bucket_copy import BucketCopyPlan, all_finite, build_plan, check_buffer, copy_many
 from engine.model_config import ModelConfig
 from engine.weights import WeightMapper, WeightTarget, copy_into
 
@@ -98,19 +98,19 @@ class _Transaction:
             nbytes = sum(d.numel() * d.element_size() for d in dst)
             if self.backup_bytes + nbytes <= self.budget_bytes:
                 originals = [torch.empty_like(d) for d in dst]
-                torch._foreach_copy_(originals, dst)
+                copy_many(originals, dst)
                 self.bulk_backups.append((dst, originals))
                 self.backup_bytes += nbytes
             else:
                 self.unbacked.extend(names)
-        torch._foreach_copy_(dst, src)
+        copy_many(dst, src)
 
     def rollback(self) -> None:
         for target, original in reversed(self.backups):
             copy_into(self.params, target, original)
         self.backups.clear()
         for dst, originals in reversed(self.bulk_backups):
-            torch._foreach_copy_(dst, originals)
+            copy_many(dst, originals)
         self.bulk_backups.clear()
 
 

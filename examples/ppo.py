@@ -1,8 +1,16 @@
 """PPO (GRPO-style advantages) on SmolLM2-135M-Instruct with live weight sync and multi-turn tool rollouts.
 
-    python examples/ppo.py                      # CPU, the defaults below (about 6 minutes on 2 cores)
-    python examples/ppo.py --device cuda --questions 32 --group-size 8
+    python examples/ppo.py                      # CPU, the defaults below (about 9 minutes on 2 cores)
+    python examples/ppo.py --device cuda        # one GPU: trainer + colocated bf16 engine, CUDA IPC, sleep/wake
     python examples/ppo.py --async 1 --tis-cap 2   # step k+1's rollouts run while step k trains
+
+On one GPU (``--device cuda``): the trainer (fp32 weights and AdamW) and one rollout worker share the GPU (the
+worker's Ray bundle takes half of it, ``num_gpus_per_worker=0.5``; the engine's KV budget is
+``--gpu-memory-utilization`` of the device minus what is in use when it starts, the trainer's weights included).
+The engine runs in bf16 (``--engine-dtype``); ``--fp32-lm-head`` has it compute the final norm, lm_head and
+logprobs in fp32, the usual fix for the bf16 train/inference mismatch, which each step logs at its first epoch
+(mean and max |pi_trainer / pi_engine - 1|). In synchronous mode the engine sleeps while the trainer trains
+(``--sleep-level`` 1: the KV cache goes back to the device; 2: the weights too) and wakes before the push.
 
 Each step:
   1. rollouts: a RolloutPool (Ray actors hosting engines) runs the calculator tool environment server-side
@@ -23,8 +31,10 @@ Each step:
      the step's start (the first epoch's forward, before any update) and each token's surrogate is
      multiplied by min(pi_old / pi_behaviour, C), the truncated importance weight for stale tokens
      (rollout.rl.ppo_loss).
-  4. weight sync: the trainer's state dict (Hugging Face names) goes to every worker through the Ray object
-     store in buckets (weight_sync.RayObjectLoader), validated and applied atomically; version += 1. In-flight
+  4. weight sync (rollout.weight_push.WeightPusher): the trainer's parameters (Hugging Face names, in the
+     engine's dtype) go to every worker: through CUDA IPC when the worker shares the trainer's GPU (the trainer
+     packs them into its persistent buffers, the engine copies device to device), else through the Ray object
+     store in buckets; validated and applied atomically on every worker; version += 1. In-flight
      turns continue under the new weights with their KV recomputed, so a token's version names the weights
      its whole context was computed with (in synchronous mode nothing is in flight at that point).
 
@@ -73,10 +83,20 @@ logger = logging.getLogger("ppo")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: one GPU shared by the trainer and the worker")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--questions", type=int, default=4, help="questions per step")
-    p.add_argument("--group-size", type=int, default=4, help="episodes per question (GRPO group)")
+    p.add_argument("--questions", type=int, default=None, help="questions per step (default 4 on CPU, 8 on CUDA)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="episodes per question, the GRPO group (default 4 on CPU, 8 on CUDA)")
+    p.add_argument("--engine-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the rollout engine's dtype (default float32 on CPU, bfloat16 on CUDA); the trainer is fp32")
+    p.add_argument("--fp32-lm-head", action="store_true",
+                   help="the engine computes the final norm, lm_head and logprobs in fp32")
+    p.add_argument("--sleep-level", type=int, default=None, choices=[0, 1, 2],
+                   help="synchronous mode: the engine sleeps while the trainer trains (1: KV cache, 2: weights "
+                        "too; 0: never; default 1 on CUDA, 0 on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                   help="CUDA: the engine's share of the device (everything in use at its start counts)")
     p.add_argument("--max-turns", type=int, default=3)
     p.add_argument("--difficulty", default="easy", choices=["easy", "hard"])
     p.add_argument("--max-tokens", type=int, default=48, help="per model turn")
@@ -105,6 +125,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tis-cap must be >= 0 (0 = off), got {args.tis_cap}")
     if args.async_lag < 0:
         p.error(f"--async must be >= 0, got {args.async_lag}")
+    cuda = args.device.startswith("cuda")
+    args.questions = args.questions if args.questions is not None else (8 if cuda else 4)
+    args.group_size = args.group_size if args.group_size is not None else (8 if cuda else 4)
+    args.engine_dtype = args.engine_dtype or ("bfloat16" if cuda else "float32")
+    if args.sleep_level is None:
+        args.sleep_level = 1 if cuda and args.async_lag == 0 else 0
+    if args.sleep_level and args.async_lag:
+        p.error("--sleep-level needs synchronous mode: with --async the engine runs rollouts while the trainer trains")
+    if not 0 < args.gpu_memory_utilization < 1:
+        p.error(f"--gpu-memory-utilization must be in (0, 1), got {args.gpu_memory_utilization}")
     if args.async_lag > 0 and args.tis_cap == 0:
         p.error("--async N trains on tokens sampled up to N versions ago: pass --tis-cap C (e.g. 2) so the loss "
                 "corrects for it")
@@ -170,7 +200,7 @@ class RolloutQueue:
         return rollouts, trajs
 
 
-def train_loop(args: argparse.Namespace, pool, policy, reference, optimizer, scheduler, pad_id: int,
+def train_loop(args: argparse.Namespace, pool, pusher, policy, reference, optimizer, scheduler, pad_id: int,
                device: torch.device) -> list[dict]:
     """``args.steps`` PPO steps (rollouts, advantages, epochs, weight push); one metrics dict per step."""
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
@@ -200,34 +230,45 @@ def train_loop(args: argparse.Namespace, pool, policy, reference, optimizer, sch
 
         # ---- 2. advantages, 3. PPO epochs
         advantages = group_advantages(rewards, args.group_size)
+        t_sleep = time.perf_counter()
+        freed = sum(r["freed_bytes"] for r in asyncio.run(pool.sleep(args.sleep_level))) if args.sleep_level else 0
         t1 = time.perf_counter()
         stats = train_step(policy, reference, optimizer, scheduler, trajs, advantages, step_cfg, pad_id, device,
                            version)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t1
+        if args.sleep_level:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()       # the trainer's cached activations go back: the engine takes its KV
+            asyncio.run(pool.wake_up())
+        sleep_wake_s = time.perf_counter() - t_sleep - train_s
 
-        # ---- 4. push the new weights to every engine (Ray object store, one version barrier); in-flight
-        # turns (--async) continue under them with their KV recomputed
-        t2 = time.perf_counter()
+        # ---- 4. push the new weights to every engine (CUDA IPC or the object store, one version barrier);
+        # in-flight turns (--async) continue under them with their KV recomputed
         version += 1
-        state = {n: p.detach().to("cpu") for n, p in policy.state_dict().items()}
-        asyncio.run(pool.update_weights_from_state_dict(state, version=version, mode="keep", kv="recompute"))
-        sync_ms = (time.perf_counter() - t2) * 1000
+        push = pusher.push(policy.named_parameters(), version, mode="keep", kv="recompute")
+        sync_ms = push.seconds * 1000
 
         m = dict(step=step, version=version, reward_mean=sum(rewards) / len(rewards),
                  reward_max=max(rewards), **asdict(stats),
                  tool_calls=sum(1 for t in trajs if t.turns > 1), episodes=len(trajs),
                  model_tokens=num_model_tokens, env_tokens=env_tokens,
                  rollout_tok_s=num_model_tokens / rollout_s, rollout_s=rollout_s, rollout_wait_s=rollout_wait_s,
-                 train_s=train_s, weight_sync_ms=sync_ms, staleness=stale.max, staleness_mean=stale.mean,
+                 train_s=train_s, weight_sync_ms=sync_ms, weight_sync_transport=push.transport,
+                 weight_sync_bytes=push.bytes, sleep_wake_s=sleep_wake_s, sleep_freed_bytes=freed,
+                 staleness=stale.max, staleness_mean=stale.mean,
                  engine_version_at_submit=rollouts.engine_version)
         metrics.append(m)
-        dev = stats.first_epoch_ratio_abs_dev
-        logger.info("step %d: reward %.3f (max %.2f) | KL %.4f | policy loss %.4f | clip %.3f | |ratio-1| %s "
-                    "at epoch 0 (%d fresh tokens) | %d/%d episodes used the tool | rollout %.0f tok/s, waited %.1f s | "
-                    "weight sync %.0f ms | staleness max %d mean %.2f | version %d", step, m["reward_mean"],
-                    m["reward_max"], m["kl"], m["policy_loss"], m["clip_frac"], "n/a" if dev is None else f"{dev:.2e}",
-                    stats.mismatch_tokens, m["tool_calls"], m["episodes"], m["rollout_tok_s"], rollout_wait_s, sync_ms,
-                    stale.max, stale.mean, version)
+        dev, dev_max = stats.first_epoch_ratio_abs_dev, stats.first_epoch_ratio_max_dev
+        logger.info("step %d: reward %.3f (max %.2f) | KL %.4f | policy loss %.4f | clip %.3f | |ratio-1| mean %s "
+                    "max %s at epoch 0 (%d fresh tokens) | %d/%d episodes used the tool | staleness max %d mean %.2f "
+                    "| version %d", step, m["reward_mean"], m["reward_max"], m["kl"], m["policy_loss"], m["clip_frac"],
+                    "n/a" if dev is None else f"{dev:.2e}", "n/a" if dev_max is None else f"{dev_max:.2e}",
+                    stats.mismatch_tokens, m["tool_calls"], m["episodes"], stale.max, stale.mean, version)
+        logger.info("step %d phases: rollout %.2f s (%.0f tok/s, waited %.2f s) | sleep+wake %.2f s (%.2f GB freed) | "
+                    "train %.2f s | weight sync %.1f ms (%s, %.0f MB)", step, rollout_s, m["rollout_tok_s"],
+                    rollout_wait_s, sleep_wake_s, freed / 1e9, train_s, sync_ms, push.transport, push.bytes / 1e6)
         logger.info("step %d: per epoch KL %s clip %s | grad norm %s | lr %s | update norm %.4f | TIS weight mean "
                     "%.3f, capped %.3f", step, [round(x, 4) for x in stats.kl_epochs],
                     [round(x, 3) for x in stats.clip_frac_epochs], [round(x, 2) for x in stats.grad_norms],
@@ -264,26 +305,44 @@ def main(argv=None) -> dict:
         optimizer, lambda t: 1.0 if args.lr_warmup == 0 else min(1.0, (t + 1) / args.lr_warmup))
     pad_id = policy.config.pad_token_id if policy.config.pad_token_id is not None else 0
 
+    from rollout.weight_push import WeightPusher
+    cuda = device.type == "cuda"
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=False)
-    engine_config = EngineConfig(model=str(model_dir), device=args.device, dtype="float32",
-                                 max_num_seqs=max(64, args.questions * args.group_size), seed=args.seed)
-    pool = RolloutPool(engine_config, num_workers=args.workers)
+        ray.init(num_cpus=max(2, args.workers + 1), num_gpus=1 if cuda else 0, include_dashboard=False,
+                 log_to_driver=False)
+    engine_config = EngineConfig(model=str(model_dir), device=args.device, dtype=args.engine_dtype,
+                                 max_num_seqs=max(64, args.questions * args.group_size), seed=args.seed,
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                 **({"fp32_lm_head": True} if args.fp32_lm_head else {}))
+    # CUDA: every worker shares the trainer's GPU (its bundle takes a fraction), so weights go through CUDA IPC
+    pool = RolloutPool(engine_config, num_workers=args.workers,
+                       num_gpus_per_worker=1.0 / (args.workers + 1) if cuda else None)
+    pusher = WeightPusher(pool, device=device)
     try:
-        metrics = train_loop(args, pool, policy, reference, optimizer, scheduler, pad_id, device)
+        metrics = train_loop(args, pool, pusher, policy, reference, optimizer, scheduler, pad_id, device)
     finally:
+        pusher.close()
         pool.close()
         ray.shutdown()
     first = sum(m["reward_mean"] for m in metrics[:3]) / min(3, len(metrics))
     last = sum(m["reward_mean"] for m in metrics[-3:]) / min(3, len(metrics))
     max_staleness = max(m["staleness"] for m in metrics)
+    devs = [m["first_epoch_ratio_abs_dev"] for m in metrics if m["first_epoch_ratio_abs_dev"] is not None]
+    maxes = [m["first_epoch_ratio_max_dev"] for m in metrics if m["first_epoch_ratio_max_dev"] is not None]
+    phases = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("rollout_s", "sleep_wake_s", "train_s")}
+    phases["weight_sync_ms"] = sum(m["weight_sync_ms"] for m in metrics) / len(metrics)
     summary = dict(args=vars(args), steps=metrics, reward_first3=first, reward_last3=last, improvement=last - first,
-                   final_version=metrics[-1]["version"], max_staleness=max_staleness, pool_stats=None)
+                   final_version=metrics[-1]["version"], max_staleness=max_staleness,
+                   mismatch_mean=sum(devs) / len(devs) if devs else None, mismatch_max=max(maxes) if maxes else None,
+                   mean_phase_times=phases, weight_sync_transport=metrics[-1]["weight_sync_transport"],
+                   device_name=torch.cuda.get_device_name(device) if cuda else "cpu", pool_stats=None)
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     plot(metrics, out / "ppo.png")
     print(f"\nmean reward: first 3 steps {first:.3f} -> last 3 steps {last:.3f} ({last - first:+.3f}); "
-          f"weight version {metrics[-1]['version']}; max staleness {max_staleness}; wrote {out / 'metrics.json'} and "
-          f"{out / 'ppo.png'}")
+          f"weight version {metrics[-1]['version']}; max staleness {max_staleness}; train/inference |ratio - 1| at "
+          f"the first epoch: mean {summary['mismatch_mean']}, max {summary['mismatch_max']}; mean phase times "
+          + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+          + f"; wrote {out / 'metrics.json'} and {out / 'ppo.png'}")
     return summary
 
 

@@ -89,6 +89,7 @@ class WeightState:
             for s, e in failed:        # awaiting workers only (no serving one failed): they stay out
                 s.hold(f"version {version} failed on it: {e.message}")
             return {"version": version, "seconds": time.perf_counter() - start,
+                    "engine_seconds": max((r.get("seconds", 0.0) for _, r in applied), default=0.0),
                     "num_bytes": max((r["num_bytes"] for _, r in applied), default=0),
                     "num_workers": len(applied), "restarted_workers": len(died)}
         for s, _ in applied:

@@ -51,6 +51,7 @@ class PushReport:
     transport: str          # "cuda_ipc" | "object_store"
     seconds: float          # the whole push: pack + every worker's apply (the caller's wait)
     pack_seconds: float     # the trainer's share: copying its weights into the send buffers / host memory
+    engine_seconds: float   # the slowest worker's apply inside its engine (validation, copies, synchronize)
     bytes: int              # bytes each worker received (in the engine's dtype)
     num_workers: int
 
@@ -109,7 +110,8 @@ class WeightPusher:
             packed = time.perf_counter()
             report = _wait(self.pool.update_weights_from_state_dict(state, version=version, mode=mode, kv=kv))
         return PushReport(version=report["version"], transport=self.transport, seconds=time.perf_counter() - start,
-                          pack_seconds=packed - start, bytes=int(report["num_bytes"]),
+                          pack_seconds=packed - start, engine_seconds=float(report.get("engine_seconds", 0.0)),
+                          bytes=int(report["num_bytes"]),
                           num_workers=int(report["num_workers"]))
 
     async def push_async(self, named_tensors: NamedTensors, version: int, *, mode: str = "keep",
