@@ -81,11 +81,11 @@ def generate_turn(model: torch.nn.Module, contexts: list[list[int]], cfg: HFEpis
     device = next(model.parameters()).device
     ids, mask = _left_pad(contexts, cfg.pad_token_id, device)
     sample = cfg.temperature > 0
-    # A fresh GenerationConfig: nothing inherited from the checkpoint's generation_config.json
-    gen = GenerationConfig(do_sample=sample, temperature=cfg.temperature if sample else None, top_k=0 if sample else None,
-                           top_p=1.0 if sample else None, max_new_tokens=cfg.max_tokens,
-                           eos_token_id=list(cfg.eos_token_ids), pad_token_id=cfg.pad_token_id,
-                           output_scores=True, return_dict_in_generate=True)
+    # NOTE: generate fills the fields left None from the checkpoint's generation_config.json (SmolLM2's and the
+    # random models' hold token ids only): what shapes the distribution is set here, as the engine samples
+    knobs = dict(temperature=cfg.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0) if sample else {}
+    gen = GenerationConfig(do_sample=sample, max_new_tokens=cfg.max_tokens, eos_token_id=list(cfg.eos_token_ids),
+                           pad_token_id=cfg.pad_token_id, output_scores=True, return_dict_in_generate=True, **knobs)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     new = out.sequences[:, ids.shape[1]:]                                    # [B, T]
     # scores are the processed logits (divided by the temperature): normalised, the sampled token's logprob

@@ -181,7 +181,8 @@ def start_pool(args: argparse.Namespace, ctx: Context) -> tuple[Any, bool]:
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env=default_runtime_env(), **({} if cuda else {"num_cpus": 2}))
+                 runtime_env=default_runtime_env(),
+                 **({"num_gpus": torch.cuda.device_count()} if cuda else {"num_cpus": 2}))
     # NOTE: before any trainer exists: gpu_memory_utilization bounds all that is in use on the device when the
     # engine starts (the trainer's memory included), and the trainer's optimizer state comes only later
     pool = RolloutPool(ctx.engine_config, num_workers=1, num_cpus_per_worker=args.worker_cpus,

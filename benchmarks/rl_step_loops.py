@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -56,7 +56,9 @@ class StepRecord:
     train_s: float              # train_step
     weight_sync_s: float        # pushing the new weights to the pool, every worker applied (0: baseline)
     sync_pack_s: float          # of that, the trainer's share (packing into IPC buffers / host memory)
+    sync_apply_s: float         # of that, the slowest worker's apply inside its engine
     sleep_wake_s: float         # pool.sleep(1) + torch.cuda.empty_cache() + pool.wake_up() (sync only)
+    sleep_freed_bytes: int      # device memory the engine gave back at sleep (sync only)
     step_s: float               # the step's wall time as the trainer sees it
     episodes: int
     model_tokens: int
@@ -157,29 +159,37 @@ def train(ctx: Context, trainer: Trainer, trajs: list[Trajectory], cfg: PPOStepC
     return stats, time.perf_counter() - t0
 
 
-def record(step: int, trajs: list[Trajectory], trainer_version: int, stats: TrainStats, **times: Any) -> StepRecord:
+def record(step: int, trajs: list[Trajectory], trainer_version: int, stats: TrainStats,
+           pushed: Optional[PushReport], *, rollout_s: float, rollout_wait_s: float, train_s: float, step_s: float,
+           sleep_wake_s: float = 0.0, sleep_freed_bytes: int = 0) -> StepRecord:
+    """One step's figures; ``pushed`` None: no weight sync (the baseline samples with the trainer itself)."""
     versions = torch.tensor([v for t in trajs for v in t.versions], dtype=torch.long)
     mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.long)
     stale = staleness(versions, mask, trainer_version)
     model_tokens = sum(t.num_model_tokens for t in trajs)
-    return StepRecord(step=step, version=trainer_version, episodes=len(trajs), model_tokens=model_tokens,
-                      env_tokens=int(mask.numel()) - model_tokens,
+    return StepRecord(step=step, version=trainer_version, rollout_s=rollout_s, rollout_wait_s=rollout_wait_s,
+                      train_s=train_s, weight_sync_s=pushed.seconds if pushed else 0.0,
+                      sync_pack_s=pushed.pack_seconds if pushed else 0.0,
+                      sync_apply_s=pushed.engine_seconds if pushed else 0.0, sleep_wake_s=sleep_wake_s,
+                      sleep_freed_bytes=sleep_freed_bytes, step_s=step_s, episodes=len(trajs),
+                      model_tokens=model_tokens, env_tokens=int(mask.numel()) - model_tokens,
                       prefill_tokens=sum(int(t.metrics.get("num_prefill_tokens", 0)) for t in trajs),
                       turns_mean=sum(t.turns for t in trajs) / len(trajs),
                       reward_mean=sum(t.reward or 0.0 for t in trajs) / len(trajs),
                       staleness_max=stale.max, staleness_mean=stale.mean,
-                      ratio_dev=stats.first_epoch_ratio_abs_dev, **times)
+                      ratio_dev=stats.first_epoch_ratio_abs_dev,
+                      sync_transport=pushed.transport if pushed else "none (same process)",
+                      sync_bytes=pushed.bytes if pushed else 0)
 
 
-def run_sync(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) -> VariantResult:
+def run_sync(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) -> Iterator[StepRecord]:
     """Submit, collect, sleep the engine (its KV cache goes back to the device), train, wake it, push."""
-    result: Optional[VariantResult] = None
     for step in range(1 + ctx.steps):
         t0 = time.perf_counter()
         flight = InFlight(pool, ctx, step)
         trajs = flight.wait()
         t1 = time.perf_counter()
-        asyncio.run(pool.sleep(1))
+        freed = sum(int(r["freed_bytes"]) for r in asyncio.run(pool.sleep(1)))
         sleep_s = time.perf_counter() - t1
         stats, train_s = train(ctx, trainer, trajs, ctx.ppo)
         t2 = time.perf_counter()
@@ -189,21 +199,16 @@ def run_sync(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) ->
         wake_s = time.perf_counter() - t2
         trainer.version += 1
         pushed = push(pusher, trainer, ctx.device)
-        rec = record(step, trajs, trainer.version - 1, stats, rollout_s=flight.finished - flight.submitted,
-                     rollout_wait_s=t1 - t0, train_s=train_s, weight_sync_s=pushed.seconds, sync_pack_s=pushed.pack_seconds,
-                     sleep_wake_s=sleep_s + wake_s, step_s=time.perf_counter() - t0,
-                     sync_transport=pushed.transport, sync_bytes=pushed.bytes)
-        result = _add(result, "sync", rec)
-    assert result is not None
-    return result
+        yield record(step, trajs, trainer.version - 1, stats, pushed, rollout_s=flight.finished - flight.submitted,
+                     rollout_wait_s=t1 - t0, train_s=train_s, step_s=time.perf_counter() - t0,
+                     sleep_wake_s=sleep_s + wake_s, sleep_freed_bytes=freed)
 
 
-def run_async(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) -> VariantResult:
+def run_async(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) -> Iterator[StepRecord]:
     """Step k+1's episodes go out as soon as step k's are in, and run while step k trains and pushes (the
     push lands mid-episode: those turns continue on the new weights, KV recomputed), so every model token is
     at most one version stale. The last timed step trains beside rollouts too (one more step's, drained after)."""
     cfg = dataclasses.replace(ctx.ppo, tis_cap=ctx.tis_cap)
-    result: Optional[VariantResult] = None
     flight = InFlight(pool, ctx, 0)
     for step in range(1 + ctx.steps):
         t0 = time.perf_counter()
@@ -213,18 +218,13 @@ def run_async(ctx: Context, pool: Any, pusher: WeightPusher, trainer: Trainer) -
         stats, train_s = train(ctx, trainer, trajs, cfg)
         trainer.version += 1
         pushed = push(pusher, trainer, ctx.device)
-        rec = record(step, trajs, trainer.version - 1, stats, rollout_s=done.finished - done.submitted,
-                     rollout_wait_s=t1 - t0, train_s=train_s, weight_sync_s=pushed.seconds, sync_pack_s=pushed.pack_seconds, sleep_wake_s=0.0,
-                     step_s=time.perf_counter() - t0, sync_transport=pushed.transport, sync_bytes=pushed.bytes)
-        result = _add(result, "async", rec)
+        yield record(step, trajs, trainer.version - 1, stats, pushed, rollout_s=done.finished - done.submitted,
+                     rollout_wait_s=t1 - t0, train_s=train_s, step_s=time.perf_counter() - t0)
     flight.wait()
-    assert result is not None
-    return result
 
 
-def run_hf(ctx: Context, trainer: Trainer) -> VariantResult:
+def run_hf(ctx: Context, trainer: Trainer) -> Iterator[StepRecord]:
     """The episodes in-process with ``generate``, then the same train_step; the sampler is the trainer."""
-    result: Optional[VariantResult] = None
     for step in range(1 + ctx.steps):
         sync_device(ctx.device)
         t0 = time.perf_counter()
@@ -234,36 +234,35 @@ def run_hf(ctx: Context, trainer: Trainer) -> VariantResult:
         t1 = time.perf_counter()
         stats, train_s = train(ctx, trainer, trajs, ctx.ppo)
         trainer.version += 1
-        rec = record(step, trajs, trainer.version - 1, stats, rollout_s=t1 - t0, rollout_wait_s=t1 - t0,
-                     train_s=train_s, weight_sync_s=0.0, sync_pack_s=0.0, sleep_wake_s=0.0, step_s=time.perf_counter() - t0,
-                     sync_transport="none (same process)", sync_bytes=0)
-        result = _add(result, "hf", rec)
-    assert result is not None
-    return result
+        yield record(step, trajs, trainer.version - 1, stats, None, rollout_s=t1 - t0, rollout_wait_s=t1 - t0,
+                     train_s=train_s, step_s=time.perf_counter() - t0)
 
 
-def _add(result: Optional[VariantResult], key: str, rec: StepRecord) -> VariantResult:
+def _log(key: str, rec: StepRecord) -> None:
     logger.info("%s step %d%s: rollout %.2f s (waited %.2f), train %.2f s, weight sync %.2f s, sleep+wake %.2f s, "
                 "step %.2f s | %d model tokens, %.2f turns/episode, reward %.3f, staleness max %d | epoch-0 "
                 "|ratio-1| %s", key, rec.step, " (warm-up)" if rec.step == 0 else "", rec.rollout_s,
                 rec.rollout_wait_s, rec.train_s, rec.weight_sync_s, rec.sleep_wake_s, rec.step_s, rec.model_tokens,
                 rec.turns_mean, rec.reward_mean, rec.staleness_max,
                 "n/a" if rec.ratio_dev is None else f"{rec.ratio_dev:.2e}")
-    if result is None:
-        return VariantResult(key, VARIANTS[key], warmup=rec)
-    result.steps.append(rec)
-    return result
 
 
 def run_variant(key: str, ctx: Context, pool: Any) -> VariantResult:
     """One variant from a fresh trainer; ours first pushes its starting weights (untimed) so the engine
     samples with exactly the trainer's weights at the trainer's version."""
     trainer = make_trainer(ctx, version=0 if pool is None else pool.version + 1)
-    if key == "hf":
-        return run_hf(ctx, trainer)
-    pusher = WeightPusher(pool, device=ctx.device)
+    pusher = None if key == "hf" else WeightPusher(pool, device=ctx.device)
     try:
-        push(pusher, trainer, ctx.device)
-        return (run_sync if key == "sync" else run_async)(ctx, pool, pusher, trainer)
+        if pusher is None:
+            steps = run_hf(ctx, trainer)
+        else:
+            push(pusher, trainer, ctx.device)
+            steps = (run_sync if key == "sync" else run_async)(ctx, pool, pusher, trainer)
+        records = []
+        for rec in steps:       # the generator runs the steps: step 0 is the warm-up
+            _log(key, rec)
+            records.append(rec)
     finally:
-        pusher.close()
+        if pusher is not None:
+            pusher.close()
+    return VariantResult(key, VARIANTS[key], warmup=records[0], steps=records[1:])

@@ -59,21 +59,26 @@ def notes(results: list[VariantResult], args: argparse.Namespace, label: str) ->
             parts.append(f"weight sync = {h[f'weight_sync_pct_of_{key}_step']:.1f}% of {name}'s step")
     ours = next((r[k] for k in ("sync", "async") if k in r), None)
     push = (f"Weights pushed with rollout.weight_push.WeightPusher through {ours.steps[0].sync_transport} "
-            f"({ours.steps[0].sync_bytes / 1e6:,.0f} MB a push in the engine's dtype; of the push, packing on the "
-            f"trainer's side took {ours.mean('sync_pack_s'):.3g} s), applied in place, in-flight turns' KV "
+            f"({ours.steps[0].sync_bytes / 1e6:,.0f} MB a push in the engine's dtype; of its "
+            f"{ours.mean('weight_sync_s'):.3g} s, packing on the trainer's side took {ours.mean('sync_pack_s'):.3g} s "
+            f"and the engine's apply {ours.mean('sync_apply_s'):.3g} s), applied in place, in-flight turns' KV "
             "recomputed. ") if ours else ""
+    if "sync" in r:
+        push += f"Sleep gave back {r['sync'].mean('sleep_freed_bytes') / 1e9:.2f} GB of the engine's memory a step. "
     engine_dtype = args.engine_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     shape_note = ("random weights (time only) with SmolLM2's 49,152-token vocabulary and tokenizer, so every sampled "
                   "id decodes (embedding and LM head smaller than the published model's); " if args.shape else "")
-    env_note = ("calculator tool environment (easy, few-shot), reward 1 for the right number" if args.env == "calculator"
-                else f"echo_test token environment ({args.max_turns} turns per episode, 16-token observations)")
+    env_note = (f"calculator tool environment ({args.difficulty}, few-shot), reward 1 for the right number"
+                if args.env == "calculator" else
+                f"echo_test token environment ({args.max_turns} turns per episode, 16-token observations)")
     return (
         "; ".join(parts) + ".\n\n"
         f"One GRPO step: {args.questions} questions x {args.group_size} episodes of the {env_note}, at most "
         f"{args.max_turns} model turns of {args.max_tokens} tokens, temperature {args.temperature}; model {label}; "
         f"{shape_note}engine {engine_dtype} (1 worker, gpu_memory_utilization {args.gpu_memory_utilization}), trainer "
         f"fp32 with AdamW, {args.epochs} PPO epochs of microbatches of {args.minibatch}, k3 KL to a frozen reference "
-        f"(async: TIS cap {args.tis_cap}). Means of {args.steps} timed steps per variant after one warm-up step, all "
+        f"(async: TIS cap {args.tis_cap}). Means of {args.steps} timed step{'s' if args.steps > 1 else ''} per "
+        "variant after one warm-up step, all "
         f"variants from the same starting weights on the same questions, in one run. {push}"
         "Rollout s: submission to the last episode's end (async: the episodes run beside the previous step's "
         "training and push, so rollout s overlaps them and the trainer waited only the column after); step s: the "
@@ -84,7 +89,8 @@ def notes(results: list[VariantResult], args: argparse.Namespace, label: str) ->
         "observation not appended), the same sampling (full distribution at the temperature; logprobs from "
         "generate's scores), the same train_step on the same Trajectory fields; it differs in re-prefilling every "
         "turn, in running turns in lockstep (a batch waits for its longest row), and in sampling with the fp32 "
-        "trainer itself (ours samples in the engine's dtype: the epoch-0 column is that mismatch).")
+        "trainer itself. The epoch-0 column is each sampler's agreement with the trainer's forward on the fresh "
+        "tokens: ours, the engine's dtype and kernels; the baseline, generate's KV-cached, left-padded forward.")
 
 
 def report(results: list[VariantResult], args: argparse.Namespace, label: str, append: bool) -> Any:
