@@ -28,6 +28,10 @@ class EngineConfig:
     decode_gemv: str = "auto"                   # decode batches of 1-4 rows: Triton matrix-vector kernels
                                                 # (fused norm / SiLU) or cuBLAS; "auto" measures both at
                                                 # graph capture and keeps the faster; "on" | "off" force it
+    fp32_lm_head: bool = False                  # bf16/fp16 models: the final norm, the lm_head and the logits
+                                                # in float32 over float32 copies of their weights (fewer
+                                                # train/inference logprob mismatches; no-op for float32;
+                                                # engine.models.fp32_head, docs/gpu.md)
     async_scheduling: bool = True               # queue decode step N+1 before reading step N's tokens
                                                 # (see LLMEngine.step, docs/scheduler.md)
     async_after_prefill: bool = False           # ... also after a step with prefill chunks (measured slower on
@@ -67,6 +71,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.decode_gemv not in ("auto", "on", "off"):
             raise ValueError(f"EngineConfig.decode_gemv must be 'auto', 'on' or 'off', got {self.decode_gemv!r}")
+        if not isinstance(self.fp32_lm_head, bool):
+            raise ValueError(f"EngineConfig.fp32_lm_head must be a bool, got {self.fp32_lm_head!r}")
         if not isinstance(self.enable_cuda_graphs, bool):
             raise ValueError(f"EngineConfig.enable_cuda_graphs must be a bool, got {self.enable_cuda_graphs!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
@@ -96,6 +102,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.session_ttl_s must be > 0, got {self.session_ttl_s!r}")
         if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
+    @property
+    def fp32_head_in_effect(self) -> bool:
+        """``fp32_lm_head`` changes something: the model is bf16 / fp16 (a float32 model's head already is)."""
+        return self.fp32_lm_head and self.dtype != "float32"
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -76,6 +76,10 @@ class LLMEngine:
         param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         num_blocks = config.num_kv_blocks or device_kv_blocks(config, mc, self.kv_block_bytes, self.max_model_len,
                                                               self.device, param_bytes)
+        if config.fp32_head_in_effect:   # after the KV sizing, which reserves the copies' bytes by name
+            self.model.enable_fp32_head()
+        elif config.fp32_lm_head:
+            logger.debug("fp32_lm_head: no-op for a float32 model (its norm and lm_head already run in float32)")
         backend_name = self._choose_backend()
         self.backend = get_backend(backend_name)
         logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",

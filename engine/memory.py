@@ -8,6 +8,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_offload import available_host_memory
 from engine.model_config import ModelConfig
+from engine.models.fp32_head import Fp32Head
 
 logger = logging.getLogger(__name__)
 
@@ -15,10 +16,11 @@ logger = logging.getLogger(__name__)
 def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, max_model_len: int,
                      device: torch.device, param_bytes: int = 0, mem_get_info=None) -> int:
     """KV blocks from the memory budget. On CUDA: ``gpu_memory_utilization`` of the device, minus what is in use
-    (the weights, loaded), one eager step's activations, the sampler's logits, the CUDA graphs' pool, and the
+    (the weights, loaded), one eager step's activations, the sampler's logits, the CUDA graphs' pool, the
     backup a weight update keeps of what it overwrites (``update_backup_bytes``, default every parameter's
-    bytes). On CPU: ``kv_cache_memory_bytes``. Never more than every running sequence at full length could use;
-    a budget that cannot hold one sequence of ``max_model_len`` fails here, naming each term."""
+    bytes) and the float32 head's weight copies (``fp32_lm_head``). On CPU: ``kv_cache_memory_bytes``. Never
+    more than every running sequence at full length could use; a budget that cannot hold one sequence of
+    ``max_model_len`` fails here, naming each term."""
     ceiling = -(-config.max_num_seqs * max_model_len // config.block_size)
     if device.type == "cuda":
         free, total = (mem_get_info or torch.cuda.mem_get_info)(device)
@@ -30,6 +32,11 @@ def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, ma
             "CUDA graph pool": min(config.cuda_graph_max_batch, config.max_num_seqs) * per_token
             if config.enable_cuda_graphs else 0,
             "weight-update backup (update_backup_bytes)": update_backup_bytes(config, param_bytes),
+            # allocated after this sizing (LLMEngine), so not in "in use now". Its logits need nothing more:
+            # the sampler term above is already float32, and the float32 final hidden states fit in the
+            # activation term (counted at 4 bytes an element whatever the dtype).
+            "float32 norm + lm_head copies (fp32_lm_head)": Fp32Head.nbytes(mc.vocab_size, mc.hidden_size)
+            if config.fp32_head_in_effect else 0,
         }
         allowed = int(total * config.gpu_memory_utilization)
         budget = allowed - sum(terms.values())

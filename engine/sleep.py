@@ -1,8 +1,9 @@
 """Sleep and wake: give the device memory of an idle engine back (to a colocated trainer), and take it again.
 
     level 1   the KV cache (and the CUDA graphs' pool) is released; the weights stay
-    level 2   the weights are released too; after ``wake_up`` they are undefined until a complete
-              ``update_weights`` lands (the engine refuses work until then)
+    level 2   the weights are released too (with the float32 head's copies of them, ``fp32_lm_head``); after
+              ``wake_up`` they are undefined until a complete ``update_weights`` lands (the engine refuses work
+              until then; that update refreshes the copies)
 
 What happens to the engine's work (docs/scheduler.md, "Sleep"):
   - ``sleep`` first finishes what is running (admission paused meanwhile, like ``update_weights(mode="drain")``);
@@ -42,7 +43,7 @@ class SleepReport:
     level: int
     freed_bytes: int            # device memory given back (mem_get_info delta on CUDA; tensor bytes on CPU)
     kv_bytes: int               # bytes of the KV cache released
-    weight_bytes: int           # bytes of the weights released (level 2)
+    weight_bytes: int           # bytes of the weights released (level 2), float32 head copies included
     offloaded_sessions: int     # parked sessions whose KV went to the host pool
     dropped_sessions: int       # parked sessions whose KV was dropped (no room on the host)
     seconds: float
@@ -93,7 +94,8 @@ def sleep(engine: "LLMEngine", level: int) -> SleepReport:
     engine.kv_caches = None
     weight_bytes = 0
     if level == 2:
-        for p in engine.updater.params.values():
+        head = getattr(engine.model, "fp32_head", None)
+        for p in [*engine.updater.params.values(), *(head.buffers() if head is not None else ())]:
             weight_bytes += p.numel() * p.element_size()
             engine._released_params.append((p, tuple(p.shape)))
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)

@@ -10,6 +10,8 @@ Order of one ``WeightUpdater.apply``::
                                                 as declared); back up the destination slice (within budget); copy_
     3. completeness (unless partial)            every expected name arrived (and every declared one, if declared)
     4. loader.close()                           always, success or failure
+    5. model.refresh_fp32_head()                applied updates that wrote the final norm or the lm_head (or
+                                                the tied embedding): the float32 head's copies follow them
     on any failure: restore every backed-up slice, raise WeightUpdateError; if some slice was overwritten without a
     backup (budget exceeded), the weights are a mix -> WeightsInconsistentError and ``inconsistent`` stays True
     until a complete update succeeds.
@@ -125,6 +127,10 @@ class WeightUpdater:
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
         self.inconsistent = False  # True after a failed update that could not be fully undone
         self._bucket_plans: OrderedDict[tuple, BucketCopyPlan] = OrderedDict()  # (layout key, partial) -> plan
+        # Checkpoint names of the parameters the float32 head copies (CausalLM.enable_fp32_head): the final
+        # norm and the lm_head, which is the embedding when tied. An update writing one refreshes the copies.
+        head = {"norm.weight", "embed_tokens.weight" if model_config.tie_word_embeddings else "lm_head.weight"}
+        self._head_names = frozenset(n for n in self.expected if self.mapper.resolve(n).param_name in head)
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_manifest(self, manifest: Any, partial: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -210,6 +216,11 @@ class WeightUpdater:
         except BaseException as err:
             self._fail(loader, tx, err)
             raise  # unreachable: _fail raises
+        # Only an applied update refreshes the float32 head: a rolled-back one restored the parameters bitwise
+        # to what the copies were last refreshed from.
+        refresh = getattr(self.model, "refresh_fp32_head", None)
+        if refresh is not None and self._head_names.intersection(names):
+            refresh()
         if not partial:
             self.inconsistent = False
         return UpdateReport(len(names), nbytes, time.perf_counter() - t0, tuple(names), tx.backup_bytes)

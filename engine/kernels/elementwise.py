@@ -1,6 +1,7 @@
 """Fused elementwise kernels of the decoder layer, rounding exactly where ``engine.models.decoder`` rounds.
 
-    rms_norm:      [residual add ->] x * rsqrt(mean(x^2) + eps) in fp32, cast, times weight (RMSNorm)
+    rms_norm:      [residual add ->] x * rsqrt(mean(x^2) + eps) in fp32, cast, times weight (RMSNorm);
+                   upcast=True: no cast, fp32 out (the final norm of the fp32 head, Fp32Head.norm)
     silu_and_mul:  silu(gate) * up over x = [gate | up]                       (F.silu(gate) * up)
     apply_rotary_: HF rotate-half rotary, in place on q and k                 (apply_rotary)
 
@@ -20,7 +21,7 @@ from engine.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, 
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -38,9 +39,10 @@ def _rms_norm_kernel(
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
-    y = (x32 * inv_rms).to(x_ptr.dtype.element_ty)  # cast back before the weight multiply, as RMSNorm does
-    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    y = x32 * inv_rms
+    if not UPCAST:
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # cast back before the weight multiply, as RMSNorm does
+    tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
@@ -51,15 +53,17 @@ def rms_norm(
     *,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (norm(x [+ residual]), new residual). New residual = x + residual (rounded to x's dtype), or x
-    itself when ``residual`` is None, ready to be the next block's residual."""
+    itself when ``residual`` is None, ready to be the next block's residual. ``upcast``: the normalized row
+    is not rounded to x's dtype before the weight multiply and the output is float32 (``Fp32Head``)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    out_dtype = torch.float32 if upcast else torch.promote_types(x.dtype, weight.dtype)
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     out2 = out.view(-1, n)
@@ -79,7 +83,7 @@ def rms_norm(
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out2, ro2,
             x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), n, eps,
-            BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=residual is not None, USE_PDL=pdl,
+            BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=residual is not None, UPCAST=upcast, USE_PDL=pdl,
             num_warps=min(16, max(1, triton.next_power_of_2(n) // 256)), **launch_options(pdl),
         )
     return out, residual_out

@@ -9,7 +9,8 @@ Parameters are stored fused so each layer runs two GEMMs where Hugging Face runs
 
 Numerics follow transformers so fp32 outputs agree to ~1e-5: RMSNorm in float32 then cast back before the
 weight multiply, rotary cos/sin computed in float32 and cast to the activation dtype, attention math in float32
-inside the backend, logits returned in float32.
+inside the backend, logits returned in float32. ``CausalLM.enable_fp32_head`` moves the final norm and the
+lm_head to float32 (``engine.models.fp32_head``: the fix for the bf16 train/inference logprob mismatch).
 
 Two execution paths, chosen per forward by ``CausalLM.use_fused_ops``:
   - torch ops (CPU, the oracle): each layer returns ``residual + branch`` as transformers does;
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.models.fp32_head import Fp32Head
 
 _KERNELS: object = None  # engine.kernels once imported; False when triton is unavailable
 
@@ -279,6 +281,8 @@ class CausalLM(nn.Module):
         # None: fused Triton ops on CUDA when triton imports, torch ops elsewhere; True / False forces
         # (True on CPU runs the kernels under TRITON_INTERPRET=1: tests only).
         self.use_fused_ops: Optional[bool] = None
+        # Set by ``enable_fp32_head``: the final norm and the lm_head in float32 (engine.models.fp32_head).
+        self.fp32_head: Optional[Fp32Head] = None
 
     def _kernels_for(self, device: torch.device):
         if self.use_fused_ops is False or (self.use_fused_ops is None and device.type != "cuda"):
@@ -305,6 +309,19 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def enable_fp32_head(self) -> None:
+        """From now on the final norm and the lm_head run in float32 over float32 copies of their weights
+        (``forward`` returns float32 hidden states): allocates the copies and fills them."""
+        c = self.config
+        self.fp32_head = Fp32Head(c.vocab_size, c.hidden_size, c.rms_norm_eps, self.embed_tokens.weight.device)
+        self.refresh_fp32_head()
+
+    def refresh_fp32_head(self) -> None:
+        """Rewrite the float32 copies from the current parameters, in place (no-op without the fp32 head).
+        Whoever writes ``norm.weight``, ``lm_head.weight`` or a tied embedding calls this after."""
+        if self.fp32_head is not None:
+            self.fp32_head.refresh(self.norm.weight, self.lm_head.weight)
+
     def init_rope_cache(self, device: Optional[torch.device] = None) -> None:
         """(Re)compute the rotary tables; call after ``to_empty`` (meta-device construction)."""
         if device is None:
@@ -319,7 +336,7 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # one (k_cache, v_cache) per layer
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:            # [T, hidden], after the final norm
+    ) -> torch.Tensor:            # [T, hidden], after the final norm (float32 with the fp32 head)
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} (k_cache, v_cache) pairs, got {len(kv_caches)}")
         hidden = self.embed_tokens(input_ids)
@@ -330,13 +347,18 @@ class CausalLM(nn.Module):
             residual = None
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden, residual = layer.forward_fused(hidden, residual, cos, sin, kv_cache, meta, backend, kernels)
+            if self.fp32_head is not None:
+                return self.fp32_head.norm_fused(hidden, residual, kernels)
             return kernels.rms_norm(hidden, self.norm.weight, self.norm.eps, residual)[0]
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden = layer(hidden, cos, sin, kv_cache, meta, backend)
-        return self.norm(hidden)
+        return self.norm(hidden) if self.fp32_head is None else self.fp32_head.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-        """hidden: [R, hidden] (the rows to sample from) -> [R, vocab] float32 (the weights' dtype when
-        ``upcast`` is False: for kernels that read it directly)."""
+        """hidden: [R, hidden] (the rows to sample from, as ``forward`` returns them) -> [R, vocab] float32
+        (the weights' dtype when ``upcast`` is False: for kernels that read it directly; float32 either way
+        with the fp32 head)."""
+        if self.fp32_head is not None:
+            return self.fp32_head.logits(hidden)
         logits = F.linear(hidden, self.lm_head.weight)
         return logits.float() if upcast else logits

@@ -49,3 +49,20 @@ def test_cpu_budget_and_host_pool_defaults(mc):
     cfg = EngineConfig(model="unused", kv_cache_memory_bytes=64 << 20, max_num_seqs=4)
     assert device_kv_blocks(cfg, mc, 1 << 20, 1024, torch.device("cpu")) == 64
     assert host_kv_bytes(cfg, torch.device("cpu"), GB) == 0
+
+
+def test_the_fp32_lm_head_copies_are_reserved_by_name(mc):
+    base = dict(model="unused", max_num_seqs=64, max_num_batched_tokens=2048, cuda_graph_max_batch=32,
+                dtype="bfloat16")
+    free, total, params = 70 * GB, 80 * GB, 4 * GB
+    kw = dict(block_bytes=1, max_model_len=1 << 36)     # 1-byte blocks: the count is the budget in bytes
+    plain = sized(EngineConfig(**base), mc, free, total, params, **kw)
+    fp32 = sized(EngineConfig(**base, fp32_lm_head=True), mc, free, total, params, **kw)
+    assert plain - fp32 == (mc.vocab_size + 1) * mc.hidden_size * 4
+    # a float32 model has no copies to make
+    f32 = dict(base, dtype="float32")
+    assert sized(EngineConfig(**f32, fp32_lm_head=True), mc, free, total, params, **kw) \
+        == sized(EngineConfig(**f32), mc, free, total, params, **kw)
+    with pytest.raises(ValueError, match=r"lm_head copies \(fp32_lm_head\)"):
+        sized(EngineConfig(**base, fp32_lm_head=True), mc, free=10 * GB, total=20 * GB, param_bytes=8 * GB,
+              block_bytes=64 << 20, max_model_len=4096)
