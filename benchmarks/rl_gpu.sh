@@ -12,9 +12,9 @@ OUT=${OUT:-/tmp/out}
 mkdir -p $OUT
 case $part in
   a)
-    timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/rollout/test_colocated_gpu.py \
+    [ -n "$TESTS" ] && timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/rollout/test_colocated_gpu.py \
       tests/weight_sync/test_cuda_ipc.py tests/engine/test_fp32_head.py 2>&1 | tail -30 | tee $OUT/tests.log
-    timeout 330 python3 benchmarks/colocated_gpu.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,llama-3.1-8b 2>&1 \
+    timeout 330 python3 benchmarks/colocated_gpu.py --shapes ${SHAPES:-qwen2.5-0.5b,llama-3.1-8b} 2>&1 \
       | grep -v "^\s*$" | tail -12 | tee $OUT/colocated.log ;;
   b)
     ls -la /tmp/gguf_parts ;;
@@ -22,15 +22,15 @@ case $part in
     steps=${STEPS:-8}
     for run in "bf16" "fp32head --fp32-lm-head" "async --async 1 --tis-cap 2"; do
       name=${run%% *}; extra=${run#"$name"}
-      timeout 190 python3 examples/ppo.py --device cuda --steps $steps --out $OUT/ppo_$name $extra 2>&1 \
+      timeout ${PPO_TIMEOUT:-170} python3 examples/ppo.py --device cuda --steps $steps --out $OUT/ppo_$name $extra 2>&1 \
         | grep -E "step [0-9]+|mean reward|Error|error" | tail -40 > $OUT/ppo_$name.log
       tail -3 $OUT/ppo_$name.log
       rm -f $OUT/ppo_$name/ppo.png
     done ;;
   d)
-    timeout 280 python3 benchmarks/rl_step.py --device cuda --model smollm2 --out $OUT/rl_smollm2.json 2>&1 \
+    timeout 280 python3 benchmarks/rl_step.py --device cuda --model smollm2 --steps ${STEPS:-2} --out $OUT/rl_smollm2.json 2>&1 \
       | grep -v "^\s*$" | tail -15 | tee $OUT/rl_smollm2.log
-    timeout 280 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --out $OUT/rl_05b.json 2>&1 \
+    timeout 280 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --steps ${STEPS:-2} --out $OUT/rl_05b.json 2>&1 \
       | grep -v "^\s*$" | tail -15 | tee $OUT/rl_05b.log ;;
 esac
 cp benchmarks/RESULTS.md $OUT/RESULTS.md
