@@ -74,7 +74,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--difficulty", default="easy", choices=["easy", "hard"])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--minibatch", type=int, default=8, help="trajectories per forward/backward")
+    p.add_argument("--minibatch", type=int, default=None,
+                   help="trajectories per forward/backward (default 32 on CUDA, 8 on CPU)")
+    p.add_argument("--trainer-autocast", default=None, choices=["none", "bfloat16", "float16"],
+                   help="the trainer's mixed precision (fp32 master weights; default bfloat16 on CUDA, none on "
+                        "CPU); the baseline's generate runs under it too")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--kl-coef", type=float, default=0.02)
     p.add_argument("--tis-cap", type=float, default=2.0, help="the async variant's TIS cap")
@@ -89,6 +93,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="out/rl_step.json", help="JSON of every figure")
     p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.minibatch is None:
+        args.minibatch = 32 if cuda else 8
+    if args.trainer_autocast is None:
+        args.trainer_autocast = "bfloat16" if cuda else "none"
     chosen = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(chosen) - set(VARIANTS))
     args.variant_keys = [k for k in VARIANTS if k in chosen]   # in VARIANTS' order, whatever the flag's
@@ -158,7 +167,8 @@ def make_context(args: argparse.Namespace, model_dir: Path) -> Context:
                                  max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                                  seed=args.seed)
     ppo = PPOStepConfig(epochs=args.epochs, minibatch=args.minibatch, kl_coef=args.kl_coef,
-                        temperature=args.temperature)
+                        temperature=args.temperature,
+                        autocast_dtype=None if args.trainer_autocast == "none" else args.trainer_autocast)
     hf = HFEpisodeConfig(temperature=args.temperature, max_tokens=args.max_tokens, max_turns=args.max_turns,
                          eos_token_ids=tuple(mc.eos_token_ids), pad_token_id=pad_id,
                          max_model_len=min(args.max_model_len, mc.max_position_embeddings))

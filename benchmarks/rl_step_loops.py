@@ -228,8 +228,9 @@ def run_hf(ctx: Context, trainer: Trainer) -> Iterator[StepRecord]:
     for step in range(1 + ctx.steps):
         sync_device(ctx.device)
         t0 = time.perf_counter()
-        trajs = run_hf_episodes(trainer.policy, ctx.tokenizer, ctx.env, ctx.env_kwargs(step), ctx.hf,
-                                trainer.version)
+        with ctx.ppo.autocast(ctx.device):      # the trainer's precision samples too
+            trajs = run_hf_episodes(trainer.policy, ctx.tokenizer, ctx.env, ctx.env_kwargs(step), ctx.hf,
+                                    trainer.version)
         sync_device(ctx.device)
         t1 = time.perf_counter()
         stats, train_s = train(ctx, trainer, trajs, ctx.ppo)

@@ -76,7 +76,7 @@ def notes(results: list[VariantResult], args: argparse.Namespace, label: str) ->
         f"One GRPO step: {args.questions} questions x {args.group_size} episodes of the {env_note}, at most "
         f"{args.max_turns} model turns of {args.max_tokens} tokens, temperature {args.temperature}; model {label}; "
         f"{shape_note}engine {engine_dtype} (1 worker, gpu_memory_utilization {args.gpu_memory_utilization}), trainer "
-        f"fp32 with AdamW, {args.epochs} PPO epochs of microbatches of {args.minibatch}, k3 KL to a frozen reference "
+        f"fp32 with AdamW (autocast: {args.trainer_autocast}), {args.epochs} PPO epochs of microbatches of {args.minibatch}, k3 KL to a frozen reference "
         f"(async: TIS cap {args.tis_cap}). Means of {args.steps} timed step{'s' if args.steps > 1 else ''} per "
         "variant after one warm-up step, all "
         f"variants from the same starting weights on the same questions, in one run. {push}"

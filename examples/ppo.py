@@ -95,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sleep-level", type=int, default=None, choices=[0, 1, 2],
                    help="synchronous mode: the engine sleeps while the trainer trains (1: KV cache, 2: weights "
                         "too; 0: never; default 1 on CUDA, 0 on CPU)")
+    p.add_argument("--trainer-autocast", default="none", choices=["none", "bfloat16", "float16"],
+                   help="the trainer's mixed precision for forward/backward (fp32 master weights and optimizer)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3,
                    help="CUDA: the engine's share of the device (everything in use at its start counts)")
     p.add_argument("--max-turns", type=int, default=3)
@@ -205,7 +207,8 @@ def train_loop(args: argparse.Namespace, pool, pusher, policy, reference, optimi
     """``args.steps`` PPO steps (rollouts, advantages, epochs, weight push); one metrics dict per step."""
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     step_cfg = PPOStepConfig(epochs=args.epochs, minibatch=args.minibatch, clip=args.clip, kl_coef=args.kl_coef,
-                             tis_cap=args.tis_cap, temperature=args.temperature)
+                             tis_cap=args.tis_cap, temperature=args.temperature,
+                             autocast_dtype=None if args.trainer_autocast == "none" else args.trainer_autocast)
     version = 0
     metrics: list[dict] = []
     queue = RolloutQueue(pool, args, params)

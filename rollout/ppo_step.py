@@ -9,6 +9,7 @@ max |ratio - 1|), the train/inference mismatch check.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +28,9 @@ class PPOStepConfig:
     tis_cap: float = 0.0          # 0: off (on-policy); C > 0: TIS weight min(pi_old / pi_behaviour, C)
     temperature: float = 1.0      # the sampling temperature: logprobs are of the tempered distribution
     max_grad_norm: float = 1.0
+    # Mixed precision for the trainer's forward and backward ("bfloat16"/"float16"; None: the weights' dtype):
+    # the usual fp32-master-weights, bf16-compute setup. The log-softmax stays in fp32 (token_logprobs upcasts).
+    autocast_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "minibatch"):
@@ -38,6 +42,15 @@ class PPOStepConfig:
                 raise ValueError(f"PPOStepConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.temperature > 0:
             raise ValueError(f"PPOStepConfig.temperature must be > 0, got {self.temperature!r}")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"PPOStepConfig.autocast_dtype must be None, 'bfloat16' or 'float16', got "
+                             f"{self.autocast_dtype!r}")
+
+    def autocast(self, device: torch.device):
+        """The forward's autocast context (a no-op without ``autocast_dtype``)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.autocast_dtype))
 
 
 @dataclass
@@ -72,7 +85,7 @@ def train_step(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: t
     micro = [list(range(i, min(i + cfg.minibatch, len(trajs)))) for i in range(0, len(trajs), cfg.minibatch)]
     batches = [make_batch([trajs[i] for i in idx], [advantages[i] for i in idx], pad_id).to(device) for idx in micro]
     weights = [b.loss_mask.sum().item() / num_tokens for b in batches]     # token-mean over the whole step
-    with torch.no_grad():
+    with torch.no_grad(), cfg.autocast(device):
         ref_lps = [token_logprobs(reference, b, cfg.temperature) for b in batches]
     before = [p.detach().clone() for p in policy.parameters()]
     kl_epochs, clip_epochs, loss_epochs, grad_norms, lrs = [], [], [], [], []
@@ -82,7 +95,8 @@ def train_step(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: t
         optimizer.zero_grad(set_to_none=True)
         kl = clip = loss = 0.0
         for i, (batch, ref_lp, weight) in enumerate(zip(batches, ref_lps, weights)):
-            new_lp = token_logprobs(policy, batch, cfg.temperature)
+            with cfg.autocast(device):
+                new_lp = token_logprobs(policy, batch, cfg.temperature)
             if epoch == 0:
                 mismatch = behaviour_mismatch(new_lp, batch, version)
                 dev_sum += mismatch.abs_dev * mismatch.num_tokens

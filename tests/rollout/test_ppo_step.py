@@ -52,6 +52,30 @@ def test_train_step_first_epoch_is_on_policy_and_moves_towards_advantages(setup)
     assert gain[0] > 0 and gain[2] > 0 and gain[1] < 0 and gain[3] < 0
 
 
+def test_bf16_autocast_trains_in_bf16_and_keeps_fp32_logprobs(setup):
+    """Mixed precision: the matmuls run in bf16 (so the first-epoch ratio is no longer 1 to fp32 rounding, but
+    close), the logprobs and the fp32 master weights stay fp32, and the step still moves towards the advantages."""
+    base, trajs = setup
+    policy = copy.deepcopy(base)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    cfg = PPOStepConfig(epochs=1, minibatch=4, clip=10.0, kl_coef=0.0, autocast_dtype="bfloat16")
+    batch = make_batch(trajs, [1.0, -1.0, 1.0, -1.0], pad_id=0)
+    with torch.no_grad():
+        before = token_logprobs(policy, batch, 1.0)
+    seen = []
+    hook = policy.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    stats = train_step(policy, copy.deepcopy(base), opt, None, trajs, [1.0, -1.0, 1.0, -1.0], cfg, pad_id=0,
+                       device=torch.device("cpu"), version=0)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    assert 1e-5 < stats.first_epoch_ratio_abs_dev < 0.1       # bf16 compute against fp32 behaviour logprobs
+    with torch.no_grad():
+        after = token_logprobs(policy, batch, 1.0)
+    gain = ((after - before) * batch.loss_mask).sum(dim=1)
+    assert gain[0] > 0 and gain[2] > 0 and gain[1] < 0 and gain[3] < 0
+
+
 def test_stale_tokens_are_left_out_of_the_mismatch(setup):
     base, trajs = setup
     policy = copy.deepcopy(base)
@@ -62,7 +86,7 @@ def test_stale_tokens_are_left_out_of_the_mismatch(setup):
 
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("minibatch", 1.5), ("clip", -0.1), ("temperature", 0.0),
-                                         ("tis_cap", float("nan"))])
+                                         ("tis_cap", float("nan")), ("autocast_dtype", "bf16")])
 def test_bad_config_is_refused(field, value):
     with pytest.raises(ValueError, match=f"PPOStepConfig.{field}"):
         PPOStepConfig(**{field: value})
