@@ -21,14 +21,24 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: the share of the device the engine may fill (everything in use at its start counts)")
+    p.add_argument("--fp32-lm-head", action="store_true",
+                   help="bf16/fp16 models: the final norm, lm_head and logprobs in fp32")
+
+
+def _engine_config(args: argparse.Namespace, **extra):
+    from engine import EngineConfig
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                        seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
+                        fp32_lm_head=args.fp32_lm_head, **extra)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine import LLMEngine, SamplingParams
     from engine.smollm2 import chat_prompt_ids
 
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                    max_num_seqs=args.max_num_seqs, seed=args.seed))
+    engine = LLMEngine(_engine_config(args))
     tok = engine.tokenizer
     texts = args.chat or args.prompt
     if not texts:
@@ -52,12 +62,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from engine import EngineConfig
-
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                          seed=args.seed, host_kv_cache_bytes=int(args.host_kv_cache_gb * (1 << 30)))
+    config = _engine_config(args, host_kv_cache_bytes=int(args.host_kv_cache_gb * (1 << 30)))
     secret = None
     if args.auth_secret_file:
         with open(args.auth_secret_file, "rb") as f:
@@ -76,7 +83,7 @@ def _make_backend(args: argparse.Namespace, config):
     if args.ray_address is None and not ray.is_initialized():
         ray.init(num_cpus=args.ray_num_cpus or max(2, args.workers), include_dashboard=False)
     logger.info("serve: a Ray pool of %d workers (%s on %s)", args.workers, args.model, args.device)
-    return RolloutPool(config, args.workers, address=args.ray_address)
+    return RolloutPool(config, args.workers, address=args.ray_address, num_gpus_per_worker=args.num_gpus_per_worker)
 
 
 async def _serve_async(args: argparse.Namespace, config, secret: bytes | None) -> int:
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--local", action="store_true", help="one engine in this process, no Ray")
     srv.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     srv.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default max(2, workers))")
+    srv.add_argument("--num-gpus-per-worker", type=float, default=None,
+                     help="CUDA: each worker's share of a GPU (< 1 shares it, e.g. with a colocated trainer)")
     srv.add_argument("--no-update-weights", action="store_true", help="answer update_weights with 'disabled'")
     srv.add_argument("--host-kv-cache-gb", type=float, default=0.0, help="pinned host pool for idle sessions' KV")
     srv.add_argument("--auth-secret-file", default=None,
