@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from engine.attention import get_backend
+from engine.attention import choose_backend, get_backend
 from engine.config import EngineConfig
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from engine.kv_offload import HostKVCache
@@ -80,7 +80,7 @@ class LLMEngine:
             self.model.enable_fp32_head()
         elif config.fp32_lm_head:
             logger.debug("fp32_lm_head: no-op for a float32 model (its norm and lm_head already run in float32)")
-        backend_name = self._choose_backend()
+        backend_name = choose_backend(config.attention_backend, self.device)
         self.backend = get_backend(backend_name)
         logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",
                     mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
@@ -111,27 +111,6 @@ class LLMEngine:
         self.asleep = 0                       # the sleep level while asleep (engine.sleep), else 0
         self.weights_discarded = False        # woken from sleep(2): undefined until a complete update lands
         self._released_params: list = []      # (Parameter, shape) released by sleep(2)
-
-    def _choose_backend(self) -> str:
-        """Forced by EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND; else Triton on CUDA
-        and the pure-torch reference elsewhere (or when Triton cannot be imported)."""
-        from engine.envs import envs
-
-        forced = self.config.attention_backend or envs().attention_backend
-        name = forced or ("triton" if self.device.type == "cuda" else "reference")
-        if name == "triton":
-            try:
-                from engine.attention import triton_backend
-                triton_backend.register()
-            except ImportError as e:
-                if forced:
-                    raise ValueError(f"attention_backend: 'triton' requested but Triton is unavailable ({e})") from e
-                logger.warning("Triton unavailable (%s): using the reference attention backend", e)
-                return "reference"
-        if not forced:
-            logger.info("attention backend %r chosen automatically for device %s (force one with "
-                        "EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND)", name, self.device)
-        return name
 
     # ------------------------------------------------------------------ properties
     @property

@@ -1,13 +1,16 @@
 """Attention backends (registry by name) and host-side helpers that build their per-step metadata."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import logging
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention.reference import TorchReferenceBackend
+
+logger = logging.getLogger(__name__)
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": TorchReferenceBackend}
 
@@ -19,6 +22,28 @@ def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None
 
 def available_backends() -> list[str]:
     return sorted(_BACKENDS)
+
+
+def choose_backend(forced: Optional[str], device: torch.device) -> str:
+    """The backend's name: ``forced`` (EngineConfig.attention_backend) or ROLLOUT_ATTENTION_BACKEND; else Triton
+    on CUDA and the pure-torch reference elsewhere (or when Triton cannot be imported)."""
+    from engine.envs import envs
+
+    forced = forced or envs().attention_backend
+    name = forced or ("triton" if device.type == "cuda" else "reference")
+    if name == "triton":
+        try:
+            from engine.attention import triton_backend
+            triton_backend.register()
+        except ImportError as e:
+            if forced:
+                raise ValueError(f"attention_backend: 'triton' requested but Triton is unavailable ({e})") from e
+            logger.warning("Triton unavailable (%s): using the reference attention backend", e)
+            return "reference"
+    if not forced:
+        logger.info("attention backend %r chosen automatically for device %s (force one with "
+                    "EngineConfig.attention_backend or ROLLOUT_ATTENTION_BACKEND)", name, device)
+    return name
 
 
 def get_backend(name: str) -> AttentionBackend:
