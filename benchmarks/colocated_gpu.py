@@ -123,7 +123,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("colocated_gpu needs CUDA")
     import ray
     from rollout.pool_slots import default_runtime_env
-    ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env=default_runtime_env())
+    ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env=default_runtime_env())
     bw = copy_bandwidth(torch.device("cuda"))
     rows, results = [], []
     with tempfile.TemporaryDirectory() as root:

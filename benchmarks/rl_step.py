@@ -190,7 +190,7 @@ def start_pool(args: argparse.Namespace, ctx: Context) -> tuple[Any, bool]:
     cuda = args.device.startswith("cuda")
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env=default_runtime_env(),
                  **({"num_gpus": torch.cuda.device_count()} if cuda else {"num_cpus": 2}))
     # NOTE: before any trainer exists: gpu_memory_utilization bounds all that is in use on the device when the

@@ -54,7 +54,7 @@ def serve(model: str, num_workers: int, num_kv_blocks: int, max_num_seqs: int) -
     from rollout.pool import RolloutPool
     from rollout.server import FrontEnd
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     config = EngineConfig(model=model, num_kv_blocks=num_kv_blocks, block_size=8, max_model_len=256,
                           max_num_seqs=max_num_seqs)

@@ -133,7 +133,7 @@ def run(repeats: int, bucket_bytes: int) -> list[tuple[str, int, float, float]]:
 
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             flat = torch.empty(nbytes, dtype=torch.uint8)
             src = np.random.randint(0, 255, nbytes, dtype=np.uint8)

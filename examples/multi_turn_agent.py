@@ -57,7 +57,7 @@ async def main(args: argparse.Namespace) -> int:
 
         from rollout.pool import RolloutPool
         repo = str(Path(__file__).resolve().parents[1])
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": repo}})
         backend = RolloutPool(config, 1, num_cpus_per_worker=1.0)
         from transformers import AutoTokenizer

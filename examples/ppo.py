@@ -311,7 +311,7 @@ def main(argv=None) -> dict:
     from rollout.weight_push import WeightPusher
     cuda = device.type == "cuda"
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, args.workers + 1), num_gpus=1 if cuda else 0, include_dashboard=False,
+        ray.init(address="local", num_cpus=max(2, args.workers + 1), num_gpus=1 if cuda else 0, include_dashboard=False,
                  log_to_driver=False)
     engine_config = EngineConfig(model=str(model_dir), device=args.device, dtype=args.engine_dtype,
                                  max_num_seqs=max(64, args.questions * args.group_size), seed=args.seed,

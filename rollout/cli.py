@@ -81,7 +81,7 @@ def _make_backend(args: argparse.Namespace, config):
 
     from rollout.pool import RolloutPool
     if args.ray_address is None and not ray.is_initialized():
-        ray.init(num_cpus=args.ray_num_cpus or max(2, args.workers), include_dashboard=False)
+        ray.init(address="local", num_cpus=args.ray_num_cpus or max(2, args.workers), include_dashboard=False)
     logger.info("serve: a Ray pool of %d workers (%s on %s)", args.workers, args.model, args.device)
     return RolloutPool(config, args.workers, address=args.ray_address, num_gpus_per_worker=args.num_gpus_per_worker)
 

@@ -91,7 +91,7 @@ def test_ray_object_loader(ckpts, w2_outputs):
     ray = pytest.importorskip("ray")
     from weight_sync import RayObjectLoader, put_state_dict
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         refs = put_state_dict(load_file(str(ckpts["w2"] / "model.safetensors")), bucket_bytes=1 << 16, version=9)
         e = engine_w1(ckpts)

@@ -22,7 +22,7 @@ def local_pool(engine_config: EngineConfig, num_workers: int = 2) -> Iterator:
     import ray
 
     from rollout.pool import RolloutPool
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": REPO}})
     try:
         pool = RolloutPool(engine_config, num_workers, num_cpus_per_worker=0.5, start_timeout_s=120)

@@ -56,7 +56,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(models):
     from rollout.pool import RolloutPool
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env=default_runtime_env())
     try:
         # a KV cache large enough that its release is measurable beyond allocator noise

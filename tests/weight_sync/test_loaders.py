@@ -171,7 +171,7 @@ def test_custom_loader_registered_by_name(ckpts):
 def ray_local():
     ray = pytest.importorskip("ray")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
