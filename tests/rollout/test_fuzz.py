@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import struct
 import time
 from collections import Counter
 from typing import Any, Optional

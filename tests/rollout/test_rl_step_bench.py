@@ -16,14 +16,8 @@ from tests.rollout.pool_helpers import local_pool
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _smollm2_cached() -> bool:
-    from engine.envs import envs
-    return (envs().cache_dir / "smollm2-135m-instruct" / ".complete").exists()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_cached(), reason="SmolLM2's tokenizer is not converted in the cache")
-def test_every_variant_trains_one_step_on_the_same_episodes(tmp_path):
+def test_every_variant_trains_one_step_on_the_same_episodes(tmp_path, smollm2_dir):
     from benchmarks.rl_step import main
 
     out = tmp_path / "rl_step.json"
