@@ -42,7 +42,7 @@ from engine.outputs import Completion
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.episode import Episode
-from rollout.loop_results import _metrics, _resolve, completion_to_trajectory, error_from_exception  # noqa: F401
+from rollout.loop_results import _metrics, _resolve, completion_to_trajectory, error_from_exception
 from rollout.trajectory import Trajectory
 from scheduler import SessionError
 
@@ -198,14 +198,11 @@ class EngineLoop:
 
     def weights_digest(self) -> "Future[dict[str, Any]]":
         """On the engine thread (between steps, never during an update): the content digest of every parameter
-        (``weight_sync.digest.TensorDigest``: names, shapes, dtypes, bytes) and the weight version, so a caller
+        (``weight_sync.digest.digest_of``: names, shapes, dtypes, bytes) and the weight version, so a caller
         can check that an update landed bit for bit."""
         def run(engine: LLMEngine, fut: Future) -> None:
-            from weight_sync.digest import TensorDigest
-            digest = TensorDigest()
-            for name, p in engine.model.named_parameters():
-                digest.add(name, p)
-            _resolve(fut, {"digest": digest.hexdigest(), "version": engine.weight_version})
+            from weight_sync.digest import digest_of
+            _resolve(fut, {"digest": digest_of(engine.model.named_parameters()), "version": engine.weight_version})
         return self._submit(run)
 
     def run_episode(self, env_name: str, env_kwargs: Optional[dict[str, Any]], params: SamplingParams,

@@ -76,6 +76,15 @@ class TensorDigest:
         return h.hexdigest()
 
 
+def digest_of(named_tensors) -> str:
+    """The ``TensorDigest`` of (name, tensor) pairs, e.g. ``model.named_parameters()``: equal digests = the same
+    names, shapes, dtypes and bytes."""
+    digest = TensorDigest()
+    for name, tensor in named_tensors:
+        digest.add(name, tensor)
+    return digest.hexdigest()
+
+
 class DigestingLoader:
     """A loader that hashes what ``inner`` yields. ``digest``: the hex digest once a read completed (None before,
     and after an abandoned read). With ``expected``, a complete read that does not match raises

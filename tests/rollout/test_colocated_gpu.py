@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from rollout.pool_slots import default_runtime_env  # noqa: E402
 from tests.rollout.pool_helpers import tiny_model_pair  # noqa: E402
-from weight_sync.digest import TensorDigest  # noqa: E402
+from weight_sync.digest import digest_of  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 PROMPTS = [[(7 * i + j) % 300 + 2 for j in range(3 + i % 5)] for i in range(8)]
@@ -33,10 +33,7 @@ def config(path, **kw):
 
 
 def digest(engine: LLMEngine) -> str:
-    d = TensorDigest()
-    for name, p in engine.model.named_parameters():
-        d.add(name, p)
-    return d.hexdigest()
+    return digest_of(engine.model.named_parameters())
 
 
 def tokens(pool):
@@ -107,7 +104,7 @@ def test_sleep_gives_back_the_kv_cache_and_wake_serves_the_same_tokens(pool, mod
     assert report["kv_bytes"] > 0
     assert free1 - free0 >= 0.9 * report["kv_bytes"], (free1 - free0, report)
     [woke] = run(pool.wake_up())
-    assert woke["graphs_captured"] in (True, False)
+    assert woke["graphs_captured"] is True          # CUDA graphs re-captured on the new KV addresses
     assert tokens(pool) == before
 
 

@@ -313,7 +313,7 @@ def test_local_backend(models):
 
 def test_error_codes_come_from_exception_types_not_message_text():
     """Client-chosen ids appear in messages; they must not flip the code."""
-    from rollout.engine_loop import error_from_exception
+    from rollout.loop_results import error_from_exception
     from scheduler import ContextTooLarge, SessionError
     assert error_from_exception(SessionError("session 'in progress' is unknown", "unknown")).code \
         is ErrorCode.UNKNOWN_SESSION

@@ -339,11 +339,9 @@ def test_weight_pusher_sends_a_trainers_parameters_to_every_worker(pool, models,
     assert report.bytes == sum(p.numel() * p.element_size() for p in trainer.parameters())
     prompts = [observations(i)[0] for i in range(6)]
     assert versions_by_worker(pool, prompts, oracle_a) == {0: {7}, 1: {7}}
-    from weight_sync.digest import TensorDigest
-    fresh = TensorDigest()
-    for name, p in oracle_a.model.named_parameters():
-        fresh.add(name, p)
-    assert [(d["digest"], d["version"]) for d in run(pool.weights_digests())] == [(fresh.hexdigest(), 7)] * 2
+    from weight_sync.digest import digest_of
+    fresh = digest_of(oracle_a.model.named_parameters())
+    assert [(d["digest"], d["version"]) for d in run(pool.weights_digests())] == [(fresh, 7)] * 2
     with pytest.raises(RolloutError) as info:      # a version that does not move forward: refused, nothing applied
         pusher.push(trainer.named_parameters(), version=7)
     assert info.value.code is ErrorCode.BAD_REQUEST and pool.version == 7
