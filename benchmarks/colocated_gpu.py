@@ -56,12 +56,15 @@ def bench_shape(shape: str, repeats: int, root: Path, util: float) -> dict:
         nbytes = sum(t.numel() * t.element_size() for t in weights[0].values())
         pusher = WeightPusher(pool)
         assert pusher.transport == "cuda_ipc", pusher.transport
-        def push_and_digest(w):
-            pusher.push(w, version=pool.version + 1)
+        def digest_now() -> str:
             return run(pool.weights_digests())[0]["digest"]
-        t0 = time.perf_counter()
-        d0 = push_and_digest(weights[0])           # the warm-up: maps the buffers, validates the layout
-        warm_s = time.perf_counter() - t0
+
+        def push_and_digest(w) -> str:
+            pusher.push(w, version=pool.version + 1)
+            return digest_now()
+        # the warm-up push maps the buffers and validates the layout (timed alone: the digest reads every byte)
+        warm_s = pusher.push(weights[0], version=pool.version + 1).seconds
+        d0 = digest_now()
         d1 = push_and_digest(weights[1])
         pushes = [pusher.push(weights[i % 2], version=pool.version + 1) for i in range(repeats)]
         # a push that did not land would leave the other set's digest: alternate and compare
@@ -74,6 +77,7 @@ def bench_shape(shape: str, repeats: int, root: Path, util: float) -> dict:
 
         prompts = [[(7 * i + j) % 1000 + 5 for j in range(32)] for i in range(16)]
         greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+
         def tokens():   # one prompt at a time: the same batches every time (the logits depend on the batch)
             return [ray.get(pool.generate_refs([p], greedy))[0][0].token_ids for p in prompts]
         before = tokens()

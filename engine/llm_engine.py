@@ -73,9 +73,9 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.kv_block_bytes = kv_bytes_per_block(mc, config.block_size, self.dtype)
-        param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
+        self.updater = WeightUpdater(self.model, mc)   # the only writer of the parameters from here on
         num_blocks = config.num_kv_blocks or device_kv_blocks(config, mc, self.kv_block_bytes, self.max_model_len,
-                                                              self.device, param_bytes)
+                                                              self.device, self.updater.param_bytes)
         if config.fp32_head_in_effect:   # after the KV sizing, which reserves the copies' bytes by name
             self.model.enable_fp32_head()
         elif config.fp32_lm_head:
@@ -105,7 +105,6 @@ class LLMEngine:
         self._unclaimed: list[Completion] = []
         self._request_counter = itertools.count()
         self._tokenizer = None
-        self.updater = WeightUpdater(self.model, mc)
         # A step queued on the device ahead of the one being read (async scheduling): (output, step, version).
         self._pending: Optional[tuple] = None
         self.asleep = 0                       # the sleep level while asleep (engine.sleep), else 0

@@ -180,16 +180,19 @@ _MEMCPY_BYTES = 1 << 20
 
 
 def _copy_bytes(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """Byte copies into a bucket: a memcpy (``copy_``) per tensor of 1 MB or more, one multi-tensor copy for the
-    small ones; ``_foreach_copy_``'s elementwise kernel alone ran at about a third of the memcpy rate on large
-    tensors (H200). (The engine applies buckets the same way, engine/bucket_copy.py; weight_sync imports nothing
-    of ours, so the rule is stated in both.)"""
-    small = [i for i, d in enumerate(dst) if d.numel() < _MEMCPY_BYTES]
+    """Byte copies into a bucket: a memcpy (``copy_``) per tensor of 1 MB or more, one multi-tensor copy
+    (``_foreach_copy_``, an elementwise kernel) for the small ones. (The engine applies buckets the same way,
+    engine/bucket_copy.py, which says what was measured; weight_sync imports nothing of ours, so the rule is
+    stated in both.)"""
+    small_dst, small_src = [], []
     for d, s in zip(dst, src):
         if d.numel() >= _MEMCPY_BYTES:
             d.copy_(s)
-    if small:
-        torch._foreach_copy_([dst[i] for i in small], [src[i] for i in small])
+        else:
+            small_dst.append(d)
+            small_src.append(s)
+    if small_dst:
+        torch._foreach_copy_(small_dst, small_src)
 
 
 def unpack_bucket(plan: BucketPlan, bucket: int, buf: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -60,8 +60,8 @@ class CudaIpcSender:
         _require_cuda("CudaIpcSender")
         self.bucket_bytes = bucket_bytes
         self.cast = cast
-        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        if self.device.index is None:
+        self.device = torch.device(device if device is not None else "cuda")
+        if self.device.index is None:   # "cuda": the current device, by index (its UUID goes in every payload)
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.device_uuid = gpu_uuid(self.device.index)
         self.sender_id = uuid.uuid4().hex

@@ -10,7 +10,8 @@ model, the final RMSNorm and the lm_head run in float32 over float32 copies of t
 The rest of the model (the embedding lookup included) stays in the model dtype. The copies are derived state,
 never written by a loader: ``CausalLM.refresh_fp32_head`` rewrites them from the model's parameters in place
 (``copy_``: the decode CUDA graphs read ``norm_weight`` at its captured address), and ``WeightUpdater`` calls it
-after every update, applied or rolled back. A tied lm_head's copy is a copy of the embedding table.
+after every applied update that wrote the final norm, the lm_head or a tied embedding (a rolled-back one restored
+the parameters bitwise, so the copies still match). A tied lm_head's copy is a copy of the embedding table.
 """
 from __future__ import annotations
 
