@@ -1,7 +1,7 @@
 """Soak: a long, randomized load through the ZeroMQ front end against a Ray pool of two CPU workers.
 
-The server (front end + ``RolloutPool`` of 2 CPU workers on a tiny model) runs in a subprocess of its own, so its
-RSS is the server's alone; the load comes from this process: ``--clients`` concurrent ``AsyncRolloutClient``s,
+The server (front end + ``RolloutPool`` of 2 CPU workers on a tiny model: benchmarks/soak_server.py) runs in a
+subprocess of its own, so its RSS is the server's alone; the load comes from this process: ``--clients`` concurrent ``AsyncRolloutClient``s,
 each with up to ``--concurrency`` requests in flight, drawing from one shared plan of
 
   * ``--requests`` single ``generate`` requests with random sampling parameters (temperature, top_p, top_k, seed,
@@ -27,112 +27,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-READY = "SOAK_SERVER "          # the server's line on stdout: READY + json {"address", "pid"}
-
-
-# ====================================================================== server (subprocess)
-def serve(model: str, num_workers: int, num_kv_blocks: int, max_num_seqs: int) -> None:
-    """Front end + pool until stdin closes (or SIGTERM); prints READY + json when listening."""
-    import signal
-
-    import ray
-
-    from engine.config import EngineConfig
-    from rollout.pool import RolloutPool
-    from rollout.server import FrontEnd
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    config = EngineConfig(model=model, num_kv_blocks=num_kv_blocks, block_size=8, max_model_len=256,
-                          max_num_seqs=max_num_seqs)
-    pool = RolloutPool(config, num_workers, num_cpus_per_worker=0.5, start_timeout_s=300)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_reader(sys.stdin.fileno(), lambda: (sys.stdin.read(), stop.set()))   # EOF: the driver went away
-        fe = FrontEnd(pool, "tcp://127.0.0.1:*", max_in_flight=4096)
-        address = await fe.start()
-        print(READY + json.dumps({"address": address, "pid": os.getpid()}), flush=True)
-        await stop.wait()
-        await fe.shutdown(10)
-        await pool.shutdown()
-
-    try:
-        asyncio.run(main())
-    finally:
-        ray.shutdown()
-
-
-class Server:
-    """The soak server in a subprocess; ``with Server(...) as s: s.address``."""
-
-    def __init__(self, model: str, *, num_workers: int = 2, num_kv_blocks: int = 2048, max_num_seqs: int = 128,
-                 start_timeout_s: float = 240.0) -> None:
-        self.args = [sys.executable, "-m", "benchmarks.soak", "--serve", "--model", model,
-                     "--workers", str(num_workers), "--num-kv-blocks", str(num_kv_blocks),
-                     "--max-num-seqs", str(max_num_seqs)]
-        self.start_timeout_s = start_timeout_s
-        self.proc: Optional[subprocess.Popen] = None
-        self.address = ""
-        self.pid = 0
-
-    def __enter__(self) -> "Server":
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="soak-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, cwd=REPO, env=env)
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith(READY):
-                info = json.loads(line[len(READY):])
-                self.address, self.pid = info["address"], info["pid"]
-                return self
-        self.__exit__()
-        raise RuntimeError(f"the soak server did not start; its log: {self.log.name}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+from benchmarks.soak_server import Server, rss_mb
 
 
 # ====================================================================== load (this process)
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process in MB (psutil when installed, else /proc/<pid>/status VmRSS)."""
-    try:
-        import psutil
-        return psutil.Process(pid).memory_info().rss / 2 ** 20
-    except ImportError:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def random_params(rng: random.Random, *, allow_n: bool = True):
     from engine.sampling import SamplingParams
     return SamplingParams(
@@ -477,17 +384,11 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=1800.0)
     ap.add_argument("--max-rss-growth", type=float, default=10.0, help="percent, after warm-up")
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    # server mode (the subprocess)
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="model directory (default: a tiny random qwen2)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     args = ap.parse_args()
-    if args.serve:
-        serve(args.model, args.workers, args.num_kv_blocks, args.max_num_seqs)
-        return 0
-
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
