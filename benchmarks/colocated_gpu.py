@@ -34,6 +34,7 @@ from benchmarks.report import append_results, markdown_table  # noqa: E402
 from benchmarks.weight_sync_gpu import copy_bandwidth, random_state_dict, timed, write_config  # noqa: E402
 
 logger = logging.getLogger("colocated_gpu")
+SPLIT = ("to_worker", "to_engine_thread", "loader", "apply", "return", "pool")   # PushReport.stages after pack
 
 
 def run(coro, timeout: float = 600):
@@ -103,9 +104,10 @@ def bench_shape(shape: str, repeats: int, root: Path, util: float) -> dict:
         apply = [p.seconds - p.pack_seconds for p in pushes]
         pack = [p.pack_seconds for p in pushes]
         engine_s = [p.engine_seconds for p in pushes]
+        stages = {k: statistics.median(p.stages[k] for p in pushes) for k in pushes[0].stages}
         return dict(shape=shape, bytes=nbytes, warmup_s=warm_s, raw_s=raw,
                     pack_s=statistics.median(pack), apply_s=statistics.median(apply),
-                    engine_s=statistics.median(engine_s),
+                    engine_s=statistics.median(engine_s), stages=stages,
                     total_s=statistics.median(p.seconds for p in pushes), landed=landed,
                     kv_bytes=s1["kv_bytes"], sleep1_freed=free1 - free0, sleep1_s=sleep1_s, wake1_s=wake1_s,
                     wake1_graphs=w1["graphs_captured"], same_tokens_after_wake=before == after,
@@ -137,6 +139,7 @@ def main(argv=None) -> list[dict]:
             logger.info("%s", r)
             rows.append([shape, f"{r['bytes'] / 1e9:.2f}", f"{r['raw_s'] * 1e3:.2f}", f"{r['pack_s'] * 1e3:.2f}",
                          f"{r['apply_s'] * 1e3:.2f}", f"{r['engine_s'] * 1e3:.2f}",
+                         " / ".join(f"{r['stages'].get(k, float('nan')) * 1e3:.2f}" for k in SPLIT),
                          f"{r['apply_s'] / r['raw_s']:.2f}x",
                          f"{r['total_s'] / r['raw_s']:.2f}x", "yes" if r["landed"] else "NO",
                          f"{r['sleep1_freed'] / r['kv_bytes'] * 100:.1f}%", f"{r['sleep1_s']:.2f} / {r['wake1_s']:.2f}",
@@ -144,7 +147,8 @@ def main(argv=None) -> list[dict]:
                          f"{r['sleep2_freed'] / r['sleep2_expected'] * 100:.1f}%", f"{r['wake2_push_s']:.2f}",
                          "yes" if r["same_tokens_after_level2"] else "NO"])
     ray.shutdown()
-    headers = ["shape", "GB (bf16)", "raw copy ms", "pack ms", "apply ms (pool)", "in engine ms", "apply / raw", "pack+apply / raw",
+    headers = ["shape", "GB (bf16)", "raw copy ms", "pack ms", "apply ms (pool)", "in engine ms",
+               "apply split ms: " + " / ".join(SPLIT), "apply / raw", "pack+apply / raw",
                "landed", "sleep(1) freed / KV", "sleep(1) / wake s", "same greedy after wake",
                "sleep(2) freed / (KV+weights)", "wake+push s", "same greedy after level 2"]
     table = markdown_table(headers, rows)
@@ -152,7 +156,8 @@ def main(argv=None) -> list[dict]:
     notes = (f"Device-to-device copy bandwidth in the same run: {bw['gbps_read_write']:.0f} GB/s (read + write). "
              "Raw copy: the pushed bytes copied buffer to buffer once on the device (the least an update can cost); "
              "pack: the trainer's copy into its IPC buffers; apply: from the pool call to its return (Ray call, "
-             f"engine copy, version barrier); medians of {args.repeats} pushes after one warm-up. Freed memory is "
+             "engine copy, version barrier), split by rollout.weight_push.PushReport.stages; medians of "
+             f"{args.repeats} pushes after one warm-up. Freed memory is "
              "what torch.cuda.mem_get_info in the trainer's process gained.")
     if not args.no_append:
         append_results("Colocated trainer + worker: CUDA IPC through the pool, sleep / wake", "cuda", table, notes)

@@ -54,9 +54,11 @@ class DecodeGraphs:
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  backend_for_batch: Callable[[int], AttentionBackend], block_size: int, max_blocks: int,
-                 max_batch: int, device: torch.device, decode_gemv: str = "auto", gemv_max_rows: int = 0) -> None:
+                 max_batch: int, device: torch.device, decode_gemv: str = "auto", gemv_max_rows: int = 0,
+                 known_gemv: dict[int, bool] | None = None) -> None:
         """decode_gemv: "auto" | "on" | "off" for batches up to ``gemv_max_rows`` (0: the model has no
-        matrix-vector path)."""
+        matrix-vector path). ``known_gemv``: the choices an earlier capture of the same model made ("auto"
+        only): a re-capture (wake after sleep) takes them instead of capturing and timing both graphs again."""
         if decode_gemv not in DECODE_GEMV_MODES:
             raise ValueError(f"decode_gemv must be one of {DECODE_GEMV_MODES}, got {decode_gemv!r}")
         self.sizes = graph_batch_sizes(max_batch)
@@ -75,6 +77,8 @@ class DecodeGraphs:
             args = (inp.input_ids[:bs], inp.positions[:bs], kv_caches, inp.metadata(bs), backend)
             if bs > gemv_max_rows or decode_gemv == "off":
                 choices = [False]
+            elif decode_gemv == "auto" and known_gemv is not None and bs in known_gemv:
+                choices = [known_gemv[bs]]
             else:
                 choices = [True] if decode_gemv == "on" else [False, True]
             captured = {}

@@ -225,6 +225,10 @@ class LLMEngine:
         self._settle_dead_pending()
         return self.scheduler.has_unfinished() or self._pending is not None
 
+    def has_completions(self) -> bool:
+        """Whether completions wait for the next ``step`` to hand them out (e.g. of a step drained by an update)."""
+        return bool(self._unclaimed)
+
     def _settle_dead_pending(self) -> None:
         """A step queued ahead whose every sequence has ended since (stop token, abort) has nothing left to
         deliver: read it now rather than report unfinished work."""

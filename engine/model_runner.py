@@ -72,6 +72,7 @@ class ModelRunner:
             from engine.kernels.gemv import MAX_ROWS
             model.set_gemv_rows(MAX_ROWS)  # eager forwards too, with or without graphs
         self._graph_args = None
+        self._gemv_choices: dict[int, bool] | None = None   # the first capture's, reused by re-captures
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
             self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings)
             self.capture_cuda_graphs(*self._graph_args)
@@ -104,10 +105,12 @@ class ModelRunner:
         """Capture the decode graphs again (new KV or weight addresses after a sleep); -> whether graphs are used."""
         if self._graph_args is None:
             return False
-        self.capture_cuda_graphs(*self._graph_args)
+        self.capture_cuda_graphs(*self._graph_args, known_gemv=self._gemv_choices)
         return True
 
-    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int,
+                            known_gemv: dict[int, bool] | None = None) -> None:
+        """``known_gemv``: an earlier capture's matrix-vector choices (``DecodeGraphs``), reused by a re-capture."""
         from engine.attention.triton_backend import TritonBackend
         from engine.cuda_graphs import DecodeGraphs, decode_splits
         from engine.kernels.attention import _num_sms
@@ -120,7 +123,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, lambda bs: TritonBackend(decode_num_splits=decode_splits(bs, hkv, sms)),
                 self.block_size, -(-max_model_len // self.block_size), max_batch, self.device,
-                decode_gemv=self.decode_gemv, gemv_max_rows=MAX_ROWS if hasattr(self.model, "set_gemv_rows") else 0)
+                decode_gemv=self.decode_gemv, gemv_max_rows=MAX_ROWS if hasattr(self.model, "set_gemv_rows") else 0,
+                known_gemv=known_gemv)
+        self._gemv_choices = dict(self.graphs.gemv)
 
     def _graph_batch(self, items) -> int | None:
         if self.graphs is None or not self.use_cuda_graphs:

@@ -31,6 +31,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,20 +150,30 @@ class EngineLoop:
     def update_weights(self, make_loader: Callable[[], Any], version: Optional[int] = None, mode: str = "keep",
                        kv: str = "keep") -> "Future[dict[str, Any]]":
         """Build the loader (``make_loader()``) and apply it, both on the loop thread, between two steps.
-        Resolves with {"version", "seconds", "num_bytes", "num_tensors"}."""
+        Resolves with {"version", "seconds", "num_bytes", "num_tensors", "timeline"}: ``timeline`` holds
+        ``time.monotonic()`` stamps (one clock for every process of the machine) of the engine thread taking the
+        update, the loader built and the update applied, for the caller's split of where an update's time went."""
         def run(engine: LLMEngine, fut: Future) -> None:
+            taken = time.monotonic()
             try:
                 loader = make_loader()
             except Exception as e:  # noqa: BLE001 - a loader that cannot even start is a failed update
                 raise RolloutError(ErrorCode.UPDATE_FAILED, f"building the loader failed: {type(e).__name__}: {e}")
+            built = time.monotonic()
             try:
                 report = engine.update_weights(loader, version, mode=mode, kv=kv)
-            finally:
-                # "drain"/"abort" (and a failure that aborted in-flight work) leave completions in the
-                # engine for its next step(): hand them to their futures now, success or not.
+            except BaseException:
+                # a failure that aborted in-flight work leaves completions for the engine's next step()
+                self._dispatch(engine.step())
+                raise
+            if mode != "keep" or engine.has_completions():
+                # "drain"/"abort" (or a step queued ahead that the update read out) leave completions for the
+                # engine's next step(): hand them out now. Otherwise the loop steps on by itself when work waits.
                 self._dispatch(engine.step())
             _resolve(fut, {"version": engine.weight_version, "seconds": report.seconds,
-                           "num_bytes": report.num_bytes, "num_tensors": report.num_tensors})
+                           "num_bytes": report.num_bytes, "num_tensors": report.num_tensors,
+                           "timeline": {"engine_taken": taken, "loader_built": built,
+                                        "applied": time.monotonic()}})
         return self._submit(run)
 
     def sleep(self, level: int) -> "Future[dict[str, Any]]":

@@ -53,6 +53,13 @@ class PoolWeightsAPI:
         return await self._hop(self._settled(self._update(lambda v: WeightSource(v, ipc=payload), version, mode,
                                                           kv)))
 
+    def update_weights_from_ipc_blocking(self, payload: Any, version: Optional[int] = None, mode: str = "keep",
+                                         kv: str = "keep", timeout_s: Optional[float] = None) -> dict[str, Any]:
+        """``update_weights_from_ipc`` for a trainer's thread that is not in an event loop: hands the update to
+        the pool's loop and waits for it (no event loop built per call, which cost ~1 ms an update on an H200
+        host). ``timeout_s``: stop waiting (the update still settles on the pool's loop)."""
+        return self._sync(self.update_weights_from_ipc(payload, version, mode, kv), timeout_s)
+
     def colocated_with(self, device_uuid: str) -> bool:
         """Whether every worker's engine runs on the GPU ``device_uuid`` (``weight_sync.cuda_ipc.gpu_uuid``):
         the condition for ``update_weights_from_ipc``."""

@@ -66,8 +66,9 @@ class WeightState:
         """Apply ``source`` on ``slots`` (call with ``lock`` held) and settle the outcome (module docstring)."""
         version = source.version
         serving = {s for s in slots if s.ready.is_set()}
-        start = time.perf_counter()
+        start, called = time.perf_counter(), time.monotonic()
         results = await asyncio.gather(*(apply_one(s, source) for s in slots), return_exceptions=True)
+        gathered = time.monotonic()
         applied = [(s, r) for s, r in zip(slots, results) if not isinstance(r, BaseException)]
         died = [s for s, r in zip(slots, results) if isinstance(r, RolloutError) and r.code is ErrorCode.WORKER_DIED]
         failed = [(s, to_rollout_error(r, s.index)) for s, r in zip(slots, results)
@@ -88,8 +89,12 @@ class WeightState:
                 s.serve()              # a worker that was awaiting weights holds them now
             for s, e in failed:        # awaiting workers only (no serving one failed): they stay out
                 s.hold(f"version {version} failed on it: {e.message}")
+            slowest = max((r for _, r in applied), key=lambda r: r.get("seconds", 0.0), default={})
             return {"version": version, "seconds": time.perf_counter() - start,
-                    "engine_seconds": max((r.get("seconds", 0.0) for _, r in applied), default=0.0),
+                    "engine_seconds": slowest.get("seconds", 0.0),
+                    # time.monotonic() stamps of the slowest worker's apply between the pool's call and its
+                    # gather (rollout.weight_push.PushReport.stages splits them)
+                    "timeline": {**slowest.get("timeline", {}), "pool_called": called, "pool_gathered": gathered},
                     "num_bytes": max((r["num_bytes"] for _, r in applied), default=0),
                     "num_workers": len(applied), "restarted_workers": len(died)}
         for s, _ in applied:

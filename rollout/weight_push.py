@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -54,6 +54,13 @@ class PushReport:
     engine_seconds: float   # the slowest worker's apply inside its engine (validation, copies, synchronize)
     bytes: int              # bytes each worker received (in the engine's dtype)
     num_workers: int
+    # Where the push's time went, seconds, from time.monotonic() stamps taken along the way (one clock for every
+    # process of the machine; the slowest worker's): "pack", "to_worker" (the pool's hop and the Ray call until
+    # the worker's method runs), "to_engine_thread" (until the engine thread takes it, between two steps),
+    # "loader" (building the loader: mapping IPC buffers), "apply" (the engine's validation, copies and
+    # synchronize, version and KV bookkeeping), "return" (back through Ray to the pool's gather), "pool" (the
+    # pool's own settling and the hop back to the caller). Empty where a worker reported no stamps.
+    stages: dict = field(default_factory=dict)
 
 
 class WeightPusher:
@@ -103,16 +110,27 @@ class WeightPusher:
         if self.transport == "cuda_ipc":
             payload = self._sender.pack(named_tensors, version=version)
             packed = time.perf_counter()
-            report = _wait(self.pool.update_weights_from_ipc(payload, version=version, mode=mode, kv=kv))
+            report = self._blocking(lambda: self.pool.update_weights_from_ipc_blocking(
+                payload, version=version, mode=mode, kv=kv))
         else:
             state = {name: (t.to("cpu", self.cast) if t.dtype.is_floating_point else t.to("cpu"))
                      for name, t in named_tensor_list(named_tensors)}
             packed = time.perf_counter()
             report = _wait(self.pool.update_weights_from_state_dict(state, version=version, mode=mode, kv=kv))
-        return PushReport(version=report["version"], transport=self.transport, seconds=time.perf_counter() - start,
+        end = time.perf_counter()
+        return PushReport(version=report["version"], transport=self.transport, seconds=end - start,
                           pack_seconds=packed - start, engine_seconds=float(report.get("engine_seconds", 0.0)),
                           bytes=int(report["num_bytes"]),
-                          num_workers=int(report["num_workers"]))
+                          num_workers=int(report["num_workers"]),
+                          stages=_stages(report.get("timeline") or {}, packed - start, end - start))
+
+    @staticmethod
+    def _blocking(call) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return call()
+        raise RuntimeError("WeightPusher.push was called inside a running event loop: await push_async instead")
 
     async def push_async(self, named_tensors: NamedTensors, version: int, *, mode: str = "keep",
                          kv: str = "recompute") -> PushReport:
@@ -124,3 +142,18 @@ class WeightPusher:
         """Free the trainer's IPC buffers (after the last push)."""
         if self._sender is not None:
             self._sender.release()
+
+
+_STAGE_MARKS = (("to_worker", "pool_called", "worker_entered"), ("to_engine_thread", "worker_entered", "engine_taken"),
+                ("loader", "engine_taken", "loader_built"), ("apply", "loader_built", "applied"),
+                ("return", "applied", "pool_gathered"))
+
+
+def _stages(timeline: dict, pack_s: float, total_s: float) -> dict:
+    """PushReport.stages from the pool's timeline (monotonic stamps): consecutive differences, and "pool" for
+    what the stamps leave out of the caller's wait (the hop onto the pool's loop and back, its settling)."""
+    if not all(k in timeline for _, a, b in _STAGE_MARKS for k in (a, b)):
+        return {}
+    stages = {"pack": pack_s, **{name: timeline[b] - timeline[a] for name, a, b in _STAGE_MARKS}}
+    stages["pool"] = total_s - sum(stages.values())
+    return stages

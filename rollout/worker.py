@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -134,6 +135,7 @@ class RolloutWorker:
     async def update_weights(self, source: WeightSource, mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
         """Apply ``source`` at ``source.version``; the loader is built on the engine thread. The report's
         ``digest`` is the content digest of what was read (None for object refs)."""
+        entered = time.monotonic()
         made: list[Any] = []
 
         def make_loader() -> Any:
@@ -141,6 +143,7 @@ class RolloutWorker:
             return made[0]
         report = await self._await(self.loop.update_weights(make_loader, source.version, mode, kv))
         report["digest"] = getattr(made[0], "digest", None)   # the future resolved: the engine thread is done
+        report["timeline"].update(worker_entered=entered, worker_returned=time.monotonic())
         return report
 
     # ---------------------------------------------------------------- the pool's weight-sync group

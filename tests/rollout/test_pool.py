@@ -337,6 +337,11 @@ def test_weight_pusher_sends_a_trainers_parameters_to_every_worker(pool, models,
     report = pusher.push(trainer.named_parameters(), version=7)
     assert report.version == 7 and report.num_workers == 2 and report.transport == "object_store"
     assert report.bytes == sum(p.numel() * p.element_size() for p in trainer.parameters())
+    # the split of the push's time: every stage stamped (one clock for both processes), none negative, the
+    # stages adding up to the caller's wait
+    assert set(report.stages) == {"pack", "to_worker", "to_engine_thread", "loader", "apply", "return", "pool"}
+    assert all(v >= 0 for v in report.stages.values()), report.stages
+    assert sum(report.stages.values()) == pytest.approx(report.seconds, rel=1e-6)
     prompts = [observations(i)[0] for i in range(6)]
     assert versions_by_worker(pool, prompts, oracle_a) == {0: {7}, 1: {7}}
     from weight_sync.digest import digest_of
