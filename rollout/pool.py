@@ -6,7 +6,9 @@ the trainer, which Ray does not schedule, or with other workers); the trainer fi
 (``worker_info[i]["gpu_uuid"]``, ``colocated_with``), pushes weights through CUDA IPC
 (``update_weights_from_ipc``, or ``rollout.weight_push.WeightPusher``) and has the engines release their memory
 while it trains (``sleep`` / ``wake_up``). ``EngineConfig.gpu_memory_utilization`` bounds everything in use on
-the device when the engine starts, the trainer's memory included, so leave the trainer its room there.
+the device when the engine starts, the trainer's memory included, so leave the trainer its room there. An IPC
+update reaches each worker on the pool's node over its fast channel (``rollout.fast_channel``: ZeroMQ on a socket
+private to the OS user, no Ray actor call), through Ray where a worker has none or with ``fast_channel=False``.
 
 Threading: the pool's state (routing counters, the session affinity map, the weight source) has one owner,
 a private asyncio loop on a background thread. Async methods hop onto it, so they work from any event loop;
@@ -43,6 +45,7 @@ from typing import Any, Optional
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError, gather_or_cancel
+from rollout.fast_channel_client import FastChannels
 from rollout.pool_slots import Incarnation, Slot, as_completed, default_runtime_env, gpus_per_worker
 from rollout.pool_supervisor import Supervisor
 from rollout.pool_updates import PoolWeightsAPI
@@ -60,7 +63,8 @@ class RolloutPool(PoolWeightsAPI):
     def __init__(self, engine_config: EngineConfig, num_workers: int, *, placement: str = "PACK",
                  address: Optional[str] = None, num_cpus_per_worker: float = 1.0, env_threads: int = 4,
                  runtime_env: Optional[dict[str, Any]] = None, start_timeout_s: float = 300.0,
-                 load_refresh_s: float = 1.0, num_gpus_per_worker: Optional[float] = None) -> None:
+                 load_refresh_s: float = 1.0, num_gpus_per_worker: Optional[float] = None,
+                 fast_channel: bool = True) -> None:
         import ray
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
@@ -87,6 +91,9 @@ class RolloutPool(PoolWeightsAPI):
         self._requests: dict[str, Slot] = {}          # request id in flight -> its worker
         self._ids = itertools.count()
         self._weights = WeightState()
+        # IPC weight updates over ZeroMQ to the workers on this node (rollout.fast_channel); None: through Ray
+        self._fast_channel = fast_channel
+        self._fast = FastChannels(ray.get_runtime_context().get_node_id()) if fast_channel else None
         self._closing = False
         self._loop = asyncio.new_event_loop()
         self._workers = Supervisor(self._loop, self._spawn, self._weights, start_timeout_s, self._forget_worker)
@@ -117,7 +124,7 @@ class RolloutPool(PoolWeightsAPI):
         return actor_cls.options(
             num_cpus=self._cpus, num_gpus=self._gpus, max_concurrency=1000, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
-        ).remote(self._worker_config, index, self._env_threads)
+        ).remote(self._worker_config, index, self._env_threads, self._fast_channel)
 
     async def _start(self, placement: str) -> None:
         from ray.util.placement_group import placement_group
@@ -128,9 +135,15 @@ class RolloutPool(PoolWeightsAPI):
         except asyncio.TimeoutError:
             raise RolloutError(ErrorCode.UNAVAILABLE, f"the cluster cannot place {self.num_workers} x {bundle} "
                                                       f"({placement}) within {self._start_timeout_s} s") from None
-        self.worker_info = await self._workers.start(self.num_workers)
+        await self._workers.start(self.num_workers)
         self._slots = self._workers.slots
         self._refresher = self._loop.create_task(self._refresh_loads())
+
+    @property
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Every worker's ``ready()`` (index, pid, node, GPU UUID, fast-channel address) as its current actor answered
+        it: a restarted worker's are its new actor's."""
+        return [s.actor.info for s in self._slots]
 
     async def _refresh_loads(self) -> None:
         """Free-KV snapshots for routing: one tiny call per worker per period, not one per request."""
@@ -155,12 +168,14 @@ class RolloutPool(PoolWeightsAPI):
 
     def _forget_worker(self, slot: Slot, actor: Incarnation) -> None:
         """The pool's bookkeeping for a dead worker: its sessions are gone (their later turns get
-        UNKNOWN_SESSION), and a weight-sync group it was in cannot be used again."""
+        UNKNOWN_SESSION), a weight-sync group it was in cannot be used again, its fast channel is closed."""
         for sid in [sid for sid, s in self._affinity.items() if s is slot]:
             del self._affinity[sid]
             self._session_ttl.pop(sid, None)
         slot.open_sessions = 0
         self._groups.member_lost(slot, actor)
+        if self._fast is not None:
+            self._fast.forget(actor)
 
     async def _pick(self) -> Slot:
         """The least loaded serving worker; waits (bounded) while no worker serves and some are restarting."""
@@ -396,4 +411,6 @@ class RolloutPool(PoolWeightsAPI):
         self._refresher.cancel()
         self._groups.invalidate("the pool shut down", tell_members=False)
         await self._workers.stop()
+        if self._fast is not None:
+            self._fast.close()
         remove_placement_group(self._pg)

@@ -69,6 +69,7 @@ class Incarnation:
     death: asyncio.Future                      # resolved when this actor is found dead
     inflight: int = 0                          # calls waiting on it (routing load)
     watch: Any = None                          # the ref of its never-returning watch() call (fails on death)
+    info: dict = field(default_factory=dict)   # what its ready() returned (GPU UUID, fast-channel address, ...)
 
 
 @dataclass(eq=False)

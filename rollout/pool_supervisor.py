@@ -53,7 +53,8 @@ class Supervisor:
         self.slots = [Slot(i, self._incarnation(i), asyncio.Event()) for i in range(num_workers)]
         infos = await asyncio.gather(*(asyncio.wait_for(s.actor.handle.ready.remote(), self._start_timeout_s)
                                        for s in self.slots))
-        for s in self.slots:
+        for s, info in zip(self.slots, infos):
+            s.actor.info = info
             self._watch(s, s.actor)
             s.ready.set()
         return list(infos)
@@ -137,7 +138,8 @@ class Supervisor:
             async with self._weights.lock:   # a consistent weight source: not in the middle of an update
                 actor = self._incarnation(slot.index)
                 try:
-                    await asyncio.wait_for(actor.handle.ready.remote(), self._start_timeout_s)
+                    # a new actor has a new fast-channel address (rollout.fast_channel): its own ready() says which
+                    actor.info = await asyncio.wait_for(actor.handle.ready.remote(), self._start_timeout_s)
                     slot.actor = actor
                     held = await self._weights.reload(slot, self._start_timeout_s)
                 except Exception as e:  # noqa: BLE001 - it did not come up: the slot is lost

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from typing import Any, Optional
 
 from rollout.backend import ErrorCode, RolloutError
-from rollout.pool_weights import check_update_policy
+from rollout.pool_weights import ApplyOne, check_update_policy
 from rollout.weight_group import DEFAULT_GROUP_TIMEOUT_S
 from rollout.worker import WeightSource
 from weight_sync.distributed import WeightSyncGroupSpec
+
+logger = logging.getLogger(__name__)
 
 
 class PoolWeightsAPI:
@@ -43,7 +46,11 @@ class PoolWeightsAPI:
         while the sender reuses them) and copies from them on its GPU. Every worker must share the sender's GPU
         (``colocated_with``); one that does not rejects the update with the GPU UUIDs named. ``version``:
         default the payload's, else the pool's + 1. The trainer may refill its buffers (the next ``pack``)
-        once this returns. A restarted worker cannot replay IPC handles: it waits for the next update."""
+        once this returns. A restarted worker cannot replay IPC handles: it waits for the next update.
+
+        Each worker on the pool's node gets the update over its fast channel (``rollout.fast_channel``: msgpack over
+        a ZeroMQ socket only this OS user can open, no Ray actor call), the others through Ray; the report's
+        ``channels`` says which carried it ("fast", "ray")."""
         from weight_sync import CudaIpcPayload
         if not isinstance(payload, CudaIpcPayload):
             raise RolloutError(ErrorCode.BAD_REQUEST, f"update_weights_from_ipc needs a CudaIpcPayload "
@@ -51,7 +58,25 @@ class PoolWeightsAPI:
         if version is None:
             version = payload.version
         return await self._hop(self._settled(self._update(lambda v: WeightSource(v, ipc=payload), version, mode,
-                                                          kv)))
+                                                          kv, self._ipc_apply(payload, mode, kv))))
+
+    def _ipc_apply(self, payload: Any, mode: str, kv: str) -> ApplyOne:
+        """WeightState.update's ``apply_one`` for an IPC update: a worker's fast channel when this pool reaches it,
+        Ray otherwise (the same worker code runs either way, with the same errors)."""
+        wire = None
+        if self._fast is not None:
+            try:
+                wire = payload.to_wire()
+            except ValueError as e:   # handles that are not reduce_tensor's: Ray pickles whatever they are
+                logger.warning("this IPC payload cannot go over the fast channel (%s): through Ray", e)
+
+        async def apply_one(slot, source: WeightSource) -> dict[str, Any]:
+            if wire is not None and self._fast.reachable(slot.actor):
+                report = await self._fast.call(slot, {"version": source.version, "mode": mode, "kv": kv,
+                                                      "payload": wire})
+                return {**report, "channel": "fast"}
+            return await self._call(slot, "update_weights", source, mode, kv)
+        return apply_one
 
     def update_weights_from_ipc_blocking(self, payload: Any, version: Optional[int] = None, mode: str = "keep",
                                          kv: str = "keep", timeout_s: Optional[float] = None) -> dict[str, Any]:
@@ -66,12 +91,12 @@ class PoolWeightsAPI:
         uuids = [info.get("gpu_uuid") for info in self.worker_info]
         return bool(uuids) and all(u == device_uuid for u in uuids)
 
-    async def _update(self, make_source, version, mode, kv) -> dict[str, Any]:
+    async def _update(self, make_source, version, mode, kv, apply_one: Optional[ApplyOne] = None) -> dict[str, Any]:
         async with self._weights.lock:
             source = make_source(self._weights.next_version(version))
             slots = [s for s in self._slots if not s.failed]
             return await self._weights.update(
-                slots, source, lambda slot, src: self._call(slot, "update_weights", src, mode, kv))
+                slots, source, apply_one or (lambda slot, src: self._call(slot, "update_weights", src, mode, kv)))
 
     @staticmethod
     async def _settled(coro) -> Any:

@@ -96,7 +96,9 @@ class WeightState:
                     # gather (rollout.weight_push.PushReport.stages splits them)
                     "timeline": {**slowest.get("timeline", {}), "pool_called": called, "pool_gathered": gathered},
                     "num_bytes": max((r["num_bytes"] for _, r in applied), default=0),
-                    "num_workers": len(applied), "restarted_workers": len(died)}
+                    "num_workers": len(applied), "restarted_workers": len(died),
+                    # how the call reached the workers that applied it: "fast" (rollout.fast_channel), "ray"
+                    "channels": sorted({r.get("channel", "ray") for _, r in applied})}
         for s, _ in applied:
             if s not in serving:   # it holds v, which does not serve: it stays out
                 s.hold(f"holds version {version}, which the other workers did not apply")

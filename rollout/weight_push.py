@@ -61,6 +61,8 @@ class PushReport:
     # synchronize, version and KV bookkeeping), "return" (back through Ray to the pool's gather), "pool" (the
     # pool's own settling and the hop back to the caller). Empty where a worker reported no stamps.
     stages: dict = field(default_factory=dict)
+    # how the pool's call reached the workers: "fast" (its ZeroMQ channel, rollout.fast_channel) and/or "ray"
+    channels: tuple = ()
 
 
 class WeightPusher:
@@ -122,7 +124,8 @@ class WeightPusher:
                           pack_seconds=packed - start, engine_seconds=float(report.get("engine_seconds", 0.0)),
                           bytes=int(report["num_bytes"]),
                           num_workers=int(report["num_workers"]),
-                          stages=_stages(report.get("timeline") or {}, packed - start, end - start))
+                          stages=_stages(report.get("timeline") or {}, packed - start, end - start),
+                          channels=tuple(report.get("channels", ())))
 
     @staticmethod
     def _blocking(call) -> Any:

@@ -8,10 +8,16 @@ engine inside uses ``"cuda"``), else CPU only.
 
 Errors leave the actor as ``WorkerError`` (picklable: code and message as its args); the pool turns them
 back into ``RolloutError``. A trajectory carries ``metrics["worker"]`` = the index of the worker that made it.
+
+CUDA IPC weight updates also come in over the worker's fast channel (``rollout.fast_channel``: a ZeroMQ socket
+private to this OS user, served by its own thread; its address in ``ready()["fast_address"]``) and run the same
+code as ``update_weights`` (``_update``).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +31,8 @@ from rollout.backend import ErrorCode, RolloutError
 from rollout.engine_loop import EngineLoop
 from rollout.trajectory import Trajectory
 from rollout.weight_group import GroupMembership
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerError(Exception):
@@ -77,10 +85,26 @@ class WeightSource:
 
 
 class RolloutWorker:
-    def __init__(self, engine_config: EngineConfig, worker_index: int, env_threads: int = 4) -> None:
+    def __init__(self, engine_config: EngineConfig, worker_index: int, env_threads: int = 4,
+                 fast_channel: bool = True) -> None:
         self.index = worker_index
         self.loop = EngineLoop(engine_config, env_threads=env_threads)
         self.weight_group = GroupMembership(self.loop.engine.device)
+        self.fast = self._start_fast_channel() if fast_channel else None
+
+    def _start_fast_channel(self) -> Any:
+        from rollout.fast_channel import FastChannelServer
+        try:
+            return FastChannelServer(self._fast_update, name=f"worker-{self.index}")
+        except Exception as e:  # noqa: BLE001 - e.g. a socket path too long: updates still come through Ray
+            logger.warning("worker %d has no fast channel (%s: %s); IPC updates go through Ray", self.index,
+                           type(e).__name__, e)
+            return None
+
+    def _fast_update(self, update: Any) -> "concurrent.futures.Future[dict[str, Any]]":
+        """The fast channel's handler (on its thread): a ``rollout.fast_channel.FastUpdate``, applied as
+        ``update_weights`` applies a ``WeightSource`` of the same payload."""
+        return self._update(WeightSource(update.version, ipc=update.payload), update.mode, update.kv)
 
     async def _await(self, fut) -> Any:
         try:
@@ -95,7 +119,8 @@ class RolloutWorker:
     async def ready(self) -> dict[str, Any]:
         import ray
         return {"worker": self.index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "version": self.loop.engine.weight_version, "gpu_uuid": self._gpu_uuid()}
+                "version": self.loop.engine.weight_version, "gpu_uuid": self._gpu_uuid(),
+                "fast_address": self.fast.address if self.fast is not None else None}
 
     def _gpu_uuid(self) -> Optional[str]:
         """The UUID of the engine's GPU (None on CPU): how a trainer finds out whether it shares it."""
@@ -135,16 +160,37 @@ class RolloutWorker:
     async def update_weights(self, source: WeightSource, mode: str = "keep", kv: str = "keep") -> dict[str, Any]:
         """Apply ``source`` at ``source.version``; the loader is built on the engine thread. The report's
         ``digest`` is the content digest of what was read (None for object refs)."""
+        return await self._await(self._update(source, mode, kv))
+
+    def _update(self, source: WeightSource, mode: str, kv: str) -> "concurrent.futures.Future[dict[str, Any]]":
+        """The engine loop's update to ``source`` (any thread): its report gets the content digest of what was read
+        and the worker's ``timeline`` stamps (``worker_entered`` now, ``worker_returned`` when the engine thread is
+        done). Cancelling the Future cancels the update if the engine thread has not taken it yet."""
         entered = time.monotonic()
         made: list[Any] = []
 
         def make_loader() -> Any:
             made.append(source.make_loader())
             return made[0]
-        report = await self._await(self.loop.update_weights(make_loader, source.version, mode, kv))
-        report["digest"] = getattr(made[0], "digest", None)   # the future resolved: the engine thread is done
-        report["timeline"].update(worker_entered=entered, worker_returned=time.monotonic())
-        return report
+        applied = self.loop.update_weights(make_loader, source.version, mode, kv)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def finish(fut: concurrent.futures.Future) -> None:
+            if fut.cancelled():
+                done.cancel()
+                return
+            if not done.set_running_or_notify_cancel():   # cancelled meanwhile (atomic against a cancel)
+                return
+            if fut.exception() is not None:
+                done.set_exception(fut.exception())
+                return
+            report = fut.result()
+            report["digest"] = getattr(made[0], "digest", None) if made else None
+            report["timeline"].update(worker_entered=entered, worker_returned=time.monotonic())
+            done.set_result(report)
+        applied.add_done_callback(finish)
+        done.add_done_callback(lambda f: f.cancelled() and applied.cancel())
+        return done
 
     # ---------------------------------------------------------------- the pool's weight-sync group
     async def join_weight_group(self, spec: Any, rank: int, generation: int) -> dict[str, Any]:
@@ -227,4 +273,9 @@ class RolloutWorker:
         return s
 
     async def shutdown(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.loop.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self.loop.shutdown()
+        if self.fast is not None:
+            self.fast.close()

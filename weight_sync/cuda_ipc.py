@@ -17,6 +17,10 @@ are mapped before the first write, so the engine needs no rollback copy (``bucke
 Contract: ``pack`` overwrites the previous update's buffers, so call it only after every engine has applied (closed)
 the previous payload; ``CudaIpcLoader.close`` synchronizes the engine's stream, so "closed" means "done reading".
 The sender's buffers cost one extra copy of the weights' bytes in trainer GPU memory.
+
+On the wire without pickle: ``payload.to_wire()`` is a dict of plain msgpack values (the handles' classes and dtypes
+by name) and ``CudaIpcPayload.from_wire(d)`` rebuilds it from allow-lists only, checking every field (a ValueError
+naming the field otherwise): what ``rollout.fast_channel`` sends.
 """
 from __future__ import annotations
 
@@ -31,6 +35,18 @@ from weight_sync.buckets import BucketedLoader, BucketPlan, NamedTensors, named_
 
 # Position of the device index among ``rebuild_cuda_tensor``'s arguments (torch.multiprocessing.reductions).
 _DEVICE_ARG = 6
+# ``reduce_tensor(cuda_tensor)`` -> (rebuild_cuda_tensor, args): the 15 arguments, by name, and what each is on the
+# wire. Checked against torch 2.13's torch/multiprocessing/reductions.py; the layout (dtype at 5) is the same in the
+# torch 2.x releases whose source was read (2.11 included), and to_wire / from_wire refuse any other arity.
+_HANDLE_FIELDS = (("tensor_cls", "tensor_cls"), ("tensor_size", "size"), ("tensor_stride", "ints"),
+                  ("tensor_offset", "int"), ("storage_cls", "storage_cls"), ("dtype", "dtype"),
+                  ("storage_device", "int"), ("storage_handle", "bytes?"), ("storage_size_bytes", "int"),
+                  ("storage_offset_bytes", "int"), ("requires_grad", "bool"), ("ref_counter_handle", "bytes?"),
+                  ("ref_counter_offset", "int"), ("event_handle", "bytes?"), ("event_sync_required", "bool"))
+_TENSOR_CLASSES = {"torch.Tensor": torch.Tensor, "torch.nn.Parameter": torch.nn.Parameter}
+_STORAGE_CLASSES = {"torch.TypedStorage": torch.storage.TypedStorage, "torch.UntypedStorage": torch.UntypedStorage}
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_WIRE_KEYS = ("manifest", "handles", "version", "sender_id", "generation", "device_uuid")
 
 
 def _require_cuda(who: str) -> None:
@@ -51,6 +67,104 @@ class CudaIpcPayload:
     sender_id: str = ""
     generation: int = 0
     device_uuid: str = ""    # the GPU holding the buffers: a receiver finds its own index for it by this
+
+    def to_wire(self) -> dict:
+        """Plain msgpack values: every handle must be ``reduce_tensor``'s of a CUDA tensor (ValueError otherwise)."""
+        try:
+            return self._to_wire()
+        except ValueError as e:
+            raise ValueError(f"CudaIpcPayload.to_wire: {e}") from None
+
+    @classmethod
+    def from_wire(cls, d: object) -> "CudaIpcPayload":
+        """``to_wire``'s dict (after msgpack) back to a payload, classes and dtypes from allow-lists; a ValueError
+        naming the first bad field."""
+        try:
+            return cls._from_wire(d)
+        except ValueError as e:
+            raise ValueError(f"CudaIpcPayload.from_wire: {e}") from None
+
+    def _to_wire(self) -> dict:
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        handles = []
+        for b, handle in enumerate(self.handles):
+            if not (isinstance(handle, tuple) and len(handle) == 2 and handle[0] is rebuild_cuda_tensor):
+                raise ValueError(f"handles[{b}]: not a (rebuild_cuda_tensor, args) pair of a CUDA tensor")
+            args = _check_arity(handle[1], f"handles[{b}]", tuple)
+            handles.append([_encode_arg(kind, x, f"handles[{b}][{i}] ({name})")
+                            for i, ((name, kind), x) in enumerate(zip(_HANDLE_FIELDS, args))])
+        return {"manifest": self.manifest, "handles": handles, "version": self.version, "sender_id": self.sender_id,
+                "generation": self.generation, "device_uuid": self.device_uuid}
+
+    @classmethod
+    def _from_wire(cls, d: object) -> "CudaIpcPayload":
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        if not isinstance(d, dict) or set(d) != set(_WIRE_KEYS):
+            keys = sorted(map(str, d)) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"must be a map with exactly the keys {list(_WIRE_KEYS)}, got {keys}")
+        _expect(d["manifest"], bytes, "manifest")
+        _expect(d["sender_id"], str, "sender_id")
+        _expect(d["device_uuid"], str, "device_uuid")
+        _expect(d["generation"], int, "generation")
+        if d["version"] is not None:
+            _expect(d["version"], int, "version")
+        handles = []
+        for b, args in enumerate(_expect(d["handles"], list, "handles")):
+            args = _check_arity(args, f"handles[{b}]", list)
+            handles.append((rebuild_cuda_tensor, tuple(_decode_arg(kind, x, f"handles[{b}][{i}] ({name})")
+                                                       for i, ((name, kind), x) in enumerate(zip(_HANDLE_FIELDS,
+                                                                                                 args)))))
+        return cls(d["manifest"], tuple(handles), d["version"], d["sender_id"], d["generation"], d["device_uuid"])
+
+
+def _expect(x: object, typ: type, field: str) -> object:
+    if not isinstance(x, typ) or (typ is int and isinstance(x, bool)):
+        raise ValueError(f"{field}: must be {typ.__name__}, got {type(x).__name__}")
+    return x
+
+
+def _check_arity(args: object, field: str, typ: type) -> object:
+    if not isinstance(args, typ) or len(args) != len(_HANDLE_FIELDS):
+        got = f"{len(args)} items" if isinstance(args, (list, tuple)) else type(args).__name__
+        raise ValueError(f"{field}: rebuild_cuda_tensor takes {len(_HANDLE_FIELDS)} arguments "
+                         f"({', '.join(n for n, _ in _HANDLE_FIELDS)}) in a {typ.__name__}, got {got}; a torch "
+                         f"whose CUDA IPC layout differs from this code's? (torch {torch.__version__} here)")
+    return args
+
+
+# kind -> the names a class or dtype travels by (the receiver rebuilds only these)
+_BY_NAME = {"tensor_cls": _TENSOR_CLASSES, "storage_cls": _STORAGE_CLASSES, "dtype": _DTYPES}
+_PLAIN = {"int": int, "bool": bool, "bytes?": bytes}
+
+
+def _encode_arg(kind: str, x: object, field: str) -> object:
+    if kind in _BY_NAME:
+        names = [n for n, v in _BY_NAME[kind].items() if v is x]
+        if not names:
+            raise ValueError(f"{field}: {x!r} has no wire name (allowed: {sorted(_BY_NAME[kind])})")
+        return names[0]
+    if kind in ("size", "ints"):
+        if not isinstance(x, (tuple, list)):
+            raise ValueError(f"{field}: must be a tuple of ints, got {type(x).__name__}")
+        return [_expect(n, int, field) for n in x]
+    if kind == "bytes?" and x is None:
+        return None
+    return _expect(x, _PLAIN[kind], field)
+
+
+def _decode_arg(kind: str, x: object, field: str) -> object:
+    if kind in _BY_NAME:
+        table = _BY_NAME[kind]
+        if not isinstance(x, str) or x not in table:
+            allowed = "a torch dtype's name" if kind == "dtype" else f"one of {sorted(table)}"
+            raise ValueError(f"{field}: must be {allowed}, got {x!r}")
+        return table[x]
+    if kind in ("size", "ints"):
+        ints = tuple(_expect(n, int, field) for n in _expect(x, list, field))
+        return torch.Size(ints) if kind == "size" else ints
+    if kind == "bytes?" and x is None:
+        return None
+    return _expect(x, _PLAIN[kind], field)
 
 
 class CudaIpcSender:

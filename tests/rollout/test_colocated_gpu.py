@@ -1,6 +1,7 @@
 """A trainer and a rollout worker on one GPU (skipped without CUDA and Ray): the worker shares the GPU
 (``num_gpus_per_worker=0.5``), weights go through CUDA IPC via the pool (``WeightPusher``), bit for bit (the
-worker's parameter digest equals a fresh engine's on the same weights, and so do its greedy tokens);
+worker's parameter digest equals a fresh engine's on the same weights, and so do its greedy tokens), the pool's
+call carried by the worker's fast channel (rollout.fast_channel) or, with the channel taken away, by Ray;
 ``sleep(1)`` gives back at least 90% of the KV cache's bytes to the device as the trainer's process sees it
 (``torch.cuda.mem_get_info``), ``wake_up`` is followed by the same greedy tokens; ``sleep(2)`` gives back the
 weights too and serves again after the next push."""
@@ -80,10 +81,21 @@ def test_ipc_updates_through_the_pool_are_bitwise(pool, models):
     pusher = WeightPusher(pool)
     assert pusher.transport == "cuda_ipc"
     try:
-        for version, path in ((1, models[1]), (2, models[0]), (3, models[1])):
+        slot = pool._slots[0]
+        info = slot.actor.info
+        assert info["fast_address"] and pool._fast.reachable(slot.actor)
+        for version, path, channel in ((1, models[1], "fast"), (2, models[0], "ray"), (3, models[1], "fast")):
             trainer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda")   # fp32 master
-            report = pusher.push(trainer.named_parameters(), version=version)
+            # "ray": a worker without a fast channel (the fallback) gets the same handles through a Ray call
+            slot.actor.info = info if channel == "fast" else {**info, "fast_address": None}
+            try:
+                report = pusher.push(trainer.named_parameters(), version=version)
+            finally:
+                slot.actor.info = info
             assert report.transport == "cuda_ipc" and report.version == version
+            assert report.channels == (channel,), report
+            assert set(report.stages) == {"pack", "to_worker", "to_engine_thread", "loader", "apply", "return",
+                                          "pool"} and all(v >= 0 for v in report.stages.values()), report.stages
             assert report.bytes == sum(p.numel() * 2 for p in trainer.parameters())    # sent as bf16
             oracle = fresh(path)                     # fp32 checkpoint -> bf16 on load: the same rounding
             [worker] = run(pool.weights_digests())
