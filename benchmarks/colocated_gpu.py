@@ -107,7 +107,7 @@ def bench_shape(shape: str, repeats: int, root: Path, util: float) -> dict:
         stages = {k: statistics.median(p.stages[k] for p in pushes) for k in pushes[0].stages}
         return dict(shape=shape, bytes=nbytes, warmup_s=warm_s, raw_s=raw,
                     pack_s=statistics.median(pack), apply_s=statistics.median(apply),
-                    engine_s=statistics.median(engine_s), stages=stages,
+                    engine_s=statistics.median(engine_s), stages=stages, channels=",".join(pushes[0].channels),
                     total_s=statistics.median(p.seconds for p in pushes), landed=landed,
                     kv_bytes=s1["kv_bytes"], sleep1_freed=free1 - free0, sleep1_s=sleep1_s, wake1_s=wake1_s,
                     wake1_graphs=w1["graphs_captured"], same_tokens_after_wake=before == after,
@@ -139,7 +139,7 @@ def main(argv=None) -> list[dict]:
             logger.info("%s", r)
             rows.append([shape, f"{r['bytes'] / 1e9:.2f}", f"{r['raw_s'] * 1e3:.2f}", f"{r['pack_s'] * 1e3:.2f}",
                          f"{r['apply_s'] * 1e3:.2f}", f"{r['engine_s'] * 1e3:.2f}",
-                         " / ".join(f"{r['stages'].get(k, float('nan')) * 1e3:.2f}" for k in SPLIT),
+                         " / ".join(f"{r['stages'].get(k, float('nan')) * 1e3:.2f}" for k in SPLIT), r["channels"],
                          f"{r['apply_s'] / r['raw_s']:.2f}x",
                          f"{r['total_s'] / r['raw_s']:.2f}x", "yes" if r["landed"] else "NO",
                          f"{r['sleep1_freed'] / r['kv_bytes'] * 100:.1f}%", f"{r['sleep1_s']:.2f} / {r['wake1_s']:.2f}",
@@ -148,7 +148,7 @@ def main(argv=None) -> list[dict]:
                          "yes" if r["same_tokens_after_level2"] else "NO"])
     ray.shutdown()
     headers = ["shape", "GB (bf16)", "raw copy ms", "pack ms", "apply ms (pool)", "in engine ms",
-               "apply split ms: " + " / ".join(SPLIT), "apply / raw", "pack+apply / raw",
+               "apply split ms: " + " / ".join(SPLIT), "call carried by", "apply / raw", "pack+apply / raw",
                "landed", "sleep(1) freed / KV", "sleep(1) / wake s", "same greedy after wake",
                "sleep(2) freed / (KV+weights)", "wake+push s", "same greedy after level 2"]
     table = markdown_table(headers, rows)

@@ -44,7 +44,9 @@ from weight_sync.cuda_ipc import CudaIpcPayload
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2                  # the server's poll timeout: how often it looks at its closing flag (close also wakes it)
-DEFAULT_TIMEOUT_S = 600.0     # one update, past which the pool stops waiting (a "drain" update waits for turns)
+# None: the pool waits for the reply or the worker's death, as a Ray call does. A finite bound would have to
+# count a silent worker as an unknown outcome, not as a rejection (pool_weights has no such outcome yet).
+DEFAULT_TIMEOUT_S = None
 LIMITS = P.ProtocolLimits()   # 16 MiB a message: a payload is handles and a layout, tens of KB for an 8B model
 DIR_PREFIX = "rollout-fast-"  # of every server's socket directory
 _REQUEST_KEYS = ("id", "version", "mode", "kv", "payload")

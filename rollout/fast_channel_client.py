@@ -85,7 +85,7 @@ class FastChannels:
     """The pool's clients, one per worker incarnation that advertised a channel it can reach (``reachable``).
     Owned by the pool's event loop. ``node_id``: the pool's Ray node (an ``ipc://`` socket is node-local)."""
 
-    def __init__(self, node_id: Optional[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, node_id: Optional[str], timeout_s: Optional[float] = DEFAULT_TIMEOUT_S) -> None:
         self.node_id = node_id
         self.timeout_s = timeout_s
         self.calls = 0                      # updates this pool sent through a fast channel
