@@ -32,6 +32,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -172,8 +173,10 @@ class FastChannelServer:
             return   # not a DEALER's one-frame message: no way to tell who to answer
         peer, body = frames
         rid = None
+        received = time.monotonic()
         try:
             rid, update = decode_request(body)
+            decoded = time.monotonic()
             fut = self._handler(update)
         except P.ProtocolError as e:
             self._replies.put((peer, P.pack({"id": e.request_id, "error": _error_of(e)})))
@@ -181,16 +184,21 @@ class FastChannelServer:
         except Exception as e:  # noqa: BLE001 - a handler that refused at once
             self._replies.put((peer, P.pack({"id": rid, "error": _error_of(e)})))
             return
-        fut.add_done_callback(lambda f: self._reply(peer, rid, f))
+        fut.add_done_callback(lambda f: self._reply(peer, rid, f, {"channel_received": received,
+                                                                    "channel_decoded": decoded}))
 
-    def _reply(self, peer: bytes, rid: int, fut: "concurrent.futures.Future[dict]") -> None:
-        """On the thread that resolved ``fut``: queue the reply and wake the poll loop."""
+    def _reply(self, peer: bytes, rid: int, fut: "concurrent.futures.Future[dict]", stamps: dict) -> None:
+        """On the thread that resolved ``fut``: queue the reply and wake the poll loop. ``stamps``: when the
+        request came off the socket and was decoded (time.monotonic(), for the report's timeline)."""
         if fut.cancelled():
             msg = {"id": rid, "error": {"code": ErrorCode.ABORTED.value, "message": "the update was cancelled"}}
         elif fut.exception() is not None:
             msg = {"id": rid, "error": _error_of(fut.exception())}
         else:
-            msg = {"id": rid, "ok": fut.result()}
+            report = fut.result()
+            if isinstance(report.get("timeline"), dict):
+                report["timeline"].update(stamps)
+            msg = {"id": rid, "ok": report}
         try:
             body = P.pack(msg)
         except Exception as e:  # noqa: BLE001 - a report that is not plain msgpack values

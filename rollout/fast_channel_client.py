@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import shutil
+import time
 from typing import Any, Optional
 
 import zmq
@@ -126,13 +127,17 @@ class FastChannels:
         if address is None:
             raise RolloutError(ErrorCode.UNAVAILABLE, f"worker {slot.index} has no fast channel this pool reaches")
         client = self._client(actor, address)
+        sent = time.monotonic()    # before the encoding: everything after it until the worker has it is "wire"
         rid, reply = await client.send(request)
         self.calls += 1
         actor.inflight += 1
         try:
             await asyncio.wait({reply, actor.death}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if reply.done() and not reply.cancelled():
-                return reply.result()
+                report = reply.result()
+                if isinstance(report.get("timeline"), dict):
+                    report["timeline"]["channel_sent"] = sent   # the way in, split (PushReport.stages)
+                return report
             if actor.death.done() and not actor.death.cancelled():
                 raise RolloutError(ErrorCode.WORKER_DIED, f"worker {slot.index} died with this request in flight")
             if actor.death.cancelled() or reply.cancelled():   # the pool shut down (and closed the channel)

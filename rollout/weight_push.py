@@ -59,7 +59,10 @@ class PushReport:
     # the worker's method runs), "to_engine_thread" (until the engine thread takes it, between two steps),
     # "loader" (building the loader: mapping IPC buffers), "apply" (the engine's validation, copies and
     # synchronize, version and KV bookkeeping), "return" (back through Ray to the pool's gather), "pool" (the
-    # pool's own settling and the hop back to the caller). Empty where a worker reported no stamps.
+    # pool's own settling and the hop back to the caller). Empty where a worker reported no stamps. Through the fast
+    # channel, "to_worker" is split further (not adding to the sum): "to_worker_send" (the pool's dispatch up to the
+    # channel), "to_worker_wire" (encoding, ZeroMQ, the worker's channel thread waking), "to_worker_decode",
+    # "to_worker_handler" (until the worker's update code runs).
     stages: dict = field(default_factory=dict)
     # how the pool's call reached the workers: "fast" (its ZeroMQ channel, rollout.fast_channel) and/or "ray"
     channels: tuple = ()
@@ -159,4 +162,12 @@ def _stages(timeline: dict, pack_s: float, total_s: float) -> dict:
         return {}
     stages = {"pack": pack_s, **{name: timeline[b] - timeline[a] for name, a, b in _STAGE_MARKS}}
     stages["pool"] = total_s - sum(stages.values())
+    if all(k in timeline for k in _CHANNEL_MARKS):
+        # the fast channel's way in, split (not added to the sum: "to_worker" holds it)
+        sent, received, decoded = (timeline[k] for k in _CHANNEL_MARKS)
+        stages.update(to_worker_send=sent - timeline["pool_called"], to_worker_wire=received - sent,
+                      to_worker_decode=decoded - received, to_worker_handler=timeline["worker_entered"] - decoded)
     return stages
+
+
+_CHANNEL_MARKS = ("channel_sent", "channel_received", "channel_decoded")

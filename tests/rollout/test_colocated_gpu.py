@@ -94,8 +94,8 @@ def test_ipc_updates_through_the_pool_are_bitwise(pool, models):
                 slot.actor.info = info
             assert report.transport == "cuda_ipc" and report.version == version
             assert report.channels == (channel,), report
-            assert set(report.stages) == {"pack", "to_worker", "to_engine_thread", "loader", "apply", "return",
-                                          "pool"} and all(v >= 0 for v in report.stages.values()), report.stages
+            base = {"pack", "to_worker", "to_engine_thread", "loader", "apply", "return", "pool"}
+            assert base <= set(report.stages) and all(report.stages[k] >= 0 for k in base), report.stages
             assert report.bytes == sum(p.numel() * 2 for p in trainer.parameters())    # sent as bf16
             oracle = fresh(path)                     # fp32 checkpoint -> bf16 on load: the same rounding
             [worker] = run(pool.weights_digests())

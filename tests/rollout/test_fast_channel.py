@@ -94,7 +94,13 @@ def test_server_socket_is_private_and_an_update_round_trips(server):
             [update] = server.handler.updates
             assert (update.version, update.mode, update.kv, update.payload) == (3, "keep", "keep", payload(3))
             server.handler.futures[0].set_result({"version": 3, "timeline": {"applied": 1.5}, "digest": None})
-            assert await call == {"version": 3, "timeline": {"applied": 1.5}, "digest": None}
+            report = await call
+            # the channel stamps its own moments into the timeline: sent (pool), received and decoded (worker),
+            # in that order on the one monotonic clock
+            stamps = report["timeline"]
+            assert set(stamps) == {"applied", "channel_sent", "channel_received", "channel_decoded"}
+            assert stamps["channel_sent"] <= stamps["channel_received"] <= stamps["channel_decoded"]
+            assert {k: v for k, v in report.items() if k != "timeline"} == {"version": 3, "digest": None}
             assert slot.actor.inflight == 0 and channels.calls == 1
             # errors come back with their codes: a RolloutError, a WorkerError-like (code string), anything else
             for exc, code, message in ((RolloutError(ErrorCode.UPDATE_FAILED, "bad shapes"), "update_failed",
