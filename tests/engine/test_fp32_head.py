@@ -12,6 +12,7 @@ generated token's logprob: 4.8e-7 with the option (float32 roundings only; FP32_
 without it (the bf16 norm output and logits; BF16_MIN = 1e-3 says the mismatch is there to remove).
 """
 import os
+import shutil
 
 import pytest
 import torch
@@ -144,8 +145,17 @@ def test_logprobs_match_the_float32_head_oracle_far_closer_than_the_bf16_head(ti
 
 
 @pytest.mark.parametrize("how", ["complete", "partial head", "bucketed head"])
-def test_an_update_refreshes_the_float32_copies(tiny, how):
-    """W1 -> (W2, or W1 with W2's head) through the update API: logprobs match the oracle on the new weights."""
+def test_an_update_refreshes_the_float32_copies(tiny, how, tmp_path):
+    """W1 -> (W2, or W1 with W2's head) through the update API: greedy tokens and logprobs bitwise those of a
+    fresh engine loaded from a checkpoint of the new weights (the load path builds its float32 copies from the
+    checkpoint; the update path must refresh them to the same bytes).
+
+    NOTE: the oracle is a fresh engine, not transformers: the float32 head's agreement with an independent
+    oracle is the test above. An HF oracle here needed transformers' bf16 body to equal the engine's bitwise
+    on the new weights, and with transformers 5.24 one position of one prompt of W2 (qwen2) differs by a
+    rounding in the body (1.5e-2 in its logprob) with the head exact, so it tested transformers' numerics."""
+    from safetensors.torch import save_file
+
     from tests.weight_sync.test_bucketed_update import PackedBuckets
 
     w1, w2 = tiny
@@ -155,14 +165,17 @@ def test_an_update_refreshes_the_float32_copies(tiny, how):
     e.generate(PROMPTS[:2], GREEDY)
     if how == "complete":
         e.update_weights(StateDictLoader(load_file(str(w2 / "model.safetensors"))))
-        hf = _hf(w2)
-    elif how == "partial head":
-        e.update_weights(StateDictLoader(head_state(w2, tied)), partial=True)
-        hf = _hf(w1, state=head_state(w2, tied))
+        new_weights = w2
     else:
-        e.update_weights(PackedBuckets(head_state(w2, tied)), partial=True)
-        hf = _hf(w1, state=head_state(w2, tied))
-    assert max_error(hf, e.generate(PROMPTS, GREEDY)) < FP32_TOL
+        head = head_state(w2, tied)
+        e.update_weights((StateDictLoader if how == "partial head" else PackedBuckets)(head), partial=True)
+        new_weights = tmp_path / "w1-with-w2-head"     # W1's checkpoint with the new head written in
+        shutil.copytree(w1, new_weights)
+        save_file({**load_file(str(w1 / "model.safetensors")), **head}, str(new_weights / "model.safetensors"))
+    fresh = bf16_engine(new_weights, fp32_lm_head=True)
+    got, want = e.generate(PROMPTS, GREEDY), fresh.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.logprobs for c in got] == [c.logprobs for c in want]
     assert_copies_match(e)
     # in place: the decode CUDA graphs read the copies at the addresses they were captured with
     assert (e.model.fp32_head.lm_head_weight.data_ptr(), e.model.fp32_head.norm_weight.data_ptr()) == head_before

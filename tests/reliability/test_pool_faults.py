@@ -51,7 +51,10 @@ def test_vanished_client_mid_session_is_freed_by_ttl(pool):
             sids = [await gone.open_session(ttl_s=1.0) for _ in range(4)]
             for sid in sids:
                 await gone.step_session(sid, list(range(2, 40)), GREEDY)   # ~6 KV blocks each, then idle
-            pending = asyncio.ensure_future(gone.step_session(sids[0], [7], SamplingParams(max_tokens=50)))
+            # NOTE: a turn that cannot end before the client goes: 150 tokens with EOS ignored (~0.5 s of engine
+            # steps here; it was 50 tokens that could stop at EOS, which finished before the close in 2 of 5 runs here)
+            pending = asyncio.ensure_future(gone.step_session(sids[0], [7], SamplingParams(max_tokens=150,
+                                                                                            ignore_eos=True)))
             await asyncio.sleep(0.05)
             await gone.close()                   # vanishes: never closes its sessions; one turn in flight
             with pytest.raises(RolloutError):
