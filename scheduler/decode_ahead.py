@@ -32,45 +32,54 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
     if sched.waiting and not sched.admission_paused and len(sched.running) < sched.config.max_num_seqs \
             and not sched.admission_stalled:
         return None
-    if not sched.config.plan_ahead_after_prefill and any(it.num_tokens != 1 or not it.sample for it in prev.scheduled):
-        return None
-    live, bs, kv = sched.live_sequence, sched.block_size, sched.kv
+    after_prefill = sched.config.plan_ahead_after_prefill
+    running, bs, kv = sched.running, sched.block_size, sched.kv
     decodes, chunks = [], []
     num_live = 0
+    growing = 0     # blocks the decodes need beyond their reservations (chunks' are added below)
+    # NOTE: one pass over prev's items on the hot path (every decode step of a busy engine comes through here):
+    # ``Scheduler.live_sequence`` and the block arithmetic are inlined.
     for it in prev.scheduled:
         if it.fork_samples:
             return None                                 # siblings join at update
-        seq = live(it)
-        if seq is None:
+        if not after_prefill and (it.num_tokens != 1 or not it.sample):
+            return None
+        seq = running.get(it.seq_id)
+        if seq is None or seq.request_id != it.request_id:
             continue                                    # aborted since prev was scheduled
         num_live += 1
         assert seq.num_computed_tokens == it.start_pos, "a step planned ahead after prev's update"
         if seq.pending_forks:
             return None
-        pos = it.seq_len                                # where the next token goes
+        pos = it.start_pos + it.num_tokens              # where the next token goes
         if it.sample:
             num_out = it.num_output_tokens + 1
             if num_out < seq.stop.max_tokens:           # else prev's token is its last (length)
                 decodes.append((seq, it, pos, 1, num_out))
+                extra = -(-(pos + 1) // bs) - len(seq.block_ids)
+                if extra > 0:                           # a block boundary (1 step in block_size)
+                    growing += max(0, extra - kv.reserved(seq))
         else:
             chunks.append((seq, it, pos))
-    if num_live != sum(1 for s in sched.running.values() if s.kv_ready):
+    if num_live != sum(1 for s in running.values() if s.kv_ready):
         return None                                     # a ready sequence prev did not run: a full schedule
-    budget = sched.config.max_num_batched_tokens - len(decodes)
-    plan = list(decodes)
+    num_fed = len(decodes)
+    budget = sched.config.max_num_batched_tokens - num_fed
+    plan = decodes                                      # the decodes first, then the chunks
     for seq, it, pos in chunks:
         if budget <= 0:
             return None
         n = min(seq.num_tokens - pos, budget)
         budget -= n
         plan.append((seq, it, pos, n, seq.num_output_tokens))
-    growing = sum(max(0, cdiv(pos + n, bs) - len(seq.block_ids) - kv.reserved(seq)) for seq, _, pos, n, _ in plan)
+        growing += max(0, cdiv(pos + n, bs) - len(seq.block_ids) - kv.reserved(seq))
     if not plan or growing > kv.headroom:
         return None                                     # blocks past a reservation: the policy decides, in schedule
     sched.begin_step()
     scheduled: list[ScheduledSequence] = []
+    append = scheduled.append
     for seq, it, pos, n, num_out in plan:
-        need = cdiv(pos + n, bs)
+        need = -(-(pos + n) // bs)
         if len(seq.block_ids) < need:
             while len(seq.block_ids) < need:
                 kv.allocate(seq)                        # reservation or headroom, counted above: cannot fail
@@ -78,11 +87,10 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
         else:
             blocks = it.block_ids   # prev's snapshot, equal to seq.block_ids (snapshots are never mutated)
         if it.sample:
-            scheduled.append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, _PLACEHOLDER, pos,
-                                               blocks, True, num_out))
+            append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, _PLACEHOLDER, pos, blocks, True,
+                                     num_out))
         else:
-            scheduled.append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index,
-                                               seq.token_ids[pos:pos + n], pos, blocks, pos + n == seq.num_tokens,
-                                               num_out))
+            append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, seq.token_ids[pos:pos + n], pos,
+                                     blocks, pos + n == seq.num_tokens, num_out))
     sched.stats.steps_ahead += 1
-    return sched.build_output(scheduled, num_fed=len(decodes))
+    return sched.build_output(scheduled, num_fed=num_fed)

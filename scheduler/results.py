@@ -16,12 +16,12 @@ if TYPE_CHECKING:
 
 def apply_results(sched: "Scheduler", output: SchedulerOutput, sampled: dict[int, int]) -> list[FinishedSequence]:
     finished: list[FinishedSequence] = []
-    live, stats, bs, kv = sched.live_sequence, sched.stats, sched.block_size, sched.kv
+    running, stats, bs, kv = sched.running, sched.stats, sched.block_size, sched.kv
     caching = sched.pool.enable_prefix_caching
     prefill = decode = 0
     for item in output.scheduled:
-        seq = live(item)
-        if seq is None:   # ended since it was scheduled
+        seq = running.get(item.seq_id)     # Scheduler.live_sequence, inlined (once per sequence per step)
+        if seq is None or seq.request_id != item.request_id:   # ended since it was scheduled
             continue
         start, n = item.start_pos, item.num_tokens
         assert seq.num_computed_tokens == start, "update out of order with schedule"

@@ -286,7 +286,8 @@ class Scheduler:
 
     def live_sequence(self, item: ScheduledSequence) -> Optional[Sequence]:
         """The running sequence a scheduled item belongs to, or None when it has ended since the item was
-        scheduled (finished, aborted, closed; a session seq id may already serve a newer turn)."""
+        scheduled (finished, aborted, closed; a session seq id may already serve a newer turn). Inlined on the
+        per-step hot paths (scheduler.decode_ahead, scheduler.results): change those with it."""
         seq = self.running.get(item.seq_id)
         return seq if seq is not None and seq.request_id == item.request_id else None
 
