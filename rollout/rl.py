@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from rollout.chunked_logprobs import token_logprobs_chunked
 from rollout.trajectory import ENV_VERSION, Trajectory
 
 
@@ -129,8 +130,13 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> 
         logp = torch.log_softmax(logits / temperature, dim=-1)
         return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) * mask
     hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0][:, :-1]  # [B, L-1, H]
-    logits = head(hidden[mask]).float() / temperature          # [N, V], N = model tokens
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
+    if isinstance(head, torch.nn.Linear) and head.bias is None:
+        # a chunk of rows at a time, forward and backward: never the [N, V] float32 logits and their
+        # log-softmax and gradients at once (rollout.chunked_logprobs)
+        picked = token_logprobs_chunked(hidden[mask], head.weight, batch.targets[mask], temperature)
+    else:
+        logits = head(hidden[mask]).float() / temperature      # [N, V], N = model tokens
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
     return out.masked_scatter(mask, picked)
 
 
