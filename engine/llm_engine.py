@@ -34,12 +34,14 @@ from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams
 from engine.weight_update import UpdateReport, WeightUpdater
 from engine.weights import load_model
-from scheduler import FinishedSequence, Scheduler, SchedulerConfig, StopCondition
+from scheduler import FinishedSequence, FinishReason, Scheduler, SchedulerConfig, StopCondition
 
 logger = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+# Any of these in the model directory: transformers can build its tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class WeightsInconsistentState(RuntimeError):
@@ -105,6 +107,7 @@ class LLMEngine:
         self._unclaimed: list[Completion] = []
         self._request_counter = itertools.count()
         self._tokenizer = None
+        self._tokenizer_error: Optional[str] = None   # why the model's tokenizer could not be loaded
         # A step queued on the device ahead of the one being read (async scheduling): (output, step, version).
         self._pending: Optional[tuple] = None
         self.asleep = 0                       # the sleep level while asleep (engine.sleep), else 0
@@ -128,6 +131,22 @@ class LLMEngine:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         return self._tokenizer
 
+    def _stop_string_tokenizer(self):
+        """The tokenizer stop strings are detokenized with; ValueError (at submission) when the model has none."""
+        if self._tokenizer is None and self._tokenizer_error is None:
+            if not any((self.model_path / name).exists() for name in _TOKENIZER_FILES):
+                self._tokenizer_error = f"it holds none of {list(_TOKENIZER_FILES)}"
+            else:
+                try:
+                    self.tokenizer
+                except Exception as e:  # noqa: BLE001 - any loading failure means: no stop strings
+                    self._tokenizer_error = f"loading it failed ({type(e).__name__}: {e})"
+        if self._tokenizer_error is not None:
+            raise ValueError(f"SamplingParams.stop needs the model's tokenizer, but the model directory "
+                             f"{str(self.model_path)!r} has none usable: {self._tokenizer_error}; "
+                             "use stop_token_ids instead")
+        return self._tokenizer
+
     # ------------------------------------------------------------------ requests
     def _validate(self, prompt_token_ids: object, params: object, allow_empty: bool = False,
                   field: str = "prompt_token_ids") -> tuple[list[int], SamplingParams]:
@@ -137,7 +156,11 @@ class LLMEngine:
         if self.weights_discarded:
             raise WeightsInconsistentState("the engine's weights were released by sleep(level=2); it refuses work "
                                            "until a complete update_weights lands")
-        return validate_input(prompt_token_ids, params, self.vocab_size, self.max_model_len, allow_empty, field)
+        tokens, params = validate_input(prompt_token_ids, params, self.vocab_size, self.max_model_len, allow_empty,
+                                        field)
+        if params.stop:
+            self._stop_string_tokenizer()     # refused now, not at the first step
+        return tokens, params
 
     def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
@@ -152,7 +175,7 @@ class LLMEngine:
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
         seq_ids = self.scheduler.add_request(request_id, tokens, self._stop(params), n=params.n)
-        self.outputs.add(request_id, params, seq_ids)
+        self.outputs.add(request_id, params, seq_ids, self._tokenizer, tokens)
         return request_id
 
     def _stop(self, params: SamplingParams) -> StopCondition:
@@ -183,7 +206,8 @@ class LLMEngine:
         if request_id is None:
             request_id = f"turn-{next(self._request_counter)}"
         seq_id = self.scheduler.submit_turn(session_id, request_id, tokens, self._stop(params))
-        self.outputs.add(request_id, params, [seq_id])
+        context = self.scheduler.get_session(session_id).token_ids if params.stop else ()
+        self.outputs.add(request_id, params, [seq_id], self._tokenizer, context)
         return request_id
 
     def run_turn(self, session_id: str, new_token_ids: Sequence[int],
@@ -282,6 +306,13 @@ class LLMEngine:
         token, abort, closed session) after the step was queued is dropped here and by ``Scheduler.update``."""
         sampled = self.outputs.record(pending, version, self.scheduler.live_sequence)
         finished = self.scheduler.update(output, sampled)
+        if self.outputs.has_stop_strings:
+            # After update, as an EOS in it would: a step queued ahead for a sequence stopped here is computed and
+            # dropped when read (its row's sequence no longer runs under that request id).
+            # NOTE: an n > 1 sibling stopped on its first token had its partial prompt block's copy queued by
+            # update; the copy runs before the next forward, so a new owner of that freed block overwrites it.
+            for seq in self.outputs.stopped_by_strings(self.scheduler.running):
+                finished.append(self.scheduler.finish(seq, FinishReason.STOP))
         return [self._completion(f) for f in finished]
 
     def _drain_pending(self) -> None:

@@ -13,7 +13,8 @@ class Completion:
     request_id: str
     sample_index: int                    # 0 .. n-1
     prompt_token_ids: list[int]
-    token_ids: list[int]                 # generated tokens (stop/EOS token included when sampled)
+    token_ids: list[int]                 # generated tokens (stop/EOS token included when sampled; with stop
+                                         # strings, up to the token that completed the match, included)
     logprobs: list[float]                # one per token: log p(token) under log_softmax(logits / T)
     finish_reason: str                   # "stop" | "length" | "aborted"
     versions: list[int] = field(default_factory=list)  # one per token: the weight version that sampled it
@@ -22,6 +23,10 @@ class Completion:
     session_id: Optional[str] = None     # set for a session turn
     num_prefill_tokens: int = 0          # context tokens computed for this request/turn
     queue_wait_s: float = 0.0            # submission to admission
+    # Only for requests with stop strings (SamplingParams.stop), else None: the output's text, ending before the
+    # matched stop string (after it with include_stop_str_in_output), and which stop string matched.
+    text: Optional[str] = None
+    stop_string: Optional[str] = None
 
     def __post_init__(self) -> None:
         assert len(self.token_ids) == len(self.logprobs) == len(self.versions), "one logprob and version per token"

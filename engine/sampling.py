@@ -39,6 +39,11 @@ import torch
 # Below this temperature a row is greedy (dividing by it would overflow float32 logits anyway).
 GREEDY_TEMPERATURE = 1e-5
 
+# Stop strings: every step searches each string over a window of its length (engine/stop_strings.py), so a
+# request's cost grows with count x length; these caps keep one request from slowing every step.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -49,6 +54,12 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _clip(value: object) -> str:
+    """An error message's view of a possibly huge value."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -65,10 +76,14 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()  # normalised to a tuple of non-negative ints
     ignore_eos: bool = False          # keep generating past EOS (benchmarks)
     logprobs: int | None = None       # None = no top logprobs; k >= 0 = the k most likely tokens too
+    # Stop strings (a str or a sequence of them, normalised to a tuple): the sample finishes ("stop") at the
+    # first token whose text completes one; the model needs a tokenizer (docs/scheduler.md, "Stop strings").
+    stop: Sequence[str] = ()
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of Completion.text
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str, value: object) -> None:
-            raise ValueError(f"SamplingParams.{field} {why}, got {value!r}")
+            raise ValueError(f"SamplingParams.{field} {why}, got {_clip(value)}")
 
         t = self.temperature
         if not _is_real(t) or not math.isfinite(t) or t < 0:
@@ -98,6 +113,22 @@ class SamplingParams:
             fail("ignore_eos", "must be a bool", self.ignore_eos)
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             fail("logprobs", "must be None or an int >= 0", self.logprobs)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if isinstance(stop, bytes) or not isinstance(stop, Sequence):
+            fail("stop", "must be a str or a sequence of str", self.stop)
+        if len(stop) > MAX_STOP_STRINGS:
+            fail("stop", f"must hold at most {MAX_STOP_STRINGS} strings (has {len(stop)})", stop)
+        for i, text in enumerate(stop):
+            if not isinstance(text, str) or not text:
+                fail(f"stop[{i}]", "must be a non-empty str", text)
+            if len(text) > MAX_STOP_STRING_CHARS:
+                fail(f"stop[{i}]", f"must be at most {MAX_STOP_STRING_CHARS} chars (has {len(text)})", text)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:   # a lone surrogate: no decoded text can ever contain it
+                fail(f"stop[{i}]", "must be valid Unicode (no lone surrogates)", text)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            fail("include_stop_str_in_output", "must be a bool", self.include_stop_str_in_output)
 
         # Normalise to plain Python types (numpy ints pass the checks above).
         object.__setattr__(self, "temperature", float(t))
@@ -111,6 +142,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(tok) for tok in stops))
         if self.logprobs is not None:
             object.__setattr__(self, "logprobs", int(self.logprobs))
+        object.__setattr__(self, "stop", tuple(str(text) for text in stop))
 
     @property
     def is_greedy(self) -> bool:

@@ -41,6 +41,8 @@ class ProtocolLimits:
     max_new_tokens: int = 32_768          # SamplingParams.max_tokens
     max_n: int = 64                       # SamplingParams.n
     max_stop_token_ids: int = 64
+    max_stop_strings: int = 16            # SamplingParams.stop (the engine's own cap is 64)
+    max_stop_chars: int = 256             # each stop string, in characters (the engine's own cap is 1,024)
     max_logprobs: int = 20                # SamplingParams.logprobs (top-k logprobs per token)
     max_token_id: int = (1 << 31) - 1     # the backend checks the model's vocabulary on top
     max_turns: int = 64                   # run_episode
@@ -229,6 +231,15 @@ def p_params(v: Any, path: str, limits: ProtocolLimits) -> SamplingParams:
         for i, t in enumerate(stops):   # SamplingParams checks >= 0; the upper bound is ours
             if _is_int(t) and t > limits.max_token_id:
                 raise _bad(f"{path}.stop_token_ids[{i}]", f"must be an int in [0, {limits.max_token_id}]", t)
+    stop = v.get("stop", [])
+    if isinstance(stop, list):      # a str is one stop string; other types: SamplingParams names the field
+        if len(stop) > limits.max_stop_strings:
+            raise _too_large(f"{path}.stop", f"has {len(stop)} strings; the limit is {limits.max_stop_strings}")
+        for i, text in enumerate(stop):
+            if isinstance(text, str) and len(text) > limits.max_stop_chars:
+                raise _too_large(f"{path}.stop[{i}]", f"has {len(text)} chars; the limit is {limits.max_stop_chars}")
+    elif isinstance(stop, str) and len(stop) > limits.max_stop_chars:
+        raise _too_large(f"{path}.stop", f"has {len(stop)} chars; the limit is {limits.max_stop_chars}")
     try:
         params = SamplingParams(**v)
     except (ValueError, TypeError) as e:
@@ -251,7 +262,7 @@ def params_to_wire(params: SamplingParams) -> dict[str, Any]:
     for name in _PARAM_FIELDS:
         value = getattr(params, name)
         if value != getattr(default, name):
-            out[name] = list(value) if name == "stop_token_ids" else value
+            out[name] = list(value) if name in ("stop_token_ids", "stop") else value
     return out
 
 

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 ENV_VERSION = -1   # ``versions`` entry of a token the environment (not the policy) produced
+_OPTIONAL_TEXT = ("text", "stop_string")   # left out of to_dict when None
 
 
 @dataclass
@@ -29,6 +30,11 @@ class Trajectory:
     request_id: str = ""
     session_id: Optional[str] = None
     sample_index: int = 0
+    # Only when the turn's params had stop strings (and only on a one-turn trajectory: a generate sample or a
+    # step_session turn): the output's text without the matched stop string (engine.outputs.Completion.text),
+    # and which stop string matched (None when it ran to EOS or max_tokens).
+    text: Optional[str] = None
+    stop_string: Optional[str] = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -56,8 +62,13 @@ class Trajectory:
 
     # ---------------------------------------------------------------- wire / tensors
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists, numbers, strings and dicts: safe for msgpack (no pickle)."""
-        return asdict(self)
+        """Plain lists, numbers, strings and dicts: safe for msgpack (no pickle). ``text`` and ``stop_string`` only
+        when set (a client that predates them still reads every trajectory of a request without stop strings)."""
+        d = asdict(self)
+        for name in _OPTIONAL_TEXT:
+            if d[name] is None:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trajectory":

@@ -75,7 +75,7 @@ def mutate(rng: random.Random, msg: dict) -> dict:
         elif action == 3 and isinstance(msg.get("params"), dict):
             params = dict(msg["params"])
             params[rng.choice(["temperature", "top_p", "top_k", "n", "max_tokens", "seed", "stop_token_ids",
-                               "logprobs", "bogus"])] = random_value(rng)
+                               "logprobs", "stop", "include_stop_str_in_output", "bogus"])] = random_value(rng)
             msg["params"] = params
         elif action == 4:
             msg["op"] = rng.choice(["genrate", "", "GENERATE", "health ", "__init__", "x" * 300])

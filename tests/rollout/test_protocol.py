@@ -268,3 +268,43 @@ def test_sign_verify():
     assert len(mac) == P.MAC_BYTES and P.verify(b"k" * 16, b"body", mac)
     assert not P.verify(b"k" * 16, b"bodY", mac) and not P.verify(b"j" * 16, b"body", mac)
     assert not P.verify(b"k" * 16, b"body", mac[:-1])
+
+
+# ------------------------------------------------------------------ stop strings
+STOP_LIMITS = dataclasses.replace(LIMITS, max_stop_strings=3, max_stop_chars=8)
+
+
+def test_stop_strings_round_trip_and_normalise():
+    sent = P.GenerateRequest(prompt_ids=[1], params=SamplingParams(stop=["###", "世界", "😀"],
+                                                                   include_stop_str_in_output=True))
+    wire = sent.to_wire(1)
+    assert wire["params"] == {"stop": ["###", "世界", "😀"], "include_stop_str_in_output": True}
+    assert decode(wire, STOP_LIMITS)[1] == sent
+    assert decode(gen(params={"stop": "END"}), STOP_LIMITS)[1].params.stop == ("END",)   # one str = one stop
+
+
+@pytest.mark.parametrize("value, needle", [
+    (5, "params.stop must be a str or a sequence of str"), ([1], "params.stop[0] must be a non-empty str"),
+    ([""], "params.stop[0] must be a non-empty str"), (["a", None], "params.stop[1] must be a non-empty str"),
+    ({"a": 1}, "params.stop must be a str or a sequence of str"), (b"ab", "params.stop must be a str"),
+    ([["a"]], "params.stop[0] must be a non-empty str"),
+])
+def test_stop_strings_bad_types_are_bad_requests(value, needle):
+    e = err(gen(params={"stop": value}), STOP_LIMITS)
+    assert e.code is ErrorCode.BAD_REQUEST and needle in e.message, e.message
+
+
+@pytest.mark.parametrize("value, needle", [
+    (["a", "b", "c", "d"], "params.stop has 4 strings; the limit is 3"),
+    (["ok", "x" * 9], "params.stop[1] has 9 chars; the limit is 8"),
+    ("y" * 9, "params.stop has 9 chars; the limit is 8"),
+])
+def test_stop_strings_over_limits_are_too_large(value, needle):
+    e = err(gen(params={"stop": value}), STOP_LIMITS)
+    assert e.code is ErrorCode.TOO_LARGE and needle in e.message, e.message
+    assert e.request_id == 7
+
+
+def test_stop_string_include_flag_must_be_a_bool():
+    e = err(gen(params={"stop": ["a"], "include_stop_str_in_output": "yes"}), STOP_LIMITS)
+    assert e.code is ErrorCode.BAD_REQUEST and "params.include_stop_str_in_output" in e.message
