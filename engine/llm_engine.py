@@ -32,6 +32,7 @@ from engine.engine_update import apply_update
 from engine.sleep import EngineAsleep, SleepReport, WakeReport, sleep as sleep_engine, wake_up as wake_engine
 from engine.outputs import Completion
 from engine.sampling import Sampler, SamplingParams
+from engine.stop_strings import stop_string_tokenizer
 from engine.weight_update import UpdateReport, WeightUpdater
 from engine.weights import load_model
 from scheduler import FinishedSequence, FinishReason, Scheduler, SchedulerConfig, StopCondition
@@ -40,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
-# Any of these in the model directory: transformers can build its tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class WeightsInconsistentState(RuntimeError):
@@ -133,19 +132,7 @@ class LLMEngine:
 
     def _stop_string_tokenizer(self):
         """The tokenizer stop strings are detokenized with; ValueError (at submission) when the model has none."""
-        if self._tokenizer is None and self._tokenizer_error is None:
-            if not any((self.model_path / name).exists() for name in _TOKENIZER_FILES):
-                self._tokenizer_error = f"it holds none of {list(_TOKENIZER_FILES)}"
-            else:
-                try:
-                    self.tokenizer
-                except Exception as e:  # noqa: BLE001 - any loading failure means: no stop strings
-                    self._tokenizer_error = f"loading it failed ({type(e).__name__}: {e})"
-        if self._tokenizer_error is not None:
-            raise ValueError(f"SamplingParams.stop needs the model's tokenizer, but the model directory "
-                             f"{str(self.model_path)!r} has none usable: {self._tokenizer_error}; "
-                             "use stop_token_ids instead")
-        return self._tokenizer
+        return stop_string_tokenizer(self)
 
     # ------------------------------------------------------------------ requests
     def _validate(self, prompt_token_ids: object, params: object, allow_empty: bool = False,

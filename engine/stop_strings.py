@@ -116,3 +116,25 @@ class StopStringDetector:
             prefix_text = self._decode(self._ids[p:r]) if r > p else ""
             text += new_text[len(prefix_text):]
         return text
+
+
+# Any of these in the model directory: transformers can build its tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def stop_string_tokenizer(engine):
+    """``engine``'s tokenizer for stop strings (``LLMEngine._stop_string_tokenizer``); ValueError naming why when
+    its model directory has none usable (remembered: asked again, the same answer without another attempt)."""
+    if engine._tokenizer is None and engine._tokenizer_error is None:
+        if not any((engine.model_path / name).exists() for name in _TOKENIZER_FILES):
+            engine._tokenizer_error = f"it holds none of {list(_TOKENIZER_FILES)}"
+        else:
+            try:
+                engine.tokenizer
+            except Exception as e:  # noqa: BLE001 - any loading failure means: no stop strings
+                engine._tokenizer_error = f"loading it failed ({type(e).__name__}: {e})"
+    if engine._tokenizer_error is not None:
+        raise ValueError(f"SamplingParams.stop needs the model's tokenizer, but the model directory "
+                         f"{str(engine.model_path)!r} has none usable: {engine._tokenizer_error}; "
+                         "use stop_token_ids instead")
+    return engine._tokenizer
