@@ -3,6 +3,7 @@
     rollout generate --model smollm2 --chat "What is the capital of France?"
     rollout serve --model smollm2 --local --bind tcp://127.0.0.1:5555      (one engine in this process)
     rollout serve --model DIR --workers 2                                  (a Ray pool of 2 workers)
+    rollout serve --model smollm2 --local --http 127.0.0.1:8000            (+ OpenAI-compatible HTTP)
 """
 from __future__ import annotations
 
@@ -65,11 +66,48 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     config = _engine_config(args, host_kv_cache_bytes=int(args.host_kv_cache_gb * (1 << 30)))
+    if args.http is not None:
+        _check_http_args(args)
     secret = None
     if args.auth_secret_file:
         with open(args.auth_secret_file, "rb") as f:
             secret = f.read().strip()
     return asyncio.run(_serve_async(args, config, secret))
+
+
+def _check_http_args(args: argparse.Namespace) -> None:
+    """Before any model loads: a well-formed --http address, and a key when it is not loopback."""
+    from rollout.http_server import parse_host_port
+    from rollout.server import is_loopback
+
+    host, port = parse_host_port(args.http)
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            args.api_key = f.read().strip()
+        if not args.api_key:
+            raise ValueError(f"--api-key-file {args.api_key_file!r} is empty")
+    if not is_loopback(f"tcp://{host}:{port}") and not args.api_key:
+        raise ValueError(f"--http {args.http} is not loopback: give --api-key or --api-key-file (bearer auth)")
+
+
+def _served_model_name(args: argparse.Namespace) -> str:
+    from pathlib import Path
+    return args.served_model_name or (args.model if args.model.lower() == "smollm2" else Path(args.model).name)
+
+
+def _http_tokenizer_and_len(backend, config):
+    """The tokenizer and context length the HTTP front end works with: the local engine's, or for a Ray pool
+    the model directory's (loaded here; the workers' engines read the same files)."""
+    from engine.llm_engine import resolve_model_path
+    from engine.model_config import ModelConfig
+    from rollout.local import LocalBackend
+
+    if isinstance(backend, LocalBackend):
+        return backend.loop.tokenizer(), backend.loop.engine.max_model_len
+    from transformers import AutoTokenizer
+    path = resolve_model_path(config.model)
+    max_pos = ModelConfig.from_pretrained(path).max_position_embeddings
+    return AutoTokenizer.from_pretrained(str(path)), min(config.max_model_len or max_pos, max_pos)
 
 
 def _make_backend(args: argparse.Namespace, config):
@@ -98,16 +136,28 @@ async def _serve_async(args: argparse.Namespace, config, secret: bytes | None) -
     backend = await loop.run_in_executor(None, _make_backend, args, config)
     frontend = FrontEnd(backend, args.bind, limits=ProtocolLimits(), allow_update_weights=not args.no_update_weights,
                         auth_secret=secret, max_in_flight=args.max_in_flight)
+    http = None
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if args.http is not None:
+            from rollout.http_server import HttpConfig, HttpServer, create_app, parse_host_port
+            tokenizer, max_model_len = await loop.run_in_executor(None, _http_tokenizer_and_len, backend, config)
+            http_config = HttpConfig(model_name=_served_model_name(args), max_model_len=max_model_len,
+                                     api_key=args.api_key or None, limits=ProtocolLimits())
+            http = HttpServer(create_app(backend, tokenizer, http_config), *parse_host_port(args.http))
         address = await frontend.start()
         logger.info("serve: listening on %s (Ctrl-C or SIGTERM for a graceful shutdown)", address)
         print(f"rollout serve: listening on {address}", flush=True)
+        if http is not None:
+            url = await http.start()
+            print(f"rollout serve: OpenAI-compatible HTTP on {url}/v1 (model {http_config.model_name!r})", flush=True)
         await stop.wait()
         logger.info("serve: shutting down: no new requests; waiting up to %.0f s for %d in flight",
                     args.shutdown_timeout, frontend.num_in_flight)
+        if http is not None:
+            await http.shutdown()
         await frontend.shutdown(args.shutdown_timeout)
     finally:
         await backend.shutdown()
@@ -143,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--auth-secret-file", default=None,
                      help="file holding the shared HMAC secret (>= 16 bytes); every message must be signed")
     srv.add_argument("--max-in-flight", type=int, default=1024)
+    srv.add_argument("--http", default=None, metavar="HOST:PORT",
+                     help="also serve the OpenAI-compatible HTTP API (docs/openai.md; non-streaming) over the same "
+                          "backend, next to ZeroMQ; a non-loopback host needs --api-key or --api-key-file")
+    srv.add_argument("--api-key", default=None, help="HTTP bearer key (any host); prefer --api-key-file")
+    srv.add_argument("--api-key-file", default=None, help="file holding the HTTP bearer key")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name HTTP requests must send (default: the --model folder's name)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds to wait for in-flight requests on SIGINT/SIGTERM")
     srv.set_defaults(func=_serve)

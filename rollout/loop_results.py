@@ -51,7 +51,8 @@ def completion_to_trajectory(c: Completion) -> Trajectory:
     return Trajectory(prompt_ids=list(c.prompt_token_ids), token_ids=list(c.token_ids), logprobs=list(c.logprobs),
                       loss_mask=[1] * len(c.token_ids), versions=list(c.versions), turns=1,
                       finish_reason=c.finish_reason, metrics=_metrics(c), request_id=c.request_id,
-                      session_id=c.session_id, sample_index=c.sample_index, text=c.text, stop_string=c.stop_string)
+                      session_id=c.session_id, sample_index=c.sample_index, text=c.text, stop_string=c.stop_string,
+                      top_logprobs=c.top_logprobs)
 
 
 def _metrics(c: Completion) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 ENV_VERSION = -1   # ``versions`` entry of a token the environment (not the policy) produced
-_OPTIONAL_TEXT = ("text", "stop_string")   # left out of to_dict when None
+_OPTIONAL = ("text", "stop_string", "top_logprobs")   # left out of to_dict when None
 
 
 @dataclass
@@ -35,6 +35,9 @@ class Trajectory:
     # and which stop string matched (None when it ran to EOS or max_tokens).
     text: Optional[str] = None
     stop_string: Optional[str] = None
+    # Only when the params asked for top logprobs (SamplingParams.logprobs) on a one-turn trajectory: per
+    # generated token, the k most likely (token id, logprob) pairs (engine.outputs.Completion.top_logprobs).
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -62,10 +65,11 @@ class Trajectory:
 
     # ---------------------------------------------------------------- wire / tensors
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists, numbers, strings and dicts: safe for msgpack (no pickle). ``text`` and ``stop_string`` only
-        when set (a client that predates them still reads every trajectory of a request without stop strings)."""
+        """Plain lists, numbers, strings and dicts: safe for msgpack (no pickle). ``text``, ``stop_string`` and
+        ``top_logprobs`` only when set (a client that predates them still reads every trajectory of a request
+        that sets none of them)."""
         d = asdict(self)
-        for name in _OPTIONAL_TEXT:
+        for name in _OPTIONAL:
             if d[name] is None:
                 del d[name]
         return d

@@ -1,0 +1,108 @@
+"""Request bodies of the OpenAI-compatible HTTP front end (``rollout.http_server``), validated with pydantic,
+and the OpenAI error format.
+
+Strict on purpose: wrong JSON types are refused, never coerced (``"1"`` is not an int, ``1.0`` is not an int,
+``true`` is not a number), and unknown fields are refused with their name (STYLE.md: no silently dropped typos).
+Fields OpenAI defines that this increment does not serve (``stream: true``, ``tools``, ``echo``, penalties, ...)
+are refused by name with a 400 rather than ignored. What each field means: docs/openai.md.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOP_LOGPROBS = 20     # OpenAI's cap for chat top_logprobs (the ZeroMQ protocol's max_logprobs too)
+
+# Roles the chat template is given; "tool" messages carry a tool's result (tool calls themselves: not built yet).
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _SamplingFields(_Strict):
+    """Fields both endpoints share. OpenAI's defaults: temperature 1, top_p 1, n 1."""
+    model: str
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    user: Optional[str] = None                 # accepted (clients send it) and not used
+    # Extension (vLLM's name): the response carries the prompt's token ids and each choice's generated ids.
+    return_token_ids: bool = False
+
+
+class TextPart(_Strict):
+    """The only content part this increment renders (images, audio: not supported)."""
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Role
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None         # of a "tool" message: passed to the chat template as is
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template reads it (text parts joined into one string)."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        d: dict[str, Any] = {"role": self.role, "content": content if content is not None else ""}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``. ``prompt``: a string, a list of token ids, or a list of either (a batch)."""
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: int = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per prompt of the batch. NOTE: ``[]`` is one empty token-id prompt (refused later)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and not isinstance(p[0], int):   # list[str] or list[list[int]]
+            return list(p)
+        return [p]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``. Without max_completion_tokens / max_tokens the turn may run to the end of
+    the model's context (OpenAI's behaviour)."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)              # deprecated by OpenAI, still sent
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)   # wins over max_tokens when both are sent
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:
+    """OpenAI's error format (what the official client parses into ``APIStatusError.body``)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, Optional[str]]:
+    """(message, param) of a pydantic / FastAPI validation failure: the first error, named by its field path."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if first.get("type") == "extra_forbidden":
+        return f"unknown or unsupported field {'.'.join(loc)!r}", ".".join(loc) or None
+    # Union members add their type name to the path (prompt.str, prompt.list[int].0): keep the field's name.
+    param = loc[0] if loc else None
+    where = ".".join(loc) if loc else "body"
+    return f"{where}: {first.get('msg', 'invalid value')}", param
