@@ -109,10 +109,12 @@ def ensure_smollm2(cache_dir: Path | None = None, dtype: str = "float32") -> Pat
     return target
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of ``messages`` rendered by the tokenizer's chat template, ending with the
-    assistant generation prompt."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assistant generation prompt. ``tools`` (OpenAI function tools) are given to the template when not None;
+    the template decides how (and whether) they appear in the prompt."""
+    kwargs = {} if tools is None else {"tools": tools}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
     # transformers 5 may return a BatchEncoding (dict-like) rather than a list.
     if not isinstance(ids, list) and hasattr(ids, "keys") and "input_ids" in ids:
         ids = ids["input_ids"]

@@ -5,7 +5,8 @@
                                                                     concurrent requests batch in one engine)
 
 Text is handled only here, at the edge: prompts are tokenized (chat messages through the tokenizer's chat
-template), outputs detokenized; the backend sees token ids in, token ids out. This increment is non-streaming:
+template, with the request's tools), outputs detokenized and parsed for Hermes/Qwen ``<tool_call>`` blocks
+(``rollout.tool_calls``); the backend sees token ids in, token ids out. This increment is non-streaming:
 ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
 
 Every error is in OpenAI's format (``{"error": {"message", "type", "param", "code"}}``), FastAPI's 422 for a
@@ -32,6 +33,7 @@ from rollout.backend import ErrorCode, RolloutBackend, RolloutError, gather_or_c
 from rollout.openai_schema import (ChatCompletionRequest, CompletionRequest, describe_validation_errors,
                                    error_body)
 from rollout.protocol import ProtocolLimits
+from rollout.tool_calls import openai_tool_calls, parse_tool_calls
 from rollout.trajectory import Trajectory
 
 # RolloutError code -> (HTTP status, OpenAI error type)
@@ -192,8 +194,14 @@ class OpenAIFrontEnd:
         self._check_common(req)
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        use_tools = self._tool_choice(req)
         try:
-            ids = chat_prompt_ids(self.tokenizer, [m.template_dict() for m in req.messages])
+            messages = [m.template_dict() for m in req.messages]
+        except ValueError as e:   # an assistant tool call whose arguments are not a JSON object
+            raise ApiError(400, str(e), param="messages") from None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
+        try:
+            ids = chat_prompt_ids(self.tokenizer, messages, tools)
         except Exception as e:  # noqa: BLE001 - a template that refuses the messages (jinja raise_exception)
             raise ApiError(400, f"the chat template refused the messages: {type(e).__name__}: {e}",
                            param="messages") from None
@@ -209,10 +217,17 @@ class OpenAIFrontEnd:
         (group,) = await self._generate([ids], params)
         choices = []
         for t in group:
-            choice: dict[str, Any] = {"index": t.sample_index,
-                                      "message": {"role": "assistant", "content": self._text(t)},
+            message: dict[str, Any] = {"role": "assistant", "content": self._text(t)}
+            finish_reason = t.finish_reason
+            if use_tools:
+                parsed = parse_tool_calls(message["content"])
+                if parsed.tool_calls:
+                    message = {"role": "assistant", "content": parsed.content,
+                               "tool_calls": openai_tool_calls(parsed.tool_calls)}
+                    finish_reason = "tool_calls"
+            choice: dict[str, Any] = {"index": t.sample_index, "message": message,
                                       "logprobs": self._chat_logprobs(t) if req.logprobs else None,
-                                      "finish_reason": t.finish_reason}
+                                      "finish_reason": finish_reason}
             if req.return_token_ids:
                 choice["token_ids"] = list(t.token_ids)
             choices.append(choice)
@@ -222,6 +237,22 @@ class OpenAIFrontEnd:
         if req.return_token_ids:
             body["prompt_token_ids"] = ids
         return body
+
+    @staticmethod
+    def _tool_choice(req: ChatCompletionRequest) -> bool:
+        """Whether the tools are rendered and calls parsed: ``tool_choice`` "auto" (the default when tools are
+        given) yes, "none" no; other choices are not built yet."""
+        choice = req.tool_choice
+        if choice is None:
+            return bool(req.tools)
+        if choice == "none":
+            return False
+        if choice != "auto":
+            raise ApiError(400, f"tool_choice {choice!r} is not supported yet (only 'auto' and 'none')",
+                           param="tool_choice")
+        if not req.tools:
+            raise ApiError(400, "tool_choice 'auto' needs tools", param="tool_choice")
+        return True
 
     def _chat_logprobs(self, t: Trajectory) -> dict[str, Any]:
         def entry(tok: int, lp: float) -> dict[str, Any]:

@@ -3,18 +3,19 @@ and the OpenAI error format.
 
 Strict on purpose: wrong JSON types are refused, never coerced (``"1"`` is not an int, ``1.0`` is not an int,
 ``true`` is not a number), and unknown fields are refused with their name (STYLE.md: no silently dropped typos).
-Fields OpenAI defines that this increment does not serve (``stream: true``, ``tools``, ``echo``, penalties, ...)
+Fields OpenAI defines that this increment does not serve (``stream: true``, ``echo``, penalties, ...)
 are refused by name with a 400 rather than ignored. What each field means: docs/openai.md.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOP_LOGPROBS = 20     # OpenAI's cap for chat top_logprobs (the ZeroMQ protocol's max_logprobs too)
 
-# Roles the chat template is given; "tool" messages carry a tool's result (tool calls themselves: not built yet).
+# Roles the chat template is given; "tool" messages carry a tool's result, assistant messages may carry tool_calls.
 Role = Literal["system", "user", "assistant", "tool"]
 
 
@@ -42,11 +43,55 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None   # a JSON schema object; passed to the chat template as is
+    strict: Optional[bool] = None                 # accepted; output is not constrained to the schema
+
+
+class Tool(_Strict):
+    """An OpenAI function tool of a request's ``tools``."""
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolCallFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str                                # a JSON object, as a string (OpenAI's wire format)
+
+
+class ToolCall(_Strict):
+    """A call in an assistant message's ``tool_calls`` (what this server returned on an earlier turn)."""
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+    def template_dict(self) -> dict[str, Any]:
+        """The shape HF chat templates read: ``function.arguments`` as a dict (Qwen2.5's template writes it with
+        ``tojson``, others iterate its items), so the call renders as the model wrote it."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"tool call {self.id!r}: function.arguments must be a JSON object (as a string), "
+                             f"got {self.function.arguments!r}")
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(_Strict):
     role: Role
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
     tool_call_id: Optional[str] = None         # of a "tool" message: passed to the chat template as is
+    tool_calls: Optional[list[ToolCall]] = None   # of an "assistant" message
+
+    @model_validator(mode="after")
+    def _tool_calls_only_on_assistant(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls is only allowed on assistant messages, not {self.role!r}")
+        return self
 
     def template_dict(self) -> dict[str, Any]:
         """The message as the chat template reads it (text parts joined into one string)."""
@@ -58,6 +103,8 @@ class ChatMessage(_Strict):
             d["name"] = self.name
         if self.tool_call_id is not None:
             d["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            d["tool_calls"] = [c.template_dict() for c in self.tool_calls]
         return d
 
 
@@ -85,6 +132,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)   # wins over max_tokens when both are sent
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[list[Tool]] = None
+    # "auto" (the default with tools) or "none"; others ("required", a named function) are refused in the
+    # handler with a clear "not supported yet".
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
 
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:

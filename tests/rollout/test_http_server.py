@@ -170,6 +170,22 @@ def test_chat_equals_the_engine_on_the_template_tokens(client, oracle, tokenizer
     assert r.usage.prompt_tokens == len(ids)
 
 
+def test_chat_with_tools_and_tool_calls_on_the_engine(client, oracle, tokenizer):
+    """The real engine: tools given, an assistant tool_calls message (content null) and a tool result render
+    through SmolLM2's template (which shows neither tools nor calls) and the answer equals the engine's."""
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "6*7?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_completion_tokens=6,
+                                       temperature=0.0, extra_body={"return_token_ids": True})
+    (want,) = greedy(oracle, r.prompt_token_ids, max_tokens=6)
+    assert r.choices[0].token_ids == want.token_ids and r.choices[0].finish_reason == want.finish_reason
+    assert "42" in tokenizer.decode(r.prompt_token_ids)
+
+
 def test_n_samples_with_a_seed_are_reproducible(client):
     kw = dict(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, temperature=1.0, n=2, seed=11,
               extra_body={"return_token_ids": True})
