@@ -130,10 +130,6 @@ class LLMEngine:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         return self._tokenizer
 
-    def _stop_string_tokenizer(self):
-        """The tokenizer stop strings are detokenized with; ValueError (at submission) when the model has none."""
-        return stop_string_tokenizer(self)
-
     # ------------------------------------------------------------------ requests
     def _validate(self, prompt_token_ids: object, params: object, allow_empty: bool = False,
                   field: str = "prompt_token_ids") -> tuple[list[int], SamplingParams]:
@@ -146,7 +142,7 @@ class LLMEngine:
         tokens, params = validate_input(prompt_token_ids, params, self.vocab_size, self.max_model_len, allow_empty,
                                         field)
         if params.stop:
-            self._stop_string_tokenizer()     # refused now, not at the first step
+            stop_string_tokenizer(self)     # no tokenizer: refused now, not at the first step
         return tokens, params
 
     def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,

@@ -123,7 +123,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def stop_string_tokenizer(engine):
-    """``engine``'s tokenizer for stop strings (``LLMEngine._stop_string_tokenizer``); ValueError naming why when
+    """``engine``'s tokenizer for stop strings (checked at submission); ValueError naming why when
     its model directory has none usable (remembered: asked again, the same answer without another attempt)."""
     if engine._tokenizer is None and engine._tokenizer_error is None:
         if not any((engine.model_path / name).exists() for name in _TOKENIZER_FILES):

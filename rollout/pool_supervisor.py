@@ -49,7 +49,8 @@ class Supervisor:
     def _incarnation(self, index: int) -> Incarnation:
         return Incarnation(self._spawn(index), self._loop.create_future())
 
-    async def start(self, num_workers: int) -> list[dict[str, Any]]:
+    async def start(self, num_workers: int) -> None:
+        """Start every worker; each one's ready() is kept on its incarnation (``Incarnation.info``)."""
         self.slots = [Slot(i, self._incarnation(i), asyncio.Event()) for i in range(num_workers)]
         infos = await asyncio.gather(*(asyncio.wait_for(s.actor.handle.ready.remote(), self._start_timeout_s)
                                        for s in self.slots))
@@ -57,7 +58,6 @@ class Supervisor:
             s.actor.info = info
             self._watch(s, s.actor)
             s.ready.set()
-        return list(infos)
 
     async def call(self, slot: Slot, method: str, *args: Any) -> Any:
         """Call a worker method; its result, or RolloutError — WORKER_DIED as soon as the worker is found dead."""

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,13 +35,13 @@ TRANSPORTS = ("auto", "cuda_ipc", "object_store")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _wait(coro) -> Any:
-    """Run a pool coroutine to its end from synchronous code (the pool's methods hop onto its own loop)."""
+def _blocking(call: Callable[[], Any]) -> Any:
+    """``call()`` (which waits on the pool's loop) from synchronous code; refused inside a running event loop,
+    which the wait would block."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
-    coro.close()
+        return call()
     raise RuntimeError("WeightPusher.push was called inside a running event loop: await push_async instead")
 
 
@@ -115,13 +115,14 @@ class WeightPusher:
         if self.transport == "cuda_ipc":
             payload = self._sender.pack(named_tensors, version=version)
             packed = time.perf_counter()
-            report = self._blocking(lambda: self.pool.update_weights_from_ipc_blocking(
+            report = _blocking(lambda: self.pool.update_weights_from_ipc_blocking(
                 payload, version=version, mode=mode, kv=kv))
         else:
             state = {name: (t.to("cpu", self.cast) if t.dtype.is_floating_point else t.to("cpu"))
                      for name, t in named_tensor_list(named_tensors)}
             packed = time.perf_counter()
-            report = _wait(self.pool.update_weights_from_state_dict(state, version=version, mode=mode, kv=kv))
+            report = _blocking(lambda: asyncio.run(
+                self.pool.update_weights_from_state_dict(state, version=version, mode=mode, kv=kv)))
         end = time.perf_counter()
         return PushReport(version=report["version"], transport=self.transport, seconds=end - start,
                           pack_seconds=packed - start, engine_seconds=float(report.get("engine_seconds", 0.0)),
@@ -129,14 +130,6 @@ class WeightPusher:
                           num_workers=int(report["num_workers"]),
                           stages=_stages(report.get("timeline") or {}, packed - start, end - start),
                           channels=tuple(report.get("channels", ())))
-
-    @staticmethod
-    def _blocking(call) -> Any:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return call()
-        raise RuntimeError("WeightPusher.push was called inside a running event loop: await push_async instead")
 
     async def push_async(self, named_tensors: NamedTensors, version: int, *, mode: str = "keep",
                          kv: str = "recompute") -> PushReport:
