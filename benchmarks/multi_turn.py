@@ -72,11 +72,17 @@ def warm_up(engine: LLMEngine, vocab: int) -> None:
     sync(engine)
 
 
-def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab: int) -> dict:
+def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab: int,
+               profile_window: tuple[int, int] | None = None) -> dict:
     t_load = time.perf_counter()
     engine = LLMEngine(config)
     load_s = time.perf_counter() - t_load
     warm_up(engine, vocab)
+    timeline = None
+    if engine.device.type == "cuda":
+        from benchmarks.step_timeline import StepTimeline
+        timeline = StepTimeline(engine.runner, profile_window)
+        timeline.install()
     base = engine.stats()
     steps_before = dict(engine.runner.step_counts)
     outputs: dict[tuple[int, int], list[int]] = {}
@@ -129,6 +135,12 @@ def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab:
         sync(engine)
         elapsed = time.perf_counter() - start
     engine.check_integrity()
+    device_steps = {}
+    if timeline is not None:
+        device_steps = timeline.summary()
+        timeline.uninstall()
+        if timeline.profile_summary:
+            print(f"[{name}] {timeline.profile_summary}", flush=True)
     s = engine.stats()
     d = {k: s[k] - base.get(k, 0) for k in ("prefill_tokens", "recomputed_tokens", "preemptions",
                                             "offloaded_sessions", "restored_sessions", "dropped_sessions",
@@ -144,7 +156,7 @@ def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab:
                   cached=d["cached_prompt_tokens"], steps=len(batch_sizes), steps_ahead=d["steps_ahead"],
                   runner_steps=runner_steps, mean_batch=sum(batch_sizes) / max(1, len(batch_sizes)),
                   peak_running=s["peak_running"], host_copy_gb=d["host_copy_bytes"] / 1e9,
-                  time_split_s=split, outputs=outputs, blocks=s["num_total_blocks"])
+                  time_split_s=split, device_steps=device_steps, outputs=outputs, blocks=s["num_total_blocks"])
     del engine
     return result
 
@@ -162,6 +174,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="ours,recompute,no-retention", help="comma-separated policies to run")
+    p.add_argument("--profile-window", default=None, metavar="FIRST:COUNT",
+                   help="CUDA: torch.profiler over engine steps FIRST..FIRST+COUNT of each policy (top kernels)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--no-results", action="store_true")
     args = p.parse_args()
@@ -207,7 +221,8 @@ def main() -> None:
     for key in args.only.split(","):
         name, cfg = policies[key]
         print(f"running {name} ...", flush=True)
-        results.append(run_policy(name, cfg, plans, vocab))
+        window = tuple(int(x) for x in args.profile_window.split(":")) if args.profile_window else None
+        results.append(run_policy(name, cfg, plans, vocab, window))
         r = results[-1]
         print(f"  {r['tok_s']:,.0f} tok/s in {r['seconds']:.2f} s (engine load {r['load_s']:.1f} s); "
               f"split {r['time_split_s']}", flush=True)
@@ -236,6 +251,21 @@ def main() -> None:
              f"{ratio:.1f}x the prefill tokens of ours. Each engine compiled its kernels on a warm-up session first "
              f"(outside the timed region).\n\nTime split (host wall time by where the engine thread was):\n\n"
              f"{split_table}")
+    if any(r["device_steps"] for r in results):
+        kinds = list(dict.fromkeys(k for r in results for k in r["device_steps"]))
+        dev_rows = []
+        for r in results:
+            for k in kinds:
+                g = r["device_steps"].get(k)
+                if g:
+                    dev_rows.append([r["name"].split(" (")[0], k, g["steps"], round(g["mean_rows"], 1),
+                                     round(g["mean_tokens"], 1), round(g["host_ms"], 2), round(g["busy_ms"], 2),
+                                     round(g["busy_s"], 2), round(g["gap_s"], 2)])
+        notes += ("\n\nDevice time by step kind (CUDA events around each launch on the main stream; busy = a "
+                  "step's first to last queued work, gap = the device idle before the step, waiting for the host):"
+                  "\n\n" + markdown_table(["policy", "step kind", "steps", "mean rows", "mean tokens",
+                                             "host launch ms", "device ms / step", "device s", "device gap s"],
+                                            dev_rows))
     print(table)
     print(notes)
     if args.json:
