@@ -210,6 +210,8 @@ def main() -> None:
                   max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     policies = {
         "ours": ("ours (no preemption, sessions retained)", EngineConfig(**common, host_kv_cache_bytes=host_bytes)),
+        "ours-eager-mixed": ("ours, steps with prefill chunks run eagerly (no mixed-step graphs)",
+                             EngineConfig(**common, host_kv_cache_bytes=host_bytes, cuda_graph_max_tokens=0)),
         "ours-ahead-after-prefill": ("ours, steps planned ahead after prefill steps too",
                                      EngineConfig(**common, host_kv_cache_bytes=host_bytes, async_after_prefill=True)),
         "recompute": ("recompute baseline (vLLM-style)",
@@ -230,12 +232,13 @@ def main() -> None:
     baselines = [r for r in results if "baseline" in r["name"]]
     best = max(baselines, key=lambda r: r["tok_s"], default=None)
     headers = ["policy", "prefill tokens", "recomputed tokens", "preemptions", "offloaded / restored / dropped sessions",
-               "output tok/s", "wall s", "vs best baseline", "steps (graph / eager / ahead)", "mean batch",
+               "output tok/s", "wall s", "vs best baseline", "steps (decode graph / mixed graph / eager / ahead)", "mean batch",
                "peak running", "host copies GB", "outputs = ours"]
     rows = [[r["name"], r["prefill"], r["recomputed"], r["preemptions"],
              f"{r['offloaded']} / {r['restored']} / {r['dropped']}", r["tok_s"], r["seconds"],
              f"{r['tok_s'] / best['tok_s']:.2f}x" if best else "-",
-             f"{r['runner_steps'].get('graph', 0)} / {r['runner_steps'].get('eager', 0)} / {r['steps_ahead']}",
+             f"{r['runner_steps'].get('graph', 0)} / {r['runner_steps'].get('mixed graph', 0)} / "
+             f"{r['runner_steps'].get('eager', 0)} / {r['steps_ahead']}",
              round(r["mean_batch"], 1), r["peak_running"], round(r["host_copy_gb"], 2),
              "yes" if r["outputs"] == ours["outputs"] else "NO"] for r in results]
     table = markdown_table(headers, rows)

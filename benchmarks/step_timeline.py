@@ -7,7 +7,8 @@ For step k (in launch order) on the main stream:
                                     the device idle, waiting for the host to queue step k (0 when it was queued
                                     ahead)
 Two event records per step (a few microseconds of host time); read once at the end. Steps are grouped by
-kind: "graph" (a captured decode graph replayed), "eager" (prefill or mixed batches), and whether the step
+kind: "graph" (a captured decode graph replayed), "mixed graph" (a step with prefill chunks replayed from
+its token bucket's graph), "eager" (anything else), and whether the step
 was planned ahead (chained on the previous step's sampled tokens: ``prev`` given).
 
 An optional torch.profiler window (``profile_window=(first_step, num_steps)``) adds the top kernels by
@@ -23,7 +24,7 @@ import torch
 
 @dataclass
 class StepRecord:
-    kind: str          # "graph" | "eager"
+    kind: str          # "graph" (decode) | "mixed graph" | "eager"
     ahead: bool        # planned ahead: queued before the previous step's tokens were read
     rows: int          # scheduled items
     tokens: int        # batched tokens
@@ -48,7 +49,12 @@ class StepTimeline:
             if not output.scheduled:
                 return launch(output, rows, prev)
             self._profile_tick(len(self.records))
-            kind = "graph" if runner._graph_batch(output.scheduled) is not None else "eager"
+            if runner._graph_batch(output.scheduled) is not None:
+                kind = "graph"
+            elif runner._mixed_bucket(output.scheduled, output.num_batched_tokens) is not None:
+                kind = "mixed graph"
+            else:
+                kind = "eager"
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0 = time.perf_counter()
             start.record()

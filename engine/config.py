@@ -25,6 +25,9 @@ class EngineConfig:
     attention_backend: Optional[str] = None     # None: automatic (reference on CPU); or a registered name
     enable_cuda_graphs: bool = True             # CUDA + Triton: replay pure-decode steps from captured graphs
     cuda_graph_max_batch: int = 256             # largest captured decode batch (capped by max_num_seqs)
+    cuda_graph_max_tokens: int = 2048           # steps with prefill chunks of up to this many tokens (capped
+                                                # by max_num_batched_tokens) replay mixed-step graphs, one per
+                                                # token bucket (engine.mixed_graphs); 0: they run eagerly
     decode_gemv: str = "auto"                   # decode batches of 1-4 rows: Triton matrix-vector kernels
                                                 # (fused norm / SiLU) or cuBLAS; "auto" measures both at
                                                 # graph capture and keeps the faster; "on" | "off" force it
@@ -78,6 +81,9 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
                      "cuda_graph_max_batch"):
             _positive_int(name, getattr(self, name))
+        if isinstance(self.cuda_graph_max_tokens, bool) or not isinstance(self.cuda_graph_max_tokens, int) \
+                or self.cuda_graph_max_tokens < 0:
+            raise ValueError(f"EngineConfig.cuda_graph_max_tokens must be an int >= 0, got {self.cuda_graph_max_tokens!r}")
         for name in ("num_kv_blocks", "max_model_len"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
@@ -102,6 +108,12 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.session_ttl_s must be > 0, got {self.session_ttl_s!r}")
         if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
+    @property
+    def mixed_graph_tokens(self) -> int:
+        """The largest step with prefill chunks replayed from a graph (0: none): ``cuda_graph_max_tokens`` capped
+        by the step budget, 0 without CUDA graphs."""
+        return min(self.cuda_graph_max_tokens, self.max_num_batched_tokens) if self.enable_cuda_graphs else 0
 
     @property
     def fp32_head_in_effect(self) -> bool:

@@ -101,7 +101,8 @@ class LLMEngine:
                                   self.device, Sampler(config.seed), host_cache,
                                   enable_cuda_graphs=config.enable_cuda_graphs,
                                   cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                  max_model_len=self.max_model_len, decode_gemv=config.decode_gemv)
+                                  max_model_len=self.max_model_len, decode_gemv=config.decode_gemv,
+                                  cuda_graph_max_tokens=config.mixed_graph_tokens, max_num_seqs=config.max_num_seqs)
         self.outputs = OutputProcessor()
         self._unclaimed: list[Completion] = []
         self._request_counter = itertools.count()

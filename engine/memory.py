@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, max_model_len: int,
                      device: torch.device, param_bytes: int = 0, mem_get_info=None) -> int:
     """KV blocks from the memory budget. On CUDA: ``gpu_memory_utilization`` of the device, minus what is in use
-    (the weights, loaded), one eager step's activations, the sampler's logits, the CUDA graphs' pool, the
+    (the weights, loaded), one eager step's activations, the sampler's logits, the CUDA graphs' pools (decode and mixed-step), the
     backup a weight update keeps of what it overwrites (``update_backup_bytes``, default every parameter's
     bytes) and the float32 head's weight copies (``fp32_lm_head``). On CPU: ``kv_cache_memory_bytes``. Never
     more than every running sequence at full length could use; a budget that cannot hold one sequence of
@@ -31,6 +31,8 @@ def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, ma
             "sampler logits": config.max_num_seqs * mc.vocab_size * 4 * 3,
             "CUDA graph pool": min(config.cuda_graph_max_batch, config.max_num_seqs) * per_token
             if config.enable_cuda_graphs else 0,
+            # the mixed-step graphs keep their own pool: one step of their largest bucket
+            "mixed-step CUDA graph pool (cuda_graph_max_tokens)": config.mixed_graph_tokens * per_token,
             "weight-update backup (update_backup_bytes)": update_backup_bytes(config, param_bytes),
             # allocated after this sizing (LLMEngine), so not in "in use now". Its logits need nothing more:
             # the sampler term above is already float32, and the float32 final hidden states fit in the

@@ -5,7 +5,8 @@ beyond the per-row sampling settings the engine hands it.
 
 Per step on the GPU: the inputs are built with numpy in one pinned buffer and sent with one H2D copy
 (``engine.step_inputs``); a step whose every item is a 1-token decode that samples replays a CUDA graph
-(``engine.cuda_graphs``) when one holds the batch, anything else runs eagerly; logits are computed for the
+(``engine.cuda_graphs``) when one holds the batch, a step with prefill chunks replays the mixed-step graph of
+its token bucket (``engine.mixed_graphs``), anything else runs eagerly; logits are computed for the
 sampled rows only; an all-greedy batch is sampled with argmax + logsumexp and read back with one host sync.
 """
 from __future__ import annotations
@@ -40,11 +41,13 @@ class ModelRunner:
                  block_size: int, device: torch.device, sampler: Sampler,
                  host_cache: HostKVCache | None = None, *,
                  enable_cuda_graphs: bool = True, cuda_graph_max_batch: int = 256,
-                 max_model_len: int | None = None, decode_gemv: str = "auto") -> None:
+                 max_model_len: int | None = None, decode_gemv: str = "auto",
+                 cuda_graph_max_tokens: int = 0, max_num_seqs: int = 256) -> None:
         """enable_cuda_graphs: capture decode graphs now (CUDA + the Triton backend only);
         cuda_graph_max_batch: the largest captured batch (the largest size of 1, 2, 4 .. 256 up to it);
         max_model_len: the longest sequence a graph must hold (block-table width), default the model's
-        max_position_embeddings; decode_gemv: matrix-vector kernels for decode batches of 1-4 rows, "auto"
+        max_position_embeddings; cuda_graph_max_tokens: the largest step with prefill chunks that replays
+        a mixed-step graph (0: such steps run eagerly), of at most ``max_num_seqs`` sequences; decode_gemv: matrix-vector kernels for decode batches of 1-4 rows, "auto"
         (measured at capture), "on" or "off" (``engine.cuda_graphs``)."""
         self.model = model
         self.model_config = model_config
@@ -56,9 +59,10 @@ class ModelRunner:
         self.host_cache = host_cache
         self.inputs = StepInputs(block_size, self.device)
         self.graphs = None
+        self.mixed_graphs = None
         # Replay captured graphs when set (tests and benchmarks flip it to compare with eager).
         self.use_cuda_graphs = True
-        self.step_counts = {"graph": 0, "eager": 0}  # steps by path (benchmarks read it)
+        self.step_counts = {"graph": 0, "mixed graph": 0, "eager": 0}  # steps by path (benchmarks read it)
         self.decode_gemv = decode_gemv
         # Greedy rows sampled by two Triton kernels on CUDA (None: torch ops); models whose compute_logits
         # takes ``upcast`` hand them the lm_head's dtype.
@@ -74,7 +78,8 @@ class ModelRunner:
         self._graph_args = None
         self._gemv_choices: dict[int, bool] | None = None   # the first capture's, reused by re-captures
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
-            self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings)
+            self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings,
+                                cuda_graph_max_tokens, max_num_seqs)
             self.capture_cuda_graphs(*self._graph_args)
         if self.device.type == "cuda":
             self._warm_up_eager()
@@ -108,21 +113,31 @@ class ModelRunner:
         self.capture_cuda_graphs(*self._graph_args, known_gemv=self._gemv_choices)
         return True
 
-    def capture_cuda_graphs(self, max_batch: int, max_model_len: int,
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int, max_tokens: int = 0, max_seqs: int = 256,
                             known_gemv: dict[int, bool] | None = None) -> None:
-        """``known_gemv``: an earlier capture's matrix-vector choices (``DecodeGraphs``), reused by a re-capture."""
+        """Decode graphs up to ``max_batch`` rows, and mixed-step graphs up to ``max_tokens`` tokens of
+        ``max_seqs`` sequences (none when 0). ``known_gemv``: an earlier capture's matrix-vector choices
+        (``DecodeGraphs``), reused by a re-capture."""
         from engine.attention.triton_backend import TritonBackend
         from engine.cuda_graphs import DecodeGraphs, decode_splits
-        from engine.kernels.attention import _num_sms
+        from engine.kernels.attention import _num_sms, extend_tile_tokens
         from engine.kernels.gemv import MAX_ROWS
+        from engine.mixed_graphs import MIN_TOKENS, MixedGraphs
 
         sms = _num_sms(self.device.index if self.device.index is not None else torch.cuda.current_device())
-        hkv = self.model_config.num_kv_heads
-        self.graphs = None  # release the old pool first
+        mc = self.model_config
+        hkv = mc.num_kv_heads
+        recapture = known_gemv is not None
+        self.graphs = self.mixed_graphs = None  # release the old pools first
+        max_blocks = -(-max_model_len // self.block_size)
         with torch.inference_mode():
+            if max_tokens >= MIN_TOKENS:
+                self.mixed_graphs = MixedGraphs(
+                    self.model, self.kv_caches, TritonBackend(), self.block_size, max_blocks, max_tokens,
+                    max_seqs, extend_tile_tokens(mc.num_heads, hkv, mc.head_dim), self.device, recapture=recapture)
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, lambda bs: TritonBackend(decode_num_splits=decode_splits(bs, hkv, sms)),
-                self.block_size, -(-max_model_len // self.block_size), max_batch, self.device,
+                self.block_size, max_blocks, max_batch, self.device,
                 decode_gemv=self.decode_gemv, gemv_max_rows=MAX_ROWS if hasattr(self.model, "set_gemv_rows") else 0,
                 known_gemv=known_gemv)
         self._gemv_choices = dict(self.graphs.gemv)
@@ -133,6 +148,11 @@ class ModelRunner:
         if not all(it.num_tokens == 1 and it.sample for it in items):
             return None
         return self.graphs.padded_batch(len(items))
+
+    def _mixed_bucket(self, items, num_tokens: int) -> int | None:
+        if self.mixed_graphs is None or not self.use_cuda_graphs:
+            return None
+        return self.mixed_graphs.bucket(num_tokens, len(items))
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, rows: dict[int, SamplingRow]) -> dict[int, SampledToken]:
@@ -169,11 +189,20 @@ class ModelRunner:
             sample_items = list(range(len(items)))
             self.step_counts["graph"] += 1
         else:
-            self.step_counts["eager"] += 1
-            step = self.inputs.prepare(items, output.num_batched_tokens)
+            bucket = self._mixed_bucket(items, output.num_batched_tokens)
+            if bucket is not None:
+                self.step_counts["mixed graph"] += 1
+                step = self.inputs.prepare_graph_mixed(items, output.num_batched_tokens, self.mixed_graphs.inputs,
+                                                       bucket)
+            else:
+                self.step_counts["eager"] += 1
+                step = self.inputs.prepare(items, output.num_batched_tokens)
             if prev is not None:   # the fed items come first, one token each: input_ids[:num_fed]
                 self._feed_tokens(prev, items[:output.num_fed], step.input_ids)
-            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)  # [T, hidden]
+            if bucket is not None:
+                hidden = self.mixed_graphs.replay(bucket)                                        # [bucket, hidden]
+            else:
+                hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)  # [T, hidden]
             sample_items = step.sample_items
             if not sample_items:
                 return PendingStep(items, [], [])

@@ -50,6 +50,7 @@ class Layout:
     num_seqs: int
     num_sample_rows: int
     width: int  # block-table width (blocks)
+    num_tiles: int = 0  # extend work-list entries (mixed-step graphs only), between rows and tables
 
     def __post_init__(self) -> None:
         t, b = self.num_tokens, self.num_seqs
@@ -59,8 +60,27 @@ class Layout:
         self.seq_lens = _align16(self.slots + 8 * t)
         self.qsl = _align16(self.seq_lens + 4 * b)
         self.rows = _align16(self.qsl + 4 * (b + 1))
-        self.tables = _align16(self.rows + 8 * self.num_sample_rows)
+        self.tiles = _align16(self.rows + 8 * self.num_sample_rows)
+        self.tables = _align16(self.tiles + 4 * self.num_tiles)
         self.nbytes = _align16(self.tables + 4 * b * self.width)
+
+
+def extend_tiles(query_lens: np.ndarray, tile_tokens: int, out: np.ndarray) -> int:
+    """Write the extend work list of a step into ``out`` (int32): for sequence i with q_i new tokens, entries
+    i << 16 | j for its tiles j < cdiv(q_i, tile_tokens), in order; the rest of ``out`` gets -1.
+    -> the number of real entries. A sequence of q tokens has cdiv(q, tile_tokens) tiles, so T tokens over B
+    sequences need at most cdiv(T, tile_tokens) + B entries."""
+    counts = -(-query_lens // tile_tokens)                        # [B] tiles per sequence
+    total = int(counts.sum())
+    if total > out.shape[0]:
+        raise ValueError(f"{total} extend tiles do not fit a work list of {out.shape[0]}")
+    if query_lens.shape[0] > 1 << 15 or int(counts.max(initial=0)) > 1 << 16:
+        raise ValueError("extend tiles pack the sequence in 15 bits and the tile in 16")
+    seq = np.repeat(np.arange(query_lens.shape[0], dtype=np.int64), counts)
+    tile = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[:total] = (seq << 16) | tile
+    out[total:] = -1
+    return total
 
 
 def _view(buf, offset: int, count: int, dtype):
@@ -234,6 +254,40 @@ class StepInputs:
         graph_inputs.load(self._host[:nbytes], batch, width)
         self._record_copy()
 
+    def prepare_graph_mixed(self, items: Sequence[ScheduledSequence], num_tokens: int,
+                            graph_inputs: "MixedGraphInputs", bucket: int) -> StepTensors:
+        """A step with prefill chunks (or any eager-shaped step) under the mixed-step CUDA graph of ``bucket``
+        >= num_tokens tokens: fill the graph's static inputs (tokens past the real ones: slot -1; sequences
+        past the real ones: no new tokens, seq_len 0; the extend work list padded with -1) with one H2D copy
+        plus one device copy that widens the compact block table. Returns the step's views of the static
+        inputs, with ``sample_rows`` (read outside the graph)."""
+        n = len(items)
+        table = self._tables.build(items)
+        width = table.shape[1]
+        if width > graph_inputs.max_blocks:
+            raise ValueError(f"a sequence needs {width} blocks; the graphs were captured for "
+                             f"{graph_inputs.max_blocks} (max_model_len)")
+        assert num_tokens <= bucket <= graph_inputs.max_tokens and n <= graph_inputs.max_seqs
+        lay = graph_inputs.layout
+        nbytes = lay.tables + 4 * n * width
+        host, dev = self._buffers(nbytes)
+        q, seq_lens = self._fill(host, lay, items, num_tokens, table)
+        _view(host, lay.ids, bucket, np.int64)[num_tokens:] = 0
+        _view(host, lay.pos, bucket, np.int64)[num_tokens:] = 0
+        _view(host, lay.slots, bucket, np.int64)[num_tokens:] = -1
+        _view(host, lay.seq_lens, graph_inputs.max_seqs, np.int32)[n:] = 0
+        _view(host, lay.qsl, graph_inputs.max_seqs + 1, np.int32)[n + 1:] = num_tokens
+        sample_items = [i for i, it in enumerate(items) if it.sample]
+        ends = np.cumsum(q) - 1
+        _view(host, lay.rows, len(sample_items), np.int64)[:] = ends[sample_items]
+        extend_tiles(q, graph_inputs.tile_tokens, _view(host, lay.tiles, graph_inputs.tiles_for(bucket), np.int32))
+        _view(host, lay.tables, n * width, np.int32).reshape(n, width)[:] = table
+        graph_inputs.load(self._host[:nbytes], n, width)
+        self._record_copy()
+        meta = graph_inputs.metadata(bucket)
+        return StepTensors(graph_inputs.input_ids[:bucket], graph_inputs.positions[:bucket], meta,
+                           _view(graph_inputs.buffer, lay.rows, len(sample_items), np.int64), sample_items)
+
     def _record_copy(self) -> None:
         if self._pin:
             if self._fence is None:
@@ -279,3 +333,50 @@ class GraphInputs:
         lay = self.layout
         compact = _view(self.buffer, lay.tables, batch * width, np.int32).view(batch, width)
         self.block_tables[:batch, :width].copy_(compact)
+
+
+class MixedGraphInputs:
+    """The static device inputs of the mixed-step CUDA graphs (``engine.mixed_graphs``): up to ``max_tokens``
+    new tokens of up to ``max_seqs`` sequences, block tables ``max_blocks`` wide, and the extend work list
+    (``extend_tiles``) for tiles of ``tile_tokens`` tokens. The graph of a bucket of T tokens reads the first T
+    token entries, every sequence entry (those past a step's own have no new tokens) and the first
+    ``tiles_for(T)`` work-list entries."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, tile_tokens: int,
+                 device: torch.device) -> None:
+        self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
+        self.tile_tokens = tile_tokens
+        self.block_size = block_size
+        self.layout = Layout(max_tokens, max_seqs, max_seqs, 0, num_tiles=self.tiles_for(max_tokens))
+        lay = self.layout
+        self.buffer = torch.zeros(lay.tables + 4 * max_seqs * max_blocks, dtype=torch.uint8, device=device)
+        self.block_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
+        self.input_ids = _view(self.buffer, lay.ids, max_tokens, np.int64)
+        self.positions = _view(self.buffer, lay.pos, max_tokens, np.int64)
+        self.slot_mapping = _view(self.buffer, lay.slots, max_tokens, np.int64)
+        self.seq_lens = _view(self.buffer, lay.seq_lens, max_seqs, np.int32)
+        self.query_start_loc = _view(self.buffer, lay.qsl, max_seqs + 1, np.int32)
+        self.tiles = _view(self.buffer, lay.tiles, lay.num_tiles, np.int32)
+        self.slot_mapping.fill_(-1)   # until a step loads them: no token writes the cache, no tile runs
+        self.tiles.fill_(-1)
+
+    def tiles_for(self, num_tokens: int) -> int:
+        """Work-list entries of the graph of ``num_tokens`` tokens: enough for any mix of sequences."""
+        return -(-num_tokens // self.tile_tokens) + self.max_seqs
+
+    def metadata(self, num_tokens: int) -> AttentionMetadata:
+        """Metadata of the graph of ``num_tokens`` tokens. Its host lists are placeholders (one entry per
+        sequence slot): the backend reads the device tensors and the work list only."""
+        s = self.max_seqs
+        return AttentionMetadata(
+            query_lens=[0] * s, seq_lens=[0] * s, query_start_loc=self.query_start_loc,
+            seq_lens_tensor=self.seq_lens, block_tables=self.block_tables,
+            slot_mapping=self.slot_mapping[:num_tokens], block_size=self.block_size,
+            extend_tiles=self.tiles[:self.tiles_for(num_tokens)])
+
+    def load(self, staged: torch.Tensor, num_seqs: int, width: int) -> None:
+        """staged: the host bytes [fixed header | compact tables [num_seqs, width]] built by StepInputs."""
+        self.buffer[:staged.numel()].copy_(staged, non_blocking=True)
+        lay = self.layout
+        compact = _view(self.buffer, lay.tables, num_seqs * width, np.int32).view(num_seqs, width)
+        self.block_tables[:num_seqs, :width].copy_(compact)

@@ -42,13 +42,18 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # [num_seqs, max_blocks_per_seq] int32; padding entries are never read
     slot_mapping: torch.Tensor     # [num_tokens] int64: flat cache slot for each new token's K/V
     block_size: int
+    # [N] int32, mixed-step CUDA graphs only (engine.mixed_graphs): the extend work list on the device, one
+    # entry per tile of new tokens (seq << 16 | tile, -1 = none); its host lists are then placeholders and
+    # the Triton backend runs the extend kernel over this list whatever the query lengths.
+    extend_tiles: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # One pass over the host lists per step (backends read these per layer).
         assert len(self.query_lens) == len(self.seq_lens), "one query_len and one seq_len per sequence"
         self.max_query_len = max(self.query_lens, default=0)
         self.max_seq_len = max(self.seq_lens, default=0)
-        self.is_decode = self.max_query_len <= 1   # every sequence computes exactly one token
+        # every sequence computes exactly one token
+        self.is_decode = self.max_query_len <= 1 and self.extend_tiles is None
 
     @property
     def num_seqs(self) -> int:

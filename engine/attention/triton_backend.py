@@ -6,7 +6,8 @@ imported when a backend is built, not when this module is imported.
 Dispatch per forward, on host values only (no device sync):
     every query_len == 1   -> paged decode (GQA-grouped, split-K over the context + log-sum-exp merge)
     otherwise              -> paged extend (prefill chunks over a cached prefix; decodes in the same
-                              batch are extend rows of length 1)
+                              batch are extend rows of length 1); over ``meta.extend_tiles`` when
+                              set (a mixed-step CUDA graph: the grid fixed, the work list on the device)
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class TritonBackend(AttentionBackend):
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, scale, num_splits=num_splits)
         return self._attention.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
-            meta.max_query_len, scale)
+            meta.max_query_len, scale, tiles=meta.extend_tiles)
 
 
 def register() -> None:

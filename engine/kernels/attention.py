@@ -237,17 +237,28 @@ def paged_decode_attention(
 # ------------------------------------------------------------------------------------------------ extend
 @triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, tiles_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     qk_scale,
     GROUP: tl.constexpr, TOKS: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, TILED: tl.constexpr,
 ):
-    # grid: (num_seqs, num_kv_heads, cdiv(max_query_len, TOKS)); a tile is TOKS new tokens x GROUP heads.
-    seq = tl.program_id(0)
+    # A tile is TOKS new tokens x GROUP heads of one sequence.
+    #   TILED=False  grid (num_seqs, num_kv_heads, cdiv(max_query_len, TOKS)): tile = (program 0, program 2)
+    #   TILED=True   grid (len(tiles), num_kv_heads): tiles[i] = seq << 16 | tile index, -1 = no work. The
+    #                grid depends on no host value of the step, so a captured CUDA graph serves every mix
+    #                of sequences whose tiles fit (engine.mixed_graphs).
+    if TILED:
+        entry = tl.load(tiles_ptr + tl.program_id(0))
+        if entry < 0:
+            return
+        seq = entry >> 16
+        tok0 = (entry & 0xFFFF) * TOKS
+    else:
+        seq = tl.program_id(0)
+        tok0 = tl.program_id(2) * TOKS
     kvh = tl.program_id(1)
-    tok0 = tl.program_id(2) * TOKS
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     if tok0 >= q_len:
@@ -314,9 +325,13 @@ def paged_extend_attention(
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    tiles: torch.Tensor | None = None,  # [N] int32: seq << 16 | tile, -1 = none (extend_tiles); sizes the grid
 ) -> torch.Tensor:
     """Causal attention of each new token (position seq_len - query_len + i) over its sequence's
-    positions [0, own position]: the cached prefix plus the new tokens up to itself."""
+    positions [0, own position]: the cached prefix plus the new tokens up to itself.
+
+    With ``tiles`` the grid is (len(tiles), Hkv) and ``max_query_len`` is not read: the work list comes from
+    the device (tiles of ``extend_tile_tokens`` tokens, the default block_m), as CUDA graphs need."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim and q.stride(2) == 1
@@ -324,29 +339,48 @@ def paged_extend_attention(
     group = num_heads // num_kv_heads
     num_seqs = query_start_loc.shape[0] - 1
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # a work list may leave rows uncomputed (a graph's padding tokens): zeros, not garbage, flow on from them
+        out = (torch.empty if tiles is None else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(2) == 1
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_d = _block_d(head_dim)
-    block_m = max(block_m or (64 if block_d >= 128 else 128), triton.next_power_of_2(group), 16)
+    block_m = _extend_block_m(block_d, group, block_m)
     block_n = block_n or 64
     toks = block_m // group
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, toks))
+    if tiles is not None:
+        assert block_m == _extend_block_m(block_d, group, None), "tiles are built for the default block_m"
+        assert tiles.dtype == torch.int32 and tiles.dim() == 1
+        grid = (tiles.shape[0], num_kv_heads)
+    else:
+        grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, toks))
     _extend_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        tiles if tiles is not None else seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * _LOG2E,
         GROUP=group, TOKS=toks, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, IEEE=_ieee_dot(k_cache.dtype),
+        BLOCK_SIZE=block_size, IEEE=_ieee_dot(k_cache.dtype), TILED=tiles is not None,
         num_warps=4 if block_m * block_d <= 64 * 128 else 8,
     )
     return out
+
+
+def _extend_block_m(block_d: int, group: int, block_m: int | None) -> int:
+    """Query rows (tokens x heads of a group) of one extend program."""
+    return max(block_m or (64 if block_d >= 128 else 128), triton.next_power_of_2(group), 16)
+
+
+def extend_tile_tokens(num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """New tokens per tile of ``paged_extend_attention`` with its default block_m: what a ``tiles`` list
+    counts in (a sequence of q new tokens has cdiv(q, this) tiles)."""
+    group = num_heads // num_kv_heads
+    return _extend_block_m(_block_d(head_dim), group, None) // group
 
 
 # jit returns an InterpretedFunction instead of a JITFunction under TRITON_INTERPRET=1 (read at decoration)
 _INTERPRETED = not isinstance(_decode_kernel, triton.runtime.JITFunction)
 
 
-__all__ = ["default_num_splits", "paged_decode_attention", "paged_extend_attention"]
+__all__ = ["default_num_splits", "extend_tile_tokens", "paged_decode_attention", "paged_extend_attention"]

@@ -26,14 +26,31 @@ def test_the_budget_leaves_room_for_the_update_backup_graphs_and_sampler(mc):
     cfg = EngineConfig(model="unused", max_num_seqs=64, max_num_batched_tokens=2048, cuda_graph_max_batch=32)
     free, total, params = 70 * GB, 80 * GB, 4 * GB
     per_token = (mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
+    # the mixed-step graph pool: one step of the largest bucket, min(cuda_graph_max_tokens, the step budget)
     expected_budget = int(total * 0.9) - (total - free) - 2048 * per_token - 64 * mc.vocab_size * 12 \
-        - 32 * per_token - params
+        - 32 * per_token - 2048 * per_token - params
     kw = dict(block_bytes=64 << 10, max_model_len=1 << 20)     # a ceiling far above the budget
     assert sized(cfg, mc, free, total, params, **kw) == expected_budget // (64 << 10)
     no_backup = EngineConfig(model="unused", max_num_seqs=64, max_num_batched_tokens=2048, cuda_graph_max_batch=32,
                              update_backup_bytes=0)
     assert sized(no_backup, mc, free, total, params, **kw) - sized(cfg, mc, free, total, params, **kw) \
         == params // (64 << 10)
+
+
+def test_the_mixed_step_graph_pool_is_reserved_up_to_the_step_budget(mc):
+    base = dict(model="unused", max_num_seqs=64, max_num_batched_tokens=1024, cuda_graph_max_batch=32)
+    per_token = (mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
+    free, total, params = 70 * GB, 80 * GB, 4 * GB
+    kw = dict(block_bytes=1, max_model_len=1 << 36)     # 1-byte blocks: the count is the budget in bytes
+    off = sized(EngineConfig(**base, cuda_graph_max_tokens=0), mc, free, total, params, **kw)
+    # capped by max_num_batched_tokens (1024), whatever cuda_graph_max_tokens asks
+    assert off - sized(EngineConfig(**base), mc, free, total, params, **kw) == 1024 * per_token
+    assert off - sized(EngineConfig(**base, cuda_graph_max_tokens=256), mc, free, total, params, **kw) \
+        == 256 * per_token
+    assert EngineConfig(**base, enable_cuda_graphs=False).mixed_graph_tokens == 0
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="cuda_graph_max_tokens"):
+            EngineConfig(**base, cuda_graph_max_tokens=bad)
 
 
 def test_a_budget_that_cannot_hold_one_sequence_fails_at_start_naming_the_terms(mc):
