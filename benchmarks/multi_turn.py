@@ -216,7 +216,7 @@ def main() -> None:
                                      EngineConfig(**common, host_kv_cache_bytes=host_bytes, async_after_prefill=True)),
         "recompute": ("recompute baseline (vLLM-style)",
                       EngineConfig(**common, preemption="recompute", retain_sessions=False, host_kv_cache_bytes=0)),
-        "recompute-ahead-after-prefill": ("recompute baseline (vLLM-style), steps planned ahead after prefill steps too",
+        "recompute-ahead-after-prefill": ("recompute baseline, steps planned ahead after prefill steps too (vLLM-style)",
                                           EngineConfig(**common, preemption="recompute", retain_sessions=False,
                                                        host_kv_cache_bytes=0, async_after_prefill=True)),
         "no-retention": ("no-retention baseline", EngineConfig(**common, retain_sessions=False,
