@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_scheduling.sh b     host-copy test, offload overlap, multi_turn and long_cot on the 0.5B shape
 #   bash benchmarks/gpu_scheduling.sh c     offload overlap and multi_turn on the 8B shape
 #   bash benchmarks/gpu_scheduling.sh d     b and c without the tests (overlap, multi_turn on both shapes, long_cot)
-#   bash benchmarks/gpu_scheduling.sh e     overlap 8B, multi_turn on both shapes, ours also with steps planned
-#                                           ahead after prefill steps
+#   bash benchmarks/gpu_scheduling.sh e     multi_turn on both shapes with every variant (mixed-step graphs off,
+#                                           steps planned ahead after decode steps only), overlap 8B
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -48,10 +48,11 @@ d)  step overlap_05b 60 python3 benchmarks/offload_overlap.py --shape qwen2.5-0.
     step multi_turn_8b 150 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
         --json "$out/multi_turn_8b.json"
     step long_cot_05b 200 python3 benchmarks/long_cot.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 ;;
-e)  step overlap_8b 70 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100
-    step multi_turn_8b 200 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
-        --only ours,ours-ahead-after-prefill,recompute,no-retention --json "$out/multi_turn_8b.json"
-    step multi_turn_05b 100 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
-        --only ours,ours-ahead-after-prefill,recompute,no-retention --json "$out/multi_turn_05b.json" ;;
+e)  variants=ours,ours-eager-mixed,ours-ahead-after-decode-only,recompute,recompute-ahead-after-decode-only,no-retention
+    step multi_turn_8b 260 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
+        --only $variants --json "$out/multi_turn_8b.json"
+    step multi_turn_05b 130 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --only $variants --json "$out/multi_turn_05b.json"
+    step overlap_8b 70 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100 ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

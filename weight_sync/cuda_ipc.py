@@ -110,10 +110,9 @@ class CudaIpcPayload:
             _expect(d["version"], int, "version")
         handles = []
         for b, args in enumerate(_expect(d["handles"], list, "handles")):
-            args = _check_arity(args, f"handles[{b}]", list)
-            handles.append((rebuild_cuda_tensor, tuple(_decode_arg(kind, x, f"handles[{b}][{i}] ({name})")
-                                                       for i, ((name, kind), x) in enumerate(zip(_HANDLE_FIELDS,
-                                                                                                 args)))))
+            if type(args) is not list or len(args) != len(_HANDLE_FIELDS):
+                _check_arity(args, f"handles[{b}]", list)
+            handles.append((rebuild_cuda_tensor, _decode_handle(args, b)))
         return cls(d["manifest"], tuple(handles), d["version"], d["sender_id"], d["generation"], d["device_uuid"])
 
 
@@ -150,6 +149,36 @@ def _encode_arg(kind: str, x: object, field: str) -> object:
     if kind == "bytes?" and x is None:
         return None
     return _expect(x, _PLAIN[kind], field)
+
+
+_BAD = object()
+
+
+def _decode_fast(kind: str, x: object) -> object:
+    """``_decode_arg`` without a field name: the value, or ``_BAD`` (the caller asks ``_decode_arg`` why). Field
+    names are formatted only on failure: a push of an 8B model carries ~64 handles of 15 fields, and building
+    their names took most of the decode (1.6 ms on an H200 host)."""
+    table = _BY_NAME.get(kind)
+    if table is not None:
+        return table.get(x, _BAD) if type(x) is str else _BAD
+    if kind == "size" or kind == "ints":
+        if type(x) is not list or not all(type(n) is int for n in x):
+            return _BAD
+        return torch.Size(x) if kind == "size" else tuple(x)
+    if kind == "bytes?":
+        return x if x is None or type(x) is bytes else _BAD
+    return x if type(x) is _PLAIN[kind] else _BAD   # exact types: a bool is not an int here
+
+
+def _decode_handle(args: list, b: int) -> tuple:
+    out = []
+    for i, (name, kind) in enumerate(_HANDLE_FIELDS):
+        v = _decode_fast(kind, args[i])
+        if v is _BAD:
+            _decode_arg(kind, args[i], f"handles[{b}][{i}] ({name})")   # raises, naming the field
+            raise ValueError(f"handles[{b}][{i}] ({name}): bad value {args[i]!r}")   # a type _decode_arg allows
+        out.append(v)
+    return tuple(out)
 
 
 def _decode_arg(kind: str, x: object, field: str) -> object:
