@@ -115,6 +115,7 @@ def test_the_in_flight_limit_answers_429_and_the_server_keeps_serving(client, se
         err = assert_openai_error(post(base, "/v1/chat/completions", {"model": MODEL, "messages": []}, key=KEY),
                                   429)   # refused before the body is even read
         assert err["code"] == "rate_limit_exceeded" and "max_in_flight" in err["message"]
+        assert info.value.response.headers["retry-after"] == "1"
         assert scrape(base)["rollout_http_requests_in_flight"] == LIMIT
         # streams count too
         with pytest.raises(openai.RateLimitError):
