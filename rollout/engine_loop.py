@@ -89,7 +89,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}
         self._sessions: dict[str, _SessionRecord] = {}
-        self._streams = StreamWatchers()       # streamed requests (generate_stream): their tokens after each step
+        self._streams = StreamWatchers()       # streamed requests (generate on_delta): their tokens after each step
         self._expired_seen = 0                 # scheduler.stats.expired_sessions already pruned from _sessions
         self._ids = itertools.count()
         self._closing = False
@@ -104,21 +104,14 @@ class EngineLoop:
         self._thread.start()
 
     # ================================================================ public API (any thread)
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 request_id: Optional[str] = None) -> "Future[list[Trajectory]]":
-        """``params.n`` samples of one prompt, by sample_index."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None, *,
+                 on_delta: Callable[[SampleDelta], None] | None = None) -> "Future[list[Trajectory]]":
+        """``params.n`` samples of one prompt, by sample_index. ``on_delta``: also hand each sample's new tokens
+        over after every step, on the loop thread (``rollout.loop_streams``; the future resolves last)."""
         def run(engine: LLMEngine, fut: Future) -> None:
             rid = engine.add_request(prompt_ids, params, request_id or self._new_id("gen"))
-            self._track(rid, fut, params.n, lambda cs: [completion_to_trajectory(c) for c in cs])
-        return self._submit(run)
-
-    def generate_stream(self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[SampleDelta], None],
-                        request_id: str | None = None) -> Future[list[Trajectory]]:
-        """``generate`` that also hands each sample's new tokens to ``on_delta`` after every step, on the loop
-        thread (``rollout.loop_streams``); the future resolves as ``generate``'s, after every final delta."""
-        def run(engine: LLMEngine, fut: Future) -> None:
-            rid = engine.add_request(prompt_ids, params, request_id or self._new_id("gen"))
-            self._streams.watch(rid, on_delta)
+            if on_delta is not None:
+                self._streams.watch(rid, on_delta)
             self._track(rid, fut, params.n, lambda cs: [completion_to_trajectory(c) for c in cs])
         return self._submit(run)
 

@@ -43,7 +43,7 @@ class LocalBackend:
             except RuntimeError:                 # the event loop is closed: nobody reads any more
                 pass
 
-        fut = self.loop.generate_stream(prompt_ids, params, hand_over, request_id)
+        fut = self.loop.generate(prompt_ids, params, request_id, on_delta=hand_over)
         fut.add_done_callback(hand_over)         # after every final delta (the loop resolves it last)
         open_samples = params.n
         try:

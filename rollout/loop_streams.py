@@ -1,6 +1,6 @@
 """Incremental output of the engine loop: the tokens of a streamed request as they are generated.
 
-``EngineLoop.generate_stream`` registers a watcher; on the loop thread, after every engine step, ``report``
+``EngineLoop.generate(..., on_delta=...)`` registers a watcher; on the loop thread, after every engine step, ``report``
 hands each watched request's new tokens (``LLMEngine.partial_outputs``) to its callback, and ``finished`` hands
 over a sample's last tokens with its whole Trajectory when its Completion arrives::
 

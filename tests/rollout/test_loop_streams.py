@@ -1,4 +1,4 @@
-"""The engine loop's incremental path (``EngineLoop.generate_stream``, ``LocalBackend.generate_stream``): tokens
+"""The engine loop's incremental path (``EngineLoop.generate(on_delta=...)``, ``LocalBackend.generate_stream``): tokens
 arrive step by step while the request runs, their concatenation is exactly the engine's own output, and a
 consumer that stops reading aborts the request (its KV freed)."""
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_deltas_arrive_per_step_and_add_up_to_the_engine_output(backend, model):
         deltas.append(d)
         done_when_seen.append(fut.done() if fut is not None else False)
 
-    fut = backend.loop.generate_stream(PROMPT, params, on_delta)
+    fut = backend.loop.generate(PROMPT, params, on_delta=on_delta)
     trajectories = fut.result(60)
     expected = LLMEngine(config(model)).generate([PROMPT], params)
     for s, (t, c) in enumerate(zip(trajectories, expected)):
