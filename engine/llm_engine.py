@@ -30,7 +30,7 @@ from engine.output_processor import OutputProcessor
 from engine.request_validation import validate_input
 from engine.engine_update import apply_update
 from engine.sleep import EngineAsleep, SleepReport, WakeReport, sleep as sleep_engine, wake_up as wake_engine
-from engine.outputs import Completion
+from engine.outputs import Completion, PartialOutput
 from engine.sampling import Sampler, SamplingParams
 from engine.stop_strings import stop_string_tokenizer
 from engine.weight_update import UpdateReport, WeightUpdater
@@ -225,6 +225,14 @@ class LLMEngine:
         seqs = self.scheduler.request_sequences(request_id) if self.scheduler.has_request(request_id) else ()
         seq = next((s for s in seqs if s.sample_index == sample_index), None)
         return self.outputs.num_recorded(seq.seq_id) if seq is not None else 0
+
+    def partial_outputs(self, request_id: str, offsets: dict[int, int]) -> list[PartialOutput]:
+        """Each running sample of a request: its tokens past ``offsets[sample_index]`` (0 when absent), as
+        recorded from the steps read; [] when the request is unknown or finished (its Completions carry all)."""
+        if not self.scheduler.has_request(request_id):
+            return []
+        return [self.outputs.partial(s, offsets.get(s.sample_index, 0))
+                for s in self.scheduler.request_sequences(request_id) if s.request_id == request_id]
 
     def has_unfinished(self) -> bool:
         """Whether ``step`` has work to do (False while asleep: queued work waits for ``wake_up``)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-from engine.outputs import Completion
+from engine.outputs import Completion, PartialOutput
 from engine.sampling import SamplingParams, SamplingRow
 from engine.stop_strings import StopStringDetector
 from scheduler import FinishedSequence, SchedulerOutput
@@ -114,6 +114,20 @@ class OutputProcessor:
                           num_cached_tokens=f.num_cached_tokens, top_logprobs=top, session_id=f.session_id,
                           num_prefill_tokens=f.num_prefill_tokens, queue_wait_s=f.queue_wait_s,
                           text=text, stop_string=stop_string)
+
+    def partial(self, seq, start: int) -> PartialOutput:
+        """A running sequence's output from token ``start`` on, as recorded so far (``seq``: its scheduler
+        Sequence). NOTE: ``record`` appends logprobs before ``Scheduler.update`` appends the tokens; between two
+        steps both have the same length, the min guards a read in between."""
+        logprobs = self._logprobs.get(seq.seq_id, ())
+        end = min(len(logprobs), len(seq.token_ids) - seq.num_prompt_tokens)
+        if end <= start:
+            return PartialOutput(seq.sample_index, start, [], [], [])
+        tops = self._top_logprobs.get(seq.seq_id)
+        base = seq.num_prompt_tokens
+        return PartialOutput(seq.sample_index, start, list(seq.token_ids[base + start:base + end]),
+                             list(logprobs[start:end]), list(self._versions[seq.seq_id][start:end]),
+                             None if tops is None else list(tops[start:end]))
 
     def params(self, request_id: str) -> Optional[SamplingParams]:
         return self._params.get(request_id)

@@ -30,3 +30,16 @@ class Completion:
 
     def __post_init__(self) -> None:
         assert len(self.token_ids) == len(self.logprobs) == len(self.versions), "one logprob and version per token"
+
+
+@dataclass
+class PartialOutput:
+    """What one running sample generated since a caller's offset, as recorded from the steps read so far
+    (``LLMEngine.partial_outputs``: progress for streaming callers). The sample's ``Completion`` follows."""
+
+    sample_index: int
+    start: int                           # output tokens before these (the caller's offset)
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # per token, when requested

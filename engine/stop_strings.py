@@ -2,7 +2,8 @@
 
 One ``StopStringDetector`` per sample (n > 1 siblings and every session turn get their own). ``feed`` takes the
 tokens the sample appended since the last call; the engine calls it after each step's ``Scheduler.update`` and
-finishes the sequence ("stop") when it returns True (docs/scheduler.md, "Stop strings").
+finishes the sequence ("stop") when it returns True (docs/scheduler.md, "Stop strings"). With no stop strings it
+only detokenizes incrementally (the HTTP front end's streamed text, ``rollout.http_streaming``; ``text_from``).
 
 Incremental detokenization (the vLLM scheme): the text of the new tokens is the difference of two decodes over
 a short window of the token ids,
@@ -35,11 +36,10 @@ _REPLACEMENT = "\ufffd"
 
 class StopStringDetector:
     def __init__(self, tokenizer, stop: Sequence[str], include_stop: bool, context: Sequence[int] = ()) -> None:
-        assert stop, "a detector needs at least one stop string"
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
         self._include_stop = include_stop
-        self._tail_chars = max(len(s) for s in stop) - 1
+        self._tail_chars = max((len(s) for s in stop), default=1) - 1
         ids = list(context[-CONTEXT_TOKENS:])
         if ids and self._decode(ids).endswith(_REPLACEMENT):
             ids = []              # the prompt ends inside a character: decode the output alone (as a full decode)
@@ -103,6 +103,20 @@ class StopStringDetector:
             i, s = best
             self.stop_string = s
             self._cut = region_start + i + (len(s) if self._include_stop else 0)
+
+    def text_from(self, start: int) -> str:
+        """The text emitted so far from character ``start`` on, ending at the match's cut once matched; the
+        bytes of an unfinished character are not in it yet (O(new text): the pieces are walked from the end)."""
+        end = self._num_chars if self._cut is None else self._cut
+        if start >= end:
+            return ""
+        out, pos = [], self._num_chars
+        for piece in reversed(self._pieces):
+            if pos <= start:
+                break
+            out.append(piece)
+            pos -= len(piece)
+        return "".join(reversed(out))[start - pos:end - pos]
 
     def text(self) -> str:
         """The output text: up to the match (its stop string included only with ``include_stop``), else all

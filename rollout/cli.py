@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_http_args(args: argparse.Namespace) -> None:
     """Before any model loads: a well-formed --http address, and a key when it is not loopback."""
-    from rollout.http_server import parse_host_port
+    from rollout.http_uvicorn import parse_host_port
     from rollout.server import is_loopback
 
     host, port = parse_host_port(args.http)
@@ -86,6 +86,8 @@ def _check_http_args(args: argparse.Namespace) -> None:
             args.api_key = f.read().strip()
         if not args.api_key:
             raise ValueError(f"--api-key-file {args.api_key_file!r} is empty")
+    if args.http_max_in_flight < 1:
+        raise ValueError(f"--http-max-in-flight must be >= 1, got {args.http_max_in_flight}")
     if not is_loopback(f"tcp://{host}:{port}") and not args.api_key:
         raise ValueError(f"--http {args.http} is not loopback: give --api-key or --api-key-file (bearer auth)")
 
@@ -142,10 +144,12 @@ async def _serve_async(args: argparse.Namespace, config, secret: bytes | None) -
         loop.add_signal_handler(sig, stop.set)
     try:
         if args.http is not None:
-            from rollout.http_server import HttpConfig, HttpServer, create_app, parse_host_port
+            from rollout.http_server import HttpConfig, create_app
+            from rollout.http_uvicorn import HttpServer, parse_host_port
             tokenizer, max_model_len = await loop.run_in_executor(None, _http_tokenizer_and_len, backend, config)
             http_config = HttpConfig(model_name=_served_model_name(args), max_model_len=max_model_len,
-                                     api_key=args.api_key or None, limits=ProtocolLimits())
+                                     api_key=args.api_key or None, limits=ProtocolLimits(),
+                                     max_in_flight=args.http_max_in_flight)
             http = HttpServer(create_app(backend, tokenizer, http_config), *parse_host_port(args.http))
         address = await frontend.start()
         logger.info("serve: listening on %s (Ctrl-C or SIGTERM for a graceful shutdown)", address)
@@ -194,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="file holding the shared HMAC secret (>= 16 bytes); every message must be signed")
     srv.add_argument("--max-in-flight", type=int, default=1024)
     srv.add_argument("--http", default=None, metavar="HOST:PORT",
-                     help="also serve the OpenAI-compatible HTTP API (docs/openai.md; non-streaming) over the same "
-                          "backend, next to ZeroMQ; a non-loopback host needs --api-key or --api-key-file")
+                     help="also serve the OpenAI-compatible HTTP API (docs/openai.md) over the same backend, next to "
+                          "ZeroMQ; a non-loopback host needs --api-key or --api-key-file")
+    srv.add_argument("--http-max-in-flight", type=int, default=1024,
+                     help="HTTP completions generating at once (streams included); past it: 429")
     srv.add_argument("--api-key", default=None, help="HTTP bearer key (any host); prefer --api-key-file")
     srv.add_argument("--api-key-file", default=None, help="file holding the HTTP bearer key")
     srv.add_argument("--served-model-name", default=None,

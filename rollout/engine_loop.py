@@ -44,6 +44,7 @@ from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.episode import Episode
 from rollout.loop_results import _metrics, _resolve, completion_to_trajectory, error_from_exception
+from rollout.loop_streams import SampleDelta, StreamWatchers
 from rollout.trajectory import Trajectory
 from scheduler import SessionError
 
@@ -88,6 +89,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}
         self._sessions: dict[str, _SessionRecord] = {}
+        self._streams = StreamWatchers()       # streamed requests (generate on_delta): their tokens after each step
         self._expired_seen = 0                 # scheduler.stats.expired_sessions already pruned from _sessions
         self._ids = itertools.count()
         self._closing = False
@@ -102,11 +104,14 @@ class EngineLoop:
         self._thread.start()
 
     # ================================================================ public API (any thread)
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 request_id: Optional[str] = None) -> "Future[list[Trajectory]]":
-        """``params.n`` samples of one prompt, by sample_index."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None, *,
+                 on_delta: Callable[[SampleDelta], None] | None = None) -> "Future[list[Trajectory]]":
+        """``params.n`` samples of one prompt, by sample_index. ``on_delta``: also hand each sample's new tokens
+        over after every step, on the loop thread (``rollout.loop_streams``; the future resolves last)."""
         def run(engine: LLMEngine, fut: Future) -> None:
             rid = engine.add_request(prompt_ids, params, request_id or self._new_id("gen"))
+            if on_delta is not None:
+                self._streams.watch(rid, on_delta)
             self._track(rid, fut, params.n, lambda cs: [completion_to_trajectory(c) for c in cs])
         return self._submit(run)
 
@@ -307,6 +312,7 @@ class EngineLoop:
             if self.engine.has_unfinished() or self.engine.scheduler.sessions:
                 try:
                     self._dispatch(self.engine.step())   # idle with sessions: an empty step (TTL expiry only)
+                    self._streams.report(self.engine)
                 except Exception as e:  # noqa: BLE001 - the loop must survive to fail and serve requests
                     logger.exception("engine step failed")
                     self._recover(RolloutError(ErrorCode.INTERNAL, f"engine step failed: {type(e).__name__}: {e}"))
@@ -343,9 +349,11 @@ class EngineLoop:
             if p is None:
                 continue
             p.samples[c.sample_index] = c
+            self._streams.finished(c)
             if len(p.samples) < p.num_samples:
                 continue
             del self._pending[c.request_id]
+            self._streams.forget(c.request_id)
             try:
                 result = p.finish([p.samples[i] for i in range(p.num_samples)])
             except Exception as e:  # noqa: BLE001
@@ -382,6 +390,7 @@ class EngineLoop:
 
     def _fail_everything(self, error: RolloutError) -> None:
         pending, self._pending = self._pending, {}
+        self._streams = StreamWatchers()
         for p in pending.values():
             _resolve(p.future, error=error)
         while True:
@@ -396,6 +405,7 @@ class EngineLoop:
         """After an unexpected step failure: fail every pending request and take them out of the engine so
         the next step starts clean (sessions stay open; their running turn comes back aborted)."""
         pending, self._pending = self._pending, {}
+        self._streams = StreamWatchers()
         for rid, p in pending.items():
             _resolve(p.future, error=error)
             try:

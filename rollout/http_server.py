@@ -3,11 +3,13 @@
     client --HTTP/JSON--> FastAPI handler (asyncio) --await--> backend.generate(prompt_ids, params)
                                                                    (LocalBackend: EngineLoop futures, so
                                                                     concurrent requests batch in one engine)
+                          stream: true --> rollout.http_streaming --> backend.generate_stream (per-step deltas)
 
 Text is handled only here, at the edge: prompts are tokenized (chat messages through the tokenizer's chat
-template, with the request's tools), outputs detokenized and parsed for Hermes/Qwen ``<tool_call>`` blocks
-(``rollout.tool_calls``); the backend sees token ids in, token ids out. This increment is non-streaming:
-``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+template, with the request's tools), outputs detokenized (``rollout.openai_render``) and parsed for Hermes/Qwen
+``<tool_call>`` blocks (``rollout.tool_calls``); the backend sees token ids in, token ids out. Routes:
+``GET /health``, ``GET /v1/models``, ``GET /metrics`` (``rollout.http_metrics``), ``POST /v1/completions``,
+``POST /v1/chat/completions``. At most ``HttpConfig.max_in_flight`` completions run at once; past it: 429.
 
 Every error is in OpenAI's format (``{"error": {"message", "type", "param", "code"}}``), FastAPI's 422 for a
 malformed body included (400 here, as OpenAI answers). With an API key every ``/v1`` route needs
@@ -15,23 +17,29 @@ malformed body included (400 here, as OpenAI answers). With an API key every ``/
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutBackend, RolloutError, gather_or_cancel
-from rollout.openai_schema import (ChatCompletionRequest, CompletionRequest, describe_validation_errors,
-                                   error_body)
+from rollout.http_metrics import CONTENT_TYPE, HttpMetrics, MetricsMiddleware
+from rollout.http_streaming import SSEResponse, StreamPlan, open_stream
+from rollout.openai_render import Renderer, usage
+from rollout.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    describe_validation_errors,
+    error_body,
+)
 from rollout.protocol import ProtocolLimits
 from rollout.tool_calls import openai_tool_calls, parse_tool_calls
 from rollout.trajectory import Trajectory
@@ -39,6 +47,7 @@ from rollout.trajectory import Trajectory
 # RolloutError code -> (HTTP status, OpenAI error type)
 _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.BAD_REQUEST: (400, "invalid_request_error"),
+
     ErrorCode.TOO_LARGE: (413, "invalid_request_error"),
     ErrorCode.ABORTED: (503, "server_error"),
     ErrorCode.WORKER_DIED: (503, "server_error"),
@@ -52,6 +61,7 @@ class HttpConfig:
     max_model_len: int                             # context length: prompt + output tokens
     api_key: Optional[str] = None                  # None: no auth (the CLI allows that only on loopback)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)   # the ZeroMQ protocol's per-request caps
+    max_in_flight: int = 1024                      # completions being generated (streams included); past it: 429
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -60,6 +70,8 @@ class HttpConfig:
             raise ValueError(f"HttpConfig.max_model_len must be an int >= 2, got {self.max_model_len!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("HttpConfig.api_key must be None or a non-empty str")
+        if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
+            raise ValueError(f"HttpConfig.max_in_flight must be an int >= 1, got {self.max_in_flight!r}")
 
 
 class ApiError(Exception):
@@ -71,7 +83,7 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}.get(self.status)
         return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=headers)
 
 
@@ -88,13 +100,44 @@ class OpenAIFrontEnd:
             raise ValueError("the HTTP front end needs the model's tokenizer (its directory has none)")
         self.backend = backend
         self.tokenizer = tokenizer
+        self.renderer = Renderer(tokenizer)
         self.config = config
         self.created = int(time.time())
+        self.metrics = HttpMetrics()
+        self.in_flight = 0                # generation requests admitted and not answered (streams: not ended)
+
+    def admit(self) -> Callable[[], None]:
+        """Take an in-flight slot (429 when none is left); -> its release (idempotent)."""
+        if self.in_flight >= self.config.max_in_flight:
+            raise ApiError(429, f"the server has {self.in_flight} requests in flight, its limit "
+                                f"(max_in_flight); retry later", "requests", code="rate_limit_exceeded")
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+        return release
+
+    @staticmethod
+    def api_error(e: RolloutError) -> ApiError:
+        return _from_rollout_error(e)
+
+    async def _stream(self, plan: StreamPlan, on_close: Callable[[], None]) -> SSEResponse:
+        try:
+            return await open_stream(self, plan, on_close)
+        except RolloutError as e:
+            raise _from_rollout_error(e) from None
 
     # ---------------------------------------------------------------- checks shared by both endpoints
     def _check_common(self, req: Union[CompletionRequest, ChatCompletionRequest]) -> None:
-        if req.stream:
-            raise ApiError(400, "stream: true is not supported yet (non-streaming responses only)", param="stream")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if req.stream and not hasattr(self.backend, "generate_stream"):
+            raise ApiError(400, f"stream: true needs a backend that streams tokens; {type(self.backend).__name__} "
+                                "does not yet (serve with --local)", param="stream")
         if req.model != self.config.model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", param="model", code="model_not_found")
@@ -110,9 +153,14 @@ class OpenAIFrontEnd:
                                 f"{limits.max_stop_chars} characters", param="stop")
         if max_tokens > limits.max_new_tokens:
             raise ApiError(400, f"max_tokens must be at most {limits.max_new_tokens}", param="max_tokens")
+        stop_ids = req.stop_token_ids or []
+        if len(stop_ids) > limits.max_stop_token_ids or not all(0 <= t <= limits.max_token_id for t in stop_ids):
+            raise ApiError(400, f"stop_token_ids: at most {limits.max_stop_token_ids} ids, each in "
+                                f"[0, {limits.max_token_id}]", param="stop_token_ids")
         try:
             return SamplingParams(temperature=req.temperature, top_p=req.top_p, n=req.n, seed=req.seed,
-                                  max_tokens=max_tokens, stop=tuple(stop), logprobs=top_logprobs or None)
+                                  max_tokens=max_tokens, stop=tuple(stop), logprobs=top_logprobs or None,
+                                  stop_token_ids=tuple(stop_ids))
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -130,25 +178,20 @@ class OpenAIFrontEnd:
         except RolloutError as e:
             raise _from_rollout_error(e) from None
 
-    def _text(self, t: Trajectory) -> str:
-        # With stop strings the engine detokenized incrementally and cut before the match; else decode here,
-        # as the engine does (special tokens such as EOS dropped, no clean-up of spaces).
-        if t.text is not None:
-            return t.text
-        return self.tokenizer.decode(t.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    @staticmethod
-    def _usage(prompts: list[list[int]], groups: list[list[Trajectory]]) -> dict[str, int]:
+    def _usage(self, prompts: list[list[int]], groups: list[list[Trajectory]]) -> dict[str, int]:
         prompt_tokens = sum(len(p) for p in prompts)
         completion_tokens = sum(len(t.token_ids) for g in groups for t in g)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        self.metrics.add_tokens(prompt_tokens, completion_tokens)
+        return usage(prompt_tokens, completion_tokens)
+
+    def _extensions(self, req: CompletionRequest | ChatCompletionRequest, t: Trajectory) -> dict[str, Any]:
+        """A choice's extension fields: its token ids and their policy versions (with return_token_ids)."""
+        return {"token_ids": list(t.token_ids), "versions": list(t.versions)} if req.return_token_ids else {}
 
     # ---------------------------------------------------------------- /v1/completions
-    async def completions(self, req: CompletionRequest) -> dict[str, Any]:
+    async def completions(self, req: CompletionRequest, on_close: Callable[[], None]
+                          ) -> dict[str, Any] | SSEResponse:
+        """The response body, or with ``stream: true`` the event stream (``on_close`` runs when it ends)."""
         self._check_common(req)
         limits = self.config.limits
         entries = req.prompts()
@@ -159,17 +202,21 @@ class OpenAIFrontEnd:
             self._check_prompt(ids)
         if sum(len(ids) for ids in prompts) * req.n > limits.max_request_tokens:
             raise ApiError(413, f"the prompts hold more than {limits.max_request_tokens} tokens", param="prompt")
-        groups = await self._generate(prompts, self._params(req, req.max_tokens, req.logprobs))
+        params = self._params(req, req.max_tokens, req.logprobs)
+        if req.stream:
+            return await self._stream(StreamPlan(False, prompts, params, req.logprobs is not None,
+                                                 req.return_token_ids, self._include_usage(req)), on_close)
+        groups = await self._generate(prompts, params)
         choices = []
         for i, (ids, group) in enumerate(zip(prompts, groups)):
             for t in group:
-                choice: dict[str, Any] = {"index": i * req.n + t.sample_index, "text": self._text(t),
-                                          "logprobs": None if req.logprobs is None else self._completion_logprobs(t),
-                                          "finish_reason": t.finish_reason}
+                logprobs = None if req.logprobs is None else \
+                    self.renderer.completion_logprobs(t.token_ids, t.logprobs, t.top_logprobs)[0]
+                choice: dict[str, Any] = {"index": i * req.n + t.sample_index, "text": self.renderer.text(t),
+                                          "logprobs": logprobs, "finish_reason": t.finish_reason}
                 if req.return_token_ids:
                     choice["prompt_token_ids"] = ids      # per choice, as vLLM (a batch has several prompts)
-                    choice["token_ids"] = list(t.token_ids)
-                choices.append(choice)
+                choices.append(dict(choice, **self._extensions(req, t)))
         body: dict[str, Any] = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                                 "created": int(time.time()), "model": self.config.model_name, "choices": choices,
                                 "usage": self._usage(prompts, groups)}
@@ -177,19 +224,9 @@ class OpenAIFrontEnd:
             body["prompt_token_ids"] = prompts[0]
         return body
 
-    def _completion_logprobs(self, t: Trajectory) -> dict[str, Any]:
-        tokens = [self._token_text(tok) for tok in t.token_ids]
-        offsets, pos = [], 0
-        for text in tokens:
-            offsets.append(pos)
-            pos += len(text)
-        tops = t.top_logprobs
-        return {"tokens": tokens, "token_logprobs": list(t.logprobs), "text_offset": offsets,
-                "top_logprobs": [{self._token_text(tok): lp for tok, lp in row} for row in tops] if tops
-                else [{} for _ in tokens]}
-
     # ---------------------------------------------------------------- /v1/chat/completions
-    async def chat_completions(self, req: ChatCompletionRequest) -> dict[str, Any]:
+    async def chat_completions(self, req: ChatCompletionRequest, on_close: Callable[[], None]
+                               ) -> dict[str, Any] | SSEResponse:
         from engine.smollm2 import chat_prompt_ids
         self._check_common(req)
         if req.top_logprobs and not req.logprobs:
@@ -214,10 +251,13 @@ class OpenAIFrontEnd:
                                 f"the model's context of {self.config.max_model_len} tokens", param="messages",
                            code="context_length_exceeded")
         params = self._params(req, max_tokens, req.top_logprobs if req.logprobs else None)
+        if req.stream:
+            return await self._stream(StreamPlan(True, [ids], params, req.logprobs, req.return_token_ids,
+                                                 self._include_usage(req), use_tools), on_close)
         (group,) = await self._generate([ids], params)
         choices = []
         for t in group:
-            message: dict[str, Any] = {"role": "assistant", "content": self._text(t)}
+            message: dict[str, Any] = {"role": "assistant", "content": self.renderer.text(t)}
             finish_reason = t.finish_reason
             if use_tools:
                 parsed = parse_tool_calls(message["content"])
@@ -226,17 +266,19 @@ class OpenAIFrontEnd:
                                "tool_calls": openai_tool_calls(parsed.tool_calls)}
                     finish_reason = "tool_calls"
             choice: dict[str, Any] = {"index": t.sample_index, "message": message,
-                                      "logprobs": self._chat_logprobs(t) if req.logprobs else None,
-                                      "finish_reason": finish_reason}
-            if req.return_token_ids:
-                choice["token_ids"] = list(t.token_ids)
-            choices.append(choice)
+                                      "logprobs": self.renderer.chat_logprobs(t.token_ids, t.logprobs, t.top_logprobs)
+                                      if req.logprobs else None, "finish_reason": finish_reason}
+            choices.append(dict(choice, **self._extensions(req, t)))
         body: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                                 "created": int(time.time()), "model": self.config.model_name, "choices": choices,
                                 "usage": self._usage([ids], [group])}
         if req.return_token_ids:
             body["prompt_token_ids"] = ids
         return body
+
+    @staticmethod
+    def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+        return req.stream_options is not None and req.stream_options.include_usage
 
     @staticmethod
     def _tool_choice(req: ChatCompletionRequest) -> bool:
@@ -253,14 +295,6 @@ class OpenAIFrontEnd:
         if not req.tools:
             raise ApiError(400, "tool_choice 'auto' needs tools", param="tool_choice")
         return True
-
-    def _chat_logprobs(self, t: Trajectory) -> dict[str, Any]:
-        def entry(tok: int, lp: float) -> dict[str, Any]:
-            text = self._token_text(tok)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-        tops = t.top_logprobs or [[] for _ in t.token_ids]
-        return {"content": [dict(entry(tok, lp), top_logprobs=[entry(a, b) for a, b in row])
-                            for tok, lp, row in zip(t.token_ids, t.logprobs, tops)]}
 
     # ---------------------------------------------------------------- /v1/models, /health
     def models(self) -> dict[str, Any]:
@@ -318,18 +352,39 @@ def create_app(backend: RolloutBackend, tokenizer: Any, config: HttpConfig) -> F
         authorize(request)
         return front.models()
 
-    # NOTE: auth runs before the body is validated (the route takes the raw request), so a caller without the
-    # key learns nothing about the request format.
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> dict[str, Any]:
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
         authorize(request)
-        return await front.completions(await _parse(request, CompletionRequest))
+        try:
+            stats = (await backend.stats()).get("total")
+        except RolloutError:
+            stats = None
+        return Response(front.metrics.render(front.in_flight, config.max_in_flight, stats), media_type=CONTENT_TYPE)
+
+    # NOTE: auth runs before the body is validated (the route takes the raw request), so a caller without the
+    # key learns nothing about the request format; the in-flight limit (429) too, so overload costs no parsing.
+    async def generation(request: Request, model: type, handler: Callable) -> Any:
+        authorize(request)
+        release = front.admit()
+        try:
+            result = await handler(await _parse(request, model), release)
+        except BaseException:
+            release()
+            raise
+        if not isinstance(result, SSEResponse):   # a stream releases its slot when it ends
+            release()
+        return result
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await generation(request, CompletionRequest, front.completions)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return await front.chat_completions(await _parse(request, ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Any:
+        return await generation(request, ChatCompletionRequest, front.chat_completions)
 
+    routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    app.add_middleware(MetricsMiddleware, metrics=front.metrics, endpoints=routes)
     return app
 
 
@@ -342,47 +397,3 @@ async def _parse(request: Request, model: type):
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
 
-
-def parse_host_port(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); ValueError naming the flag otherwise."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--http must be HOST:PORT (e.g. 127.0.0.1:8000), got {address!r}")
-    return host, int(port)
-
-
-class HttpServer:
-    """uvicorn serving ``app`` inside the caller's asyncio loop (next to the ZeroMQ front end), so the process
-    keeps one loop and one set of signal handlers: the caller's (uvicorn's own are not installed)."""
-
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        import uvicorn
-
-        class _Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):   # the caller owns SIGINT/SIGTERM and calls shutdown()
-                yield
-
-        self._server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-        self._task: Optional[asyncio.Task] = None
-
-    async def start(self, timeout_s: float = 30.0) -> str:
-        """Bind and start serving; returns ``http://host:port`` (the real port when ``port`` was 0)."""
-        self._task = asyncio.create_task(self._server.serve())
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if self._task.done():      # NOTE: uvicorn calls sys.exit when it cannot bind; the process ends
-                raise OSError(f"the HTTP server could not start on {self._server.config.host}:"
-                              f"{self._server.config.port}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("the HTTP server did not start in time")
-            await asyncio.sleep(0.01)
-        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-
-    async def shutdown(self) -> None:
-        """Stop accepting connections and let the requests in flight finish (uvicorn's graceful exit)."""
-        self._server.should_exit = True
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)

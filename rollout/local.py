@@ -6,12 +6,14 @@ Used by the ZeroMQ front end in single-process mode and by tests. Every method a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.engine_loop import EngineLoop
+from rollout.loop_streams import SampleDelta
 from rollout.trajectory import Trajectory
 
 
@@ -26,6 +28,35 @@ class LocalBackend:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
                        request_id: Optional[str] = None) -> list[Trajectory]:
         return await self._await(self.loop.generate(prompt_ids, params, request_id))
+
+    async def generate_stream(self, prompt_ids: list[int], params: SamplingParams, *,
+                              request_id: str | None = None) -> AsyncIterator[SampleDelta]:
+        """``generate``'s samples as they are generated: ``SampleDelta`` objects, each sample's ending with
+        ``final`` set; raises ``RolloutError`` as ``generate`` does. Closing the iterator early (a client gone)
+        cancels the request: the engine aborts it and frees its KV."""
+        aloop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+
+        def hand_over(item: Any) -> None:        # on the engine loop thread
+            try:
+                aloop.call_soon_threadsafe(deltas.put_nowait, item)
+            except RuntimeError:                 # the event loop is closed: nobody reads any more
+                pass
+
+        fut = self.loop.generate(prompt_ids, params, request_id, on_delta=hand_over)
+        fut.add_done_callback(hand_over)         # after every final delta (the loop resolves it last)
+        open_samples = params.n
+        try:
+            while open_samples:
+                item = await deltas.get()
+                if item is fut:                   # resolved before every sample ended: an error (or a cancel)
+                    fut.result()
+                    raise RolloutError(ErrorCode.INTERNAL, "the stream ended before its samples")
+                open_samples -= item.final is not None
+                yield item
+        finally:
+            if not fut.done():
+                fut.cancel()                      # EngineLoop._track: the engine aborts the request
 
     async def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None) -> str:
         return await self._await(self.loop.open_session(session_id, ttl_s))

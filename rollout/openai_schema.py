@@ -3,7 +3,7 @@ and the OpenAI error format.
 
 Strict on purpose: wrong JSON types are refused, never coerced (``"1"`` is not an int, ``1.0`` is not an int,
 ``true`` is not a number), and unknown fields are refused with their name (STYLE.md: no silently dropped typos).
-Fields OpenAI defines that this increment does not serve (``stream: true``, ``echo``, penalties, ...)
+Fields OpenAI defines that this server does not serve (``echo``, penalties, ``response_format``, ...)
 are refused by name with a 400 rather than ignored. What each field means: docs/openai.md.
 """
 from __future__ import annotations
@@ -23,6 +23,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+class StreamOptions(_Strict):
+    """``stream_options`` (only with ``stream: true``)."""
+    include_usage: bool = False                # a last chunk with ``usage`` and no choices
+
+
 class _SamplingFields(_Strict):
     """Fields both endpoints share. OpenAI's defaults: temperature 1, top_p 1, n 1."""
     model: str
@@ -32,8 +37,11 @@ class _SamplingFields(_Strict):
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: Optional[str] = None                 # accepted (clients send it) and not used
-    # Extension (vLLM's name): the response carries the prompt's token ids and each choice's generated ids.
+    # Extensions (vLLM's names): token ids that end a sample ("stop", the id included in token_ids), and a
+    # response carrying the prompt's token ids and each choice's generated ids and their policy versions.
+    stop_token_ids: list[int] | None = None
     return_token_ids: bool = False
 
 

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
+TOOL_CALL_OPEN = "<tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -64,6 +65,11 @@ def parse_tool_calls(text: str) -> ParsedText:
     outside.append(text[pos:])
     content = "".join(outside).strip()
     return ParsedText(content or None, calls)
+
+
+def text_outside_calls(text: str) -> str:
+    """The text around the blocks, not stripped: a streamed choice's content, whose strip is ``content``."""
+    return _BLOCK.sub("", text)
 
 
 def openai_tool_calls(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:

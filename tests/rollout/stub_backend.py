@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
+from rollout.loop_streams import SampleDelta
 from rollout.trajectory import Trajectory
 
 FAIL_INTERNAL = 9_001
@@ -80,6 +82,15 @@ class StubBackend:
         request_id = f"stub-{next(self._ids)}"
         await self._work(request_id, prompt_ids)
         return [self._sample(prompt_ids, params, s, request_id, prompt_ids) for s in range(params.n)]
+
+    async def generate_stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[SampleDelta]:
+        """``generate``'s samples, one token per delta (for tests of the HTTP streaming layer: a stub has no
+        steps; ``LocalBackend.generate_stream`` is the real incremental path)."""
+        for t in await self.generate(prompt_ids, params):
+            for k in range(max(1, len(t.token_ids))):
+                last = k >= len(t.token_ids) - 1
+                yield SampleDelta(t.sample_index, t.token_ids[k:k + 1], t.logprobs[k:k + 1], t.versions[k:k + 1],
+                                  None, final=t if last else None)
 
     async def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None) -> str:
         self.calls["open_session"] += 1

@@ -284,11 +284,6 @@ def test_bad_values_the_engine_refuses_are_a_400(server):
     assert_openai_error(post(server, "/v1/chat/completions", too_long), 413)
 
 
-def test_streaming_is_refused_clearly(client):
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        client.completions.create(model=MODEL, prompt="x", stream=True)
-
-
 def test_unknown_model_is_a_404(client, server):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
@@ -320,6 +315,7 @@ def test_the_server_keeps_serving_after_bad_requests(client, server, oracle):
     (["--http", "10.1.2.3:8000"], "not loopback"),
     (["--http", "127.0.0.1"], "HOST:PORT"),
     (["--http", "127.0.0.1:http"], "HOST:PORT"),
+    (["--http", "127.0.0.1:8000", "--http-max-in-flight", "0"], "--http-max-in-flight"),
 ])
 def test_cli_refuses_bad_http_flags_before_loading_a_model(capsys, argv, why):
     from rollout import cli
@@ -341,7 +337,8 @@ def test_cli_serves_http_next_to_zeromq(model_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "rollout.cli", "--log-level", "WARNING", "serve",
                              "--model", str(model_dir), "--local", "--max-num-seqs", "4",
                              "--bind", "tcp://127.0.0.1:*", "--http", "127.0.0.1:0",
-                             "--api-key-file", str(key_file), "--served-model-name", "cli-model"],
+                             "--api-key-file", str(key_file), "--served-model-name", "cli-model",
+                             "--http-max-in-flight", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = None
@@ -360,6 +357,11 @@ def test_cli_serves_http_next_to_zeromq(model_dir, tmp_path):
         r = c.completions.create(model="cli-model", prompt=[1, 2, 3], max_tokens=3, temperature=0.0)
         assert r.usage.prompt_tokens == 3 and r.choices[0].finish_reason in ("stop", "length")
         assert http(f"{url}/models", key="wrong").status_code == 401
+        streamed = c.completions.create(model="cli-model", prompt=[1, 2, 3], max_tokens=3, temperature=0.0,
+                                        stream=True)
+        assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
+        metrics = http(f"{url.removesuffix('/v1')}/metrics", key=KEY)
+        assert metrics.status_code == 200 and "\nrollout_http_max_in_flight 3\n" in metrics.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30.0) == 0
     finally:

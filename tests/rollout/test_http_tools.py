@@ -240,6 +240,29 @@ def test_a_malformed_call_is_plain_content(client, served, tokenizer):
     assert r.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("text", [CALL_TEXT, "plain <tool_call>{not json}</tool_call> after", "no call at all"])
+def test_streamed_tool_calls_arrive_parsed_at_the_end(client, served, tokenizer, text):
+    _, backend = served
+    say(backend, tokenizer, text)
+    whole = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS).choices[0]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, stream=True,
+                                                 extra_body={"return_token_ids": True}))
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert [t for d in deltas for t in (getattr(d, "token_ids", None) or [])] == backend.script + [EOS]
+    content = "".join(d.delta.content or "" for d in deltas)
+    calls = [call for d in deltas for call in (d.delta.tool_calls or [])]
+    assert deltas[-1].finish_reason == whole.finish_reason and not any(d.finish_reason for d in deltas[:-1])
+    if whole.message.tool_calls:
+        # the text before the block streamed as it came, the call once parsed; stripped, the same content
+        assert content.strip() == whole.message.content and content.startswith("Let me")
+        assert [(c.index, c.function.name, c.function.arguments) for c in calls] == \
+            [(0, w.function.name, w.function.arguments) for w in whole.message.tool_calls]
+        assert calls[0].id.startswith("call_") and calls[0].type == "function"
+        assert all("<tool_call>" not in (d.delta.content or "") for d in deltas)
+    else:
+        assert content == whole.message.content and not calls
+
+
 def chat(**kw):
     return dict({"model": MODEL, "messages": USER}, **kw)
 
