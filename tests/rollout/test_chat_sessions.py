@@ -9,8 +9,10 @@ tiny random llama (context-dependent answers) under SmolLM2's own template."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -211,3 +213,28 @@ def test_random_model_turns_continue_from_the_exact_tokens(random_llama):
         messages = messages + [echo(r.choices[0].message)]
     assert oracle.session_tokens(oracle_session) == context
 
+
+def load_example():
+    path = Path(__file__).resolve().parents[2] / "examples" / "openai_agent.py"
+    spec = importlib.util.spec_from_file_location("openai_agent_example", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module        # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_openai_agent_example_recovers_the_sessions_trajectory(scripted):
+    """examples/openai_agent.py's agent loop against the scripted model (it always calls the calculator, so the
+    episode runs to max_turns): its client-side trajectory equals the engine loop's record of the session."""
+    served, _, script = scripted
+    example = load_example()
+    traj = example.run_episode(served.client, MODEL, "6*7", 42, max_turns=3, max_tokens=MAX_TOKENS)
+    assert traj.turns == 3 and traj.tool_calls == 3 and traj.final_answer is None and traj.reward == 0.0
+    episode = traj.messages[len(example.FEW_SHOT) + 2:]          # after the system prompt, few-shot and question
+    assert [m["content"] for m in episode if m["role"] == "tool"] == ["42"] * 3
+    conversation = served.app.state.front.sessions.get(traj.session_id)
+    whole = asyncio.run(served.backend.close_session(conversation.engine_session))   # the engine loop's record
+    assert traj.prompt_ids + traj.token_ids == whole.prompt_ids + whole.token_ids
+    assert traj.loss_mask == [0] * (len(whole.prompt_ids) - len(traj.prompt_ids)) + whole.loss_mask
+    assert traj.logprobs == [0.0] * (len(whole.prompt_ids) - len(traj.prompt_ids)) + whole.logprobs
+    assert sum(traj.loss_mask) == 3 * len(script)
