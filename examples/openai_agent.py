@@ -154,7 +154,8 @@ def in_process_server(model: str = "smollm2", template: Path = TEMPLATE) -> Iter
     try:
         tokenizer = backend.loop.tokenizer()
         tokenizer.chat_template = template.read_text()
-        app = create_app(backend, tokenizer, HttpConfig(model_name=model, max_model_len=backend.loop.engine.max_model_len))
+        config = HttpConfig(model_name=model, max_model_len=backend.loop.engine.max_model_len)
+        app = create_app(backend, tokenizer, config)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
         thread = threading.Thread(target=server.run, name="openai-agent-http", daemon=True)
         thread.start()

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.sampling import SamplingParams
@@ -88,11 +88,11 @@ class ChatTurn:
     new_token_ids: list[int]            # what this turn appends to ``conversation`` (all of prompt_ids if fresh)
     messages: list[dict]
     tools: list[dict] | None
-    conversation: Conversation | None = None   # continued in place (held busy); None: a fresh conversation
-    forked_from: str | None = None   # a busy conversation this turn copied the tokens of (a new conversation)
+    conversation: Conversation | None = None   # continued in place (held busy); None: a new conversation
     record: bool = True                 # False: n > 1 or sessions disabled; nothing is remembered
-    session_id: str | None = None    # set by commit: the conversation the response belongs to
-    _engine_session: str | None = field(default=None, repr=False)   # opened for a fresh conversation
+    session_id: str | None = None       # set by commit: the conversation the response belongs to
+    opened_session: str | None = None   # the backend session opened for a new conversation, until commit
+    stepped: bool = False               # a backend turn was started: the conversation's KV may have moved on
 
 
 def prefix_keys(tools: list[dict] | None, messages: list[dict]) -> list[str]:
@@ -213,8 +213,11 @@ class ChatSessions:
         try:
             yield turn
         except BaseException:
-            if turn._engine_session is not None:          # a fresh conversation's session: never recorded
-                self._close_later(turn._engine_session)
+            if turn.session_id is None:                    # not committed: the record stays as it was
+                if turn.opened_session is not None:
+                    self._close_later(turn.opened_session)
+                if conv is not None and turn.stepped:      # its session holds a turn the record does not
+                    self._drop_session(conv)
             raise
         finally:
             if conv is not None:
@@ -250,7 +253,7 @@ class ChatSessions:
                 turn = None
             if turn is not None:
                 if conv.busy and record:                   # fork: a new conversation from a copy of its tokens
-                    turn.conversation, turn.forked_from, turn.new_token_ids = None, conv.id, turn.prompt_ids
+                    turn.conversation, turn.new_token_ids = None, turn.prompt_ids
                 return turn
         ids = self._render_fresh(messages, tools)
         return ChatTurn(prompt_ids=ids, new_token_ids=ids, messages=messages, tools=tools, record=record)
@@ -305,10 +308,11 @@ class ChatSessions:
         """The turn's samples. Raises RolloutError; the conversation's record is unchanged then."""
         if not turn.record:
             return await self.backend.generate(turn.prompt_ids, params)
+        turn.stepped = True
         conv = turn.conversation
         if conv is None:                                   # fresh (or forked): a new session, the whole context
-            turn._engine_session = await self.backend.open_session(None, self.config.ttl_s)
-            return [await self.backend.step_session(turn._engine_session, turn.prompt_ids, params)]
+            turn.opened_session = await self.backend.open_session(None, self.config.ttl_s)
+            return [await self.backend.step_session(turn.opened_session, turn.prompt_ids, params)]
         try:
             if conv.engine_session is None:
                 raise RolloutError(ErrorCode.UNKNOWN_SESSION, "its session was dropped")
@@ -340,8 +344,8 @@ class ChatSessions:
         conv = turn.conversation
         if conv is None:
             conv = Conversation(id=f"chatsess-{uuid.uuid4().hex}", tools=turn.tools, messages=[], token_ids=[],
-                                ended_turn=False, engine_session=turn._engine_session)
-            turn._engine_session = None                   # the record owns it now
+                                ended_turn=False, engine_session=turn.opened_session)
+            turn.opened_session = None                     # the record owns it now
             self._conversations[conv.id] = conv
         else:
             self._unindex(conv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import openai
 import pytest
@@ -58,31 +59,41 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+@pytest.fixture
+def serve(smollm2_dir):
+    """serve(template=None) -> (base URL, backend, ChatSessions): a server over a fresh GatedStub, SmolLM2's
+    tokenizer with ``template`` (default its own), the sessions on a manual clock; stopped after the test."""
+    stops = []
+
+    def start(template=None):
+        backend = GatedStub()
+        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+        if template is not None:
+            tokenizer.chat_template = template
+        config = HttpConfig(model_name=MODEL, max_model_len=4096,
+                            sessions=SessionConfig(ttl_s=60.0, max_conversations=3))
+        app = create_app(backend, tokenizer, config)
+        sessions = app.state.front.sessions
+        sessions.clock = Clock()
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=srv.run, name="test-uvicorn-policy", daemon=True)
+        thread.start()
+        stops.append((backend, srv, thread))
+        deadline = time.monotonic() + WAIT_S
+        while not srv.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the HTTP server did not come up"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}/v1", backend, sessions
+    yield start
+    for backend, srv, thread in stops:
+        backend.door.set()
+        srv.should_exit = True
+        thread.join(10.0)
 
 
 @pytest.fixture
-def served(tokenizer):
-    backend = GatedStub()
-    config = HttpConfig(model_name=MODEL, max_model_len=4096, sessions=SessionConfig(ttl_s=60.0, max_conversations=3))
-    app = create_app(backend, tokenizer, config)
-    sessions = app.state.front.sessions
-    sessions.clock = Clock()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, name="test-uvicorn-policy", daemon=True)
-    thread.start()
-    ready = threading.Event()
-    for _ in range(int(WAIT_S / 0.02)):
-        if srv.started or not thread.is_alive() or ready.wait(0.02):
-            break
-    assert srv.started, "the HTTP server did not come up"
-    base = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}/v1"
-    yield base, backend, sessions
-    backend.door.set()
-    srv.should_exit = True
-    thread.join(10.0)
+def served(serve):
+    return serve()
 
 
 def client(base):
@@ -225,3 +236,25 @@ def test_a_failed_turn_leaves_the_conversation_as_it_was(served):
     whole = backend.sessions[engine_session(sessions, r1.session_id)]
     assert whole.prompt_ids + whole.token_ids == context(r2)
 
+
+
+# ChatML that writes the number of messages into its system turn: every later request re-renders turn 0.
+COUNTING_TEMPLATE = (
+    "{{- '<|im_start|>system\\n' + (messages | length | string) + ' messages<|im_end|>\\n' }}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_template_that_rewrites_an_earlier_turn_keeps_the_recorded_tokens(serve):
+    base, backend, sessions = serve(COUNTING_TEMPLATE)
+    tok = sessions.template.tokenizer
+    r1 = chat(base, USER)
+    assert tok.decode(r1.prompt_token_ids).startswith("<|im_start|>system\n1 messages<|im_end|>")
+    r2 = chat(base, USER + [echo(r1), {"role": "user", "content": "more"}], r1.session_id)
+    # The stub's answer ran to max_tokens: the turn is closed for it, then the new message as ChatML writes it;
+    # the system turn stays as recorded ("1 messages"), not re-rendered ("3 messages").
+    new = tok.encode("<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n",
+                     add_special_tokens=False)
+    assert r2.prompt_token_ids == context(r1) + new
+    whole = backend.sessions[engine_session(sessions, r1.session_id)]
+    assert whole.prompt_ids + whole.token_ids == context(r2)
