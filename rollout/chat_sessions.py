@@ -343,6 +343,7 @@ class ChatSessions:
         tokens = turn.prompt_ids + list(t.token_ids)
         conv = turn.conversation
         if conv is None:
+            self._make_room()
             conv = Conversation(id=f"chatsess-{uuid.uuid4().hex}", tools=turn.tools, messages=[], token_ids=[],
                                 ended_turn=False, engine_session=turn.opened_session)
             turn.opened_session = None                     # the record owns it now
@@ -361,12 +362,15 @@ class ChatSessions:
 
     # ---------------------------------------------------------------- bounds
     def _expire(self) -> None:
-        """Forget idle conversations past their TTL, then the least recently used idle ones past the cap (room
-        for one more)."""
+        """Forget idle conversations past their TTL (before a request is matched)."""
         now = self.clock()
         for conv in list(self._conversations.values()):
             if not conv.busy and now - conv.last_used > self.config.ttl_s:
                 self._forget(conv)
+
+    def _make_room(self) -> None:
+        """Forget the least recently used idle conversations until one more fits (when a new one is recorded:
+        never the one a request is continuing, which is busy until its commit)."""
         for conv in list(self._conversations.values()):
             if len(self._conversations) < self.config.max_conversations:
                 break

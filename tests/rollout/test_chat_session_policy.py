@@ -193,15 +193,20 @@ def test_n_above_one_continues_the_exact_tokens_and_records_nothing(served):
 
 def test_the_bounds_forget_conversations_and_free_their_sessions(served):
     base, backend, sessions = served
-    firsts = [chat(base, [{"role": "user", "content": f"question {i}"}]) for i in range(4)]   # max 3
-    oldest = firsts[0]
+    firsts = [chat(base, [{"role": "user", "content": f"question {i}"}]) for i in range(3)]   # full: max 3
+    def more(i):
+        return [{"role": "user", "content": f"question {i}"}, echo(firsts[i]), {"role": "user", "content": "more"}]
+    kept = chat(base, more(0))                  # full, but continuing the least recently used one keeps it
+    assert kept.session_id == firsts[0].session_id and kept.prompt_token_ids[:len(context(firsts[0]))] == \
+        context(firsts[0])
+    chat(base, [{"role": "user", "content": "question 3"}])           # a 4th: the least recently used (1) goes
     assert backend.closed.acquire(timeout=WAIT_S)
-    assert len(sessions) == 3 and sessions.get(oldest.session_id) is None
+    assert len(sessions) == 3 and sessions.get(firsts[1].session_id) is None
     assert len(backend.sessions) == 3                                   # its backend session was closed
-    messages = [{"role": "user", "content": "question 0"}, echo(oldest), {"role": "user", "content": "more"}]
-    again = chat(base, messages)                                        # forgotten: a fresh, full render
-    assert again.session_id != oldest.session_id
-    assert again.prompt_token_ids == chat_prompt_ids(sessions.template.tokenizer, messages)
+    again = chat(base, more(1))                                         # forgotten: a fresh, full render
+    assert again.session_id != firsts[1].session_id
+    assert again.prompt_token_ids == chat_prompt_ids(sessions.template.tokenizer, more(1))
+    assert backend.closed.acquire(timeout=WAIT_S)                       # ... which made room in turn
     sessions.clock.now += 61.0                                          # past the TTL: all idle ones go
     chat(base, USER)
     for _ in range(3):
