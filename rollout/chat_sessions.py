@@ -141,7 +141,8 @@ class ChatTemplate:
         prev = render(recorded messages), full = render(recorded + new, generation prompt).
         - The end of the last assistant turn as the template writes it ("closing"): from the last occurrence,
           in that turn's rendering, of the token the model ended with (or of the tokenizer's EOS text when the
-          model did not end its turn) to the end of ``prev``. Glue = the part of it the model did not sample.
+          model did not end its turn, or ended it on a token the template does not close turns with) to the end
+          of ``prev``. Glue = the part of it the model did not sample.
           A template whose assistant turns do not end with that token: no glue.
         - Delta = full[cut:]. Usually full starts with prev and cut = len(prev). A template that rewrites earlier
           turns when more follow (Qwen3 drops earlier <think> blocks) breaks that; then cut = the end of the
@@ -154,12 +155,15 @@ class ChatTemplate:
         full = self.render(prev_messages + new_messages, tools, generation_prompt=True)
         head = self.render(prev_messages[:-1], tools, generation_prompt=True)
         assistant = prev.removeprefix(head)
-        last = conv.token_ids[-1]
-        marker = (self.tokenizer.decode([last], skip_special_tokens=False) if conv.ended_turn
-                  else (getattr(self.tokenizer, "eos_token", None) or ""))
+        eos = getattr(self.tokenizer, "eos_token", None) or ""
+        sampled = self.tokenizer.decode([conv.token_ids[-1]], skip_special_tokens=False) if conv.ended_turn else ""
+        # NOTE: a model that ended on another special token than the template's closer (<|endoftext|> where
+        # ChatML closes with <|im_end|>) did not close its turn as the template does: close it, as after max_tokens.
+        ended = bool(sampled) and sampled in assistant
+        marker = sampled if ended else eos
         at = assistant.rfind(marker) if marker else -1
         closing = assistant[at:] if at >= 0 else ""
-        glue = closing[len(marker):] if conv.ended_turn else closing
+        glue = closing[len(marker):] if ended else closing
         if full.startswith(prev):
             cut = len(prev)
         else:

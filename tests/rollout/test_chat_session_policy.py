@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from engine.smollm2 import chat_prompt_ids
 from rollout.backend import ErrorCode, RolloutError
-from rollout.chat_sessions import SessionConfig
+from rollout.chat_sessions import ChatTemplate, Conversation, SessionConfig
 from rollout.http_server import HttpConfig, create_app
 from tests.rollout.stub_backend import StubBackend
 
@@ -57,6 +57,11 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
 @pytest.fixture
@@ -263,3 +268,18 @@ def test_a_template_that_rewrites_an_earlier_turn_keeps_the_recorded_tokens(serv
     assert r2.prompt_token_ids == context(r1) + new
     whole = backend.sessions[engine_session(sessions, r1.session_id)]
     assert whole.prompt_ids + whole.token_ids == context(r2)
+
+
+@pytest.mark.parametrize("last_token, ended, glue", [
+    ("<|im_end|>", True, "\n"),                    # the model closed its turn: only ChatML's newline is added
+    ("<|endoftext|>", True, "<|im_end|>\n"),       # ended on a token ChatML does not close turns with
+    ("!", False, "<|im_end|>\n"),                  # cut by max_tokens
+])
+def test_the_glue_closes_the_turn_the_way_the_template_does(smollm2_tokenizer, last_token, ended, glue):
+    tok = smollm2_tokenizer
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}]
+    conv = Conversation(id="c", tools=None, messages=messages, token_ids=[tok.convert_tokens_to_ids(last_token)],
+                        ended_turn=ended, engine_session=None)
+    text = ChatTemplate(tok).continuation_text(conv, [{"role": "user", "content": "more"}])
+    assert text == glue + "<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
