@@ -90,6 +90,16 @@ def _check_http_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--http-max-in-flight must be >= 1, got {args.http_max_in_flight}")
     if not is_loopback(f"tcp://{host}:{port}") and not args.api_key:
         raise ValueError(f"--http {args.http} is not loopback: give --api-key or --api-key-file (bearer auth)")
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                args.chat_template_text = f.read()
+        except OSError as e:
+            raise ValueError(f"--chat-template: cannot read {args.chat_template!r}: {e.strerror}") from None
+        if not args.chat_template_text.strip():
+            raise ValueError(f"--chat-template {args.chat_template!r} is empty")
+    from rollout.chat_sessions import SessionConfig
+    args.session_config = SessionConfig(ttl_s=args.http_session_ttl, max_conversations=args.http_max_sessions)
 
 
 def _served_model_name(args: argparse.Namespace) -> str:
@@ -147,9 +157,11 @@ async def _serve_async(args: argparse.Namespace, config, secret: bytes | None) -
             from rollout.http_server import HttpConfig, create_app
             from rollout.http_uvicorn import HttpServer, parse_host_port
             tokenizer, max_model_len = await loop.run_in_executor(None, _http_tokenizer_and_len, backend, config)
+            if args.chat_template is not None:
+                tokenizer.chat_template = args.chat_template_text
             http_config = HttpConfig(model_name=_served_model_name(args), max_model_len=max_model_len,
                                      api_key=args.api_key or None, limits=ProtocolLimits(),
-                                     max_in_flight=args.http_max_in_flight)
+                                     max_in_flight=args.http_max_in_flight, sessions=args.session_config)
             http = HttpServer(create_app(backend, tokenizer, http_config), *parse_host_port(args.http))
         address = await frontend.start()
         logger.info("serve: listening on %s (Ctrl-C or SIGTERM for a graceful shutdown)", address)
@@ -204,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="HTTP completions generating at once (streams included); past it: 429")
     srv.add_argument("--api-key", default=None, help="HTTP bearer key (any host); prefer --api-key-file")
     srv.add_argument("--api-key-file", default=None, help="file holding the HTTP bearer key")
+    srv.add_argument("--chat-template", default=None, metavar="FILE",
+                     help="HTTP: a Jinja chat template replacing the tokenizer's (e.g. "
+                          "examples/tool_chat_template.jinja gives SmolLM2 tools)")
+    srv.add_argument("--http-session-ttl", type=float, default=600.0,
+                     help="HTTP: seconds an idle chat conversation keeps its session (docs/openai.md, Sessions)")
+    srv.add_argument("--http-max-sessions", type=int, default=1024,
+                     help="HTTP: chat conversations remembered at most (the least recently used idle one goes)")
     srv.add_argument("--served-model-name", default=None,
                      help="the model name HTTP requests must send (default: the --model folder's name)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,

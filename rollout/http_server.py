@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutBackend, RolloutError, gather_or_cancel
+from rollout.chat_sessions import ChatSessions, ChatTurn, SessionConfig, SessionError, cached_prompt_tokens
 from rollout.http_metrics import CONTENT_TYPE, HttpMetrics, MetricsMiddleware
 from rollout.http_streaming import SSEResponse, StreamPlan, open_stream
 from rollout.openai_render import Renderer, usage
@@ -62,6 +63,7 @@ class HttpConfig:
     api_key: Optional[str] = None                  # None: no auth (the CLI allows that only on loopback)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)   # the ZeroMQ protocol's per-request caps
     max_in_flight: int = 1024                      # completions being generated (streams included); past it: 429
+    sessions: SessionConfig = field(default_factory=SessionConfig)  # token-exact chat sessions (chat_sessions.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -104,6 +106,7 @@ class OpenAIFrontEnd:
         self.config = config
         self.created = int(time.time())
         self.metrics = HttpMetrics()
+        self.sessions = ChatSessions(backend, tokenizer, config.sessions)
         self.in_flight = 0                # generation requests admitted and not answered (streams: not ended)
 
     def admit(self) -> Callable[[], None]:
@@ -227,7 +230,6 @@ class OpenAIFrontEnd:
     # ---------------------------------------------------------------- /v1/chat/completions
     async def chat_completions(self, req: ChatCompletionRequest, on_close: Callable[[], None]
                                ) -> dict[str, Any] | SSEResponse:
-        from engine.smollm2 import chat_prompt_ids
         self._check_common(req)
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -237,11 +239,27 @@ class OpenAIFrontEnd:
         except ValueError as e:   # an assistant tool call whose arguments are not a JSON object
             raise ApiError(400, str(e), param="messages") from None
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
-        try:
-            ids = chat_prompt_ids(self.tokenizer, messages, tools)
-        except Exception as e:  # noqa: BLE001 - a template that refuses the messages (jinja raise_exception)
-            raise ApiError(400, f"the chat template refused the messages: {type(e).__name__}: {e}",
-                           param="messages") from None
+        if req.stream:
+            if req.session_id is not None:
+                raise ApiError(400, "session_id with stream: true is not supported yet (sessions are "
+                                    "non-streaming)", param="session_id")
+            from engine.smollm2 import chat_prompt_ids
+            try:
+                ids = chat_prompt_ids(self.tokenizer, messages, tools)
+            except Exception as e:  # noqa: BLE001 - a template that refuses the messages (jinja raise_exception)
+                raise ApiError(400, f"the chat template refused the messages: {type(e).__name__}: {e}",
+                               param="messages") from None
+            params = self._chat_params(req, ids)
+            return await self._stream(StreamPlan(True, [ids], params, req.logprobs, req.return_token_ids,
+                                                 self._include_usage(req), use_tools), on_close)
+        # Token-exact sessions (rollout/chat_sessions.py): the prompt continues the conversation it extends.
+        async with self.sessions.turn(messages, tools, req.session_id, req.n) as turn:
+            body = await self._chat_turn(req, turn, use_tools)
+        if turn.session_id is not None:
+            body["session_id"] = turn.session_id
+        return body
+
+    def _chat_params(self, req: ChatCompletionRequest, ids: list[int]) -> SamplingParams:
         self._check_prompt(ids)
         # Unset: to the end of the context (OpenAI's behaviour), within the protocol's max_new_tokens.
         max_tokens = (req.max_completion_tokens or req.max_tokens
@@ -250,11 +268,15 @@ class OpenAIFrontEnd:
             raise ApiError(413, f"the prompt ({len(ids)} tokens) plus max_completion_tokens ({max_tokens}) is over "
                                 f"the model's context of {self.config.max_model_len} tokens", param="messages",
                            code="context_length_exceeded")
-        params = self._params(req, max_tokens, req.top_logprobs if req.logprobs else None)
-        if req.stream:
-            return await self._stream(StreamPlan(True, [ids], params, req.logprobs, req.return_token_ids,
-                                                 self._include_usage(req), use_tools), on_close)
-        (group,) = await self._generate([ids], params)
+        return self._params(req, max_tokens, req.top_logprobs if req.logprobs else None)
+
+    async def _chat_turn(self, req: ChatCompletionRequest, turn: ChatTurn, use_tools: bool) -> dict[str, Any]:
+        ids = turn.prompt_ids
+        params = self._chat_params(req, ids)
+        try:
+            group = await self.sessions.generate(turn, params)
+        except RolloutError as e:
+            raise _from_rollout_error(e) from None
         choices = []
         for t in group:
             message: dict[str, Any] = {"role": "assistant", "content": self.renderer.text(t)}
@@ -269,9 +291,11 @@ class OpenAIFrontEnd:
                                       "logprobs": self.renderer.chat_logprobs(t.token_ids, t.logprobs, t.top_logprobs)
                                       if req.logprobs else None, "finish_reason": finish_reason}
             choices.append(dict(choice, **self._extensions(req, t)))
+        self.sessions.commit(turn, group[0], choices[0]["message"])
         body: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                                 "created": int(time.time()), "model": self.config.model_name, "choices": choices,
                                 "usage": self._usage([ids], [group])}
+        body["usage"]["prompt_tokens_details"] = {"cached_tokens": cached_prompt_tokens(ids, group)}
         if req.return_token_ids:
             body["prompt_token_ids"] = ids
         return body
@@ -327,6 +351,10 @@ def create_app(backend: RolloutBackend, tokenizer: Any, config: HttpConfig) -> F
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(SessionError)
+    async def _session_error(request: Request, e: SessionError) -> JSONResponse:
+        return ApiError(e.status, e.message, param=e.param, code=e.code).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -144,6 +144,9 @@ class ChatCompletionRequest(_SamplingFields):
     # "auto" (the default with tools) or "none"; others ("required", a named function) are refused in the
     # handler with a clear "not supported yet".
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    # Extension: continue this conversation (the session_id of an earlier response) or fail; without it a
+    # request extending an earlier answer is matched automatically (rollout.chat_sessions, docs/openai.md).
+    session_id: str | None = Field(default=None, min_length=1)
 
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:

@@ -26,3 +26,16 @@ def test_engine_flags_reach_the_config():
 def test_bad_engine_flag_is_refused_by_the_config():
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         cli._engine_config(engine_args(["--gpu-memory-utilization", "1.5"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chat-template", "{missing}"], "--chat-template: cannot read"),
+    (["--chat-template", "{empty}"], "is empty"),
+    (["--http-session-ttl", "0"], "SessionConfig.ttl_s"),
+    (["--http-max-sessions", "0"], "SessionConfig.max_conversations"),
+])
+def test_bad_http_session_flags_are_refused_before_the_model_loads(tmp_path, capsys, flags, message):
+    (tmp_path / "empty.jinja").write_text("  \n")
+    flags = [f.format(missing=tmp_path / "missing.jinja", empty=tmp_path / "empty.jinja") for f in flags]
+    rc = cli.main(["serve", "--model", str(tmp_path / "no-model-here"), "--local", "--http", "127.0.0.1:0", *flags])
+    assert rc == 2 and message in capsys.readouterr().err
