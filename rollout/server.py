@@ -67,12 +67,15 @@ class FrontEnd:
 
     ``auth_secret``: when set, every message carries an HMAC-SHA256 of its body as a last frame and
     replies are signed the same way; required to bind anything but loopback.
+    ``allow_update_weights``: ``None`` (the default) = on iff ``auth_secret`` is set. Without a secret any local
+    user who can reach a loopback port or an ``ipc://`` path could make the server load weights, so
+    ``update_weights`` over the wire needs an explicit ``True`` there (``rollout serve --allow-update-weights``).
     ``max_in_flight``: requests served at once; past it new ones get ``unavailable`` (health excepted).
     ``request_timeout_s``: backend calls taking longer are cancelled and answered ``aborted``.
     """
 
     def __init__(self, backend: RolloutBackend, bind: str = DEFAULT_BIND, *,
-                 limits: P.ProtocolLimits = P.ProtocolLimits(), allow_update_weights: bool = True,
+                 limits: P.ProtocolLimits = P.ProtocolLimits(), allow_update_weights: bool | None = None,
                  auth_secret: Optional[bytes] = None, max_in_flight: int = 1024,
                  request_timeout_s: Optional[float] = None) -> None:
         if auth_secret is not None and (not isinstance(auth_secret, bytes) or len(auth_secret) < MIN_SECRET_BYTES):
@@ -85,7 +88,7 @@ class FrontEnd:
         self.backend = backend
         self.bind = bind
         self.limits = limits
-        self.allow_update_weights = allow_update_weights
+        self.allow_update_weights = auth_secret is not None if allow_update_weights is None else allow_update_weights
         self.auth_secret = auth_secret
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
@@ -262,7 +265,7 @@ class FrontEnd:
             return {"found": await self._abort(pending.peer, req.request_id)}
         if isinstance(req, P.UpdateWeightsRequest):
             if not self.allow_update_weights:
-                raise RolloutError(ErrorCode.DISABLED, "update_weights is switched off on this server")
+                raise RolloutError(ErrorCode.DISABLED, self._update_weights_off_reason())
             return await b.update_weights(req.loader, req.loader_kwargs, req.version, req.mode, req.kv)
         if isinstance(req, P.StatsRequest):
             return {"backend": await b.stats(), "frontend": self._frontend_stats()}
@@ -281,6 +284,12 @@ class FrontEnd:
             pending.task.cancel()
             return True
         return bool(await self.backend.abort(str(target)))
+
+    def _update_weights_off_reason(self) -> str:
+        if self.auth_secret is None:
+            return ("update_weights is off on this server: it has no auth secret, so any local user could reach it; "
+                    "start it with --auth-secret-file or --allow-update-weights (docs/protocol.md, Security)")
+        return "update_weights is switched off on this server (--no-update-weights)"
 
     def _frontend_stats(self) -> dict[str, Any]:
         return {"in_flight": len(self._pending), "accepting": self._accepting, **self.counters}

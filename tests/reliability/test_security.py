@@ -216,3 +216,48 @@ def test_an_engine_limit_is_too_large_over_the_wire_too(tmp_path):
             assert c.health()["ok"]
     finally:
         run(backend.shutdown())
+
+
+# ------------------------------------------------------------------ update_weights needs a secret or an explicit flag
+def test_update_weights_is_off_without_a_secret_unless_allowed(monkeypatch):
+    """Any local user can reach 127.0.0.1 / ipc://: without a secret, update_weights over the wire is refused
+    (``disabled``, the flag named) and the backend is never called, unless the operator allows it explicitly."""
+    async def ask(**kw):
+        backend = StubBackend()
+        fe = FrontEnd(backend, "tcp://127.0.0.1:*", **kw)
+        await fe.start()
+        raw = Raw(fe.address)
+        try:
+            body = {"v": P.PROTOCOL_VERSION, "id": 1, "op": "update_weights", "loader": "stub"}
+            if kw.get("auth_secret"):
+                await raw.send(*_signed(kw["auth_secret"], body))
+            else:
+                await raw.send_msg(body)
+            return (await raw.recv())[1], backend.calls.get("update_weights", 0)
+        finally:
+            raw.close()
+            await fe.shutdown(timeout_s=5)
+
+    refused, calls = run(ask())
+    assert refused["ok"] is False and refused["error"]["code"] == "disabled" and calls == 0
+    assert "--allow-update-weights" in refused["error"]["message"] and "auth secret" in refused["error"]["message"]
+    allowed, calls = run(ask(allow_update_weights=True))
+    assert allowed["ok"] is True and allowed["result"]["version"] == 1 and calls == 1
+    signed, calls = run(ask(auth_secret=SECRET))
+    assert signed["ok"] is True and calls == 1
+    off, calls = run(ask(auth_secret=SECRET, allow_update_weights=False))
+    assert off["error"]["code"] == "disabled" and calls == 0
+
+    from rollout import cli
+    seen = []
+    monkeypatch.setattr(cli, "_serve", lambda args: seen.append(cli._allow_update_weights(args)) or 0)
+    for flags in ([], ["--allow-update-weights"], ["--no-update-weights"]):
+        cli.main(["serve", "--model", "unused", *flags])
+    assert seen == [None, True, False]       # None: on iff --auth-secret-file is given (FrontEnd decides)
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--model", "unused", "--allow-update-weights", "--no-update-weights"])
+
+
+def _signed(secret: bytes, msg: dict) -> list[bytes]:
+    body = P.pack(msg)
+    return [b"", body, P.sign(secret, body)]

@@ -138,7 +138,7 @@ def expected_id(frames: list[bytes]) -> Optional[Any]:
 
 async def fuzz(num_messages: int, seed: int) -> tuple[Counter, Counter, dict]:
     rng = random.Random(seed)
-    fe = FrontEnd(StubBackend(), "tcp://127.0.0.1:*", limits=LIMITS, max_in_flight=64)
+    fe = FrontEnd(StubBackend(), "tcp://127.0.0.1:*", limits=LIMITS, max_in_flight=64, allow_update_weights=True)
     await fe.start()
     raw = Raw(fe.address)
     want: Counter = Counter()

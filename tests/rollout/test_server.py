@@ -70,7 +70,8 @@ class Raw:
 # ------------------------------------------------------------------ every op, sync client
 def test_every_op_sync_client():
     backend = StubBackend()
-    with BackgroundFrontEnd(lambda: backend, BIND) as fe, RolloutClient(fe.address, timeout_s=10) as c:
+    with BackgroundFrontEnd(lambda: backend, BIND, allow_update_weights=True) as fe, \
+            RolloutClient(fe.address, timeout_s=10) as c:
         h = c.health()
         assert h["ok"] is True and h["frontend"]["accepting"] is True
         p = SamplingParams(max_tokens=4, n=3)
@@ -119,7 +120,7 @@ def test_error_codes_sync_client():
 def test_update_failed_and_timeout():
     async def main():
         backend = StubBackend(delay_s=2.0)
-        async with serving(backend, request_timeout_s=0.2) as fe:
+        async with serving(backend, request_timeout_s=0.2, allow_update_weights=True) as fe:
             async with AsyncRolloutClient(fe.address, timeout_s=5) as c:
                 with pytest.raises(RolloutError) as info:
                     await c.update_weights("martian")
