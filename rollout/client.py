@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import zmq
 import zmq.asyncio
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from rollout import protocol as P
 from rollout.backend import ErrorCode, RolloutError
 from rollout.trajectory import Trajectory

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.protocol_fields import (Parser, ProtocolError, ProtocolLimits, RequestId, bad_value, is_int, p_choice,
                                      p_kwargs, p_name, p_new_token_ids, p_optional_name, p_optional_version, p_params,

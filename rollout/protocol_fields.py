@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from rollout.backend import ErrorCode
 
 RequestId = Union[str, int]
