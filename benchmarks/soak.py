@@ -97,9 +97,7 @@ def _counting_client_class():
                 if reply is None:
                     continue
                 self.replies[reply.get("id")] += 1
-                fut = self._waiting.get(reply.get("id"))
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
+                self._deliver(reply)
 
         async def close(self) -> None:
             self.closed = True

@@ -57,6 +57,7 @@ class _Pending:
     delimiter: bool                    # the client sent an empty frame before the body; mirror it
     request_id: P.RequestId
     op: str
+    nonce: bytes | None = None      # the request's nonce, echoed in its reply
     task: Optional[asyncio.Task] = None
     cancel_code: ErrorCode = ErrorCode.UNAVAILABLE   # reply code if the task gets cancelled
     replied: bool = False
@@ -72,12 +73,14 @@ class FrontEnd:
     ``update_weights`` over the wire needs an explicit ``True`` there (``rollout serve --allow-update-weights``).
     ``max_in_flight``: requests served at once; past it new ones get ``unavailable`` (health excepted).
     ``request_timeout_s``: backend calls taking longer are cancelled and answered ``aborted``.
+    ``replay_window_s``: with a secret, a message whose ``ts`` is further than this from the server's clock is
+    refused as stale, and one whose ``nonce`` was seen within it as replayed (``rollout.protocol.ReplayGuard``).
     """
 
     def __init__(self, backend: RolloutBackend, bind: str = DEFAULT_BIND, *,
                  limits: P.ProtocolLimits = P.ProtocolLimits(), allow_update_weights: bool | None = None,
                  auth_secret: Optional[bytes] = None, max_in_flight: int = 1024,
-                 request_timeout_s: Optional[float] = None) -> None:
+                 request_timeout_s: float | None = None, replay_window_s: float = 30.0) -> None:
         if auth_secret is not None and (not isinstance(auth_secret, bytes) or len(auth_secret) < MIN_SECRET_BYTES):
             raise ValueError(f"auth_secret must be bytes of length >= {MIN_SECRET_BYTES}")
         if not is_loopback(bind) and auth_secret is None:
@@ -92,6 +95,7 @@ class FrontEnd:
         self.auth_secret = auth_secret
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
+        self._replay = P.ReplayGuard(replay_window_s) if auth_secret is not None else None
         self.address: Optional[str] = None          # the bound endpoint (a '*' port resolved)
         self._ctx: Optional[zmq.asyncio.Context] = None
         self._sock: Optional[zmq.asyncio.Socket] = None
@@ -188,28 +192,33 @@ class FrontEnd:
             self._send_error(peer, delimiter, None, ErrorCode.BAD_REQUEST, "unauthenticated: bad or missing HMAC",
                              sign=False)
             return
-        request_id = None
+        request_id = nonce = None
         try:
             msg = P.unpack(body, self.limits)
-            request_id = P.peek_id(msg, self.limits)
+            request_id, nonce = P.peek_id(msg, self.limits), P.peek_nonce(msg)
+            if self._replay is not None:
+                # NOTE: before the request is parsed, so a signed message is used up even when it is malformed.
+                self._replay.check(*P.check_envelope_auth(msg, required=True))
             request_id, request = P.decode_request(msg, self.limits)
         except P.ProtocolError as e:
             self._send_error(peer, delimiter, e.request_id if e.request_id is not None else request_id,
-                             e.code, e.message)
+                             e.code, e.message, nonce=nonce)
             return
         key = (peer, request_id)
         if key in self._pending:
             self._send_error(peer, delimiter, request_id, ErrorCode.BAD_REQUEST,
-                             f"id {request_id!r} is already in flight on this connection")
+                             f"id {request_id!r} is already in flight on this connection", nonce=nonce)
             return
         if not self._accepting:
-            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE, "the server is shutting down")
+            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE, "the server is shutting down",
+                             nonce=nonce)
             return
         if len(self._pending) >= self.max_in_flight and request.op != "health":
             self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE,
-                             f"{len(self._pending)} requests in flight (max_in_flight {self.max_in_flight}); retry later")
+                             f"{len(self._pending)} requests in flight (max_in_flight {self.max_in_flight}); retry later",
+                             nonce=nonce)
             return
-        pending = _Pending(peer, delimiter, request_id, request.op)
+        pending = _Pending(peer, delimiter, request_id, request.op, nonce)
         self._pending[key] = pending
         self._idle.clear()
         pending.task = asyncio.create_task(self._serve(pending, request))
@@ -299,18 +308,21 @@ class FrontEnd:
         if pending.replied:
             return
         pending.replied = True
+        if pending.nonce is not None:
+            reply["nonce"] = pending.nonce
         try:
             body = P.pack(reply)
         except Exception as e:   # a backend result msgpack cannot carry
             logger.exception("front end: cannot encode the reply to %r", pending.request_id)
-            reply = P.error_reply(pending.request_id, ErrorCode.INTERNAL, f"unencodable result: {type(e).__name__}")
+            reply = P.error_reply(pending.request_id, ErrorCode.INTERNAL, f"unencodable result: {type(e).__name__}",
+                                  pending.nonce)
             body = P.pack(reply)
         self._count(reply)
         self._send(pending.peer, pending.delimiter, body, sign=True)
 
     def _send_error(self, peer: bytes, delimiter: bool, request_id: Optional[P.RequestId], code: ErrorCode,
-                    message: str, *, sign: bool = True) -> None:
-        reply = P.error_reply(request_id, code, message)
+                    message: str, *, sign: bool = True, nonce: bytes | None = None) -> None:
+        reply = P.error_reply(request_id, code, message, nonce)
         self._count(reply)
         self._send(peer, delimiter, P.pack(reply), sign=sign)
 

@@ -100,7 +100,7 @@ def byte_mutate(rng: random.Random, body: bytes) -> bytes:
 def make_message(rng: random.Random, i: int) -> list[bytes]:
     """Frames after the routing id (the DEALER adds nothing)."""
     kind = rng.randrange(10)
-    base = {"v": 1, "id": i, **rng.choice(VALID)}
+    base = {"v": 2, "id": i, **rng.choice(VALID)}
     if kind == 0:
         body = rng.randbytes(rng.randrange(0, 64))
     elif kind == 1:
@@ -114,7 +114,7 @@ def make_message(rng: random.Random, i: int) -> list[bytes]:
     elif kind == 4:
         body = msgpack.packb(random_value(rng), use_bin_type=True)               # nested garbage
     elif kind == 5:
-        body = P.pack({"v": 1, "id": i, "op": "generate", "prompt_ids": [1] * rng.randrange(4000, 6000)})
+        body = P.pack({"v": 2, "id": i, "op": "generate", "prompt_ids": [1] * rng.randrange(4000, 6000)})
     elif kind in (6, 7, 8):
         body = msgpack.packb(mutate(rng, base), use_bin_type=True)
     else:
@@ -151,13 +151,13 @@ async def fuzz(num_messages: int, seed: int) -> tuple[Counter, Counter, dict]:
                 want[expected_id(frames)] += 1
                 await raw.send(*frames)
             for reply in await raw.recv_n(len(batch), timeout_s=20):
-                assert reply["v"] == 1 and isinstance(reply["ok"], bool)
+                assert reply["v"] == 2 and isinstance(reply["ok"], bool)
                 if not reply["ok"]:
                     assert reply["error"]["code"] in {c.value for c in P.ErrorCode} and reply["error"]["message"]
                 got[reply["id"]] += 1
             sent += len(batch)
         assert await raw.nothing_more(0.3), "a message got more than one reply"
-        await raw.send_msg({"v": 1, "id": "final", "op": "health"})
+        await raw.send_msg({"v": 2, "id": "final", "op": "health"})
         health = (await raw.recv())[1]
         assert fe._recv_task is not None and not fe._recv_task.done()
         return want, got, {"health": health, "counters": dict(fe.counters)}
@@ -192,7 +192,7 @@ _MSGPACK_VALUES = st.recursive(
                      "max_turns", "request_id", "loader", "loader_kwargs", "version", "mode", "kv", "ttl_s",
                      "stream", "id", "v"]), _MSGPACK_VALUES, max_size=6))
 def test_decode_raises_only_protocol_errors(op, fields):
-    msg = {"v": 1, "id": 1, "op": op, **fields}
+    msg = {"v": 2, "id": 1, "op": op, **fields}
     try:
         P.decode_request(P.unpack(P.pack(msg), LIMITS), LIMITS)
     except P.ProtocolError as e:

@@ -161,12 +161,12 @@ def test_100_concurrent_requests_exactly_one_reply_each():
             raw = Raw(fe.address)
             ids = [f"r{i}" for i in range(50)] + list(range(50))
             for i, rid in enumerate(ids):
-                await raw.send_msg({"v": 1, "id": rid, "op": "generate", "prompt_ids": [i + 1],
+                await raw.send_msg({"v": 2, "id": rid, "op": "generate", "prompt_ids": [i + 1],
                                     "params": {"max_tokens": 2}}, delimiter=bool(i % 2))
             replies = await raw.recv_n(100)
             assert await raw.nothing_more()
             assert Counter(r["id"] for r in replies) == Counter(ids)
-            assert all(r["ok"] and r["v"] == 1 for r in replies)
+            assert all(r["ok"] and r["v"] == 2 for r in replies)
             by_id = {r["id"]: r for r in replies}
             for i, rid in enumerate(ids):
                 assert by_id[rid]["result"]["trajectories"][0]["token_ids"] == fake_tokens([i + 1], 0, 2)
@@ -186,8 +186,8 @@ def test_in_flight_limit_replies_unavailable():
             backend.hold()
             raw = Raw(fe.address)
             for i in range(5):
-                await raw.send_msg({"v": 1, "id": i, "op": "generate", "prompt_ids": [1]})
-            await raw.send_msg({"v": 1, "id": "h", "op": "health"})   # health is never turned away
+                await raw.send_msg({"v": 2, "id": i, "op": "generate", "prompt_ids": [1]})
+            await raw.send_msg({"v": 2, "id": "h", "op": "health"})   # health is never turned away
             early = await raw.recv_n(3)
             assert {r["id"] for r in early} == {3, 4, "h"}
             assert [r["error"]["code"] for r in early if r["id"] != "h"] == ["unavailable"] * 2
@@ -207,7 +207,7 @@ def test_duplicate_in_flight_id_and_abort_by_wire_id():
                 task = asyncio.create_task(c.generate([1], request_id="long"))
                 await asyncio.sleep(0.1)
                 raw = Raw(fe.address)   # another connection may reuse the id
-                await raw.send_msg({"v": 1, "id": "long", "op": "health"})
+                await raw.send_msg({"v": 2, "id": "long", "op": "health"})
                 assert (await raw.recv())[1]["ok"]
                 with pytest.raises(ValueError, match="already in flight"):
                     await c.generate([2], request_id="long")
@@ -227,8 +227,8 @@ def test_same_id_twice_on_one_connection_is_refused_while_in_flight():
         async with serving(backend) as fe:
             backend.hold()
             raw = Raw(fe.address)
-            await raw.send_msg({"v": 1, "id": 5, "op": "generate", "prompt_ids": [1]})
-            await raw.send_msg({"v": 1, "id": 5, "op": "generate", "prompt_ids": [2]})
+            await raw.send_msg({"v": 2, "id": 5, "op": "generate", "prompt_ids": [1]})
+            await raw.send_msg({"v": 2, "id": 5, "op": "generate", "prompt_ids": [2]})
             first = (await raw.recv())[1]
             assert first["id"] == 5 and first["error"]["code"] == "bad_request" and "in flight" in first["error"]["message"]
             backend.release()
@@ -248,9 +248,9 @@ def test_framing_and_garbage_get_error_replies():
                 ([b"\x92\x01\x02"], None, "bad_request", "must be a msgpack map"),
                 ([b"", b"a", b"b"], None, "bad_request", "expected one body frame"),
                 ([b""], None, "bad_request", "got 0 frames"),
-                ([b"", P.pack({"v": 1, "id": 3, "op": "nope"})], 3, "unknown_operation", "nope"),
-                ([P.pack({"v": 1, "id": 4, "op": "generate", "prompt_ids": [1] * 2000})], None, "too_large", "1024"),
-                ([b"", P.pack({"v": 1, "id": "x", "op": "close_session", "session_id": "zz"})], "x",
+                ([b"", P.pack({"v": 2, "id": 3, "op": "nope"})], 3, "unknown_operation", "nope"),
+                ([P.pack({"v": 2, "id": 4, "op": "generate", "prompt_ids": [1] * 2000})], None, "too_large", "1024"),
+                ([b"", P.pack({"v": 2, "id": "x", "op": "close_session", "session_id": "zz"})], "x",
                  "unknown_session", "zz"),
             ]
             for frames, rid, code, needle in cases:
@@ -259,7 +259,7 @@ def test_framing_and_garbage_get_error_replies():
                 assert (got_frames[0] == b"") == (frames[0] == b"")   # the reply mirrors the delimiter
                 assert reply["id"] == rid and reply["ok"] is False
                 assert reply["error"]["code"] == code and needle in reply["error"]["message"], reply
-            await raw.send_msg({"v": 1, "id": 1, "op": "health"}, delimiter=False)
+            await raw.send_msg({"v": 2, "id": 1, "op": "health"}, delimiter=False)
             frames, reply = await raw.recv()
             assert len(frames) == 1 and reply["ok"]
             raw.close()
@@ -272,7 +272,7 @@ def test_req_socket_client_works():
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, 5000)
         sock.connect(fe.address)
-        sock.send(P.pack({"v": 1, "id": 1, "op": "health"}))
+        sock.send(P.pack({"v": 2, "id": 1, "op": "health"}))
         assert msgpack.unpackb(sock.recv())["ok"] is True
         sock.close(0)
 
@@ -286,12 +286,12 @@ def test_graceful_shutdown_replies_to_in_flight_and_refuses_new():
         backend.hold()
         raw = Raw(fe.address)
         for i in range(10):
-            await raw.send_msg({"v": 1, "id": i, "op": "generate", "prompt_ids": [i + 1]})
+            await raw.send_msg({"v": 2, "id": i, "op": "generate", "prompt_ids": [i + 1]})
         await asyncio.sleep(0.1)
         assert fe.num_in_flight == 10
         stopping = asyncio.create_task(fe.shutdown(timeout_s=5))
         await asyncio.sleep(0.05)
-        await raw.send_msg({"v": 1, "id": "late", "op": "generate", "prompt_ids": [1]})
+        await raw.send_msg({"v": 2, "id": "late", "op": "generate", "prompt_ids": [1]})
         refused = (await raw.recv())[1]
         assert refused["id"] == "late" and refused["error"]["code"] == "unavailable"
         backend.release()
@@ -311,7 +311,7 @@ def test_shutdown_deadline_fails_what_is_left():
         backend.hold()
         raw = Raw(fe.address)
         for i in range(5):
-            await raw.send_msg({"v": 1, "id": i, "op": "generate", "prompt_ids": [1]})
+            await raw.send_msg({"v": 2, "id": i, "op": "generate", "prompt_ids": [1]})
         await asyncio.sleep(0.1)
         start = time.monotonic()
         await fe.shutdown(timeout_s=0.3)
@@ -347,16 +347,18 @@ def test_hmac_auth_refuses_unauthenticated_clients():
     with BackgroundFrontEnd(lambda: backend, BIND, auth_secret=SECRET) as fe:
         with RolloutClient(fe.address, timeout_s=5, auth_secret=SECRET) as good:
             assert good.generate([1], SamplingParams(max_tokens=2))[0].token_ids == fake_tokens([1], 0, 2)
-        for secret in (None, b"w" * 32):
-            with RolloutClient(fe.address, timeout_s=5, auth_secret=secret) as bad:
-                with pytest.raises(RolloutError, match="unauthenticated") as info:
-                    bad.generate([1])
-                assert info.value.code is ErrorCode.BAD_REQUEST
+        with RolloutClient(fe.address, timeout_s=5) as bad:
+            with pytest.raises(RolloutError, match="unauthenticated") as info:
+                bad.generate([1])
+            assert info.value.code is ErrorCode.BAD_REQUEST
+        # A client holding a (wrong) secret drops the server's unsigned refusal like any unsigned reply.
+        with RolloutClient(fe.address, timeout_s=0.5, auth_secret=b"w" * 32) as bad, pytest.raises(TimeoutError):
+            bad.generate([1])
         assert backend.calls["generate"] == 1   # refused messages never reach the backend
 
         async def replies_are_signed():
             raw = Raw(fe.address)
-            body = P.pack({"v": 1, "id": 1, "op": "health"})
+            body = P.pack(P.HealthRequest().to_wire(1, nonce=P.new_nonce()))
             await raw.send(b"", body, P.sign(SECRET, body))
             frames, reply = await raw.recv()
             assert reply["ok"] and P.verify(SECRET, frames[1], frames[2])
