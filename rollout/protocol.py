@@ -124,8 +124,7 @@ class RunEpisodeRequest(Request):
 @dataclass(frozen=True)
 class AbortRequest(Request):
     op: ClassVar[str] = "abort"
-    # The "id" of an in-flight request sent on this same connection, or a backend request id
-    # (Trajectory.request_id) as a str.
+    # The "id" of an in-flight request sent on this same connection (ZeroMQ routing id); nothing else is reachable.
     request_id: RequestId = _field(p_request_id)
 
 

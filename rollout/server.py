@@ -112,6 +112,9 @@ class FrontEnd:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.hard_max_message_bytes)
+        # NOTE: abort reaches only the requests of the sender's own routing id; with handover off (the default,
+        # set here on purpose) a peer that claims the ROUTING_ID of a connected one is refused by ZeroMQ.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         try:
             sock.bind(self.bind)
         except zmq.ZMQError:
@@ -285,14 +288,15 @@ class FrontEnd:
         raise RolloutError(ErrorCode.UNKNOWN_OPERATION, f"op {req.op!r} has no handler")
 
     async def _abort(self, peer: bytes, target: P.RequestId) -> bool:
-        """A request of this connection by its wire id (its task is cancelled: it gets ``aborted``,
-        and the backend call sees CancelledError), else a backend request id."""
+        """A request of this connection by its wire id: its task is cancelled (it gets ``aborted``, after this
+        abort's own reply, and the backend call sees CancelledError). Nothing else: another connection's
+        requests and backend request ids (``Trajectory.request_id``, guessable) are out of reach."""
         pending = self._pending.get((peer, target))
         if pending is not None and pending.task is not None and pending.op != "abort":
             pending.cancel_code = ErrorCode.ABORTED
             pending.task.cancel()
             return True
-        return bool(await self.backend.abort(str(target)))
+        return False
 
     def _update_weights_off_reason(self) -> str:
         if self.auth_secret is None:

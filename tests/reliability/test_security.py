@@ -350,3 +350,43 @@ def test_client_with_a_secret_drops_unsigned_and_mismatched_replies_error_replie
             router.close(0)
     assert run(main()) == {"ok": True}
 
+
+
+# ------------------------------------------------------------------ abort reaches only the sender's own requests
+def test_abort_from_another_connection_is_refused():
+    """Client B can neither abort client A's request by its wire id nor reach the backend with a guessed backend
+    request id; A's request completes. A aborting its own works (its reply comes after the abort's)."""
+    async def main():
+        backend = StubBackend()
+        fe = FrontEnd(backend, "tcp://127.0.0.1:*")
+        await fe.start()
+        a, b = Raw(fe.address), Raw(fe.address)
+        try:
+            backend.hold()
+            await a.send_msg({"v": P.PROTOCOL_VERSION, "id": "long", "op": "generate", "prompt_ids": [1]})
+            await a.send_msg({"v": P.PROTOCOL_VERSION, "id": "mine", "op": "generate", "prompt_ids": [2]})
+            for _ in range(200):                                 # bounded: until both are at the backend
+                if len(backend._running) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(backend._running) == 2
+            running = sorted(backend._running)                   # backend ids, e.g. "stub-0"
+            answers = []
+            for target in ("long", *running):
+                await b.send_msg({"v": P.PROTOCOL_VERSION, "id": f"x-{target}", "op": "abort", "request_id": target})
+                answers.append((await b.recv())[1])
+            await a.send_msg({"v": P.PROTOCOL_VERSION, "id": "ab", "op": "abort", "request_id": "mine"})
+            own = await a.recv_n(2)
+            backend.release()
+            done = (await a.recv())[1]
+            return answers, own, done, backend.calls["abort"], backend.cancelled
+        finally:
+            a.close()
+            b.close()
+            await fe.shutdown(timeout_s=5)
+    answers, own, done, backend_aborts, cancelled = run(main())
+    assert [r["result"] for r in answers] == [{"found": False}] * 3, answers
+    assert backend_aborts == 0                                   # a guessed backend id never reaches the backend
+    assert [r["id"] for r in own] == ["ab", "mine"]              # the abort's reply first, then the aborted one
+    assert own[0]["result"] == {"found": True} and own[1]["error"]["code"] == "aborted" and cancelled == 1
+    assert done["id"] == "long" and done["ok"] is True           # B's attempts left A's request alone
