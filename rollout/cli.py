@@ -142,7 +142,8 @@ async def _serve_async(args: argparse.Namespace, config, secret: bytes | None) -
     # NOTE: building a backend blocks (model load, Ray start); keep the loop free for signals meanwhile.
     backend = await loop.run_in_executor(None, _make_backend, args, config)
     frontend = FrontEnd(backend, args.bind, limits=ProtocolLimits(), allow_update_weights=_allow_update_weights(args),
-                        auth_secret=secret, max_in_flight=args.max_in_flight)
+                        auth_secret=secret, max_in_flight=args.max_in_flight,
+                        request_timeout_s=args.request_timeout)
     http = None
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--auth-secret-file", default=None,
                      help="file holding the shared HMAC secret (>= 16 bytes); every message must be signed")
     srv.add_argument("--max-in-flight", type=int, default=1024)
+    srv.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                     help="cancel a request (not health / update_weights) after this long; it is answered 'aborted' "
+                          "(default: no timeout)")
     srv.add_argument("--http", default=None, metavar="HOST:PORT",
                      help="also serve the OpenAI-compatible HTTP API (docs/openai.md; non-streaming) over the same "
                           "backend, next to ZeroMQ; a non-loopback host needs --api-key or --api-key-file")

@@ -165,7 +165,9 @@ def unpack(body: bytes, limits: ProtocolLimits) -> Any:
         raise too_large("message", f"has {len(body)} bytes; the limit is {limits.max_message_bytes}")
     n = len(body)
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+        # NOTE: strict_map_key=False so that a message with a non-str key still yields its id for the error
+        # reply; decode_request refuses non-str keys at the top level, p_params / p_kwargs below it.
+        return msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True,
                                max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
                                max_ext_len=0, ext_hook=_refuse_ext)
     except Exception as e:   # ExtraData, FormatError, StackError, UnicodeDecodeError, ValueError, ...
@@ -264,6 +266,9 @@ def decode_request(msg: Any, limits: ProtocolLimits) -> tuple[RequestId, Request
         raise bad_value("message", "must be a msgpack map", msg)
     request_id = peek_id(msg, limits)
     try:
+        bad_key = next((k for k in msg if not isinstance(k, str)), None)
+        if bad_key is not None:
+            raise bad_value("message", "keys must be str", bad_key)
         if "v" not in msg:
             raise bad_value("v", f"is required (protocol version {PROTOCOL_VERSION})")
         if msg["v"] != PROTOCOL_VERSION or not is_int(msg["v"]):

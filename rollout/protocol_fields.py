@@ -206,6 +206,9 @@ _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 def p_params(v: Any, path: str, limits: ProtocolLimits) -> SamplingParams:
     if not isinstance(v, dict):
         raise bad_value(path, "must be a map of SamplingParams fields", v)
+    bad_key = next((k for k in v if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise bad_value(path, "keys must be str", bad_key)
     unknown = sorted(str(k) for k in v if k not in _PARAM_FIELDS)
     if unknown:
         raise bad_value(path, f"has unknown fields {unknown}; known: {list(_PARAM_FIELDS)}")

@@ -209,10 +209,13 @@ class FrontEnd:
             return
         key = (peer, request_id)
         if key in self._pending:
-            self._send_error(peer, delimiter, request_id, ErrorCode.BAD_REQUEST,
-                             f"id {request_id!r} is already in flight on this connection", nonce=nonce)
+            # NOTE: id nil, so that this refusal can never be taken for the first request's reply (which follows).
+            self._send_error(peer, delimiter, None, ErrorCode.BAD_REQUEST,
+                             f"id {request_id!r} is already in flight on this connection: this message is refused "
+                             f"(this reply has id nil); the first request with that id keeps its own reply",
+                             nonce=nonce)
             return
-        if not self._accepting:
+        if not self._accepting and request.op != "health":   # health still answers (accepting: false)
             self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE, "the server is shutting down",
                              nonce=nonce)
             return
@@ -243,9 +246,9 @@ class FrontEnd:
             self._reply(pending, P.error_reply(pending.request_id, ErrorCode.ABORTED,
                                                f"timed out after {self.request_timeout_s} s"))
         except RolloutError as e:
-            self._reply(pending, P.error_reply(pending.request_id, e.code, e.message))
+            self._reply(pending, P.error_reply(pending.request_id, e.code, wire_names(e.message, request)))
         except ValueError as e:   # engine-side validation (vocabulary, context length) names the field
-            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.BAD_REQUEST, str(e)))
+            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.BAD_REQUEST, wire_names(str(e), request)))
         except Exception as e:
             logger.exception("front end: %s request %r failed", pending.op, pending.request_id)
             self._reply(pending, P.error_reply(pending.request_id, ErrorCode.INTERNAL,
@@ -261,7 +264,11 @@ class FrontEnd:
         b = self.backend
         if isinstance(req, P.GenerateRequest):
             prompts = req.all_prompts()
-            groups = await gather_or_cancel(*(b.generate(p, req.params) for p in prompts))
+            if req.prompts is None:
+                groups = [await b.generate(prompts[0], req.params)]
+            else:
+                groups = await gather_or_cancel(*(_naming_prompt(i, b.generate(p, req.params))
+                                                  for i, p in enumerate(prompts)))
             return {"trajectories": [t.to_dict() for group in groups for t in group]}
         if isinstance(req, P.OpenSessionRequest):
             return {"session_id": await b.open_session(req.session_id, req.ttl_s)}
@@ -283,7 +290,7 @@ class FrontEnd:
             return {"backend": await b.stats(), "frontend": self._frontend_stats()}
         if isinstance(req, P.HealthRequest):
             health = dict(await b.health())
-            health["frontend"] = {"accepting": self._accepting, "in_flight": len(self._pending)}
+            health["frontend"] = {"accepting": self._accepting, "in_flight": len(self._pending) - 1}   # not itself
             return health
         raise RolloutError(ErrorCode.UNKNOWN_OPERATION, f"op {req.op!r} has no handler")
 
@@ -305,7 +312,8 @@ class FrontEnd:
         return "update_weights is switched off on this server (--no-update-weights)"
 
     def _frontend_stats(self) -> dict[str, Any]:
-        return {"in_flight": len(self._pending), "accepting": self._accepting, **self.counters}
+        # in_flight: the requests being served besides the stats request that asks
+        return {"in_flight": len(self._pending) - 1, "accepting": self._accepting, **self.counters}
 
     # ------------------------------------------------------------------ send
     def _reply(self, pending: _Pending, reply: dict[str, Any]) -> None:
@@ -342,6 +350,30 @@ class FrontEnd:
             frames.append(P.sign(self.auth_secret, body))
         fut = self._sock.send_multipart(frames, copy=len(body) < 65536)
         fut.add_done_callback(_log_send_failure)
+
+
+# The engine names what it checks after its own fields (engine.request_validation, SamplingParams); a wire client
+# sent prompt_ids / new_token_ids / params.*, so error messages are rewritten to the names it knows.
+_TOKEN_FIELD = {"generate": "prompt_ids", "step_session": "new_token_ids",
+                "run_episode": "the environment's token ids (prompt_token_ids)"}
+
+
+def wire_names(message: str, request: P.Request) -> str:
+    message = message.replace("SamplingParams.", "params.")
+    wire = _TOKEN_FIELD.get(request.op)
+    if wire is not None:
+        message = message.replace("prompt_token_ids", wire)
+    return message
+
+
+async def _naming_prompt(index: int, call: Any) -> Any:
+    """One prompt of a batched generate: its errors name ``prompts[index]``."""
+    try:
+        return await call
+    except RolloutError as e:
+        raise RolloutError(e.code, e.message.replace("prompt_token_ids", f"prompts[{index}]")) from None
+    except ValueError as e:
+        raise ValueError(str(e).replace("prompt_token_ids", f"prompts[{index}]")) from None
 
 
 def _log_send_failure(fut: "asyncio.Future[Any]") -> None:

@@ -257,6 +257,11 @@ def test_update_weights_is_off_without_a_secret_unless_allowed(monkeypatch):
     for flags in ([], ["--allow-update-weights"], ["--no-update-weights"]):
         cli.main(["serve", "--model", "unused", *flags])
     assert seen == [None, True, False]       # None: on iff --auth-secret-file is given (FrontEnd decides)
+    got = []
+    monkeypatch.setattr(cli, "_serve", lambda args: got.append(args.request_timeout) or 0)
+    cli.main(["serve", "--model", "unused", "--request-timeout", "2.5"])
+    cli.main(["serve", "--model", "unused"])
+    assert got == [2.5, None]                # docs/protocol.md documents the flag: it exists
     with pytest.raises(SystemExit):
         cli.main(["serve", "--model", "unused", "--allow-update-weights", "--no-update-weights"])
 

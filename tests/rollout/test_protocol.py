@@ -207,7 +207,7 @@ def test_optional_fields_default():
 
 # ------------------------------------------------------------------ bytes
 @pytest.mark.parametrize("body", [
-    b"", b"\xc1", b"\x92\x01", b"\x81\xa1v", b"\xff" * 10, b"\x81\x01\x02",   # never-used byte, truncated, int key
+    b"", b"\xc1", b"\x92\x01", b"\x81\xa1v", b"\xff" * 10, b"\x81\x91\x01\x02",   # never-used, truncated, list key
     b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",   # huge declared lengths
     b"\x91" * 3000 + b"\x00",                                                    # nesting deeper than msgpack's stack
     b"\xd4\x05\x00", b"\xc7\x01\x05\x00",                                        # ext types
@@ -220,6 +220,17 @@ def test_unpack_rejects_garbage(body):
     assert info.value.code is ErrorCode.BAD_REQUEST
 
 
+def test_a_non_str_key_is_refused_with_the_readable_id():
+    """A map key that is not a str is refused by decode_request (not by unpack), so the reply carries the id."""
+    for msg, where in (({"v": 2, "id": 7, "op": "health", 1: 2}, "message keys must be str, got 1"),
+                       ({"v": 2, "id": 7, "op": "generate", "prompt_ids": [1], "params": {b"n": 2}},
+                        "params keys must be str, got b'n'")):
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode_request(P.unpack(P.pack(msg), LIMITS), LIMITS)
+        assert info.value.code is ErrorCode.BAD_REQUEST and info.value.request_id == 7
+        assert where in info.value.message
+
+
 def test_unpack_oversize_is_too_large():
     body = P.pack(gen(prompt_ids=[1] * 5000))
     with pytest.raises(P.ProtocolError, match="limit is 4096") as info:
@@ -230,7 +241,7 @@ def test_unpack_oversize_is_too_large():
 def test_bytes_map_keys_and_bin_values_are_rejected_by_validation():
     raw = msgpack.packb({b"v": 2, "id": 1, "op": "health"}, use_bin_type=True)
     e = err_raw(raw)
-    assert e.code is ErrorCode.BAD_REQUEST and "v is required" in e.message
+    assert e.code is ErrorCode.BAD_REQUEST and "message keys must be str, got b'v'" in e.message and e.request_id == 1
     e = err_raw(msgpack.packb({"v": 2, "id": 1, "op": b"health"}, use_bin_type=True))
     assert "op is required and must be a str" in e.message
 

@@ -73,7 +73,7 @@ def test_every_op_sync_client():
     with BackgroundFrontEnd(lambda: backend, BIND, allow_update_weights=True) as fe, \
             RolloutClient(fe.address, timeout_s=10) as c:
         h = c.health()
-        assert h["ok"] is True and h["frontend"]["accepting"] is True
+        assert h["ok"] is True and h["frontend"] == {"accepting": True, "in_flight": 0}   # not counting itself
         p = SamplingParams(max_tokens=4, n=3)
         trajs = c.generate([5, 6, 7], p)
         assert [t.sample_index for t in trajs] == [0, 1, 2]
@@ -230,7 +230,9 @@ def test_same_id_twice_on_one_connection_is_refused_while_in_flight():
             await raw.send_msg({"v": 2, "id": 5, "op": "generate", "prompt_ids": [1]})
             await raw.send_msg({"v": 2, "id": 5, "op": "generate", "prompt_ids": [2]})
             first = (await raw.recv())[1]
-            assert first["id"] == 5 and first["error"]["code"] == "bad_request" and "in flight" in first["error"]["message"]
+            # the refusal has id nil: a client cannot take it for the first request's reply
+            assert first["id"] is None and first["error"]["code"] == "bad_request"
+            assert "id 5 is already in flight" in first["error"]["message"]
             backend.release()
             second = (await raw.recv())[1]
             assert second["ok"] and second["result"]["trajectories"][0]["prompt_ids"] == [1]
@@ -294,6 +296,9 @@ def test_graceful_shutdown_replies_to_in_flight_and_refuses_new():
         await raw.send_msg({"v": 2, "id": "late", "op": "generate", "prompt_ids": [1]})
         refused = (await raw.recv())[1]
         assert refused["id"] == "late" and refused["error"]["code"] == "unavailable"
+        await raw.send_msg({"v": 2, "id": "h", "op": "health"})          # health still answers while draining
+        health = (await raw.recv())[1]
+        assert health["ok"] and health["result"]["frontend"] == {"accepting": False, "in_flight": 10}
         backend.release()
         replies = await raw.recv_n(10)
         assert sorted(r["id"] for r in replies) == list(range(10)) and all(r["ok"] for r in replies)
@@ -483,3 +488,60 @@ def test_gather_or_cancel_cancels_the_rest_of_a_batch_on_error():
         assert await gather_or_cancel(asyncio.sleep(0, result=1), asyncio.sleep(0, result=2)) == [1, 2]
     asyncio.run(asyncio.wait_for(scenario(), 5))
     assert sorted(cancelled) == [0, 2]
+
+
+def test_top_logprobs_come_back_over_the_wire(tiny_model):
+    """params.logprobs = k: every model token of every trajectory (generate, a session turn, the whole session,
+    an episode) carries its k most likely (id, logprob) pairs, as the engine computed them; environment tokens
+    (and tokens of turns that did not ask) carry []."""
+    local = pytest.importorskip("rollout.local")
+    from engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(model=tiny_model, num_kv_blocks=128, max_num_seqs=8, seed=0)
+    asked = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=3)
+    want = LLMEngine(config).generate([[3, 4, 5]], asked)[0]
+    backend = local.LocalBackend(config)
+    try:
+        with BackgroundFrontEnd(lambda: backend, BIND) as fe, RolloutClient(fe.address, timeout_s=60) as c:
+            got = c.generate([3, 4, 5], asked)[0]
+            sid = c.open_session()
+            turn1 = c.step_session(sid, [3, 4, 5], asked)
+            c.step_session(sid, [6, 7], SamplingParams(max_tokens=2, ignore_eos=True))   # no top logprobs asked
+            whole = c.close_session(sid)
+            plain = c.generate([3, 4, 5], SamplingParams(max_tokens=2))[0]
+            episode = c.run_episode("echo_test", {}, SamplingParams(max_tokens=2, logprobs=1), max_turns=2)
+    finally:
+        run(backend.shutdown())
+    as_pairs = [[(int(i), float(lp)) for i, lp in row] for row in got.top_logprobs]
+    assert got.token_ids == want.token_ids and as_pairs == [[(i, pytest.approx(lp)) for i, lp in row]
+                                                            for row in want.top_logprobs]
+    assert all(len(row) == 3 and row[0][0] == tok and row[0][1] == pytest.approx(lp)   # greedy: top-1 is the token
+               for row, tok, lp in zip(got.top_logprobs, got.token_ids, got.logprobs))
+    assert turn1.top_logprobs == got.top_logprobs
+    assert len(whole.top_logprobs) == len(whole.token_ids) == 4 + 2 + 2
+    assert whole.top_logprobs[:4] == got.top_logprobs and whole.top_logprobs[4:] == [[]] * 4
+    assert plain.top_logprobs is None                           # not asked: absent from the reply
+    assert len(episode.top_logprobs) == len(episode.token_ids)
+    assert all((len(row) == 1) == bool(m) for row, m in zip(episode.top_logprobs, episode.loss_mask))
+
+
+def test_engine_errors_name_the_wire_fields(tiny_model):
+    """The engine names its own fields (prompt_token_ids, SamplingParams.n); the wire reply names the client's."""
+    local = pytest.importorskip("rollout.local")
+    from engine import EngineConfig
+
+    backend = local.LocalBackend(EngineConfig(model=tiny_model, num_kv_blocks=64, max_num_seqs=4, seed=0))
+    try:
+        with BackgroundFrontEnd(lambda: backend, BIND) as fe, RolloutClient(fe.address, timeout_s=60) as c:
+            sid = c.open_session()
+            calls = {"prompt_ids[1]": lambda: c.generate([1, 10 ** 6]),
+                     "prompts[1][0]": lambda: c.generate_batch([[1], [10 ** 6]]),
+                     "new_token_ids[0]": lambda: c.step_session(sid, [10 ** 6]),
+                     "params.n must be 1": lambda: c.step_session(sid, [1], SamplingParams(n=2))}
+            for needle, call in calls.items():
+                with pytest.raises(RolloutError) as info:
+                    call()
+                assert info.value.code is ErrorCode.BAD_REQUEST and needle in info.value.message, info.value
+                assert "prompt_token_ids" not in info.value.message and "SamplingParams" not in info.value.message
+    finally:
+        run(backend.shutdown())
