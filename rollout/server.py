@@ -25,12 +25,20 @@ import zmq.asyncio
 
 from rollout import protocol as P
 from rollout.backend import ErrorCode, RolloutBackend, RolloutError, gather_or_cancel
+from rollout.frontend_limits import (
+    Admission,
+    AdmissionLimits,
+    BoundedMessage,
+    read_bounded,
+    request_work,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 MIN_SECRET_BYTES = 16
 SEND_HWM = 10_000      # replies queued per peer before ZMQ drops (a client that never reads)
+MAX_FRAMES = 3         # after the routing id: [empty delimiter,] body[, HMAC]
 
 
 def is_loopback(address: str) -> bool:
@@ -58,6 +66,7 @@ class _Pending:
     request_id: P.RequestId
     op: str
     nonce: bytes | None = None      # the request's nonce, echoed in its reply
+    work: int | None = None            # tokens admitted (frontend_limits.request_work); None: not counted (health)
     task: Optional[asyncio.Task] = None
     cancel_code: ErrorCode = ErrorCode.UNAVAILABLE   # reply code if the task gets cancelled
     replied: bool = False
@@ -72,6 +81,10 @@ class FrontEnd:
     user who can reach a loopback port or an ``ipc://`` path could make the server load weights, so
     ``update_weights`` over the wire needs an explicit ``True`` there (``rollout serve --allow-update-weights``).
     ``max_in_flight``: requests served at once; past it new ones get ``unavailable`` (health excepted).
+    ``max_in_flight_tokens``, ``max_in_flight_per_client``, ``max_tokens_per_client``: the same in work (prompt
+    tokens + n x max_tokens) and per connection (``rollout.frontend_limits.AdmissionLimits``).
+    A client that vanished is noticed when a reply to it cannot be delivered (``ROUTER_MANDATORY``): its other
+    requests are then cancelled (the backend aborts them and frees their KV).
     ``request_timeout_s``: backend calls taking longer are cancelled and answered ``aborted``.
     ``replay_window_s``: with a secret, a message whose ``ts`` is further than this from the server's clock is
     refused as stale, and one whose ``nonce`` was seen within it as replayed (``rollout.protocol.ReplayGuard``).
@@ -80,14 +93,17 @@ class FrontEnd:
     def __init__(self, backend: RolloutBackend, bind: str = DEFAULT_BIND, *,
                  limits: P.ProtocolLimits = P.ProtocolLimits(), allow_update_weights: bool | None = None,
                  auth_secret: Optional[bytes] = None, max_in_flight: int = 1024,
-                 request_timeout_s: float | None = None, replay_window_s: float = 30.0) -> None:
+                 request_timeout_s: float | None = None, replay_window_s: float = 30.0,
+                 max_in_flight_tokens: int = AdmissionLimits.max_in_flight_tokens,
+                 max_in_flight_per_client: int = AdmissionLimits.max_in_flight_per_client,
+                 max_tokens_per_client: int = AdmissionLimits.max_tokens_per_client) -> None:
         if auth_secret is not None and (not isinstance(auth_secret, bytes) or len(auth_secret) < MIN_SECRET_BYTES):
             raise ValueError(f"auth_secret must be bytes of length >= {MIN_SECRET_BYTES}")
         if not is_loopback(bind) and auth_secret is None:
             raise ValueError(f"refusing to bind {bind!r}: not a loopback address and no auth_secret is set "
                              "(anyone who can reach it could drive the engines)")
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        self._admission = Admission(AdmissionLimits(max_in_flight, max_in_flight_tokens, max_in_flight_per_client,
+                                                    max_tokens_per_client))
         self.backend = backend
         self.bind = bind
         self.limits = limits
@@ -99,6 +115,7 @@ class FrontEnd:
         self.address: Optional[str] = None          # the bound endpoint (a '*' port resolved)
         self._ctx: Optional[zmq.asyncio.Context] = None
         self._sock: Optional[zmq.asyncio.Socket] = None
+        self._sync: Optional[zmq.Socket] = None      # a synchronous shadow of _sock (same thread only)
         self._recv_task: Optional[asyncio.Task] = None
         self._pending: dict[tuple[bytes, P.RequestId], _Pending] = {}
         self._accepting = False
@@ -115,6 +132,8 @@ class FrontEnd:
         # NOTE: abort reaches only the requests of the sender's own routing id; with handover off (the default,
         # set here on purpose) a peer that claims the ROUTING_ID of a connected one is refused by ZeroMQ.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        # A reply to a peer that is gone raises EHOSTUNREACH instead of vanishing: its other work is then cancelled.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(self.bind)
         except zmq.ZMQError:
@@ -122,6 +141,7 @@ class FrontEnd:
             self._ctx.term()
             raise
         self._sock = sock
+        self._sync = zmq.Socket.shadow(sock.underlying)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._accepting = True
         self._idle.set()
@@ -153,7 +173,7 @@ class FrontEnd:
         await asyncio.gather(self._recv_task, return_exceptions=True)
         self._sock.close(linger=1000)
         self._ctx.term()
-        self._sock = self._ctx = None
+        self._sock = self._ctx = self._sync = None
         logger.info("front end closed (%s)", dict(self.counters))
 
     async def __aenter__(self) -> "FrontEnd":
@@ -169,13 +189,24 @@ class FrontEnd:
 
     # ------------------------------------------------------------------ receive
     async def _receive_loop(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._sync is not None
+        max_bytes = self.limits.hard_max_message_bytes + P.MAC_BYTES
         while True:
-            frames = await self._sock.recv_multipart(copy=True)
+            msg = await read_bounded(self._sock, self._sync, MAX_FRAMES, max_bytes)
             try:
-                self._on_message(frames)
+                if msg.over is None:
+                    self._on_message(msg.frames)
+                else:
+                    self._on_oversize(msg)
             except Exception:   # never let one message end the loop
                 logger.exception("front end: unexpected error on a message")
+
+    def _on_oversize(self, msg: BoundedMessage) -> None:
+        """A message past MAX_FRAMES or the byte cap: its frames were dropped as they were read; one reply."""
+        self.counters["received"] += 1
+        self._send_error(msg.frames[0], msg.delimiter, None, msg.over_code,
+                         f"message {msg.over} ({msg.num_frames} frames, {msg.num_bytes} bytes): refused unread",
+                         sign=False)
 
     def _on_message(self, frames: list[bytes]) -> None:
         self.counters["received"] += 1
@@ -219,12 +250,15 @@ class FrontEnd:
             self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE, "the server is shutting down",
                              nonce=nonce)
             return
-        if len(self._pending) >= self.max_in_flight and request.op != "health":
-            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE,
-                             f"{len(self._pending)} requests in flight (max_in_flight {self.max_in_flight}); retry later",
-                             nonce=nonce)
-            return
-        pending = _Pending(peer, delimiter, request_id, request.op, nonce)
+        work = None
+        if request.op != "health":
+            work = request_work(request)
+            refusal = self._admission.refusal(peer, work)
+            if refusal is not None:
+                self._send_error(peer, delimiter, request_id, *refusal, nonce=nonce)
+                return
+            self._admission.admit(peer, work)
+        pending = _Pending(peer, delimiter, request_id, request.op, nonce, work)
         self._pending[key] = pending
         self._idle.clear()
         pending.task = asyncio.create_task(self._serve(pending, request))
@@ -256,7 +290,8 @@ class FrontEnd:
         finally:
             if not pending.replied:   # belt and braces: the invariant is one reply per request
                 self._reply(pending, P.error_reply(pending.request_id, ErrorCode.INTERNAL, "no reply produced"))
-            self._pending.pop((pending.peer, pending.request_id), None)
+            if self._pending.pop((pending.peer, pending.request_id), None) is not None and pending.work is not None:
+                self._admission.release(pending.peer, pending.work)
             if not self._pending:
                 self._idle.set()
 
@@ -313,7 +348,8 @@ class FrontEnd:
 
     def _frontend_stats(self) -> dict[str, Any]:
         # in_flight: the requests being served besides the stats request that asks
-        return {"in_flight": len(self._pending) - 1, "accepting": self._accepting, **self.counters}
+        return {"in_flight": len(self._pending) - 1, "in_flight_tokens": self._admission.work,
+                "accepting": self._accepting, **self.counters}
 
     # ------------------------------------------------------------------ send
     def _reply(self, pending: _Pending, reply: dict[str, Any]) -> None:
@@ -348,8 +384,28 @@ class FrontEnd:
         frames = [peer, b"", body] if delimiter else [peer, body]
         if sign and self.auth_secret is not None:
             frames.append(P.sign(self.auth_secret, body))
-        fut = self._sock.send_multipart(frames, copy=len(body) < 65536)
-        fut.add_done_callback(_log_send_failure)
+        # NOTE: NOBLOCK, so the returned future is already done (pyzmq tries the send at once).
+        fut = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(body) < 65536)
+        error = fut.exception()
+        if isinstance(error, zmq.Again):                     # the peer's queue is full (SEND_HWM): dropped
+            self.counters["replies_dropped"] += 1
+        elif isinstance(error, zmq.ZMQError) and error.errno == zmq.EHOSTUNREACH:
+            self.counters["replies_undeliverable"] += 1
+            self._peer_gone(peer)
+        elif error is not None:
+            logger.warning("front end: a reply could not be sent: %s", error)
+
+    def _peer_gone(self, peer: bytes) -> None:
+        """A reply to ``peer`` could not be delivered (it disconnected): no later reply can be, so its requests
+        still running are cancelled (aborted at the backend, their KV freed)."""
+        doomed = [p for p in self._pending.values() if p.peer == peer and not p.replied and p.task is not None
+                  and p.cancel_code is not ErrorCode.ABORTED]      # not those already being cancelled
+        if doomed:
+            logger.info("front end: a client went away; aborting its %d requests in flight", len(doomed))
+        for p in doomed:
+            p.cancel_code = ErrorCode.ABORTED
+            p.task.cancel()
+            self.counters["aborted_for_vanished_client"] += 1
 
 
 # The engine names what it checks after its own fields (engine.request_validation, SamplingParams); a wire client
@@ -374,11 +430,6 @@ async def _naming_prompt(index: int, call: Any) -> Any:
         raise RolloutError(e.code, e.message.replace("prompt_token_ids", f"prompts[{index}]")) from None
     except ValueError as e:
         raise ValueError(str(e).replace("prompt_token_ids", f"prompts[{index}]")) from None
-
-
-def _log_send_failure(fut: "asyncio.Future[Any]") -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        logger.warning("front end: a reply could not be sent: %s", fut.exception())
 
 
 class BackgroundFrontEnd:
