@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,6 +30,7 @@ from rollout.frontend_limits import (
     read_bounded,
     request_work,
 )
+from rollout.protocol_fields import naming_prompt, wire_names
 
 logger = logging.getLogger(__name__)
 
@@ -280,9 +279,9 @@ class FrontEnd:
             self._reply(pending, P.error_reply(pending.request_id, ErrorCode.ABORTED,
                                                f"timed out after {self.request_timeout_s} s"))
         except RolloutError as e:
-            self._reply(pending, P.error_reply(pending.request_id, e.code, wire_names(e.message, request)))
+            self._reply(pending, P.error_reply(pending.request_id, e.code, wire_names(e.message, request.op)))
         except ValueError as e:   # engine-side validation (vocabulary, context length) names the field
-            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.BAD_REQUEST, wire_names(str(e), request)))
+            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.BAD_REQUEST, wire_names(str(e), request.op)))
         except Exception as e:
             logger.exception("front end: %s request %r failed", pending.op, pending.request_id)
             self._reply(pending, P.error_reply(pending.request_id, ErrorCode.INTERNAL,
@@ -302,7 +301,7 @@ class FrontEnd:
             if req.prompts is None:
                 groups = [await b.generate(prompts[0], req.params)]
             else:
-                groups = await gather_or_cancel(*(_naming_prompt(i, b.generate(p, req.params))
+                groups = await gather_or_cancel(*(naming_prompt(i, b.generate(p, req.params))
                                                   for i, p in enumerate(prompts)))
             return {"trajectories": [t.to_dict() for group in groups for t in group]}
         if isinstance(req, P.OpenSessionRequest):
@@ -408,79 +407,9 @@ class FrontEnd:
             self.counters["aborted_for_vanished_client"] += 1
 
 
-# The engine names what it checks after its own fields (engine.request_validation, SamplingParams); a wire client
-# sent prompt_ids / new_token_ids / params.*, so error messages are rewritten to the names it knows.
-_TOKEN_FIELD = {"generate": "prompt_ids", "step_session": "new_token_ids",
-                "run_episode": "the environment's token ids (prompt_token_ids)"}
-
-
-def wire_names(message: str, request: P.Request) -> str:
-    message = message.replace("SamplingParams.", "params.")
-    wire = _TOKEN_FIELD.get(request.op)
-    if wire is not None:
-        message = message.replace("prompt_token_ids", wire)
-    return message
-
-
-async def _naming_prompt(index: int, call: Any) -> Any:
-    """One prompt of a batched generate: its errors name ``prompts[index]``."""
-    try:
-        return await call
-    except RolloutError as e:
-        raise RolloutError(e.code, e.message.replace("prompt_token_ids", f"prompts[{index}]")) from None
-    except ValueError as e:
-        raise ValueError(str(e).replace("prompt_token_ids", f"prompts[{index}]")) from None
-
-
-class BackgroundFrontEnd:
-    """A FrontEnd on its own event-loop thread, for synchronous programs, tests and benchmarks.
-
-        with BackgroundFrontEnd(lambda: backend, "tcp://127.0.0.1:*") as fe:
-            client = RolloutClient(fe.address)
-
-    ``make_backend`` runs on the server thread (a backend may bind its loop there).
-    """
-
-    def __init__(self, make_backend: Any, bind: str = DEFAULT_BIND, **frontend_kwargs: Any) -> None:
-        self._make_backend = make_backend
-        self._bind = bind
-        self._kwargs = frontend_kwargs
-        self.loop = asyncio.new_event_loop()
-        self.frontend: Optional[FrontEnd] = None
-        self._ready = threading.Event()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self.loop.run_forever, name="frontend", daemon=True)
-
-    @property
-    def address(self) -> str:
-        assert self.frontend is not None and self.frontend.address is not None
-        return self.frontend.address
-
-    def start(self, timeout_s: float = 30.0) -> "BackgroundFrontEnd":
-        self._thread.start()
-
-        async def boot() -> None:
-            self.frontend = FrontEnd(self._make_backend(), self._bind, **self._kwargs)
-            await self.frontend.start()
-
-        asyncio.run_coroutine_threadsafe(boot(), self.loop).result(timeout_s)
-        return self
-
-    def call(self, coro: Any, timeout_s: Optional[float] = None) -> Any:
-        """Run a coroutine on the server's loop (e.g. a direct backend call) and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.frontend is not None:
-            start = time.monotonic()
-            self.call(self.frontend.shutdown(timeout_s), timeout_s + 10)
-            logger.debug("background front end stopped in %.2f s", time.monotonic() - start)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-    def __enter__(self) -> "BackgroundFrontEnd":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def __getattr__(name: str) -> Any:
+    # BackgroundFrontEnd lives in rollout.background_frontend (which imports FrontEnd from here); loaded on first use.
+    if name == "BackgroundFrontEnd":
+        from rollout.background_frontend import BackgroundFrontEnd
+        return BackgroundFrontEnd
+    raise AttributeError(f"module 'rollout.server' has no attribute {name!r}")
