@@ -202,6 +202,8 @@ def check_envelope_auth(msg: Any, required: bool) -> tuple[bytes, float] | None:
     """``(nonce, ts)`` of a request, or None when both are absent and not ``required``; ProtocolError naming the
     field otherwise. Required on a server with an auth secret (replay protection)."""
     if not isinstance(msg, dict):
+        if required:   # NOTE: a signed body that is not a map must still get its (one) reply
+            raise bad_value("message", "must be a msgpack map", msg)
         return None
     if "nonce" not in msg and "ts" not in msg and not required:
         return None

@@ -325,6 +325,9 @@ def test_replay_guard_forgets_nonces_once_they_would_be_stale():
     assert len(guard) == 1
     with pytest.raises(P.ProtocolError, match="already used"):
         guard.check(b"a" * 16, 1005.0)
+    # A signed body that is not a map still gets an error (the signed fuzz found it crashing the handler, no reply).
+    with pytest.raises(P.ProtocolError, match="message must be a msgpack map"):
+        P.check_envelope_auth([1, 2], required=True)
 
 
 def test_client_with_a_secret_drops_unsigned_and_mismatched_replies_error_replies_included():
