@@ -34,7 +34,7 @@ def _serve_stub(address_queue: "mp.Queue", stop: "mp.Event") -> None:
     from tests.rollout.stub_backend import StubBackend
 
     async def main() -> None:
-        fe = FrontEnd(StubBackend(), "tcp://127.0.0.1:*", max_in_flight=4096)
+        fe = FrontEnd(StubBackend(), "tcp://127.0.0.1:*", max_in_flight=4096, max_in_flight_per_client=4096)
         address_queue.put(await fe.start())
         while not stop.is_set():
             await asyncio.sleep(0.05)

@@ -10,8 +10,9 @@ each with up to ``--concurrency`` requests in flight, drawing from one shared pl
     (``--session-ttl``) so the ones a vanished client abandons are freed by their worker.
 
 Random disconnects: each client, after a random number of requests (mean ``--disconnect-every``), is closed while
-it has requests in flight; its outstanding requests are abandoned client-side (the server still finishes them and
-replies to a peer that is gone) and its open sessions are left to their TTL; a fresh client takes its place.
+it has requests in flight; its outstanding requests are abandoned client-side (the server finishes them until a
+reply to the gone peer fails, then aborts the rest of its work: ``aborted_for_vanished_client``) and its open
+sessions are left to their TTL; a fresh client takes its place.
 
 Checks (the run exits non-zero if one fails):
   1. every request whose client stayed got exactly one terminal reply (counted at the socket, duplicates too);
@@ -97,9 +98,7 @@ def _counting_client_class():
                 if reply is None:
                     continue
                 self.replies[reply.get("id")] += 1
-                fut = self._waiting.get(reply.get("id"))
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
+                self._deliver(reply)
 
         async def close(self) -> None:
             self.closed = True
@@ -269,8 +268,8 @@ def idle_problems(stats: dict) -> list[str]:
                 out.append(f"worker {i}: {key} = {w.get(key)}")
     if stats["backend"].get("sessions", 0) != 0:
         out.append(f"pool: {stats['backend']['sessions']} session affinity entries")
-    if stats["frontend"]["in_flight"] != 1:          # this stats request itself
-        out.append(f"front end: {stats['frontend']['in_flight'] - 1} requests in flight")
+    if stats["frontend"]["in_flight"] != 0:          # besides this stats request (protocol v2 does not count it)
+        out.append(f"front end: {stats['frontend']['in_flight']} requests in flight")
     return out
 
 
@@ -360,6 +359,9 @@ def table(report: dict[str, Any]) -> str:
         ["free KV blocks at the end / total", f"{report['free_blocks']:,} / {report['total_blocks']:,} "
                                               f"(after {report['idle_wait_s']:.1f} s)"],
         ["still held at the end", "; ".join(report["idle_problems"]) or "nothing"],
+        ["front end: replies undeliverable (client gone) / requests aborted for a vanished client",
+         (f"{report['frontend'].get('replies_undeliverable', 0):,} / "
+          f"{report['frontend'].get('aborted_for_vanished_client', 0):,}")],
         ["front end received / replied", f"{report['frontend'].get('received', 0):,} / "
                                          f"{report['frontend'].get('replied', 0):,} (+1: the final stats)"],
         ["worker deaths", report["worker_deaths"]],

@@ -13,7 +13,7 @@ import asyncio
 import enum
 from typing import Any, Awaitable, Optional, Protocol, runtime_checkable
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from rollout.trajectory import Trajectory
 
 

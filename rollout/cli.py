@@ -122,6 +122,13 @@ def _http_tokenizer_and_len(backend, config):
     return AutoTokenizer.from_pretrained(str(path)), min(config.max_model_len or max_pos, max_pos)
 
 
+def _allow_update_weights(args: argparse.Namespace) -> bool | None:
+    """--no-update-weights: off; --allow-update-weights: on; neither: on iff an auth secret is set (FrontEnd)."""
+    if args.no_update_weights:
+        return False
+    return True if args.allow_update_weights else None
+
+
 def _make_backend(args: argparse.Namespace, config):
     if args.local or args.workers == 0:
         from rollout.local import LocalBackend
@@ -146,8 +153,9 @@ async def _serve_async(args: argparse.Namespace, config, secret: bytes | None) -
     loop = asyncio.get_running_loop()
     # NOTE: building a backend blocks (model load, Ray start); keep the loop free for signals meanwhile.
     backend = await loop.run_in_executor(None, _make_backend, args, config)
-    frontend = FrontEnd(backend, args.bind, limits=ProtocolLimits(), allow_update_weights=not args.no_update_weights,
-                        auth_secret=secret, max_in_flight=args.max_in_flight)
+    frontend = FrontEnd(backend, args.bind, limits=ProtocolLimits(), allow_update_weights=_allow_update_weights(args),
+                        auth_secret=secret, max_in_flight=args.max_in_flight,
+                        request_timeout_s=args.request_timeout)
     http = None
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -204,11 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default max(2, workers))")
     srv.add_argument("--num-gpus-per-worker", type=float, default=None,
                      help="CUDA: each worker's share of a GPU (< 1 shares it, e.g. with a colocated trainer)")
-    srv.add_argument("--no-update-weights", action="store_true", help="answer update_weights with 'disabled'")
+    upd = srv.add_mutually_exclusive_group()
+    upd.add_argument("--no-update-weights", action="store_true", help="answer update_weights with 'disabled'")
+    upd.add_argument("--allow-update-weights", action="store_true",
+                     help="serve update_weights without an auth secret (by default it is on only with "
+                          "--auth-secret-file: without one any local user could reach the socket)")
     srv.add_argument("--host-kv-cache-gb", type=float, default=0.0, help="pinned host pool for idle sessions' KV")
     srv.add_argument("--auth-secret-file", default=None,
                      help="file holding the shared HMAC secret (>= 16 bytes); every message must be signed")
     srv.add_argument("--max-in-flight", type=int, default=1024)
+    srv.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                     help="cancel a request (not health / update_weights) after this long; it is answered 'aborted' "
+                          "(default: no timeout)")
     srv.add_argument("--http", default=None, metavar="HOST:PORT",
                      help="also serve the OpenAI-compatible HTTP API (docs/openai.md) over the same backend, next to "
                           "ZeroMQ; a non-loopback host needs --api-key or --api-key-file")

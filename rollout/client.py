@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import zmq
 import zmq.asyncio
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from rollout import protocol as P
 from rollout.backend import ErrorCode, RolloutError
 from rollout.trajectory import Trajectory
@@ -26,7 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 class _Codec:
-    """Framing shared by both clients: [b"", body(, mac)] out, the same back."""
+    """Framing shared by both clients: [b"", body(, mac)] out, the same back.
+
+    Every request carries a fresh random ``nonce`` and its send time ``ts`` (protocol version 2); the server
+    echoes the nonce, and a reply is only taken as the answer to a request whose nonce it carries. With a
+    secret, a reply must be signed (error replies included) and carry the nonce: anything else is dropped.
+    """
 
     def __init__(self, auth_secret: Optional[bytes], max_reply_bytes: int) -> None:
         self.auth_secret = auth_secret
@@ -36,12 +41,14 @@ class _Codec:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def encode(self, request: P.Request, request_id: P.RequestId) -> list[bytes]:
-        body = P.pack(request.to_wire(request_id))
+    def encode(self, request: P.Request, request_id: P.RequestId) -> tuple[list[bytes], bytes]:
+        """The frames to send and the request's nonce (the reply must echo it)."""
+        nonce = P.new_nonce()
+        body = P.pack(request.to_wire(request_id, nonce=nonce))
         frames = [b"", body]
         if self.auth_secret is not None:
             frames.append(P.sign(self.auth_secret, body))
-        return frames
+        return frames, nonce
 
     def decode(self, frames: list[bytes]) -> Optional[dict[str, Any]]:
         """A reply map, or None for anything that is not a well-formed (and, with a secret, signed) reply."""
@@ -50,8 +57,9 @@ class _Codec:
         if not frames or len(frames[0]) > self.max_reply_bytes:
             return None
         body = frames[0]
-        if self.auth_secret is not None and len(frames) == 2 and not P.verify(self.auth_secret, body, frames[1]):
-            logger.warning("dropping a reply with a bad HMAC")
+        if self.auth_secret is not None and (len(frames) != 2 or not P.verify(self.auth_secret, body, frames[1])):
+            # NOTE: error replies too: an unsigned "error" could come from anyone able to reach our socket.
+            logger.warning("dropping a reply that is not signed with our secret")
             return None
         try:
             reply = P.unpack(body, P.ProtocolLimits(max_message_bytes=self.max_reply_bytes))
@@ -59,9 +67,21 @@ class _Codec:
             return None
         if not isinstance(reply, dict) or reply.get("v") != P.PROTOCOL_VERSION or "ok" not in reply:
             return None
-        if self.auth_secret is not None and len(frames) != 2 and reply.get("ok") is not False:
-            return None    # an unsigned ok reply is not from a server holding our secret
+        if self.auth_secret is not None and not isinstance(reply.get("nonce"), bytes):
+            return None    # a signed reply always echoes the request's nonce
         return reply
+
+    @staticmethod
+    def answers(reply: dict[str, Any], request_id: P.RequestId, nonce: bytes, sole: bool) -> bool:
+        """Is ``reply`` the answer to the request (``request_id``, ``nonce``)? A reply that carries a nonce must
+        carry this one (and this id, or nil when the server could not read it); one without (the server could
+        not read the message at all) is taken by id, or when nil and an error, by the ``sole`` request pending."""
+        got = reply.get("nonce")
+        if got is not None:
+            return got == nonce and reply.get("id") in (request_id, None)
+        if reply.get("id") is None:
+            return sole and reply.get("ok") is False
+        return reply.get("id") == request_id
 
 
 def _result(reply: dict[str, Any]) -> Any:
@@ -108,7 +128,8 @@ class RolloutClient:
     def request(self, request: P.Request, timeout_s: Optional[float] = None) -> Any:
         """Send one typed request and return its ``result`` (raises RolloutError / TimeoutError)."""
         request_id = self._codec.next_id()
-        self._sock.send_multipart(self._codec.encode(request, request_id))
+        frames, nonce = self._codec.encode(request, request_id)
+        self._sock.send_multipart(frames)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -116,13 +137,9 @@ class RolloutClient:
                 raise TimeoutError(f"no reply to {request.op} (id {request_id}) from {self.address} "
                                    f"within {timeout_s or self.timeout_s} s")
             reply = self._codec.decode(self._sock.recv_multipart())
-            if reply is None:
-                continue
-            if reply.get("id") == request_id:
+            if reply is not None and self._codec.answers(reply, request_id, nonce, sole=True):
                 return _result(reply)
-            if reply.get("id") is None and reply.get("ok") is False:
-                return _result(reply)   # the server could not read our id; ours is the only one pending
-            # else: a late reply to an earlier request that timed out
+            # else: not ours (a late reply to an earlier request that timed out, or not signed by our server)
 
     # ------------------------------------------------------------------ ops
     def generate(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> list[Trajectory]:
@@ -182,14 +199,14 @@ class AsyncRolloutClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.connect(address)
-        self._waiting: dict[P.RequestId, asyncio.Future] = {}
+        self._waiting: dict[P.RequestId, tuple[asyncio.Future, bytes]] = {}   # id -> (future, nonce)
         self._reader: Optional[asyncio.Task] = None
 
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        for fut in self._waiting.values():
+        for fut, _ in self._waiting.values():
             if not fut.done():
                 fut.set_exception(RolloutError(ErrorCode.UNAVAILABLE, "client closed"))
         self._sock.close(0)
@@ -203,13 +220,19 @@ class AsyncRolloutClient:
     async def _read(self) -> None:
         while True:
             reply = self._codec.decode(await self._sock.recv_multipart())
-            if reply is None:
-                continue
-            fut = self._waiting.get(reply.get("id"))
-            if fut is None and reply.get("id") is None and len(self._waiting) == 1:
-                fut = next(iter(self._waiting.values()))   # unreadable request; only one could be ours
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+            if reply is not None:
+                self._deliver(reply)
+
+    def _deliver(self, reply: dict[str, Any]) -> None:
+        """Hand a decoded reply to the request it answers (by id, or by nonce when the id is nil); drop it else."""
+        rid = reply.get("id")
+        if rid is None and isinstance(reply.get("nonce"), bytes):
+            rid = next((i for i, (_, n) in self._waiting.items() if n == reply["nonce"]), None)
+        elif rid is None and len(self._waiting) == 1:
+            rid = next(iter(self._waiting))        # an unreadable request: only one could be ours
+        entry = self._waiting.get(rid)
+        if entry is not None and not entry[0].done() and self._codec.answers(reply, rid, entry[1], sole=True):
+            entry[0].set_result(reply)
 
     async def request(self, request: P.Request, *, request_id: Optional[P.RequestId] = None,
                       timeout_s: Optional[float] = None) -> Any:
@@ -220,9 +243,10 @@ class AsyncRolloutClient:
         if request_id in self._waiting:
             raise ValueError(f"request id {request_id!r} is already in flight on this client")
         fut = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = fut
+        frames, nonce = self._codec.encode(request, request_id)
+        self._waiting[request_id] = (fut, nonce)
         try:
-            await self._sock.send_multipart(self._codec.encode(request, request_id))
+            await self._sock.send_multipart(frames)
             limit = self.timeout_s if timeout_s is None else timeout_s
             try:
                 reply = await asyncio.wait_for(fut, limit)

@@ -370,7 +370,7 @@ class EngineLoop:
             whole = record.trajectory = Trajectory(prompt_ids=list(new_tokens), session_id=session_id)
         else:
             whole.add_env_tokens(list(new_tokens))
-        whole.add_model_tokens(c.token_ids, c.logprobs, c.versions)
+        whole.add_model_tokens(c.token_ids, c.logprobs, c.versions, c.top_logprobs)
         whole.turns += 1
         whole.finish_reason = c.finish_reason
         for key, value in _metrics(c).items():

@@ -1,8 +1,11 @@
 """The ZeroMQ wire format: one msgpack map per message, typed and strictly validated (docs/protocol.md).
 
-Request  ``{"v": 1, "id": <str|int>, "op": <name>, ...op fields}``
-Reply    ``{"v": 1, "id": <echoed|nil>, "ok": true, "result": {...}}``
-         ``{"v": 1, "id": <echoed|nil>, "ok": false, "error": {"code": <ErrorCode>, "message": str}}``
+Request  ``{"v": 2, "id": <str|int>, "op": <name>, "ts": <unix s>, "nonce": <bin>, ...op fields}``
+Reply    ``{"v": 2, "id": <echoed|nil>, "nonce": <echoed>, "ok": true, "result": {...}}``
+         ``{"v": 2, "id": <echoed|nil>, "nonce": <echoed>, "ok": false, "error": {"code": <ErrorCode>, "message": str}}``
+
+``ts`` and ``nonce`` are required when the server has an auth secret (they are inside the signed body, so a
+captured message cannot be resent: ``ReplayGuard``) and optional otherwise; a reply echoes the request's nonce.
 
 Decoding never evaluates anything (msgpack only, no pickle, no ext types) and every length is capped
 *before* allocation (``msgpack.unpackb`` ``max_*_len``). A bad message raises ``ProtocolError`` whose
@@ -15,21 +18,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import hmac
+import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
 import msgpack
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.protocol_fields import (Parser, ProtocolError, ProtocolLimits, RequestId, bad_value, is_int, p_choice,
                                      p_kwargs, p_name, p_new_token_ids, p_optional_name, p_optional_version, p_params,
                                      p_positive_number, p_request_id, p_stream, p_token_ids, p_turns, params_to_wire,
                                      short_repr, too_large)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2                # 2: ts + nonce in the envelope, replies echo the nonce (issue 18)
 MAC_BYTES = 32                      # HMAC-SHA256 digest, the last frame of a signed message
+NONCE_BYTES = (8, 64)               # accepted nonce sizes; the Python clients send 16 random bytes
 _REQUIRED = dataclasses.MISSING
 
 
@@ -43,8 +51,12 @@ class Request:
 
     op: ClassVar[str] = ""
 
-    def to_wire(self, request_id: RequestId) -> dict[str, Any]:
+    def to_wire(self, request_id: RequestId, *, nonce: bytes | None = None,
+                ts: float | None = None) -> dict[str, Any]:
         msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": self.op}
+        if nonce is not None:
+            msg["nonce"] = nonce
+            msg["ts"] = time.time() if ts is None else ts
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.default is _REQUIRED or value != f.default:
@@ -112,8 +124,7 @@ class RunEpisodeRequest(Request):
 @dataclass(frozen=True)
 class AbortRequest(Request):
     op: ClassVar[str] = "abort"
-    # The "id" of an in-flight request sent on this same connection, or a backend request id
-    # (Trajectory.request_id) as a str.
+    # The "id" of an in-flight request sent on this same connection (ZeroMQ routing id); nothing else is reachable.
     request_id: RequestId = _field(p_request_id)
 
 
@@ -144,7 +155,7 @@ class HealthRequest(Request):
 REQUEST_TYPES: dict[str, type[Request]] = {cls.op: cls for cls in (
     GenerateRequest, OpenSessionRequest, StepSessionRequest, CloseSessionRequest, RunEpisodeRequest,
     AbortRequest, UpdateWeightsRequest, StatsRequest, HealthRequest)}
-_ENVELOPE = ("v", "id", "op")
+_ENVELOPE = ("v", "id", "op", "ts", "nonce")
 
 
 # ------------------------------------------------------------------ bytes <-> messages
@@ -154,7 +165,9 @@ def unpack(body: bytes, limits: ProtocolLimits) -> Any:
         raise too_large("message", f"has {len(body)} bytes; the limit is {limits.max_message_bytes}")
     n = len(body)
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+        # NOTE: strict_map_key=False so that a message with a non-str key still yields its id for the error
+        # reply; decode_request refuses non-str keys at the top level, p_params / p_kwargs below it.
+        return msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True,
                                max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
                                max_ext_len=0, ext_hook=_refuse_ext)
     except Exception as e:   # ExtraData, FormatError, StackError, UnicodeDecodeError, ValueError, ...
@@ -170,6 +183,73 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+def peek_nonce(msg: Any) -> bytes | None:
+    """The request's nonce if it has a well-formed one (echoed in the reply, even an error reply), else None."""
+    if isinstance(msg, dict):
+        nonce = msg.get("nonce")
+        if isinstance(nonce, bytes) and NONCE_BYTES[0] <= len(nonce) <= NONCE_BYTES[1]:
+            return nonce
+    return None
+
+
+def new_nonce() -> bytes:
+    return os.urandom(16)
+
+
+def check_envelope_auth(msg: Any, required: bool) -> tuple[bytes, float] | None:
+    """``(nonce, ts)`` of a request, or None when both are absent and not ``required``; ProtocolError naming the
+    field otherwise. Required on a server with an auth secret (replay protection)."""
+    if not isinstance(msg, dict):
+        if required:   # NOTE: a signed body that is not a map must still get its (one) reply
+            raise bad_value("message", "must be a msgpack map", msg)
+        return None
+    if "nonce" not in msg and "ts" not in msg and not required:
+        return None
+    nonce, ts = msg.get("nonce"), msg.get("ts")
+    if not isinstance(nonce, bytes) or not NONCE_BYTES[0] <= len(nonce) <= NONCE_BYTES[1]:
+        why = "is required on a server with an auth secret (replay protection); " if required and nonce is None else ""
+        raise bad_value("nonce", f"{why}must be bin of {NONCE_BYTES[0]}..{NONCE_BYTES[1]} bytes, unique per message",
+                        nonce)
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        raise bad_value("ts", "is required with nonce and must be a number: the send time in Unix seconds", ts)
+    return nonce, float(ts)
+
+
+class ReplayGuard:
+    """Refuses a signed message seen before (its nonce) or sent outside ``window_s`` of the server's clock.
+
+    A nonce is remembered until its message would be stale anyway (``ts + window_s``), so memory is bounded by
+    the messages of one window, and capped at ``max_nonces`` (past it new messages get ``unavailable``)."""
+
+    def __init__(self, window_s: float = 30.0, max_nonces: int = 1 << 19,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not window_s > 0 or max_nonces < 1:
+            raise ValueError(f"ReplayGuard needs window_s > 0 and max_nonces >= 1, got {window_s!r}, {max_nonces!r}")
+        self.window_s = window_s
+        self.max_nonces = max_nonces
+        self.clock = clock
+        self._seen: set[bytes] = set()
+        self._expiry: list[tuple[float, bytes]] = []     # heap of (ts + window_s, nonce)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, nonce: bytes, ts: float) -> None:
+        now = self.clock()
+        while self._expiry and self._expiry[0][0] < now:
+            self._seen.discard(heapq.heappop(self._expiry)[1])
+        if abs(now - ts) > self.window_s:
+            raise bad_value("ts", f"is stale: {now - ts:+.1f} s from the server's clock; the window is "
+                                  f"±{self.window_s:g} s (check the client's clock)", ts)
+        if nonce in self._seen:
+            raise bad_value("nonce", "was already used: a replayed message is refused")
+        if len(self._seen) >= self.max_nonces:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, f"{len(self._seen)} messages in the last "
+                                                       f"{self.window_s:g} s (the replay cache is full); retry later")
+        self._seen.add(nonce)
+        heapq.heappush(self._expiry, (ts + self.window_s, nonce))
 
 
 def peek_id(msg: Any, limits: Optional[ProtocolLimits] = None) -> Optional[RequestId]:
@@ -188,10 +268,16 @@ def decode_request(msg: Any, limits: ProtocolLimits) -> tuple[RequestId, Request
         raise bad_value("message", "must be a msgpack map", msg)
     request_id = peek_id(msg, limits)
     try:
+        bad_key = next((k for k in msg if not isinstance(k, str)), None)
+        if bad_key is not None:
+            raise bad_value("message", "keys must be str", bad_key)
         if "v" not in msg:
-            raise bad_value("v", "is required (protocol version 1)")
+            raise bad_value("v", f"is required (protocol version {PROTOCOL_VERSION})")
         if msg["v"] != PROTOCOL_VERSION or not is_int(msg["v"]):
-            raise bad_value("v", f"must be {PROTOCOL_VERSION}", msg["v"])
+            old = " (version 1 is no longer served: version 2 adds ts and nonce, see docs/protocol.md)" \
+                if msg["v"] == 1 and is_int(msg["v"]) else ""
+            raise bad_value("v", f"must be {PROTOCOL_VERSION}{old}", msg["v"])
+        check_envelope_auth(msg, required=False)
         if "id" not in msg:
             raise bad_value("id", "is required (a str or an int, echoed in the reply)")
         p_request_id(msg["id"], "id", limits)
@@ -229,13 +315,20 @@ def _check_generate(req: GenerateRequest, limits: ProtocolLimits) -> None:
         raise too_large("prompts", f"have {total} tokens in all; the limit is {limits.max_request_tokens}")
 
 
-def ok_reply(request_id: Optional[RequestId], result: Any) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+def ok_reply(request_id: Optional[RequestId], result: Any, nonce: bytes | None = None) -> dict[str, Any]:
+    reply = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+    if nonce is not None:
+        reply["nonce"] = nonce
+    return reply
 
 
-def error_reply(request_id: Optional[RequestId], code: ErrorCode, message: str) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
-            "error": {"code": ErrorCode(code).value, "message": message}}
+def error_reply(request_id: Optional[RequestId], code: ErrorCode, message: str,
+                nonce: bytes | None = None) -> dict[str, Any]:
+    reply = {"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
+             "error": {"code": ErrorCode(code).value, "message": message}}
+    if nonce is not None:
+        reply["nonce"] = nonce
+    return reply
 
 
 def reply_error(reply: dict[str, Any]) -> Optional[RolloutError]:

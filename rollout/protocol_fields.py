@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from engine.sampling import SamplingParams
-from rollout.backend import ErrorCode
+from engine.sampling_params import SamplingParams
+from rollout.backend import ErrorCode, RolloutError
 
 RequestId = Union[str, int]
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -206,6 +206,9 @@ _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 def p_params(v: Any, path: str, limits: ProtocolLimits) -> SamplingParams:
     if not isinstance(v, dict):
         raise bad_value(path, "must be a map of SamplingParams fields", v)
+    bad_key = next((k for k in v if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise bad_value(path, "keys must be str", bad_key)
     unknown = sorted(str(k) for k in v if k not in _PARAM_FIELDS)
     if unknown:
         raise bad_value(path, f"has unknown fields {unknown}; known: {list(_PARAM_FIELDS)}")
@@ -252,3 +255,28 @@ def params_to_wire(params: SamplingParams) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ requests
+
+
+# ------------------------------------------------------------------ engine errors in wire terms
+# The engine names what it checks after its own fields (engine.request_validation, SamplingParams); a wire client
+# sent prompt_ids / new_token_ids / params.*, so error messages are rewritten to the names it knows.
+_TOKEN_FIELD = {"generate": "prompt_ids", "step_session": "new_token_ids",
+                "run_episode": "the environment's token ids (prompt_token_ids)"}
+
+
+def wire_names(message: str, op: str) -> str:
+    message = message.replace("SamplingParams.", "params.")
+    wire = _TOKEN_FIELD.get(op)
+    if wire is not None:
+        message = message.replace("prompt_token_ids", wire)
+    return message
+
+
+async def naming_prompt(index: int, call: Any) -> Any:
+    """One prompt of a batched generate: its errors name ``prompts[index]``."""
+    try:
+        return await call
+    except RolloutError as e:
+        raise RolloutError(e.code, e.message.replace("prompt_token_ids", f"prompts[{index}]")) from None
+    except ValueError as e:
+        raise ValueError(str(e).replace("prompt_token_ids", f"prompts[{index}]")) from None

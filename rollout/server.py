@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -25,12 +23,21 @@ import zmq.asyncio
 
 from rollout import protocol as P
 from rollout.backend import ErrorCode, RolloutBackend, RolloutError, gather_or_cancel
+from rollout.frontend_limits import (
+    Admission,
+    AdmissionLimits,
+    BoundedMessage,
+    read_bounded,
+    request_work,
+)
+from rollout.protocol_fields import naming_prompt, wire_names
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 MIN_SECRET_BYTES = 16
 SEND_HWM = 10_000      # replies queued per peer before ZMQ drops (a client that never reads)
+MAX_FRAMES = 3         # after the routing id: [empty delimiter,] body[, HMAC]
 
 
 def is_loopback(address: str) -> bool:
@@ -57,6 +64,8 @@ class _Pending:
     delimiter: bool                    # the client sent an empty frame before the body; mirror it
     request_id: P.RequestId
     op: str
+    nonce: bytes | None = None      # the request's nonce, echoed in its reply
+    work: int | None = None            # tokens admitted (frontend_limits.request_work); None: not counted (health)
     task: Optional[asyncio.Task] = None
     cancel_code: ErrorCode = ErrorCode.UNAVAILABLE   # reply code if the task gets cancelled
     replied: bool = False
@@ -67,31 +76,45 @@ class FrontEnd:
 
     ``auth_secret``: when set, every message carries an HMAC-SHA256 of its body as a last frame and
     replies are signed the same way; required to bind anything but loopback.
+    ``allow_update_weights``: ``None`` (the default) = on iff ``auth_secret`` is set. Without a secret any local
+    user who can reach a loopback port or an ``ipc://`` path could make the server load weights, so
+    ``update_weights`` over the wire needs an explicit ``True`` there (``rollout serve --allow-update-weights``).
     ``max_in_flight``: requests served at once; past it new ones get ``unavailable`` (health excepted).
+    ``max_in_flight_tokens``, ``max_in_flight_per_client``, ``max_tokens_per_client``: the same in work (prompt
+    tokens + n x max_tokens) and per connection (``rollout.frontend_limits.AdmissionLimits``).
+    A client that vanished is noticed when a reply to it cannot be delivered (``ROUTER_MANDATORY``): its other
+    requests are then cancelled (the backend aborts them and frees their KV).
     ``request_timeout_s``: backend calls taking longer are cancelled and answered ``aborted``.
+    ``replay_window_s``: with a secret, a message whose ``ts`` is further than this from the server's clock is
+    refused as stale, and one whose ``nonce`` was seen within it as replayed (``rollout.protocol.ReplayGuard``).
     """
 
     def __init__(self, backend: RolloutBackend, bind: str = DEFAULT_BIND, *,
-                 limits: P.ProtocolLimits = P.ProtocolLimits(), allow_update_weights: bool = True,
+                 limits: P.ProtocolLimits = P.ProtocolLimits(), allow_update_weights: bool | None = None,
                  auth_secret: Optional[bytes] = None, max_in_flight: int = 1024,
-                 request_timeout_s: Optional[float] = None) -> None:
+                 request_timeout_s: float | None = None, replay_window_s: float = 30.0,
+                 max_in_flight_tokens: int = AdmissionLimits.max_in_flight_tokens,
+                 max_in_flight_per_client: int = AdmissionLimits.max_in_flight_per_client,
+                 max_tokens_per_client: int = AdmissionLimits.max_tokens_per_client) -> None:
         if auth_secret is not None and (not isinstance(auth_secret, bytes) or len(auth_secret) < MIN_SECRET_BYTES):
             raise ValueError(f"auth_secret must be bytes of length >= {MIN_SECRET_BYTES}")
         if not is_loopback(bind) and auth_secret is None:
             raise ValueError(f"refusing to bind {bind!r}: not a loopback address and no auth_secret is set "
                              "(anyone who can reach it could drive the engines)")
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        self._admission = Admission(AdmissionLimits(max_in_flight, max_in_flight_tokens, max_in_flight_per_client,
+                                                    max_tokens_per_client))
         self.backend = backend
         self.bind = bind
         self.limits = limits
-        self.allow_update_weights = allow_update_weights
+        self.allow_update_weights = auth_secret is not None if allow_update_weights is None else allow_update_weights
         self.auth_secret = auth_secret
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
+        self._replay = P.ReplayGuard(replay_window_s) if auth_secret is not None else None
         self.address: Optional[str] = None          # the bound endpoint (a '*' port resolved)
         self._ctx: Optional[zmq.asyncio.Context] = None
         self._sock: Optional[zmq.asyncio.Socket] = None
+        self._sync: Optional[zmq.Socket] = None      # a synchronous shadow of _sock (same thread only)
         self._recv_task: Optional[asyncio.Task] = None
         self._pending: dict[tuple[bytes, P.RequestId], _Pending] = {}
         self._accepting = False
@@ -105,6 +128,11 @@ class FrontEnd:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.hard_max_message_bytes)
+        # NOTE: abort reaches only the requests of the sender's own routing id; with handover off (the default,
+        # set here on purpose) a peer that claims the ROUTING_ID of a connected one is refused by ZeroMQ.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        # A reply to a peer that is gone raises EHOSTUNREACH instead of vanishing: its other work is then cancelled.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(self.bind)
         except zmq.ZMQError:
@@ -112,6 +140,7 @@ class FrontEnd:
             self._ctx.term()
             raise
         self._sock = sock
+        self._sync = zmq.Socket.shadow(sock.underlying)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._accepting = True
         self._idle.set()
@@ -143,7 +172,7 @@ class FrontEnd:
         await asyncio.gather(self._recv_task, return_exceptions=True)
         self._sock.close(linger=1000)
         self._ctx.term()
-        self._sock = self._ctx = None
+        self._sock = self._ctx = self._sync = None
         logger.info("front end closed (%s)", dict(self.counters))
 
     async def __aenter__(self) -> "FrontEnd":
@@ -159,13 +188,24 @@ class FrontEnd:
 
     # ------------------------------------------------------------------ receive
     async def _receive_loop(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._sync is not None
+        max_bytes = self.limits.hard_max_message_bytes + P.MAC_BYTES
         while True:
-            frames = await self._sock.recv_multipart(copy=True)
+            msg = await read_bounded(self._sock, self._sync, MAX_FRAMES, max_bytes)
             try:
-                self._on_message(frames)
+                if msg.over is None:
+                    self._on_message(msg.frames)
+                else:
+                    self._on_oversize(msg)
             except Exception:   # never let one message end the loop
                 logger.exception("front end: unexpected error on a message")
+
+    def _on_oversize(self, msg: BoundedMessage) -> None:
+        """A message past MAX_FRAMES or the byte cap: its frames were dropped as they were read; one reply."""
+        self.counters["received"] += 1
+        self._send_error(msg.frames[0], msg.delimiter, None, msg.over_code,
+                         f"message {msg.over} ({msg.num_frames} frames, {msg.num_bytes} bytes): refused unread",
+                         sign=False)
 
     def _on_message(self, frames: list[bytes]) -> None:
         self.counters["received"] += 1
@@ -185,28 +225,39 @@ class FrontEnd:
             self._send_error(peer, delimiter, None, ErrorCode.BAD_REQUEST, "unauthenticated: bad or missing HMAC",
                              sign=False)
             return
-        request_id = None
+        request_id = nonce = None
         try:
             msg = P.unpack(body, self.limits)
-            request_id = P.peek_id(msg, self.limits)
+            request_id, nonce = P.peek_id(msg, self.limits), P.peek_nonce(msg)
+            if self._replay is not None:
+                # NOTE: before the request is parsed, so a signed message is used up even when it is malformed.
+                self._replay.check(*P.check_envelope_auth(msg, required=True))
             request_id, request = P.decode_request(msg, self.limits)
         except P.ProtocolError as e:
             self._send_error(peer, delimiter, e.request_id if e.request_id is not None else request_id,
-                             e.code, e.message)
+                             e.code, e.message, nonce=nonce)
             return
         key = (peer, request_id)
         if key in self._pending:
-            self._send_error(peer, delimiter, request_id, ErrorCode.BAD_REQUEST,
-                             f"id {request_id!r} is already in flight on this connection")
+            # NOTE: id nil, so that this refusal can never be taken for the first request's reply (which follows).
+            self._send_error(peer, delimiter, None, ErrorCode.BAD_REQUEST,
+                             f"id {request_id!r} is already in flight on this connection: this message is refused "
+                             f"(this reply has id nil); the first request with that id keeps its own reply",
+                             nonce=nonce)
             return
-        if not self._accepting:
-            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE, "the server is shutting down")
+        if not self._accepting and request.op != "health":   # health still answers (accepting: false)
+            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE, "the server is shutting down",
+                             nonce=nonce)
             return
-        if len(self._pending) >= self.max_in_flight and request.op != "health":
-            self._send_error(peer, delimiter, request_id, ErrorCode.UNAVAILABLE,
-                             f"{len(self._pending)} requests in flight (max_in_flight {self.max_in_flight}); retry later")
-            return
-        pending = _Pending(peer, delimiter, request_id, request.op)
+        work = None
+        if request.op != "health":
+            work = request_work(request)
+            refusal = self._admission.refusal(peer, work)
+            if refusal is not None:
+                self._send_error(peer, delimiter, request_id, *refusal, nonce=nonce)
+                return
+            self._admission.admit(peer, work)
+        pending = _Pending(peer, delimiter, request_id, request.op, nonce, work)
         self._pending[key] = pending
         self._idle.clear()
         pending.task = asyncio.create_task(self._serve(pending, request))
@@ -228,9 +279,9 @@ class FrontEnd:
             self._reply(pending, P.error_reply(pending.request_id, ErrorCode.ABORTED,
                                                f"timed out after {self.request_timeout_s} s"))
         except RolloutError as e:
-            self._reply(pending, P.error_reply(pending.request_id, e.code, e.message))
+            self._reply(pending, P.error_reply(pending.request_id, e.code, wire_names(e.message, request.op)))
         except ValueError as e:   # engine-side validation (vocabulary, context length) names the field
-            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.BAD_REQUEST, str(e)))
+            self._reply(pending, P.error_reply(pending.request_id, ErrorCode.BAD_REQUEST, wire_names(str(e), request.op)))
         except Exception as e:
             logger.exception("front end: %s request %r failed", pending.op, pending.request_id)
             self._reply(pending, P.error_reply(pending.request_id, ErrorCode.INTERNAL,
@@ -238,7 +289,8 @@ class FrontEnd:
         finally:
             if not pending.replied:   # belt and braces: the invariant is one reply per request
                 self._reply(pending, P.error_reply(pending.request_id, ErrorCode.INTERNAL, "no reply produced"))
-            self._pending.pop((pending.peer, pending.request_id), None)
+            if self._pending.pop((pending.peer, pending.request_id), None) is not None and pending.work is not None:
+                self._admission.release(pending.peer, pending.work)
             if not self._pending:
                 self._idle.set()
 
@@ -246,7 +298,11 @@ class FrontEnd:
         b = self.backend
         if isinstance(req, P.GenerateRequest):
             prompts = req.all_prompts()
-            groups = await gather_or_cancel(*(b.generate(p, req.params) for p in prompts))
+            if req.prompts is None:
+                groups = [await b.generate(prompts[0], req.params)]
+            else:
+                groups = await gather_or_cancel(*(naming_prompt(i, b.generate(p, req.params))
+                                                  for i, p in enumerate(prompts)))
             return {"trajectories": [t.to_dict() for group in groups for t in group]}
         if isinstance(req, P.OpenSessionRequest):
             return {"session_id": await b.open_session(req.session_id, req.ttl_s)}
@@ -262,46 +318,58 @@ class FrontEnd:
             return {"found": await self._abort(pending.peer, req.request_id)}
         if isinstance(req, P.UpdateWeightsRequest):
             if not self.allow_update_weights:
-                raise RolloutError(ErrorCode.DISABLED, "update_weights is switched off on this server")
+                raise RolloutError(ErrorCode.DISABLED, self._update_weights_off_reason())
             return await b.update_weights(req.loader, req.loader_kwargs, req.version, req.mode, req.kv)
         if isinstance(req, P.StatsRequest):
             return {"backend": await b.stats(), "frontend": self._frontend_stats()}
         if isinstance(req, P.HealthRequest):
             health = dict(await b.health())
-            health["frontend"] = {"accepting": self._accepting, "in_flight": len(self._pending)}
+            health["frontend"] = {"accepting": self._accepting, "in_flight": len(self._pending) - 1}   # not itself
             return health
         raise RolloutError(ErrorCode.UNKNOWN_OPERATION, f"op {req.op!r} has no handler")
 
     async def _abort(self, peer: bytes, target: P.RequestId) -> bool:
-        """A request of this connection by its wire id (its task is cancelled: it gets ``aborted``,
-        and the backend call sees CancelledError), else a backend request id."""
+        """A request of this connection by its wire id: its task is cancelled (it gets ``aborted``, after this
+        abort's own reply, and the backend call sees CancelledError). Nothing else: another connection's
+        requests and backend request ids (``Trajectory.request_id``, guessable) are out of reach."""
         pending = self._pending.get((peer, target))
         if pending is not None and pending.task is not None and pending.op != "abort":
             pending.cancel_code = ErrorCode.ABORTED
             pending.task.cancel()
             return True
-        return bool(await self.backend.abort(str(target)))
+        return False
+
+    def _update_weights_off_reason(self) -> str:
+        if self.auth_secret is None:
+            return ("update_weights is off on this server: it has no auth secret, so any local user could reach it; "
+                    "start it with --auth-secret-file or --allow-update-weights (docs/protocol.md, Security)")
+        return "update_weights is switched off on this server (--no-update-weights)"
 
     def _frontend_stats(self) -> dict[str, Any]:
-        return {"in_flight": len(self._pending), "accepting": self._accepting, **self.counters}
+        # in_flight: the requests being served besides the stats request that asks
+        return {"in_flight": len(self._pending) - 1, "in_flight_tokens": self._admission.work,
+                "accepting": self._accepting, **self.counters}
 
     # ------------------------------------------------------------------ send
     def _reply(self, pending: _Pending, reply: dict[str, Any]) -> None:
         if pending.replied:
             return
         pending.replied = True
+        if pending.nonce is not None:
+            reply["nonce"] = pending.nonce
         try:
             body = P.pack(reply)
         except Exception as e:   # a backend result msgpack cannot carry
             logger.exception("front end: cannot encode the reply to %r", pending.request_id)
-            reply = P.error_reply(pending.request_id, ErrorCode.INTERNAL, f"unencodable result: {type(e).__name__}")
+            reply = P.error_reply(pending.request_id, ErrorCode.INTERNAL, f"unencodable result: {type(e).__name__}",
+                                  pending.nonce)
             body = P.pack(reply)
         self._count(reply)
         self._send(pending.peer, pending.delimiter, body, sign=True)
 
     def _send_error(self, peer: bytes, delimiter: bool, request_id: Optional[P.RequestId], code: ErrorCode,
-                    message: str, *, sign: bool = True) -> None:
-        reply = P.error_reply(request_id, code, message)
+                    message: str, *, sign: bool = True, nonce: bytes | None = None) -> None:
+        reply = P.error_reply(request_id, code, message, nonce)
         self._count(reply)
         self._send(peer, delimiter, P.pack(reply), sign=sign)
 
@@ -315,64 +383,33 @@ class FrontEnd:
         frames = [peer, b"", body] if delimiter else [peer, body]
         if sign and self.auth_secret is not None:
             frames.append(P.sign(self.auth_secret, body))
-        fut = self._sock.send_multipart(frames, copy=len(body) < 65536)
-        fut.add_done_callback(_log_send_failure)
+        # NOTE: NOBLOCK, so the returned future is already done (pyzmq tries the send at once).
+        fut = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(body) < 65536)
+        error = fut.exception()
+        if isinstance(error, zmq.Again):                     # the peer's queue is full (SEND_HWM): dropped
+            self.counters["replies_dropped"] += 1
+        elif isinstance(error, zmq.ZMQError) and error.errno == zmq.EHOSTUNREACH:
+            self.counters["replies_undeliverable"] += 1
+            self._peer_gone(peer)
+        elif error is not None:
+            logger.warning("front end: a reply could not be sent: %s", error)
+
+    def _peer_gone(self, peer: bytes) -> None:
+        """A reply to ``peer`` could not be delivered (it disconnected): no later reply can be, so its requests
+        still running are cancelled (aborted at the backend, their KV freed)."""
+        doomed = [p for p in self._pending.values() if p.peer == peer and not p.replied and p.task is not None
+                  and p.cancel_code is not ErrorCode.ABORTED]      # not those already being cancelled
+        if doomed:
+            logger.info("front end: a client went away; aborting its %d requests in flight", len(doomed))
+        for p in doomed:
+            p.cancel_code = ErrorCode.ABORTED
+            p.task.cancel()
+            self.counters["aborted_for_vanished_client"] += 1
 
 
-def _log_send_failure(fut: "asyncio.Future[Any]") -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        logger.warning("front end: a reply could not be sent: %s", fut.exception())
-
-
-class BackgroundFrontEnd:
-    """A FrontEnd on its own event-loop thread, for synchronous programs, tests and benchmarks.
-
-        with BackgroundFrontEnd(lambda: backend, "tcp://127.0.0.1:*") as fe:
-            client = RolloutClient(fe.address)
-
-    ``make_backend`` runs on the server thread (a backend may bind its loop there).
-    """
-
-    def __init__(self, make_backend: Any, bind: str = DEFAULT_BIND, **frontend_kwargs: Any) -> None:
-        self._make_backend = make_backend
-        self._bind = bind
-        self._kwargs = frontend_kwargs
-        self.loop = asyncio.new_event_loop()
-        self.frontend: Optional[FrontEnd] = None
-        self._ready = threading.Event()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self.loop.run_forever, name="frontend", daemon=True)
-
-    @property
-    def address(self) -> str:
-        assert self.frontend is not None and self.frontend.address is not None
-        return self.frontend.address
-
-    def start(self, timeout_s: float = 30.0) -> "BackgroundFrontEnd":
-        self._thread.start()
-
-        async def boot() -> None:
-            self.frontend = FrontEnd(self._make_backend(), self._bind, **self._kwargs)
-            await self.frontend.start()
-
-        asyncio.run_coroutine_threadsafe(boot(), self.loop).result(timeout_s)
-        return self
-
-    def call(self, coro: Any, timeout_s: Optional[float] = None) -> Any:
-        """Run a coroutine on the server's loop (e.g. a direct backend call) and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.frontend is not None:
-            start = time.monotonic()
-            self.call(self.frontend.shutdown(timeout_s), timeout_s + 10)
-            logger.debug("background front end stopped in %.2f s", time.monotonic() - start)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-    def __enter__(self) -> "BackgroundFrontEnd":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def __getattr__(name: str) -> Any:
+    # BackgroundFrontEnd lives in rollout.background_frontend (which imports FrontEnd from here); loaded on first use.
+    if name == "BackgroundFrontEnd":
+        from rollout.background_frontend import BackgroundFrontEnd
+        return BackgroundFrontEnd
+    raise AttributeError(f"module 'rollout.server' has no attribute {name!r}")

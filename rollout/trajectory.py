@@ -44,16 +44,28 @@ class Trajectory:
         if not (len(self.logprobs) == len(self.loss_mask) == len(self.versions) == n):
             raise ValueError(f"Trajectory lists must line up with token_ids ({n}): logprobs {len(self.logprobs)}, "
                              f"loss_mask {len(self.loss_mask)}, versions {len(self.versions)}")
+        if self.top_logprobs is not None and len(self.top_logprobs) != n:
+            raise ValueError(f"Trajectory.top_logprobs must have one entry per token ({n}), has {len(self.top_logprobs)}")
 
     # ---------------------------------------------------------------- building
-    def add_model_tokens(self, token_ids: list[int], logprobs: list[float], versions: list[int]) -> None:
+    def add_model_tokens(self, token_ids: list[int], logprobs: list[float], versions: list[int],
+                         top_logprobs: list[list[tuple[int, float]]] | None = None) -> None:
+        """``top_logprobs``: one list per token (a turn that asked for them); once a trajectory has them, every
+        token has an entry (``[]`` for tokens of turns that did not ask and for environment tokens)."""
         assert len(token_ids) == len(logprobs) == len(versions)
+        assert top_logprobs is None or len(top_logprobs) == len(token_ids)
+        if top_logprobs is not None and self.top_logprobs is None:
+            self.top_logprobs = [[] for _ in self.token_ids]
+        if self.top_logprobs is not None:
+            self.top_logprobs.extend(top_logprobs if top_logprobs is not None else [[] for _ in token_ids])
         self.token_ids.extend(token_ids)
         self.logprobs.extend(logprobs)
         self.loss_mask.extend([1] * len(token_ids))
         self.versions.extend(versions)
 
     def add_env_tokens(self, token_ids: list[int]) -> None:
+        if self.top_logprobs is not None:
+            self.top_logprobs.extend([] for _ in token_ids)
         self.token_ids.extend(token_ids)
         self.logprobs.extend([0.0] * len(token_ids))
         self.loss_mask.extend([0] * len(token_ids))

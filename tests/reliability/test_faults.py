@@ -75,7 +75,8 @@ def test_weight_update_failing_half_way_keeps_old_weights_bitwise(local, models)
     register_loader("half_failing", HalfFailingLoader, replace=True)
     engine = local.loop.engine
     prompts = [[3, 4, 5, 6, 7], [9, 8, 7], [100, 200, 300, 400]]
-    with BackgroundFrontEnd(lambda: local, BIND) as fe, RolloutClient(fe.address, timeout_s=60) as c:
+    with BackgroundFrontEnd(lambda: local, BIND, allow_update_weights=True) as fe, \
+            RolloutClient(fe.address, timeout_s=60) as c:
         before = [c.generate(p, GREEDY)[0] for p in prompts]
         snapshot = _params_snapshot(engine)
         num_tensors = len(HalfFailingLoader(str(models[1]), 0).tensors)

@@ -71,7 +71,8 @@ def mutate(rng: random.Random, msg: dict) -> dict:
         elif action == 1 and keys:
             msg[rng.choice(keys)] = random_value(rng)
         elif action == 2:
-            msg[rng.choice(["extra", "stream", "params", "prompt_ids", "v", "op", "id"])] = random_value(rng)
+            msg[rng.choice(["extra", "stream", "params", "prompt_ids", "v", "op", "id", "nonce", "ts"])] = \
+                random_value(rng)
         elif action == 3 and isinstance(msg.get("params"), dict):
             params = dict(msg["params"])
             params[rng.choice(["temperature", "top_p", "top_k", "n", "max_tokens", "seed", "stop_token_ids",
@@ -97,10 +98,30 @@ def byte_mutate(rng: random.Random, body: bytes) -> bytes:
     return bytes(b)
 
 
-def make_message(rng: random.Random, i: int) -> list[bytes]:
-    """Frames after the routing id (the DEALER adds nothing)."""
+SECRET = b"f" * 32
+
+
+def envelope(rng: random.Random, seen: list[bytes]) -> dict:
+    """Protocol v2's ts + nonce: fresh, a replay of an earlier nonce, stale, malformed or absent."""
+    roll = rng.random()
+    if roll < 0.6:
+        nonce = P.new_nonce()
+        seen.append(nonce)
+        return {"nonce": nonce, "ts": time.time()}
+    if roll < 0.7 and seen:
+        return {"nonce": rng.choice(seen), "ts": time.time()}                 # a replay
+    if roll < 0.8:
+        return {"nonce": P.new_nonce(), "ts": time.time() - rng.choice([31.0, -31.0, 1e9])}   # stale
+    if roll < 0.9:
+        return {"nonce": rng.choice([b"", b"short", "a str nonce", 7, b"x" * 65]), "ts": random_value(rng)}
+    return {}
+
+
+def make_message(rng: random.Random, i: int, seen: list[bytes], secret: bytes | None = None) -> list[bytes]:
+    """Frames after the routing id (the DEALER adds nothing); with ``secret``, a valid HMAC of whatever the body
+    is (garbage included), so the signed server decodes it."""
     kind = rng.randrange(10)
-    base = {"v": 1, "id": i, **rng.choice(VALID)}
+    base = {"v": 2, "id": i, **rng.choice(VALID), **envelope(rng, seen)}
     if kind == 0:
         body = rng.randbytes(rng.randrange(0, 64))
     elif kind == 1:
@@ -114,21 +135,23 @@ def make_message(rng: random.Random, i: int) -> list[bytes]:
     elif kind == 4:
         body = msgpack.packb(random_value(rng), use_bin_type=True)               # nested garbage
     elif kind == 5:
-        body = P.pack({"v": 1, "id": i, "op": "generate", "prompt_ids": [1] * rng.randrange(4000, 6000)})
+        body = P.pack({"v": 2, "id": i, "op": "generate", "prompt_ids": [1] * rng.randrange(4000, 6000)})
     elif kind in (6, 7, 8):
         body = msgpack.packb(mutate(rng, base), use_bin_type=True)
     else:
         body = P.pack(base)
+    mac = [P.sign(secret, body)] if secret is not None else []
     roll = rng.random()
     if roll < 0.05:
-        return [b"", body, rng.randbytes(3)]                                     # one frame too many
-    return [b"", body] if roll < 0.6 else [body]
+        return [b"", body, *mac, rng.randbytes(3)]                               # one frame too many
+    return [b"", body, *mac] if roll < 0.6 else [body, *mac]
 
 
-def expected_id(frames: list[bytes]) -> Optional[Any]:
-    """The id the reply must echo: the request's, when its single body frame decodes to a map with a valid id."""
+def expected_id(frames: list[bytes], signed: bool = False) -> Optional[Any]:
+    """The id the reply must echo: the request's, when its single body frame (+ its HMAC when ``signed``) decodes
+    to a map with a valid id."""
     body_frames = frames[1:] if frames[0] == b"" else frames
-    if len(body_frames) != 1:
+    if len(body_frames) != 1 + signed:
         return None
     try:
         return P.peek_id(P.unpack(body_frames[0], LIMITS), LIMITS)
@@ -136,9 +159,11 @@ def expected_id(frames: list[bytes]) -> Optional[Any]:
         return None
 
 
-async def fuzz(num_messages: int, seed: int) -> tuple[Counter, Counter, dict]:
+async def fuzz(num_messages: int, seed: int, secret: bytes | None = None) -> tuple[Counter, Counter, dict]:
     rng = random.Random(seed)
-    fe = FrontEnd(StubBackend(), "tcp://127.0.0.1:*", limits=LIMITS, max_in_flight=64)
+    seen: list[bytes] = []
+    fe = FrontEnd(StubBackend(), "tcp://127.0.0.1:*", limits=LIMITS, max_in_flight=64, allow_update_weights=True,
+                  auth_secret=secret)
     await fe.start()
     raw = Raw(fe.address)
     want: Counter = Counter()
@@ -146,18 +171,25 @@ async def fuzz(num_messages: int, seed: int) -> tuple[Counter, Counter, dict]:
     try:
         sent = 0
         while sent < num_messages:
-            batch = [make_message(rng, sent + k) for k in range(min(WINDOW, num_messages - sent))]
+            batch = [make_message(rng, sent + k, seen, secret) for k in range(min(WINDOW, num_messages - sent))]
             for frames in batch:
-                want[expected_id(frames)] += 1
+                want[expected_id(frames, secret is not None)] += 1
                 await raw.send(*frames)
             for reply in await raw.recv_n(len(batch), timeout_s=20):
-                assert reply["v"] == 1 and isinstance(reply["ok"], bool)
+                assert reply["v"] == 2 and isinstance(reply["ok"], bool)
                 if not reply["ok"]:
                     assert reply["error"]["code"] in {c.value for c in P.ErrorCode} and reply["error"]["message"]
                 got[reply["id"]] += 1
+                message = reply.get("error", {}).get("message", "")
+                if reply["id"] is None and "is already in flight on this connection" in message:
+                    got["<duplicate id refused>"] += 1     # its reply has id nil (never taken for the first's)
+                if "nonce was already used" in message or "ts is stale" in message:
+                    got["<replay or stale refused>"] += 1
             sent += len(batch)
         assert await raw.nothing_more(0.3), "a message got more than one reply"
-        await raw.send_msg({"v": 1, "id": "final", "op": "health"})
+        final = {"v": 2, "id": "final", "op": "health", "nonce": P.new_nonce(), "ts": time.time()}
+        body = P.pack(final)
+        await raw.send(b"", body, *([P.sign(secret, body)] if secret is not None else []))
         health = (await raw.recv())[1]
         assert fe._recv_task is not None and not fe._recv_task.done()
         return want, got, {"health": health, "counters": dict(fe.counters)}
@@ -166,16 +198,40 @@ async def fuzz(num_messages: int, seed: int) -> tuple[Counter, Counter, dict]:
         await fe.shutdown(timeout_s=5)
 
 
+def _check(want: Counter, got: Counter, info: dict, num_messages: int, start: float, signed: bool) -> None:
+    # Every message got exactly one reply with its own id, except the ones refused because their id was already in
+    # flight on the connection: those got one reply with id nil instead.
+    dups = got.pop("<duplicate id refused>", 0)
+    replays = got.pop("<replay or stale refused>", 0)
+    missing = want - got
+    assert sum(missing.values()) == dups and None not in missing and got[None] == want[None] + dups
+    assert not got - want - Counter({None: dups}), "a reply with an id no message had, or one too many"
+    assert info["health"]["ok"] is True and info["health"]["id"] == "final"
+    c = info["counters"]
+    assert c["received"] == c["replied"] == num_messages + 1
+    assert c["ok"] > 0.05 * num_messages and c["bad_request"] > 0.3 * num_messages
+    assert c.get("internal", 0) == 0, c
+    if signed:   # most oversize bodies lack a nonce there, and are refused for that before their size is checked
+        assert replays > 0.02 * num_messages, replays
+    else:        # no secret: ts / nonce are only validated
+        assert c["too_large"] > 0 and replays == 0
+    print(f"fuzz{' (signed)' if signed else ''}: {num_messages} messages in {time.monotonic() - start:.1f} s: "
+          f"{replays} replays/stale refused; {c}")
+
+
 def test_fuzz_every_message_gets_exactly_one_reply():
     start = time.monotonic()
     want, got, info = asyncio.run(asyncio.wait_for(fuzz(NUM_MESSAGES, seed=1234), 60 + NUM_MESSAGES / 50))
-    assert got == want
-    assert info["health"]["ok"] is True and info["health"]["id"] == "final"
-    c = info["counters"]
-    assert c["received"] == c["replied"] == NUM_MESSAGES + 1
-    assert c["ok"] > 0.05 * NUM_MESSAGES and c["bad_request"] > 0.3 * NUM_MESSAGES and c["too_large"] > 0
-    assert c.get("internal", 0) == 0, c
-    print(f"fuzz: {NUM_MESSAGES} messages in {time.monotonic() - start:.1f} s: {c}")
+    _check(want, got, info, NUM_MESSAGES, start, signed=False)
+
+
+def test_fuzz_signed_server_refuses_replays_and_answers_every_message_once():
+    """The same fuzz against a server with a secret: every body (garbage included) carries a valid HMAC, and the
+    envelope's nonce / ts are fresh, replayed, stale, malformed or absent."""
+    num = max(NUM_MESSAGES // 5, 2000)
+    start = time.monotonic()
+    want, got, info = asyncio.run(asyncio.wait_for(fuzz(num, seed=99, secret=SECRET), 60 + num / 50))
+    _check(want, got, info, num, start, signed=True)
 
 
 # ------------------------------------------------------------------ decoder properties (no sockets)
@@ -192,7 +248,7 @@ _MSGPACK_VALUES = st.recursive(
                      "max_turns", "request_id", "loader", "loader_kwargs", "version", "mode", "kv", "ttl_s",
                      "stream", "id", "v"]), _MSGPACK_VALUES, max_size=6))
 def test_decode_raises_only_protocol_errors(op, fields):
-    msg = {"v": 1, "id": 1, "op": op, **fields}
+    msg = {"v": 2, "id": 1, "op": op, **fields}
     try:
         P.decode_request(P.unpack(P.pack(msg), LIMITS), LIMITS)
     except P.ProtocolError as e:

@@ -26,7 +26,7 @@ def err(msg, limits=LIMITS) -> P.ProtocolError:
 
 
 def gen(**fields):
-    return {"v": 1, "id": 7, "op": "generate", "prompt_ids": [1, 2, 3], **fields}
+    return {"v": 2, "id": 7, "op": "generate", "prompt_ids": [1, 2, 3], **fields}
 
 
 ALL_REQUESTS = [
@@ -56,8 +56,8 @@ def test_round_trip(request_, request_id):
 
 def test_to_wire_sends_only_non_defaults():
     msg = P.GenerateRequest(prompt_ids=[1], params=SamplingParams(max_tokens=3)).to_wire(1)
-    assert msg == {"v": 1, "id": 1, "op": "generate", "prompt_ids": [1], "params": {"max_tokens": 3}}
-    assert P.HealthRequest().to_wire("h") == {"v": 1, "id": "h", "op": "health"}
+    assert msg == {"v": 2, "id": 1, "op": "generate", "prompt_ids": [1], "params": {"max_tokens": 3}}
+    assert P.HealthRequest().to_wire("h") == {"v": 2, "id": "h", "op": "health"}
 
 
 def test_every_op_has_a_request_type():
@@ -68,22 +68,26 @@ def test_every_op_has_a_request_type():
 # ------------------------------------------------------------------ envelope
 @pytest.mark.parametrize("msg, code, needle, echoed", [
     ({"id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v is required", 1),
-    ({"v": 2, "id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v must be 1", 1),
-    ({"v": True, "id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v must be 1", 1),
-    ({"v": 1.0, "id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v must be 1", 1),
-    ({"v": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "id is required", None),
-    ({"v": 1, "id": 1.5, "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a str or an int", None),
-    ({"v": 1, "id": True, "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a str or an int", None),
-    ({"v": 1, "id": [1], "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a str or an int", None),
-    ({"v": 1, "id": "", "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a non-empty str", None),
-    ({"v": 1, "id": "x" * 17, "op": "health"}, ErrorCode.TOO_LARGE, "id has 17 chars", None),
-    ({"v": 1, "id": 1 << 63, "op": "health"}, ErrorCode.BAD_REQUEST, "64-bit", None),
-    ({"v": 1, "id": 1}, ErrorCode.BAD_REQUEST, "op is required", 1),
-    ({"v": 1, "id": 1, "op": 5}, ErrorCode.BAD_REQUEST, "op is required", 1),
-    ({"v": 1, "id": "q", "op": "explode"}, ErrorCode.UNKNOWN_OPERATION, "explode", "q"),
-    ({"v": 1, "id": 1, "op": "health", "extra": 1}, ErrorCode.BAD_REQUEST, "unknown fields ['extra']", 1),
-    ({"v": 1, "id": 1, "op": "close_session"}, ErrorCode.BAD_REQUEST, "session_id is required", 1),
-    ({"v": 1, "id": 1, "op": "step_session", "session_id": "s"}, ErrorCode.BAD_REQUEST,
+    ({"v": 1, "id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v must be 2 (version 1 is no longer served", 1),
+    ({"v": 3, "id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v must be 2, got 3", 1),
+    ({"v": True, "id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v must be 2", 1),
+    ({"v": 2.0, "id": 1, "op": "health"}, ErrorCode.BAD_REQUEST, "v must be 2", 1),
+    ({"v": 2, "id": 1, "op": "health", "nonce": b"short"}, ErrorCode.BAD_REQUEST, "nonce must be bin of 8..64", 1),
+    ({"v": 2, "id": 1, "op": "health", "nonce": b"n" * 16}, ErrorCode.BAD_REQUEST, "ts is required with nonce", 1),
+    ({"v": 2, "id": 1, "op": "health", "nonce": b"n" * 16, "ts": "now"}, ErrorCode.BAD_REQUEST, "ts is required", 1),
+    ({"v": 2, "op": "health"}, ErrorCode.BAD_REQUEST, "id is required", None),
+    ({"v": 2, "id": 1.5, "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a str or an int", None),
+    ({"v": 2, "id": True, "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a str or an int", None),
+    ({"v": 2, "id": [1], "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a str or an int", None),
+    ({"v": 2, "id": "", "op": "health"}, ErrorCode.BAD_REQUEST, "id must be a non-empty str", None),
+    ({"v": 2, "id": "x" * 17, "op": "health"}, ErrorCode.TOO_LARGE, "id has 17 chars", None),
+    ({"v": 2, "id": 1 << 63, "op": "health"}, ErrorCode.BAD_REQUEST, "64-bit", None),
+    ({"v": 2, "id": 1}, ErrorCode.BAD_REQUEST, "op is required", 1),
+    ({"v": 2, "id": 1, "op": 5}, ErrorCode.BAD_REQUEST, "op is required", 1),
+    ({"v": 2, "id": "q", "op": "explode"}, ErrorCode.UNKNOWN_OPERATION, "explode", "q"),
+    ({"v": 2, "id": 1, "op": "health", "extra": 1}, ErrorCode.BAD_REQUEST, "unknown fields ['extra']", 1),
+    ({"v": 2, "id": 1, "op": "close_session"}, ErrorCode.BAD_REQUEST, "session_id is required", 1),
+    ({"v": 2, "id": 1, "op": "step_session", "session_id": "s"}, ErrorCode.BAD_REQUEST,
      "new_token_ids is required", 1),
 ])
 def test_envelope_errors(msg, code, needle, echoed):
@@ -154,7 +158,7 @@ def test_params_seed_and_stop_ids_bounds():
 
 # ------------------------------------------------------------------ other ops
 def req(op, **fields):
-    return {"v": 1, "id": "r", "op": op, **fields}
+    return {"v": 2, "id": "r", "op": op, **fields}
 
 
 @pytest.mark.parametrize("msg, code, needle", [
@@ -203,7 +207,7 @@ def test_optional_fields_default():
 
 # ------------------------------------------------------------------ bytes
 @pytest.mark.parametrize("body", [
-    b"", b"\xc1", b"\x92\x01", b"\x81\xa1v", b"\xff" * 10, b"\x81\x01\x02",   # never-used byte, truncated, int key
+    b"", b"\xc1", b"\x92\x01", b"\x81\xa1v", b"\xff" * 10, b"\x81\x91\x01\x02",   # never-used, truncated, list key
     b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",   # huge declared lengths
     b"\x91" * 3000 + b"\x00",                                                    # nesting deeper than msgpack's stack
     b"\xd4\x05\x00", b"\xc7\x01\x05\x00",                                        # ext types
@@ -216,6 +220,17 @@ def test_unpack_rejects_garbage(body):
     assert info.value.code is ErrorCode.BAD_REQUEST
 
 
+def test_a_non_str_key_is_refused_with_the_readable_id():
+    """A map key that is not a str is refused by decode_request (not by unpack), so the reply carries the id."""
+    for msg, where in (({"v": 2, "id": 7, "op": "health", 1: 2}, "message keys must be str, got 1"),
+                       ({"v": 2, "id": 7, "op": "generate", "prompt_ids": [1], "params": {b"n": 2}},
+                        "params keys must be str, got b'n'")):
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode_request(P.unpack(P.pack(msg), LIMITS), LIMITS)
+        assert info.value.code is ErrorCode.BAD_REQUEST and info.value.request_id == 7
+        assert where in info.value.message
+
+
 def test_unpack_oversize_is_too_large():
     body = P.pack(gen(prompt_ids=[1] * 5000))
     with pytest.raises(P.ProtocolError, match="limit is 4096") as info:
@@ -224,10 +239,10 @@ def test_unpack_oversize_is_too_large():
 
 
 def test_bytes_map_keys_and_bin_values_are_rejected_by_validation():
-    raw = msgpack.packb({b"v": 1, "id": 1, "op": "health"}, use_bin_type=True)
+    raw = msgpack.packb({b"v": 2, "id": 1, "op": "health"}, use_bin_type=True)
     e = err_raw(raw)
-    assert e.code is ErrorCode.BAD_REQUEST and "v is required" in e.message
-    e = err_raw(msgpack.packb({"v": 1, "id": 1, "op": b"health"}, use_bin_type=True))
+    assert e.code is ErrorCode.BAD_REQUEST and "message keys must be str, got b'v'" in e.message and e.request_id == 1
+    e = err_raw(msgpack.packb({"v": 2, "id": 1, "op": b"health"}, use_bin_type=True))
     assert "op is required and must be a str" in e.message
 
 
@@ -244,9 +259,9 @@ def test_peek_id():
 
 # ------------------------------------------------------------------ replies, limits, signing
 def test_replies():
-    assert P.ok_reply(1, {"x": 1}) == {"v": 1, "id": 1, "ok": True, "result": {"x": 1}}
+    assert P.ok_reply(1, {"x": 1}) == {"v": 2, "id": 1, "ok": True, "result": {"x": 1}}
     e = P.error_reply(None, ErrorCode.TOO_LARGE, "m")
-    assert e == {"v": 1, "id": None, "ok": False, "error": {"code": "too_large", "message": "m"}}
+    assert e == {"v": 2, "id": None, "ok": False, "error": {"code": "too_large", "message": "m"}}
     assert P.reply_error(P.ok_reply(1, None)) is None
     assert P.reply_error(e).code is ErrorCode.TOO_LARGE
     assert P.reply_error({"ok": False, "error": {"code": "martian"}}).code is ErrorCode.INTERNAL

@@ -70,9 +70,10 @@ class Raw:
 # ------------------------------------------------------------------ every op, sync client
 def test_every_op_sync_client():
     backend = StubBackend()
-    with BackgroundFrontEnd(lambda: backend, BIND) as fe, RolloutClient(fe.address, timeout_s=10) as c:
+    with BackgroundFrontEnd(lambda: backend, BIND, allow_update_weights=True) as fe, \
+            RolloutClient(fe.address, timeout_s=10) as c:
         h = c.health()
-        assert h["ok"] is True and h["frontend"]["accepting"] is True
+        assert h["ok"] is True and h["frontend"] == {"accepting": True, "in_flight": 0}   # not counting itself
         p = SamplingParams(max_tokens=4, n=3)
         trajs = c.generate([5, 6, 7], p)
         assert [t.sample_index for t in trajs] == [0, 1, 2]
@@ -119,7 +120,7 @@ def test_error_codes_sync_client():
 def test_update_failed_and_timeout():
     async def main():
         backend = StubBackend(delay_s=2.0)
-        async with serving(backend, request_timeout_s=0.2) as fe:
+        async with serving(backend, request_timeout_s=0.2, allow_update_weights=True) as fe:
             async with AsyncRolloutClient(fe.address, timeout_s=5) as c:
                 with pytest.raises(RolloutError) as info:
                     await c.update_weights("martian")
@@ -160,12 +161,12 @@ def test_100_concurrent_requests_exactly_one_reply_each():
             raw = Raw(fe.address)
             ids = [f"r{i}" for i in range(50)] + list(range(50))
             for i, rid in enumerate(ids):
-                await raw.send_msg({"v": 1, "id": rid, "op": "generate", "prompt_ids": [i + 1],
+                await raw.send_msg({"v": 2, "id": rid, "op": "generate", "prompt_ids": [i + 1],
                                     "params": {"max_tokens": 2}}, delimiter=bool(i % 2))
             replies = await raw.recv_n(100)
             assert await raw.nothing_more()
             assert Counter(r["id"] for r in replies) == Counter(ids)
-            assert all(r["ok"] and r["v"] == 1 for r in replies)
+            assert all(r["ok"] and r["v"] == 2 for r in replies)
             by_id = {r["id"]: r for r in replies}
             for i, rid in enumerate(ids):
                 assert by_id[rid]["result"]["trajectories"][0]["token_ids"] == fake_tokens([i + 1], 0, 2)
@@ -185,8 +186,8 @@ def test_in_flight_limit_replies_unavailable():
             backend.hold()
             raw = Raw(fe.address)
             for i in range(5):
-                await raw.send_msg({"v": 1, "id": i, "op": "generate", "prompt_ids": [1]})
-            await raw.send_msg({"v": 1, "id": "h", "op": "health"})   # health is never turned away
+                await raw.send_msg({"v": 2, "id": i, "op": "generate", "prompt_ids": [1]})
+            await raw.send_msg({"v": 2, "id": "h", "op": "health"})   # health is never turned away
             early = await raw.recv_n(3)
             assert {r["id"] for r in early} == {3, 4, "h"}
             assert [r["error"]["code"] for r in early if r["id"] != "h"] == ["unavailable"] * 2
@@ -206,7 +207,7 @@ def test_duplicate_in_flight_id_and_abort_by_wire_id():
                 task = asyncio.create_task(c.generate([1], request_id="long"))
                 await asyncio.sleep(0.1)
                 raw = Raw(fe.address)   # another connection may reuse the id
-                await raw.send_msg({"v": 1, "id": "long", "op": "health"})
+                await raw.send_msg({"v": 2, "id": "long", "op": "health"})
                 assert (await raw.recv())[1]["ok"]
                 with pytest.raises(ValueError, match="already in flight"):
                     await c.generate([2], request_id="long")
@@ -214,8 +215,8 @@ def test_duplicate_in_flight_id_and_abort_by_wire_id():
                 with pytest.raises(RolloutError) as info:
                     await task
                 assert info.value.code is ErrorCode.ABORTED
-                assert await c.abort("long") is False      # gone; forwarded to the backend: not found
-                assert backend.cancelled == 1
+                assert await c.abort("long") is False      # gone: not found
+                assert backend.cancelled == 1 and backend.calls["abort"] == 0
                 raw.close()
     run(main())
 
@@ -226,10 +227,12 @@ def test_same_id_twice_on_one_connection_is_refused_while_in_flight():
         async with serving(backend) as fe:
             backend.hold()
             raw = Raw(fe.address)
-            await raw.send_msg({"v": 1, "id": 5, "op": "generate", "prompt_ids": [1]})
-            await raw.send_msg({"v": 1, "id": 5, "op": "generate", "prompt_ids": [2]})
+            await raw.send_msg({"v": 2, "id": 5, "op": "generate", "prompt_ids": [1]})
+            await raw.send_msg({"v": 2, "id": 5, "op": "generate", "prompt_ids": [2]})
             first = (await raw.recv())[1]
-            assert first["id"] == 5 and first["error"]["code"] == "bad_request" and "in flight" in first["error"]["message"]
+            # the refusal has id nil: a client cannot take it for the first request's reply
+            assert first["id"] is None and first["error"]["code"] == "bad_request"
+            assert "id 5 is already in flight" in first["error"]["message"]
             backend.release()
             second = (await raw.recv())[1]
             assert second["ok"] and second["result"]["trajectories"][0]["prompt_ids"] == [1]
@@ -247,9 +250,9 @@ def test_framing_and_garbage_get_error_replies():
                 ([b"\x92\x01\x02"], None, "bad_request", "must be a msgpack map"),
                 ([b"", b"a", b"b"], None, "bad_request", "expected one body frame"),
                 ([b""], None, "bad_request", "got 0 frames"),
-                ([b"", P.pack({"v": 1, "id": 3, "op": "nope"})], 3, "unknown_operation", "nope"),
-                ([P.pack({"v": 1, "id": 4, "op": "generate", "prompt_ids": [1] * 2000})], None, "too_large", "1024"),
-                ([b"", P.pack({"v": 1, "id": "x", "op": "close_session", "session_id": "zz"})], "x",
+                ([b"", P.pack({"v": 2, "id": 3, "op": "nope"})], 3, "unknown_operation", "nope"),
+                ([P.pack({"v": 2, "id": 4, "op": "generate", "prompt_ids": [1] * 2000})], None, "too_large", "1024"),
+                ([b"", P.pack({"v": 2, "id": "x", "op": "close_session", "session_id": "zz"})], "x",
                  "unknown_session", "zz"),
             ]
             for frames, rid, code, needle in cases:
@@ -258,7 +261,7 @@ def test_framing_and_garbage_get_error_replies():
                 assert (got_frames[0] == b"") == (frames[0] == b"")   # the reply mirrors the delimiter
                 assert reply["id"] == rid and reply["ok"] is False
                 assert reply["error"]["code"] == code and needle in reply["error"]["message"], reply
-            await raw.send_msg({"v": 1, "id": 1, "op": "health"}, delimiter=False)
+            await raw.send_msg({"v": 2, "id": 1, "op": "health"}, delimiter=False)
             frames, reply = await raw.recv()
             assert len(frames) == 1 and reply["ok"]
             raw.close()
@@ -271,7 +274,7 @@ def test_req_socket_client_works():
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, 5000)
         sock.connect(fe.address)
-        sock.send(P.pack({"v": 1, "id": 1, "op": "health"}))
+        sock.send(P.pack({"v": 2, "id": 1, "op": "health"}))
         assert msgpack.unpackb(sock.recv())["ok"] is True
         sock.close(0)
 
@@ -285,14 +288,17 @@ def test_graceful_shutdown_replies_to_in_flight_and_refuses_new():
         backend.hold()
         raw = Raw(fe.address)
         for i in range(10):
-            await raw.send_msg({"v": 1, "id": i, "op": "generate", "prompt_ids": [i + 1]})
+            await raw.send_msg({"v": 2, "id": i, "op": "generate", "prompt_ids": [i + 1]})
         await asyncio.sleep(0.1)
         assert fe.num_in_flight == 10
         stopping = asyncio.create_task(fe.shutdown(timeout_s=5))
         await asyncio.sleep(0.05)
-        await raw.send_msg({"v": 1, "id": "late", "op": "generate", "prompt_ids": [1]})
+        await raw.send_msg({"v": 2, "id": "late", "op": "generate", "prompt_ids": [1]})
         refused = (await raw.recv())[1]
         assert refused["id"] == "late" and refused["error"]["code"] == "unavailable"
+        await raw.send_msg({"v": 2, "id": "h", "op": "health"})          # health still answers while draining
+        health = (await raw.recv())[1]
+        assert health["ok"] and health["result"]["frontend"] == {"accepting": False, "in_flight": 10}
         backend.release()
         replies = await raw.recv_n(10)
         assert sorted(r["id"] for r in replies) == list(range(10)) and all(r["ok"] for r in replies)
@@ -310,7 +316,7 @@ def test_shutdown_deadline_fails_what_is_left():
         backend.hold()
         raw = Raw(fe.address)
         for i in range(5):
-            await raw.send_msg({"v": 1, "id": i, "op": "generate", "prompt_ids": [1]})
+            await raw.send_msg({"v": 2, "id": i, "op": "generate", "prompt_ids": [1]})
         await asyncio.sleep(0.1)
         start = time.monotonic()
         await fe.shutdown(timeout_s=0.3)
@@ -346,16 +352,18 @@ def test_hmac_auth_refuses_unauthenticated_clients():
     with BackgroundFrontEnd(lambda: backend, BIND, auth_secret=SECRET) as fe:
         with RolloutClient(fe.address, timeout_s=5, auth_secret=SECRET) as good:
             assert good.generate([1], SamplingParams(max_tokens=2))[0].token_ids == fake_tokens([1], 0, 2)
-        for secret in (None, b"w" * 32):
-            with RolloutClient(fe.address, timeout_s=5, auth_secret=secret) as bad:
-                with pytest.raises(RolloutError, match="unauthenticated") as info:
-                    bad.generate([1])
-                assert info.value.code is ErrorCode.BAD_REQUEST
+        with RolloutClient(fe.address, timeout_s=5) as bad:
+            with pytest.raises(RolloutError, match="unauthenticated") as info:
+                bad.generate([1])
+            assert info.value.code is ErrorCode.BAD_REQUEST
+        # A client holding a (wrong) secret drops the server's unsigned refusal like any unsigned reply.
+        with RolloutClient(fe.address, timeout_s=0.5, auth_secret=b"w" * 32) as bad, pytest.raises(TimeoutError):
+            bad.generate([1])
         assert backend.calls["generate"] == 1   # refused messages never reach the backend
 
         async def replies_are_signed():
             raw = Raw(fe.address)
-            body = P.pack({"v": 1, "id": 1, "op": "health"})
+            body = P.pack(P.HealthRequest().to_wire(1, nonce=P.new_nonce()))
             await raw.send(b"", body, P.sign(SECRET, body))
             frames, reply = await raw.recv()
             assert reply["ok"] and P.verify(SECRET, frames[1], frames[2])
@@ -480,3 +488,60 @@ def test_gather_or_cancel_cancels_the_rest_of_a_batch_on_error():
         assert await gather_or_cancel(asyncio.sleep(0, result=1), asyncio.sleep(0, result=2)) == [1, 2]
     asyncio.run(asyncio.wait_for(scenario(), 5))
     assert sorted(cancelled) == [0, 2]
+
+
+def test_top_logprobs_come_back_over_the_wire(tiny_model):
+    """params.logprobs = k: every model token of every trajectory (generate, a session turn, the whole session,
+    an episode) carries its k most likely (id, logprob) pairs, as the engine computed them; environment tokens
+    (and tokens of turns that did not ask) carry []."""
+    local = pytest.importorskip("rollout.local")
+    from engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(model=tiny_model, num_kv_blocks=128, max_num_seqs=8, seed=0)
+    asked = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=3)
+    want = LLMEngine(config).generate([[3, 4, 5]], asked)[0]
+    backend = local.LocalBackend(config)
+    try:
+        with BackgroundFrontEnd(lambda: backend, BIND) as fe, RolloutClient(fe.address, timeout_s=60) as c:
+            got = c.generate([3, 4, 5], asked)[0]
+            sid = c.open_session()
+            turn1 = c.step_session(sid, [3, 4, 5], asked)
+            c.step_session(sid, [6, 7], SamplingParams(max_tokens=2, ignore_eos=True))   # no top logprobs asked
+            whole = c.close_session(sid)
+            plain = c.generate([3, 4, 5], SamplingParams(max_tokens=2))[0]
+            episode = c.run_episode("echo_test", {}, SamplingParams(max_tokens=2, logprobs=1), max_turns=2)
+    finally:
+        run(backend.shutdown())
+    as_pairs = [[(int(i), float(lp)) for i, lp in row] for row in got.top_logprobs]
+    assert got.token_ids == want.token_ids and as_pairs == [[(i, pytest.approx(lp)) for i, lp in row]
+                                                            for row in want.top_logprobs]
+    assert all(len(row) == 3 and row[0][0] == tok and row[0][1] == pytest.approx(lp)   # greedy: top-1 is the token
+               for row, tok, lp in zip(got.top_logprobs, got.token_ids, got.logprobs))
+    assert turn1.top_logprobs == got.top_logprobs
+    assert len(whole.top_logprobs) == len(whole.token_ids) == 4 + 2 + 2
+    assert whole.top_logprobs[:4] == got.top_logprobs and whole.top_logprobs[4:] == [[]] * 4
+    assert plain.top_logprobs is None                           # not asked: absent from the reply
+    assert len(episode.top_logprobs) == len(episode.token_ids)
+    assert all((len(row) == 1) == bool(m) for row, m in zip(episode.top_logprobs, episode.loss_mask))
+
+
+def test_engine_errors_name_the_wire_fields(tiny_model):
+    """The engine names its own fields (prompt_token_ids, SamplingParams.n); the wire reply names the client's."""
+    local = pytest.importorskip("rollout.local")
+    from engine import EngineConfig
+
+    backend = local.LocalBackend(EngineConfig(model=tiny_model, num_kv_blocks=64, max_num_seqs=4, seed=0))
+    try:
+        with BackgroundFrontEnd(lambda: backend, BIND) as fe, RolloutClient(fe.address, timeout_s=60) as c:
+            sid = c.open_session()
+            calls = {"prompt_ids[1]": lambda: c.generate([1, 10 ** 6]),
+                     "prompts[1][0]": lambda: c.generate_batch([[1], [10 ** 6]]),
+                     "new_token_ids[0]": lambda: c.step_session(sid, [10 ** 6]),
+                     "params.n must be 1": lambda: c.step_session(sid, [1], SamplingParams(n=2))}
+            for needle, call in calls.items():
+                with pytest.raises(RolloutError) as info:
+                    call()
+                assert info.value.code is ErrorCode.BAD_REQUEST and needle in info.value.message, info.value
+                assert "prompt_token_ids" not in info.value.message and "SamplingParams" not in info.value.message
+    finally:
+        run(backend.shutdown())

@@ -72,7 +72,7 @@ def test_stop_strings_over_the_wire_match_the_engine(model_dir):
             # bad input: an error reply each, and the same server keeps serving
             for stop, code in (([3], "bad_request"), (["x"] * 17, "too_large"), (["y" * 257], "too_large"),
                                ([""], "bad_request")):
-                reply = raw_request(fe.address, {"v": 1, "id": 9, "op": "generate", "prompt_ids": [5],
+                reply = raw_request(fe.address, {"v": 2, "id": 9, "op": "generate", "prompt_ids": [5],
                                                  "params": {"stop": stop}})
                 assert reply["ok"] is False and reply["error"]["code"] == code and reply["id"] == 9
                 assert "params.stop" in reply["error"]["message"]
