@@ -20,6 +20,7 @@ caches, parameters updated in place), re-capture after the KV or the weights are
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 
@@ -84,10 +85,7 @@ class MixedGraphs:
         """The smallest captured bucket holding ``num_tokens`` tokens of ``num_seqs`` sequences, or None."""
         if num_seqs > self.max_seqs or num_tokens > self.max_tokens:
             return None
-        for t in self.sizes:
-            if t >= num_tokens:
-                return t
-        return None
+        return self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
 
     def replay(self, bucket: int) -> torch.Tensor:
         """Run the graph of ``bucket`` tokens -> hidden [bucket, hidden] (valid until the next replay)."""

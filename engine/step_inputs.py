@@ -234,11 +234,8 @@ class StepInputs:
         inputs (rows past the real ones are padding: slot -1, seq_len 0) with one H2D copy plus one device
         copy that widens the compact block table into the graph's [G, W] table."""
         n = len(items)
-        table = self._tables.build(items)
+        table = self._graph_table(items, graph_inputs.max_blocks)
         width = table.shape[1]
-        if width > graph_inputs.max_blocks:
-            raise ValueError(f"a sequence needs {width} blocks; the graphs were captured for "
-                             f"{graph_inputs.max_blocks} (max_model_len)")
         lay = graph_inputs.layout
         nbytes = lay.tables + 4 * batch * width
         host, dev = self._buffers(nbytes)
@@ -262,11 +259,8 @@ class StepInputs:
         plus one device copy that widens the compact block table. Returns the step's views of the static
         inputs, with ``sample_rows`` (read outside the graph)."""
         n = len(items)
-        table = self._tables.build(items)
+        table = self._graph_table(items, graph_inputs.max_blocks)
         width = table.shape[1]
-        if width > graph_inputs.max_blocks:
-            raise ValueError(f"a sequence needs {width} blocks; the graphs were captured for "
-                             f"{graph_inputs.max_blocks} (max_model_len)")
         assert num_tokens <= bucket <= graph_inputs.max_tokens and n <= graph_inputs.max_seqs
         lay = graph_inputs.layout
         nbytes = lay.tables + 4 * n * width
@@ -287,6 +281,14 @@ class StepInputs:
         meta = graph_inputs.metadata(bucket)
         return StepTensors(graph_inputs.input_ids[:bucket], graph_inputs.positions[:bucket], meta,
                            _view(graph_inputs.buffer, lay.rows, len(sample_items), np.int64), sample_items)
+
+    def _graph_table(self, items: Sequence[ScheduledSequence], max_blocks: int) -> np.ndarray:
+        """The compact block table of a graph step; a ValueError when a sequence is wider than the capture."""
+        table = self._tables.build(items)
+        if table.shape[1] > max_blocks:
+            raise ValueError(f"a sequence needs {table.shape[1]} blocks; the graphs were captured for "
+                             f"{max_blocks} (max_model_len)")
+        return table
 
     def _record_copy(self) -> None:
         if self._pin:
@@ -359,6 +361,7 @@ class MixedGraphInputs:
         self.tiles = _view(self.buffer, lay.tiles, lay.num_tiles, np.int32)
         self.slot_mapping.fill_(-1)   # until a step loads them: no token writes the cache, no tile runs
         self.tiles.fill_(-1)
+        self._metadata: dict[int, AttentionMetadata] = {}
 
     def tiles_for(self, num_tokens: int) -> int:
         """Work-list entries of the graph of ``num_tokens`` tokens: enough for any mix of sequences."""
@@ -366,7 +369,13 @@ class MixedGraphInputs:
 
     def metadata(self, num_tokens: int) -> AttentionMetadata:
         """Metadata of the graph of ``num_tokens`` tokens. Its host lists are placeholders (one entry per
-        sequence slot): the backend reads the device tensors and the work list only."""
+        sequence slot): the backend reads the device tensors and the work list only. Built once per bucket."""
+        meta = self._metadata.get(num_tokens)
+        if meta is None:
+            meta = self._metadata[num_tokens] = self._build_metadata(num_tokens)
+        return meta
+
+    def _build_metadata(self, num_tokens: int) -> AttentionMetadata:
         s = self.max_seqs
         return AttentionMetadata(
             query_lens=[0] * s, seq_lens=[0] * s, query_start_loc=self.query_start_loc,

@@ -44,33 +44,12 @@ def send_ipc(updates: list[tuple[str, int]], bucket_bytes: int, payloads, acks) 
     sender.release()
 
 
-def send_part_and_die(group, path: str, version: int, buckets_to_send: int, bucket_bytes: int) -> None:
+def send_part_and_die(group, path: str, version: int, buckets_to_send: int, bucket_bytes: int,
+                      device: str = "cpu") -> None:
     """As the trainer (rank ``group.rank``): the header and the first ``buckets_to_send`` buckets of a real update
-    (a safetensors file), then this process dies."""
+    (a safetensors file), from buffers on ``device``, then this process dies."""
     from weight_sync.buckets import named_tensor_list, pack_bucket, plan_buckets
     from weight_sync.distributed import send_layout
-    tensors = named_tensor_list(load_file(path))
-    plan = plan_buckets(tensors, bucket_bytes, version)
-    assert len(plan.bucket_sizes) > buckets_to_send
-    send_layout(group, plan, version)
-    by_name = dict(tensors)
-    for b in range(buckets_to_send):
-        buf = torch.empty(plan.bucket_sizes[b], dtype=torch.uint8)
-        pack_bucket(plan, b, by_name, buf)
-        group.broadcast(buf, group.rank).wait()
-    time.sleep(0.2)
-    os._exit(1)                                  # the trainer crashes mid-update
-
-
-def send_part_and_die_on(device: str, port: int, path: str, version: int, buckets_to_send: int,
-                         bucket_bytes: int) -> None:
-    """``send_part_and_die`` as rank 0 of a group on ``device`` (NCCL on CUDA): the header and the first
-    ``buckets_to_send`` buckets of a real update, from buffers on that device, then this process dies."""
-    from weight_sync.buckets import named_tensor_list, pack_bucket, plan_buckets
-    from weight_sync.distributed import send_layout
-    if device != "cpu":
-        torch.cuda.set_device(device)
-    group = init_weight_sync_group("127.0.0.1", port, rank=0, world_size=2, device=device, timeout_s=20)
     tensors = named_tensor_list(load_file(path))
     plan = plan_buckets(tensors, bucket_bytes, version)
     assert len(plan.bucket_sizes) > buckets_to_send
@@ -84,3 +63,12 @@ def send_part_and_die_on(device: str, port: int, path: str, version: int, bucket
         torch.cuda.synchronize()
     time.sleep(0.2)
     os._exit(1)                                  # the trainer crashes mid-update
+
+
+def send_part_and_die_on(device: str, port: int, path: str, version: int, buckets_to_send: int,
+                         bucket_bytes: int) -> None:
+    """``send_part_and_die`` as rank 0 of a group on ``device`` (NCCL on CUDA)."""
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    group = init_weight_sync_group("127.0.0.1", port, rank=0, world_size=2, device=device, timeout_s=20)
+    send_part_and_die(group, path, version, buckets_to_send, bucket_bytes, device)
