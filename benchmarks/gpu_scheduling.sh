@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_scheduling.sh d     b and c without the tests (overlap, multi_turn on both shapes, long_cot)
 #   bash benchmarks/gpu_scheduling.sh e     multi_turn on both shapes with every variant (mixed-step graphs off,
 #                                           steps planned ahead after decode steps only), overlap 8B
+#   bash benchmarks/gpu_scheduling.sh f     split-KV extend: kernel tests, benchmarks/mixed_attention.py, multi_turn
+#                                           on both shapes with the split on and off
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -54,5 +56,13 @@ e)  variants=ours,ours-eager-mixed,ours-ahead-after-decode-only,recompute,recomp
     step multi_turn_05b 130 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
         --only $variants --json "$out/multi_turn_05b.json"
     step overlap_8b 70 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100 ;;
+f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_mixed_graphs.py \
+        tests/engine/test_kernels.py -k "split_kv or extend or mixed_graph or tiled"
+    step mixed_attention 90 python3 benchmarks/mixed_attention.py
+    step multi_turn_8b 200 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
+        --only ours,ours-no-extend-split,recompute,no-retention --json "$out/multi_turn_8b.json"
+    step multi_turn_05b 120 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --only ours,ours-no-extend-split,recompute,recompute-no-extend-split,no-retention \
+        --json "$out/multi_turn_05b.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

@@ -100,3 +100,26 @@ class AttentionBackend(ABC):
         """Write k/v into the cache at ``meta.slot_mapping``, then return causal attention of each
         query token over positions [0, its own position] of its sequence (GQA: query head h reads
         KV head h // (num_heads // num_kv_heads))."""
+
+
+# Split-KV settings of the extend kernel (engine.kernels.attention, _split_range): a tile's keys are cut into
+# at most EXTEND_MAX_SPLITS ranges of at least EXTEND_SPLIT_TILES KV tiles of 64 keys. Steps of more than
+# EXTEND_SPLIT_MAX_TOKENS new tokens have tiles enough to fill the device, and their partials would cost the
+# most memory: they do not split. The threshold is a mixed-graph bucket (engine.mixed_graphs.mixed_graph_sizes),
+# so a step run eagerly and the bucket that replays it agree.
+EXTEND_SPLIT_MAX_TOKENS = 1024
+EXTEND_MAX_SPLITS = 4
+EXTEND_SPLIT_TILES = 8
+
+
+def extend_max_splits(num_tokens: int) -> int:
+    """Most KV splits an extend tile of a step of ``num_tokens`` new tokens may take (1 = none)."""
+    return EXTEND_MAX_SPLITS if num_tokens <= EXTEND_SPLIT_MAX_TOKENS else 1
+
+
+def extend_split_partial_bytes(num_tokens: int, num_heads: int, head_dim: int) -> int:
+    """Most device bytes the split partials (float32 o and lse per token, head and split) of one extend call
+    take in a step of up to ``num_tokens`` new tokens (the largest step that still splits)."""
+    t = min(num_tokens, EXTEND_SPLIT_MAX_TOKENS)
+    splits = extend_max_splits(t)
+    return 0 if splits == 1 or t <= 0 else t * num_heads * splits * (head_dim + 1) * 4

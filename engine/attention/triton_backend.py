@@ -65,7 +65,8 @@ class TritonBackend(AttentionBackend):
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, scale, num_splits=num_splits)
         return self._attention.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
-            meta.max_query_len, scale, tiles=meta.extend_tiles)
+            meta.max_query_len, scale, tiles=meta.extend_tiles,
+            max_seq_len=None if meta.extend_tiles is not None else meta.max_seq_len)
 
 
 def register() -> None:
