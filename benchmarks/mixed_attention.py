@@ -13,7 +13,8 @@ enough caches to miss L2):
   ours-like        30 decode rows + 3 observations of 100 tokens, contexts 800-2400
   recompute-like   30 decode rows + 4 re-prefills of 280 tokens over contexts 0-1200
 Per shape and case: median us per layer call of the tiled extend kernel at each split setting, the decode
-kernel on the decode rows alone (split-K auto), and the floor.
+kernel on the decode rows alone (split-K auto), and the floor. Then the decode kernel at a decode step of 32
+rows over the same contexts, by split count and KV tile width, against the split count the decode graphs use.
 """
 from __future__ import annotations
 
@@ -159,6 +160,39 @@ def run_shape(shape: str, copy_gbs: float, rows: list, failures: list) -> None:
         torch.cuda.empty_cache()
 
 
+DECODE_SPLITS = (1, 2, 4, 8, 16)
+DECODE_BLOCK_N = (32, 64, 128)
+
+
+def run_decode_sweep(shape: str, copy_gbs: float, rows: list, batch: int = 32) -> None:
+    """The decode kernel at a multi_turn decode step (batch rows, contexts 800-2400) over split counts and KV
+    tile widths: what the decode graphs could use instead of their frozen split count."""
+    hq, hkv, d = SHAPES[shape]
+    rng = random.Random(1)
+    seq_lens = [rng.randint(800, 2400) for _ in range(batch)]
+    kv_bytes = sum(seq_lens) * hkv * d * 2 * 2
+    sets = Sets([1] * batch, seq_lens, hq, hkv, d, max(2, math.ceil((256 << 20) / kv_bytes)))
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    out = torch.empty(batch, hq, d, device="cuda", dtype=DT)
+    from engine.cuda_graphs import decode_splits
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    frozen = decode_splits(batch, hkv, sms)
+    floor_us = kv_bytes / (copy_gbs * 1e9 / 2) * 1e6
+    for bn in DECODE_BLOCK_N:
+        cells = []
+        for splits in DECODE_SPLITS:
+            def run(splits=splits, bn=bn):
+                meta, kc, vc, q = sets.next()
+                paged_decode_attention(q, kc, vc, meta.block_tables, sl, d ** -0.5, num_splits=splits, out=out,
+                                       block_n=bn)
+            cells.append(bench(run) * 1e3)
+        rows.append([shape, batch, bn, *(f"{c:.1f}" for c in cells), frozen, f"{floor_us:.1f}",
+                     f"{floor_us / min(cells):.0%}"])
+        print(rows[-1], flush=True)
+    sets.sets.clear()
+    torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -176,6 +210,14 @@ def main(argv=None) -> int:
               "best (splits/min tiles)", "best vs unsplit", "decode kernel, decode rows only, us",
               "floor us (KV bytes / read bw)"]
     table = markdown_table(header, rows)
+    decode_rows: list = []
+    for shape in args.shapes.split(","):
+        run_decode_sweep(shape, copy_gbs, decode_rows)
+    decode_table = markdown_table(
+        ["shape", "batch", "KV tile (keys)", *(f"{n} splits us" for n in DECODE_SPLITS), "graphs' splits now",
+         "floor us", "best vs floor"], decode_rows)
+    table += "\n\nDecode kernel at a decode step of the workload (contexts 800-2400), by split count and KV tile:\n\n" \
+        + decode_table
     print(table)
     for f in failures:
         print("FAIL", f)
