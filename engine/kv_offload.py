@@ -7,7 +7,7 @@ Block-major, so one host block of every layer's K and V is contiguous and a run 
 blocks moves in one copy. Per step (``SchedulerOutput``), in the order the scheduler's copy contract asks
 (reads before writes, ``scheduler.kv_offload``):
 
-    main stream:  gather the swap-out device blocks into a staging buffer   (2 kernels over all layers)
+    main stream:  gather the swap-out device blocks into a staging buffer   (1 kernel over all layers)
                   (the step's block copies and forward follow on this stream)
     copy stream:  wait for the main stream up to here, then
                   swap-ins   host runs -> device staging (async, pinned) -> one scatter into the KV caches
@@ -130,8 +130,8 @@ class HostKVCache:
             return None
         pairs = sorted(swap_out, key=lambda p: p[1])          # host order: consecutive ids copy as one run
         dev = upload_nonblocking([d for d, _ in pairs], torch.int64, self.device)
-        if self.storage is not None:   # one gather over every layer, then block-major
-            staged = self.storage.index_select(1, dev).transpose(0, 1).contiguous()   # [n, 2L, bs, Hkv, D]
+        if self.storage is not None:   # one gather over every layer, written block-major in the same kernel
+            staged = self.storage.transpose(0, 1).index_select(0, dev)   # [n, 2L, bs, Hkv, D], contiguous
         else:
             staged = torch.stack([c.index_select(0, dev) for c in self.layers], dim=1)
         return staged, [h for _, h in pairs]
