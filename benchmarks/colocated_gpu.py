@@ -110,7 +110,8 @@ def bench_shape(shape: str, repeats: int, root: Path, util: float) -> dict:
                     engine_s=statistics.median(engine_s), stages=stages, channels=",".join(pushes[0].channels),
                     total_s=statistics.median(p.seconds for p in pushes), landed=landed,
                     kv_bytes=s1["kv_bytes"], sleep1_freed=free1 - free0, sleep1_s=sleep1_s, wake1_s=wake1_s,
-                    wake1_graphs=w1["graphs_captured"], same_tokens_after_wake=before == after,
+                    wake1_graphs=w1["graphs_captured"], wake1_graphs_kept=w1["graphs_kept"],
+                    same_tokens_after_wake=before == after,
                     sleep2_freed=free3 - free2, sleep2_expected=s2["kv_bytes"] + s2["weight_bytes"],
                     wake2_push_s=wake2_s, same_tokens_after_level2=before == after2)
     finally:

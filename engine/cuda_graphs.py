@@ -7,7 +7,9 @@ final norm) over the static inputs of ``GraphInputs``; logits are computed eager
 Invariants a replay relies on:
   - every address the graph reads is fixed: the static inputs, the KV caches, the parameters. Weight
     updates copy into the parameters in place (``param.copy_``), so graphs stay valid across updates;
-    replacing a Parameter object (or reallocating the KV cache) invalidates them.
+    reallocating a parameter (or the KV cache) invalidates them. A sleep with fixed-address memory
+    (``engine.device_memory``) unmaps and re-maps the KV cache and the weights at the same addresses: the
+    graphs stay valid; without it a wake re-captures them.
   - padding rows (batch rows past the real ones) have slot -1 (the KV store skips them) and seq_len 0 (the
     decode kernel writes zeros), so they neither write the cache nor produce NaN.
   - the attention backend of a graph has a fixed ``decode_num_splits``: its grid is frozen at capture.
@@ -103,6 +105,11 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch %s) in %.1f s; matrix-vector kernels for batch %s",
                     len(self.graphs), self.sizes, time.perf_counter() - t0,
                     [bs for bs in self.sizes if self.gemv[bs]] or "none")
+
+    @property
+    def pool(self):
+        """The graphs' memory pool id (``torch.cuda.graph_pool_handle`` form)."""
+        return self._pool
 
     @property
     def gemv_rows(self) -> int:

@@ -19,22 +19,36 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.
     return 2 * model_config.num_layers * per_layer
 
 
+def kv_cache_shape(model_config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """``[2 * num_layers, num_blocks, block_size, Hkv, D]``: the one tensor every layer's K and V are views of."""
+    if num_blocks <= 0 or block_size <= 0:
+        raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+    return (2 * model_config.num_layers, num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+
+
 def allocate_kv_cache(
     model_config: ModelConfig,
     num_blocks: int,
     block_size: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    storage: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zero-filled caches (zeros, not empty: kernels that read a padded tail never see NaN garbage).
 
     All layers live in one tensor ``[2 * num_layers, num_blocks, block_size, Hkv, D]`` (layer i's K is row 2i,
     its V row 2i + 1), each a contiguous view, so a block of every layer moves with one indexing kernel
-    (``kv_storage``; host offload) while every kernel still sees per-layer tensors."""
-    if num_blocks <= 0 or block_size <= 0:
-        raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
-    shape = (2 * model_config.num_layers, num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-    storage = torch.zeros(shape, dtype=dtype, device=device)
+    (``kv_storage``; host offload) while every kernel still sees per-layer tensors. ``storage``: that tensor,
+    allocated by the caller (zeroed here; e.g. at fixed addresses, ``engine.device_memory``); default a new one."""
+    shape = kv_cache_shape(model_config, num_blocks, block_size)
+    if storage is None:
+        storage = torch.zeros(shape, dtype=dtype, device=device)
+    else:
+        if tuple(storage.shape) != shape or storage.dtype != dtype or not storage.is_contiguous() \
+                or storage._base is not None:
+            raise ValueError(f"KV storage must be a contiguous base tensor {shape} {dtype}, got "
+                             f"{tuple(storage.shape)} {storage.dtype}")
+        storage.zero_()
     return [(storage[2 * i], storage[2 * i + 1]) for i in range(model_config.num_layers)]
 
 

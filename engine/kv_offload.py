@@ -100,14 +100,17 @@ class HostKVCache:
         self.bytes_moved = 0
 
     def bind(self, device_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """The device KV tensors were allocated again (after a sleep): copy to and from these."""
+        """The device KV tensors are back (a wake: new ones, or at fixed addresses the same ones mapped again):
+        copy to and from these."""
         self.wait_all()
         self.layers = [c for pair in device_caches for c in pair]
         self.storage = kv_storage(device_caches)
 
     def unbind(self) -> None:
-        """The device KV tensors are being released (a sleep): drop every reference to them, or their memory
-        would stay allocated (``bind`` again at wake)."""
+        """The device KV tensors are being released (a sleep): drop every reference to them (``bind`` again at
+        wake). Allocated by torch, a reference kept would keep their memory allocated; at fixed addresses
+        (``engine.device_memory``) their memory is unmapped whatever holds them, and this keeps any copy from
+        reaching it while it is (which would fault)."""
         self.wait_all()
         self.layers = []
         self.storage = None

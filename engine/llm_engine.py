@@ -21,7 +21,8 @@ import torch
 
 from engine.attention import choose_backend, get_backend
 from engine.config import EngineConfig
-from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from engine.device_memory import FixedAddresses
+from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block, kv_cache_shape
 from engine.kv_offload import HostKVCache
 from engine.memory import device_kv_blocks, host_kv_bytes
 from engine.model_runner import ModelRunner, PendingStep
@@ -69,16 +70,23 @@ class LLMEngine:
             raise ValueError("device: 'cuda' requested but CUDA is not available")
         self.dtype = _TORCH_DTYPES[config.dtype]
         self.model_path = resolve_model_path(config.model)
-        self.model, self.model_config = load_model(self.model_path, self.dtype, self.device,
-                                                   random_weights=config.load_format == "dummy")
+        # CUDA: weights, fp32 head copies and KV in regions at fixed addresses (sleep keeps the CUDA graphs);
+        # None: torch allocations (CPU, switched off, or the driver API unavailable: logged)
+        self.fixed_memory = FixedAddresses.open(self.device) if config.fixed_address_memory else None
+        fixed = self.fixed_memory
+        self.model, self.model_config = load_model(
+            self.model_path, self.dtype, self.device, random_weights=config.load_format == "dummy",
+            materialize=(lambda m: fixed.materialize("weights", m)) if fixed is not None else None)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.kv_block_bytes = kv_bytes_per_block(mc, config.block_size, self.dtype)
         self.updater = WeightUpdater(self.model, mc)   # the only writer of the parameters from here on
-        num_blocks = config.num_kv_blocks or device_kv_blocks(config, mc, self.kv_block_bytes, self.max_model_len,
-                                                              self.device, self.updater.param_bytes)
+        num_blocks = config.num_kv_blocks or device_kv_blocks(
+            config, mc, self.kv_block_bytes, self.max_model_len, self.device, self.updater.param_bytes,
+            region_granularity=fixed.granularity if fixed is not None else 0)
         if config.fp32_head_in_effect:   # after the KV sizing, which reserves the copies' bytes by name
-            self.model.enable_fp32_head()
+            self.model.enable_fp32_head(
+                (lambda m: fixed.materialize("fp32 head", m, buffers=True)) if fixed is not None else None)
         elif config.fp32_lm_head:
             logger.debug("fp32_lm_head: no-op for a float32 model (its norm and lm_head already run in float32)")
         backend_name = choose_backend(config.attention_backend, self.device)
@@ -86,7 +94,10 @@ class LLMEngine:
         logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",
                     mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
                     num_blocks, config.block_size)
-        self.kv_caches = allocate_kv_cache(mc, num_blocks, config.block_size, self.dtype, self.device)
+        storage = fixed.empty("kv", kv_cache_shape(mc, num_blocks, config.block_size), self.dtype) \
+            if fixed is not None else None
+        self.kv_caches = allocate_kv_cache(mc, num_blocks, config.block_size, self.dtype, self.device, storage)
+        del storage
         num_host_blocks = host_kv_bytes(config, self.device, num_blocks * self.kv_block_bytes) // self.kv_block_bytes
         host_cache = HostKVCache(self.kv_caches, num_host_blocks) if num_host_blocks else None
         self.host_cache = host_cache
@@ -112,7 +123,7 @@ class LLMEngine:
         self._pending: Optional[tuple] = None
         self.asleep = 0                       # the sleep level while asleep (engine.sleep), else 0
         self.weights_discarded = False        # woken from sleep(2): undefined until a complete update lands
-        self._released_params: list = []      # (Parameter, shape) released by sleep(2)
+        self._released = None                 # what sleep took away, for wake_up (engine.sleep)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -406,8 +417,8 @@ class LLMEngine:
         return sleep_engine(self, level)
 
     def wake_up(self) -> WakeReport:
-        """Take the memory back (KV cache zeroed, CUDA graphs re-captured) and resume; after level 2 the
-        weights must be updated before any work runs."""
+        """Take the memory back (KV cache zeroed; CUDA graphs kept where the memory is at fixed addresses,
+        re-captured otherwise) and resume; after level 2 the weights must be updated before any work runs."""
         return wake_engine(self)
 
     def _abort_all(self) -> None:

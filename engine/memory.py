@@ -15,11 +15,14 @@ logger = logging.getLogger(__name__)
 
 
 def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, max_model_len: int,
-                     device: torch.device, param_bytes: int = 0, mem_get_info=None) -> int:
+                     device: torch.device, param_bytes: int = 0, mem_get_info=None,
+                     region_granularity: int = 0) -> int:
     """KV blocks from the memory budget. On CUDA: ``gpu_memory_utilization`` of the device, minus what is in use
     (the weights, loaded), one eager step's activations, the sampler's logits, the CUDA graphs' pools (decode and mixed-step), the
     backup a weight update keeps of what it overwrites (``update_backup_bytes``, default every parameter's
-    bytes) and the float32 head's weight copies (``fp32_lm_head``). On CPU: ``kv_cache_memory_bytes``. Never
+    bytes), the float32 head's weight copies (``fp32_lm_head``) and, when the KV cache and those copies live in
+    fixed-address regions (``engine.device_memory``; ``region_granularity`` > 0), what rounding each region up to
+    the allocation granularity adds. On CPU: ``kv_cache_memory_bytes``. Never
     more than every running sequence at full length could use; a budget that cannot hold one sequence of
     ``max_model_len`` fails here, naming each term."""
     ceiling = -(-config.max_num_seqs * max_model_len // config.block_size)
@@ -45,6 +48,10 @@ def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, ma
             # activation term (counted at 4 bytes an element whatever the dtype).
             "float32 norm + lm_head copies (fp32_lm_head)": Fp32Head.nbytes(mc.vocab_size, mc.hidden_size)
             if config.fp32_head_in_effect else 0,
+            # the KV region and the copies' region are rounded up to the granularity (the copies' two tensors are
+            # 512-byte aligned in theirs, well inside it); the weights' region is in use already
+            "fixed-address regions rounded up to the allocation granularity":
+            region_granularity * (2 if config.fp32_head_in_effect else 1),
         }
         allowed = int(total * config.gpu_memory_utilization)
         budget = allowed - sum(terms.values())

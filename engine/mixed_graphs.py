@@ -16,7 +16,8 @@ tile (their attention rows are never computed; every other op is row-wise, so th
 padding sequence slots have no new tokens and no tiles.
 
 Invariants a replay relies on are those of ``engine.cuda_graphs``: fixed addresses (static inputs, KV
-caches, parameters updated in place), re-capture after the KV or the weights are reallocated (wake).
+caches, parameters updated in place), re-capture after the KV or the weights are reallocated (a wake without
+fixed-address memory, ``engine.device_memory``).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class MixedGraphs:
         self._device = device
         t0 = time.perf_counter()
         pool = None
+        self.pool = None       # the graphs' memory pool id
         inp = self.inputs
         for t in reversed(self.sizes):   # largest first: smaller graphs reuse its pool blocks
             args = (inp.input_ids[:t], inp.positions[:t], kv_caches, inp.metadata(t), backend)
@@ -75,7 +77,7 @@ class MixedGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[t] = model(*args)
             if pool is None:
-                pool = graph.pool()
+                pool = self.pool = graph.pool()
             self.graphs[t] = graph
         torch.cuda.synchronize(device)
         logger.info("captured %d mixed-step CUDA graphs (%d-%d tokens, up to %d sequences) in %.1f s",

@@ -60,6 +60,8 @@ class ModelRunner:
         self.inputs = StepInputs(block_size, self.device)
         self.graphs = None
         self.mixed_graphs = None
+        self.graph_captures = 0   # times the graphs were captured (a wake that keeps them captures none)
+        self._pool_bytes: tuple | None = None   # (graph_pool_bytes,) of the current capture, once measured
         # Replay captured graphs when set (tests and benchmarks flip it to compare with eager).
         self.use_cuda_graphs = True
         self.step_counts = {"graph": 0, "mixed graph": 0, "eager": 0}  # steps by path (benchmarks read it)
@@ -107,11 +109,33 @@ class ModelRunner:
         self.kv_storage = kv_storage(kv_caches) if kv_caches is not None else None
 
     def recapture_cuda_graphs(self) -> bool:
-        """Capture the decode graphs again (new KV or weight addresses after a sleep); -> whether graphs are used."""
+        """Capture the graphs again (new KV or weight addresses after a sleep without fixed-address memory);
+        -> whether graphs are used."""
         if self._graph_args is None:
             return False
         self.capture_cuda_graphs(*self._graph_args, known_gemv=self._gemv_choices)
         return True
+
+    def drop_cuda_graphs(self) -> None:
+        """Let the graphs and their memory pools go (a sleep that reallocates what they read; re-captured at
+        wake)."""
+        self.graphs = self.mixed_graphs = None
+        self._pool_bytes = None
+
+    def graph_pool_bytes(self) -> int | None:
+        """Device bytes the graphs' memory pools hold (0 without graphs; None where torch's memory snapshot
+        does not tell the pools apart). Measured once per capture: replays allocate nothing."""
+        pools = {g.pool for g in (self.graphs, self.mixed_graphs) if g is not None and g.pool is not None}
+        if not pools:
+            return 0
+        if self._pool_bytes is None:
+            try:
+                sizes = [seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                         if tuple(seg["segment_pool_id"]) in pools]
+            except (KeyError, TypeError, RuntimeError):
+                sizes = []
+            self._pool_bytes = (sum(sizes) if sizes else None,)   # no segment of the pools: unmeasured
+        return self._pool_bytes[0]
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int, max_tokens: int = 0, max_seqs: int = 256,
                             known_gemv: dict[int, bool] | None = None) -> None:
@@ -128,7 +152,7 @@ class ModelRunner:
         mc = self.model_config
         hkv = mc.num_kv_heads
         recapture = known_gemv is not None
-        self.graphs = self.mixed_graphs = None  # release the old pools first
+        self.drop_cuda_graphs()  # release the old pools first
         max_blocks = -(-max_model_len // self.block_size)
         with torch.inference_mode():
             if max_tokens >= MIN_TOKENS:
@@ -141,6 +165,7 @@ class ModelRunner:
                 decode_gemv=self.decode_gemv, gemv_max_rows=MAX_ROWS if hasattr(self.model, "set_gemv_rows") else 0,
                 known_gemv=known_gemv)
         self._gemv_choices = dict(self.graphs.gemv)
+        self.graph_captures += 1
 
     def _graph_batch(self, items) -> int | None:
         if self.graphs is None or not self.use_cuda_graphs:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -195,11 +195,15 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
-               random_weights: bool = False) -> tuple["CausalLM", ModelConfig]:
+               random_weights: bool = False,
+               materialize: Optional[Callable[[nn.Module], bool]] = None) -> tuple["CausalLM", ModelConfig]:
     """Build the model for ``path/config.json`` without initialising weights, then load the checkpoint.
 
     ``random_weights``: no checkpoint is read; weights are drawn N(0, 0.02) (norms 1) from a fixed
-    seed. For benchmarks of real shapes from a bare config.json (vLLM's ``load_format="dummy"``)."""
+    seed. For benchmarks of real shapes from a bare config.json (vLLM's ``load_format="dummy"``).
+    ``materialize``: gives the model, built on the meta device, its storage on ``device`` instead of
+    ``to_empty`` (e.g. at fixed addresses: ``engine.device_memory.FixedAddresses.materialize``); False from it:
+    ``to_empty`` after all."""
     from engine.models.registry import get_model_class
 
     config = ModelConfig.from_pretrained(path)
@@ -207,7 +211,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
         safetensors_files(path)  # fail on a missing checkpoint before allocating anything
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config, dtype=dtype)
-    model.to_empty(device=device)  # allocates storage; a tied lm_head keeps sharing embed_tokens' Parameter
+    if materialize is None or not materialize(model):
+        model.to_empty(device=device)  # allocates storage; a tied lm_head keeps sharing embed_tokens' Parameter
     model.tie_weights()
     model.init_rope_cache()
     if random_weights:

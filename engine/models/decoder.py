@@ -22,7 +22,7 @@ Two execution paths, chosen per forward by ``CausalLM.use_fused_ops``:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -309,11 +309,19 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def enable_fp32_head(self) -> None:
+    def enable_fp32_head(self, materialize: Optional[Callable[[nn.Module], bool]] = None) -> None:
         """From now on the final norm and the lm_head run in float32 over float32 copies of their weights
-        (``forward`` returns float32 hidden states): allocates the copies and fills them."""
+        (``forward`` returns float32 hidden states): allocates the copies and fills them. ``materialize``: gives
+        the copies, built on the meta device, their storage (as ``engine.weights.load_model`` takes it; False
+        from it: allocated on the embedding's device)."""
         c = self.config
-        self.fp32_head = Fp32Head(c.vocab_size, c.hidden_size, c.rms_norm_eps, self.embed_tokens.weight.device)
+        device = self.embed_tokens.weight.device
+        head = None
+        if materialize is not None:
+            head = Fp32Head(c.vocab_size, c.hidden_size, c.rms_norm_eps, torch.device("meta"))
+            if not materialize(head):
+                head = None
+        self.fp32_head = head if head is not None else Fp32Head(c.vocab_size, c.hidden_size, c.rms_norm_eps, device)
         self.refresh_fp32_head()
 
     def refresh_fp32_head(self) -> None:

@@ -87,3 +87,20 @@ def test_the_fp32_lm_head_copies_are_reserved_by_name(mc):
     with pytest.raises(ValueError, match=r"lm_head copies \(fp32_lm_head\)"):
         sized(EngineConfig(**base, fp32_lm_head=True), mc, free=10 * GB, total=20 * GB, param_bytes=8 * GB,
               block_bytes=64 << 20, max_model_len=4096)
+
+
+def test_fixed_address_regions_reserve_their_rounding(mc):
+    """The KV region (and the fp32 head copies' region) are rounded up to the allocation granularity after the
+    sizing: the budget leaves a granule for each, so the rounded KV region still fits."""
+    base = dict(model="unused", max_num_seqs=64, max_num_batched_tokens=2048, cuda_graph_max_batch=32,
+                dtype="bfloat16")
+    free, total, params = 70 * GB, 80 * GB, 4 * GB
+    kw = dict(block_bytes=1, max_model_len=1 << 36)     # 1-byte blocks: the count is the budget in bytes
+    granule = 2 << 20
+
+    def budget(granularity, **cfg):
+        return device_kv_blocks(EngineConfig(**base, **cfg), mc, kw["block_bytes"], kw["max_model_len"],
+                                torch.device("cuda"), params, mem_get_info=lambda device: (free, total),
+                                region_granularity=granularity)
+    assert budget(0) - budget(granule) == granule
+    assert budget(0, fp32_lm_head=True) - budget(granule, fp32_lm_head=True) == 2 * granule
