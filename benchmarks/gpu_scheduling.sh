@@ -9,8 +9,8 @@
 #   bash benchmarks/gpu_scheduling.sh d     b and c without the tests (overlap, multi_turn on both shapes, long_cot)
 #   bash benchmarks/gpu_scheduling.sh e     multi_turn on both shapes with every variant (mixed-step graphs off,
 #                                           steps planned ahead after decode steps only), overlap 8B
-#   bash benchmarks/gpu_scheduling.sh f     split-KV extend: kernel tests, benchmarks/mixed_attention.py, multi_turn
-#                                           on both shapes with the split on and off
+#   bash benchmarks/gpu_scheduling.sh f     split-KV extend: kernel tests, fixed-address sleep tests,
+#                                           benchmarks/mixed_attention.py, multi_turn on both shapes, split on and off
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -58,6 +58,8 @@ e)  variants=ours,ours-eager-mixed,ours-ahead-after-decode-only,recompute,recomp
     step overlap_8b 70 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100 ;;
 f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_mixed_graphs.py \
         tests/engine/test_kernels.py -k "split_kv or extend or mixed_graph or tiled"
+    step tests_sleep 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_device_memory.py \
+        tests/engine/test_sleep.py
     step mixed_attention 90 python3 benchmarks/mixed_attention.py
     step multi_turn_8b 200 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
         --only ours,ours-no-extend-split,recompute,no-retention --json "$out/multi_turn_8b.json"
