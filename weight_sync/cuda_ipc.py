@@ -47,6 +47,10 @@ _TENSOR_CLASSES = {"torch.Tensor": torch.Tensor, "torch.nn.Parameter": torch.nn.
 _STORAGE_CLASSES = {"torch.TypedStorage": torch.storage.TypedStorage, "torch.UntypedStorage": torch.UntypedStorage}
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _WIRE_KEYS = ("manifest", "handles", "version", "sender_id", "generation", "device_uuid")
+# A sender reuses its buffers (and their handles) push after push: the wire form of the handles is encoded once
+# per handles tuple (id -> (the tuple, its encoding); the tuple is kept, so its id is not reused). A few senders'.
+_WIRE_CACHE_SIZE = 4
+_WIRE_HANDLES: dict[int, tuple[tuple, list]] = {}
 
 
 def _require_cuda(who: str) -> None:
@@ -85,16 +89,28 @@ class CudaIpcPayload:
             raise ValueError(f"CudaIpcPayload.from_wire: {e}") from None
 
     def _to_wire(self) -> dict:
+        cached = _WIRE_HANDLES.get(id(self.handles))
+        if cached is not None and cached[0] is self.handles:   # a sender's reused buffers: encoded once
+            handles = cached[1]
+        else:
+            handles = self._encode_handles()
+            if len(_WIRE_HANDLES) >= _WIRE_CACHE_SIZE:
+                _WIRE_HANDLES.pop(next(iter(_WIRE_HANDLES)))
+            _WIRE_HANDLES[id(self.handles)] = (self.handles, handles)
+        return {"manifest": self.manifest, "handles": handles, "version": self.version, "sender_id": self.sender_id,
+                "generation": self.generation, "device_uuid": self.device_uuid}
+
+    def _encode_handles(self) -> list:
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
         handles = []
         for b, handle in enumerate(self.handles):
             if not (isinstance(handle, tuple) and len(handle) == 2 and handle[0] is rebuild_cuda_tensor):
                 raise ValueError(f"handles[{b}]: not a (rebuild_cuda_tensor, args) pair of a CUDA tensor")
-            args = _check_arity(handle[1], f"handles[{b}]", tuple)
-            handles.append([_encode_arg(kind, x, f"handles[{b}][{i}] ({name})")
-                            for i, ((name, kind), x) in enumerate(zip(_HANDLE_FIELDS, args))])
-        return {"manifest": self.manifest, "handles": handles, "version": self.version, "sender_id": self.sender_id,
-                "generation": self.generation, "device_uuid": self.device_uuid}
+            args = handle[1]
+            if type(args) is not tuple or len(args) != len(_HANDLE_FIELDS):
+                _check_arity(args, f"handles[{b}]", tuple)
+            handles.append(_encode_handle(args, b))
+        return handles
 
     @classmethod
     def _from_wire(cls, d: object) -> "CudaIpcPayload":
@@ -108,12 +124,13 @@ class CudaIpcPayload:
         _expect(d["generation"], int, "generation")
         if d["version"] is not None:
             _expect(d["version"], int, "version")
-        handles = []
+        decoded = []
         for b, args in enumerate(_expect(d["handles"], list, "handles")):
             if type(args) is not list or len(args) != len(_HANDLE_FIELDS):
                 _check_arity(args, f"handles[{b}]", list)
-            handles.append((rebuild_cuda_tensor, _decode_handle(args, b)))
-        return cls(d["manifest"], tuple(handles), d["version"], d["sender_id"], d["generation"], d["device_uuid"])
+            decoded.append((rebuild_cuda_tensor, _decode_handle(args, b)))
+        handles = tuple(decoded)
+        return cls(d["manifest"], handles, d["version"], d["sender_id"], d["generation"], d["device_uuid"])
 
 
 def _expect(x: object, typ: type, field: str) -> object:
@@ -152,6 +169,37 @@ def _encode_arg(kind: str, x: object, field: str) -> object:
 
 
 _BAD = object()
+# kind -> {class or dtype: the name it travels by}: the first allowed name, as _encode_arg picks it
+_NAME_OF = {kind: {v: n for n, v in reversed(list(table.items()))} for kind, table in _BY_NAME.items()}
+
+
+def _encode_fast(kind: str, x: object) -> object:
+    """``_encode_arg`` without a field name: the wire value, or ``_BAD`` (the caller asks ``_encode_arg`` why).
+    Field names are formatted only on failure, as in ``_decode_fast``: formatting ~960 of them per push of an
+    8B model was most of the pool's own time in an IPC update."""
+    names = _NAME_OF.get(kind)
+    if names is not None:
+        try:
+            return names.get(x, _BAD)
+        except TypeError:   # unhashable
+            return _BAD
+    if kind == "size" or kind == "ints":
+        if not isinstance(x, (tuple, list)) or not all(type(n) is int for n in x):
+            return _BAD
+        return list(x)
+    if kind == "bytes?":
+        return x if x is None or type(x) is bytes else _BAD
+    return x if type(x) is _PLAIN[kind] else _BAD
+
+
+def _encode_handle(args: tuple, b: int) -> list:
+    out = []
+    for i, (name, kind) in enumerate(_HANDLE_FIELDS):
+        v = _encode_fast(kind, args[i])
+        if v is _BAD:   # the checked path: raises naming the field, or accepts what the fast one would not
+            v = _encode_arg(kind, args[i], f"handles[{b}][{i}] ({name})")
+        out.append(v)
+    return out
 
 
 def _decode_fast(kind: str, x: object) -> object:

@@ -93,3 +93,18 @@ def test_to_wire_refuses_handles_it_cannot_name():
     args[0] = torch.nn.Module
     with pytest.raises(ValueError, match=r"handles\[0\]\[0\] \(tensor_cls\): .*Module.* has no wire name"):
         CudaIpcPayload(b"", ((rebuild_cuda_tensor, tuple(args)),)).to_wire()
+
+
+def test_a_senders_reused_handles_are_encoded_once_and_new_ones_afresh():
+    # CudaIpcSender hands out the same handles tuple push after push: its wire form is reused (the same list
+    # object), with each payload's own version; another tuple is encoded (and checked) on its own
+    handles = ((rebuild_cuda_tensor, handle_args()),)
+    first = CudaIpcPayload(b"m", handles, version=1, sender_id="s", generation=1).to_wire()
+    second = CudaIpcPayload(b"m", handles, version=2, sender_id="s", generation=1).to_wire()
+    assert second["handles"] is first["handles"] and (first["version"], second["version"]) == (1, 2)
+    other = CudaIpcPayload(b"m", ((rebuild_cuda_tensor, handle_args(1024)),)).to_wire()
+    assert other["handles"][0][1] == [1024] and first["handles"][0][1] == [4096]
+    bad = list(handle_args())
+    bad[3] = "zero"
+    with pytest.raises(ValueError, match=r"handles\[0\]\[3\] \(tensor_offset\)"):
+        CudaIpcPayload(b"m", ((rebuild_cuda_tensor, tuple(bad)),)).to_wire()
