@@ -6,6 +6,11 @@ All methods are coroutines (the front end and the pool run on asyncio); each eit
 result or raises ``RolloutError`` with a code from ``ErrorCode`` — never hangs past its deadline.
 Parameters are already-validated typed objects (``SamplingParams``); wire decoding lives in
 ``rollout.protocol``.
+
+Optional, for streamed HTTP responses (both ``LocalBackend`` and ``RolloutPool`` have them):
+``generate_stream(prompt_ids, params)`` and ``step_session_stream(session_id, new_token_ids, params)``, async
+iterators of ``rollout.loop_streams.SampleDelta`` (each sample's new tokens after every engine step, its last
+delta with the whole sample as ``final``); closing one early aborts the request.
 """
 from __future__ import annotations
 

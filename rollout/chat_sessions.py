@@ -1,201 +1,136 @@
-"""Token-exact chat sessions for ``/v1/chat/completions`` (docs/openai.md, "Sessions").
+"""Token-exact sessions for ``/v1/chat/completions`` and ``/v1/completions`` (docs/openai.md, "Sessions").
 
-A chat request whose messages extend a conversation this server answered earlier (the same messages, the
-assistant message it returned, then new messages) continues from the exact tokens of that conversation — the
-model's own output is never re-tokenized — in the backend session that holds its KV, so only the new messages
-are prefilled.
+A request that continues a conversation this server answered earlier continues from the exact tokens of that
+conversation — the model's own output is never re-tokenized — in the backend session that holds its KV, so only
+the new tokens are prefilled. Continuing is found three ways, in this order:
 
-    request messages:  m_0 .. m_{k-1}  a_k            s_1 .. s_j
-                       \\_____ recorded conversation _/ \\_ new _/
-    context tokens:    T (exact, recorded: prompts + model tokens)  ++  encode(glue + delta)
+1. ``session_id`` (explicit): that conversation, or a 4xx (404 gone, 409 busy, 400 not extended).
+2. By messages (chat): the request's messages are a recorded turn's messages (the assistant message this server
+   returned last) plus new ones; the new messages are rendered after that turn's exact tokens::
 
-``delta`` is the text the chat template renders for the new messages after the recorded ones (rendering of all
-messages with the generation prompt, cut where the recorded messages' rendering ends); ``glue`` is the part of
-the template's end of the previous assistant turn that the model did not sample (ChatML: the ``\\n`` after
-``<|im_end|>``; the whole ``<|im_end|>\\n`` when the turn was cut by max_tokens). ``continuation_text`` has the
-rule, including templates that rewrite earlier turns.
+       request messages:  m_0 .. m_{k-1}  a_k            s_1 .. s_j
+                          \\_____ recorded turn ________/ \\_ new _/
+       context tokens:    T (exact, recorded: prompts + model tokens)  ++  encode(glue + delta)
 
-One owner: ``ChatSessions`` holds every conversation record and runs on the server's asyncio loop only (no
-locks: nothing here awaits while it reads or changes a record, except the backend calls of a turn, during
-which the record is marked busy).
+   (``rollout.chat_template.ChatTemplate.continuation_text``: glue, delta, templates that rewrite earlier turns.)
+3. By exact token prefix: the request's prompt tokens (a /v1/completions token prompt, a text prompt's encoding,
+   a chat's fresh rendering) start with the exact context of an idle conversation; the rest is its new tokens.
+   ``rollout.token_prefix`` is the index; every candidate is compared token for token.
+
+Continued *in place* only when it is the conversation's latest turn and no other turn of it runs; anything else
+(an earlier turn: a branch; a busy conversation: a fork) starts a new conversation from a copy of the exact tokens
+(its own backend session, prefilled, less what the prefix cache shares). The engine's sessions have no fork of
+their own, so a branch never touches the conversation it came from. ``n > 1`` records nothing (the engine samples a
+session turn once) and never matches by tokens (its prompt is the same either way); matched by messages, its
+samples continue from the exact tokens.
+
+One owner: ``ChatSessions`` holds every record and runs on the server's asyncio loop only (no locks: nothing here
+awaits while it reads or changes a record, except a turn's backend calls, during which its conversation is busy).
+The backend calls are ``rollout.session_turns``.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
-import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling import SamplingParams
-from rollout.backend import ErrorCode, RolloutBackend, RolloutError
+from rollout.backend import RolloutBackend, RolloutError
+from rollout.chat_template import (
+    ChatTemplate,
+    TemplateMismatch,
+    TurnState,
+    extended_turn,
+    prefix_keys,
+    why_not_extended,
+)
 from rollout.openai_schema import ChatMessage
+from rollout.session_turns import SessionTurns, cached_prompt_tokens  # noqa: F401 - re-exported
+from rollout.token_prefix import TokenPrefixIndex
 from rollout.trajectory import Trajectory
 
-SESSION_FIELD = "session_id"   # the request's and the response's extension field
+SESSION_FIELD = "session_id"   # the requests' and the responses' extension field
+GONE_MEMORY = 4096             # ids of conversations gone (closed, expired, evicted) remembered for a clear 404
 
 
 @dataclass(frozen=True)
 class SessionConfig:
-    enabled: bool = True              # False: every chat request is a fresh render (no records, no sessions)
+    enabled: bool = True              # False: every request is a fresh prompt (no records, no sessions)
     ttl_s: float = 600.0              # an idle conversation older than this is forgotten and its session closed
     max_conversations: int = 1024     # past this, the least recently used idle conversation is forgotten
+    max_tokens: int = 4_000_000       # tokens recorded over all conversations (the token index); past it, the same
+    completions: bool = True          # /v1/completions (n = 1) records and continues conversations too
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise TypeError(f"SessionConfig.enabled must be a bool, got {self.enabled!r}")
+        for name in ("enabled", "completions"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SessionConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) or not self.ttl_s > 0:
             raise ValueError(f"SessionConfig.ttl_s must be a number > 0, got {self.ttl_s!r}")
-        if (isinstance(self.max_conversations, bool) or not isinstance(self.max_conversations, int)
-                or self.max_conversations < 1):
-            raise ValueError(f"SessionConfig.max_conversations must be an int >= 1, got {self.max_conversations!r}")
+        for name in ("max_conversations", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SessionConfig.{name} must be an int >= 1, got {value!r}")
 
 
 class SessionError(Exception):
-    """A chat request refused by the session layer; the front end answers it in OpenAI's error format."""
+    """A request refused by the session layer; the front end answers it in OpenAI's error format."""
 
     def __init__(self, status: int, message: str, param: str | None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-class TemplateMismatch(ValueError):
-    """The chat template's rendering of the new messages cannot be placed after the recorded conversation."""
-
-
-@dataclass
+@dataclass(eq=False)
 class Conversation:
-    id: str                             # public: the response's session_id
-    tools: list[dict] | None         # as given to the template (None: no tools rendered)
-    messages: list[dict]                # template dicts, ending with the assistant message this server returned
+    id: str                             # public: the responses' session_id
     token_ids: list[int]                # the exact context: every prompt and model token so far, in order
-    ended_turn: bool                    # the last model turn ended with an end-of-turn token it sampled
-    engine_session: str | None       # the backend session holding its KV; None: gone, re-prefill token_ids
-    key: str = ""                       # prefix_keys(tools, messages)[-1]: its entry in ChatSessions._index
+    engine_session: str | None          # the backend session holding its KV; None: gone, re-prefill token_ids
+    turns: list[TurnState] = field(default_factory=list)   # after each answered turn, oldest first
+    token_key: int = 0                  # its entry in ChatSessions._by_tokens
     last_used: float = 0.0
-    busy: bool = False                  # a turn is running: the record is not changed by anyone else
+    busy: bool = False                  # a turn is running in place: nobody else changes the record
+
+    @property
+    def state(self) -> TurnState:
+        return self.turns[-1]
 
 
-@dataclass
+@dataclass(eq=False)
 class ChatTurn:
-    """One chat request's prompt, as ``ChatSessions.turn`` prepared it."""
+    """One prompt of a request, as ``ChatSessions.begin_chat`` / ``begin_tokens`` prepared it."""
     prompt_ids: list[int]               # the whole context the model continues from
-    new_token_ids: list[int]            # what this turn appends to ``conversation`` (all of prompt_ids if fresh)
-    messages: list[dict]
+    new_token_ids: list[int]            # what this turn appends to ``conversation`` (all of prompt_ids if new)
+    messages: list[dict] | None         # the request's (template dicts); None: a /v1/completions turn
     tools: list[dict] | None
     conversation: Conversation | None = None   # continued in place (held busy); None: a new conversation
-    record: bool = True                 # False: n > 1 or sessions disabled; nothing is remembered
-    session_id: str | None = None       # set by commit: the conversation the response belongs to
+    record: bool = True                 # False: n > 1 or sessions off; nothing is remembered
+    session_id: str | None = None       # the id the response carries (chosen at begin when recorded)
+    committed: bool = False
     opened_session: str | None = None   # the backend session opened for a new conversation, until commit
     stepped: bool = False               # a backend turn was started: the conversation's KV may have moved on
+    reopened: bool = False              # its lost backend session was replaced (session_turns)
+    ended: bool = False
 
 
-def prefix_keys(tools: list[dict] | None, messages: list[dict]) -> list[str]:
-    """keys[i] identifies (tools, messages[:i]): a chained hash of canonical JSON, one per prefix."""
-    h = hashlib.sha256(json.dumps(tools, sort_keys=True, ensure_ascii=False).encode())
-    keys = [h.hexdigest()]
-    for m in messages:
-        h.update(b"\x00" + json.dumps(m, sort_keys=True, ensure_ascii=False).encode())
-        keys.append(h.copy().hexdigest())
-    return keys
-
-
-def _nth_end(text: str, needle: str, n: int) -> int | None:
-    """The index just after the n-th (1-based) occurrence of ``needle`` in ``text``; None if it has fewer."""
-    at = -1
-    for _ in range(n):
-        at = text.find(needle, at + 1)
-        if at < 0:
-            return None
-    return at + len(needle)
-
-
-class ChatTemplate:
-    """Renders messages with the tokenizer's chat template and computes what a continuation appends."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
-
-    def render(self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
-        kwargs = {} if tools is None else {"tools": tools}
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                                  **kwargs)
-
-    def prompt_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        from engine.smollm2 import chat_prompt_ids
-        return chat_prompt_ids(self.tokenizer, messages, tools)
-
-    def ended_turn(self, t: Trajectory) -> bool:
-        """Whether the model closed its turn itself: it stopped on a special token it sampled (EOS, <|im_end|>)."""
-        return t.finish_reason == "stop" and bool(t.token_ids) and t.token_ids[-1] in self._special_ids
-
-    def continuation_text(self, conv: Conversation, new_messages: list[dict]) -> str:
-        """The text appended after ``conv.token_ids`` for ``new_messages``: glue + delta (module docstring).
-
-        prev = render(recorded messages), full = render(recorded + new, generation prompt).
-        - The end of the last assistant turn as the template writes it ("closing"): from the last occurrence,
-          in that turn's rendering, of the token the model ended with (or of the tokenizer's EOS text when the
-          model did not end its turn, or ended it on a token the template does not close turns with) to the end
-          of ``prev``. Glue = the part of it the model did not sample.
-          A template whose assistant turns do not end with that token: no glue.
-        - Delta = full[cut:]. Usually full starts with prev and cut = len(prev). A template that rewrites earlier
-          turns when more follow (Qwen3 drops earlier <think> blocks) breaks that; then cut = the end of the
-          same number of closings in ``full`` as ``prev`` holds: the rewrite may change what earlier turns
-          say, not how many turns end before the new messages. The rewritten text itself is never used:
-          those turns' tokens are the recorded ones, as the model saw and produced them.
-        Raises TemplateMismatch when the new rendering cannot be aligned (no closing found to count)."""
-        tools, prev_messages = conv.tools, conv.messages
-        prev = self.render(prev_messages, tools, generation_prompt=False)
-        full = self.render(prev_messages + new_messages, tools, generation_prompt=True)
-        head = self.render(prev_messages[:-1], tools, generation_prompt=True)
-        assistant = prev.removeprefix(head)
-        eos = getattr(self.tokenizer, "eos_token", None) or ""
-        sampled = self.tokenizer.decode([conv.token_ids[-1]], skip_special_tokens=False) if conv.ended_turn else ""
-        # NOTE: a model that ended on another special token than the template's closer (<|endoftext|> where
-        # ChatML closes with <|im_end|>) did not close its turn as the template does: close it, as after max_tokens.
-        ended = bool(sampled) and sampled in assistant
-        marker = sampled if ended else eos
-        at = assistant.rfind(marker) if marker else -1
-        closing = assistant[at:] if at >= 0 else ""
-        glue = closing[len(marker):] if ended else closing
-        if full.startswith(prev):
-            cut = len(prev)
-        else:
-            cut = _nth_end(full, closing, prev.count(closing)) if closing else None
-            if cut is None:
-                raise TemplateMismatch("the chat template renders the earlier messages differently once new ones "
-                                       "follow, and its turns cannot be aligned (no end-of-turn text to count)")
-        return glue + full[cut:]
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-
-class ChatSessions:
-    """The conversations this server answered, matched against new chat requests (see the module docstring).
-
-    Matching: explicit (``session_id``: that conversation or a 400 naming the field; busy: 409) or automatic
-    (the conversation whose recorded messages, tools included, are the longest proper prefix of the request's;
-    busy: the request forks it — a new conversation starting from a copy of its exact tokens). No match: a
-    fresh conversation, rendered in full. n > 1 is never recorded (the engine samples a session turn once):
-    with a match its samples continue from the conversation's exact tokens, which stays as it was."""
-
+class ChatSessions(SessionTurns):
     def __init__(self, backend: RolloutBackend, tokenizer: Any, config: SessionConfig,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
         self.template = ChatTemplate(tokenizer)
         self.config = config
         self.clock = clock
+        self.streams_sessions = hasattr(backend, "step_session_stream")
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()   # by id, least recently used first
-        # by key; several when the same messages were answered alike (a fork, a retry), most recent last
-        self._index: dict[str, list[Conversation]] = {}
-        self._closing: set[asyncio.Task] = set()
+        # message key -> (conversation, turn index); several when the same messages were answered alike
+        self._by_messages: dict[str, list[tuple[Conversation, int]]] = {}
+        self._by_tokens: TokenPrefixIndex[Conversation] = TokenPrefixIndex()  # current contexts only
+        self._num_tokens = 0                                                  # len(token_ids) summed
+        self._gone: OrderedDict[str, str] = OrderedDict()                     # id -> why it is gone
+        self._closing: set = set()
 
     def __len__(self) -> int:
         return len(self._conversations)
@@ -203,64 +138,130 @@ class ChatSessions:
     def get(self, session_id: str) -> Conversation | None:
         return self._conversations.get(session_id)
 
-    # ---------------------------------------------------------------- one request
-    @contextlib.asynccontextmanager
-    async def turn(self, messages: list[dict], tools: list[dict] | None, session_id: str | None,
-                   n: int) -> AsyncIterator[ChatTurn]:
-        """Prepare the request's prompt; the conversation it continues is held busy until the block ends.
-        ``commit`` inside the block records the answer; an exception leaves every record as it was."""
-        self._expire()
-        turn = self._prepare(messages, tools, session_id, n)
-        conv = turn.conversation
-        if conv is not None:
-            conv.busy = True
-        try:
-            yield turn
-        except BaseException:
-            if turn.session_id is None:                    # not committed: the record stays as it was
-                if turn.opened_session is not None:
-                    self._close_later(turn.opened_session)
-                if conv is not None and turn.stepped:      # its session holds a turn the record does not
-                    self._drop_session(conv)
-            raise
-        finally:
-            if conv is not None:
-                conv.busy = False
-                conv.last_used = self.clock()
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
 
-    def _prepare(self, messages: list[dict], tools: list[dict] | None, session_id: str | None,
-                 n: int) -> ChatTurn:
-        record = self.config.enabled and n == 1
-        if session_id is not None:
-            if not self.config.enabled:
-                raise SessionError(400, "session_id: sessions are disabled on this server", SESSION_FIELD)
-            if n != 1:
-                raise SessionError(400, f"n must be 1 with session_id (a session continues one sample), got {n}",
-                                   "n")
-            conv = self._conversations.get(session_id)
-            if conv is None:
-                raise SessionError(400, f"session_id {session_id!r}: no such conversation (never answered here, "
-                                        "or expired)", SESSION_FIELD, "session_not_found")
-            why = self._why_not_extended(conv, messages, tools)
-            if why:
-                raise SessionError(400, f"session_id {session_id!r}: the messages do not extend its conversation: "
-                                        f"{why}", SESSION_FIELD, "session_mismatch")
-            if conv.busy:
-                raise SessionError(409, f"session_id {session_id!r}: a turn of this conversation is already "
-                                        "running; send the next one after its answer", SESSION_FIELD, "session_busy")
-            return self._continue(conv, messages, tools, record=True, strict=True)
-        conv = self._match(messages, tools) if self.config.enabled else None
+    # ---------------------------------------------------------------- one request
+    def begin_chat(self, messages: list[dict], tools: list[dict] | None, session_id: str | None, n: int,
+                   stream: bool = False) -> ChatTurn:
+        """A chat request's prompt; the conversation it continues in place is busy until ``end``."""
+        self._expire()
+        return self._hold(self._prepare_chat(messages, tools, session_id, n, stream))
+
+    def begin_tokens(self, prompt_ids: list[int], session_id: str | None, n: int, stream: bool = False) -> ChatTurn:
+        """One /v1/completions prompt (token ids), matched by exact token prefix only."""
+        self._expire()
+        return self._hold(self._prepare_tokens(prompt_ids, session_id, n, stream))
+
+    def end(self, turn: ChatTurn) -> None:
+        """The turn is over (answered or not; idempotent): its conversation is idle again, and a turn that was
+        started and not committed lets its backend session go (it may hold tokens the record does not)."""
+        if turn.ended:
+            return
+        turn.ended = True
+        conv = turn.conversation
+        if not turn.committed:
+            if turn.opened_session is not None:
+                self._close_later(turn.opened_session)
+                turn.opened_session = None
+            if conv is not None and turn.stepped:
+                self._drop_session(conv)
         if conv is not None:
-            try:
-                turn = self._continue(conv, messages, tools, record=record, strict=False)
-            except TemplateMismatch:
-                turn = None
-            if turn is not None:
-                if conv.busy and record:                   # fork: a new conversation from a copy of its tokens
-                    turn.conversation, turn.new_token_ids = None, turn.prompt_ids
-                return turn
+            conv.busy = False
+            conv.last_used = self.clock()
+
+    @contextlib.contextmanager
+    def held(self, turns: list[ChatTurn]) -> Iterator[list[ChatTurn]]:
+        try:
+            yield turns
+        finally:
+            for turn in turns:
+                self.end(turn)
+
+    def _hold(self, turn: ChatTurn) -> ChatTurn:
+        if turn.conversation is not None:
+            turn.conversation.busy = True
+            turn.session_id = turn.conversation.id
+        elif turn.record:
+            turn.session_id = f"chatsess-{uuid.uuid4().hex}"
+        return turn
+
+    def _records(self, n: int, stream: bool) -> bool:
+        return self.config.enabled and n == 1 and (not stream or self.streams_sessions)
+
+    def _explicit(self, session_id: str, n: int, stream: bool) -> Conversation:
+        if not self.config.enabled:
+            raise SessionError(400, "session_id: sessions are disabled on this server", SESSION_FIELD)
+        if n != 1:
+            raise SessionError(400, f"n must be 1 with session_id (a session continues one sample), got {n}", "n")
+        if stream and not self.streams_sessions:
+            raise SessionError(400, f"session_id with stream: true needs a backend that streams session turns; "
+                                    f"{type(self.backend).__name__} does not", SESSION_FIELD)
+        conv = self._conversations.get(session_id)
+        if conv is None:
+            why = {"closed": "was closed", "expired": f"expired (idle for more than {self.config.ttl_s:g} s)",
+                   "evicted": f"was forgotten to make room (at most {self.config.max_conversations} conversations "
+                              f"and {self.config.max_tokens} tokens are kept)"}.get(self._gone.get(session_id, ""),
+                                                                                   "is unknown (never answered here)")
+            raise SessionError(404, f"session_id {session_id!r}: the conversation {why}", SESSION_FIELD,
+                               "session_not_found")
+        return conv
+
+    @staticmethod
+    def _busy(conv: Conversation) -> SessionError:
+        return SessionError(409, f"session_id {conv.id!r}: a turn of this conversation is already running; send "
+                                 "the next one after its answer", SESSION_FIELD, "session_busy")
+
+    def _prepare_chat(self, messages: list[dict], tools: list[dict] | None, session_id: str | None, n: int,
+                      stream: bool) -> ChatTurn:
+        record = self._records(n, stream)
+        if session_id is not None:
+            conv = self._explicit(session_id, n, stream)
+            index = extended_turn(conv.turns, messages, tools)
+            if index is None:
+                raise SessionError(400, f"session_id {session_id!r}: the messages do not extend its conversation: "
+                                        f"{why_not_extended(conv.turns, messages, tools)}", SESSION_FIELD,
+                                   "session_mismatch")
+            in_place = index == len(conv.turns) - 1
+            if in_place and conv.busy:
+                raise self._busy(conv)
+            return self._continue(conv, index, messages, tools, record=True, in_place=in_place, strict=True)
+        if self.config.enabled:
+            found = self._match_messages(messages, tools)
+            if found is not None:
+                conv, index = found
+                in_place = record and index == len(conv.turns) - 1 and not conv.busy
+                with contextlib.suppress(TemplateMismatch):
+                    return self._continue(conv, index, messages, tools, record=record, in_place=in_place,
+                                          strict=False)
         ids = self._render_fresh(messages, tools)
-        return ChatTurn(prompt_ids=ids, new_token_ids=ids, messages=messages, tools=tools, record=record)
+        conv = self._match_tokens(ids) if record else None
+        if conv is not None:
+            return ChatTurn(ids, ids[len(conv.token_ids):], messages, tools, conversation=conv)
+        return ChatTurn(ids, ids, messages, tools, record=record)
+
+    def _prepare_tokens(self, prompt_ids: list[int], session_id: str | None, n: int, stream: bool) -> ChatTurn:
+        record = self._records(n, stream) and self.config.completions
+        if session_id is not None:
+            if not self.config.completions:
+                raise SessionError(400, "session_id: sessions on /v1/completions are disabled on this server",
+                                   SESSION_FIELD)
+            conv = self._explicit(session_id, n, stream)
+            if prompt_ids[:len(conv.token_ids)] == conv.token_ids:
+                if conv.busy:
+                    raise self._busy(conv)
+                return ChatTurn(prompt_ids, prompt_ids[len(conv.token_ids):], None, None, conversation=conv)
+            if any(prompt_ids[:t.num_tokens] == conv.token_ids[:t.num_tokens] for t in conv.turns):
+                return ChatTurn(prompt_ids, prompt_ids, None, None)    # extends an earlier turn: a branch
+            at = next(i for i, (a, b) in enumerate(zip(prompt_ids + [-1], conv.token_ids)) if a != b)
+            raise SessionError(400, f"session_id {session_id!r}: the prompt does not start with the exact tokens of "
+                                    f"any turn of its conversation (it differs at token {at})", SESSION_FIELD,
+                               "session_mismatch")
+        conv = self._match_tokens(prompt_ids) if record else None
+        if conv is not None:
+            return ChatTurn(prompt_ids, prompt_ids[len(conv.token_ids):], None, None, conversation=conv)
+        return ChatTurn(prompt_ids, prompt_ids, None, None, record=record)
 
     def _render_fresh(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         try:
@@ -269,11 +270,12 @@ class ChatSessions:
             raise SessionError(400, f"the chat template refused the messages: {type(e).__name__}: {e}",
                                "messages") from None
 
-    def _continue(self, conv: Conversation, messages: list[dict], tools: list[dict] | None, *, record: bool,
-                  strict: bool) -> ChatTurn:
-        new_messages = messages[len(conv.messages):]
+    def _continue(self, conv: Conversation, index: int, messages: list[dict], tools: list[dict] | None, *,
+                  record: bool, in_place: bool, strict: bool) -> ChatTurn:
+        """The request's prompt after turn ``index`` of ``conv``: its exact tokens + the new messages' tokens."""
+        state = conv.turns[index]
         try:
-            text = self.template.continuation_text(conv, new_messages)
+            text = self.template.continuation_text(state, messages[len(state.messages):])
         except TemplateMismatch as e:
             if strict:
                 raise SessionError(400, f"session_id {conv.id!r}: {e}", SESSION_FIELD, "session_mismatch") from None
@@ -282,87 +284,77 @@ class ChatSessions:
             raise SessionError(400, f"the chat template refused the messages: {type(e).__name__}: {e}",
                                "messages") from None
         new_ids = self.template.encode(text)
-        return ChatTurn(prompt_ids=conv.token_ids + new_ids, new_token_ids=new_ids, messages=messages, tools=tools,
-                        conversation=conv if record else None, record=record)
+        prompt = conv.token_ids[:state.num_tokens] + new_ids
+        if in_place:
+            return ChatTurn(prompt, new_ids, messages, tools, conversation=conv)
+        return ChatTurn(prompt, prompt, messages, tools, record=record)   # a branch, a fork, or n > 1
 
-    @staticmethod
-    def _why_not_extended(conv: Conversation, messages: list[dict], tools: list[dict] | None) -> str:
-        if tools != conv.tools:
-            return "tools (or tool_choice) differ from the conversation's"
-        k = len(conv.messages)
-        if len(messages) <= k:
-            return (f"it has {k} messages (the last one the assistant's answer); send them plus at least one "
-                    f"new message, got {len(messages)}")
-        for i, (got, want) in enumerate(zip(messages, conv.messages)):
-            if got != want:
-                what = "the assistant message this server returned" if i == k - 1 else "the message sent earlier"
-                return f"messages[{i}] ({got.get('role')}) differs from {what}"
-        return ""
-
-    def _match(self, messages: list[dict], tools: list[dict] | None) -> Conversation | None:
+    def _match_messages(self, messages: list[dict], tools: list[dict] | None) -> tuple[Conversation, int] | None:
+        """The recorded turn whose messages are the longest proper prefix of the request's: a conversation's
+        latest turn when it is idle (continued in place), else the most recent such turn (a branch or fork)."""
         keys = prefix_keys(tools, messages)
-        for i in range(len(messages) - 1, 0, -1):          # longest proper prefix first
-            found = [c for c in self._index.get(keys[i], ()) if c.tools == tools and c.messages == messages[:i]]
-            if found:   # the most recently used idle one; all busy: one to fork
-                return next((c for c in reversed(found) if not c.busy), found[-1])
+        for i in range(len(messages) - 1, 0, -1):
+            found = [(c, j) for c, j in self._by_messages.get(keys[i], ())
+                     if c.turns[j].tools == tools and c.turns[j].messages == messages[:i]]
+            if found:
+                return next(((c, j) for c, j in reversed(found) if j == len(c.turns) - 1 and not c.busy), found[-1])
         return None
 
-    # ---------------------------------------------------------------- the backend
-    async def generate(self, turn: ChatTurn, params: SamplingParams) -> list[Trajectory]:
-        """The turn's samples. Raises RolloutError; the conversation's record is unchanged then."""
-        if not turn.record:
-            return await self.backend.generate(turn.prompt_ids, params)
-        turn.stepped = True
-        conv = turn.conversation
-        if conv is None:                                   # fresh (or forked): a new session, the whole context
-            turn.opened_session = await self.backend.open_session(None, self.config.ttl_s)
-            return [await self.backend.step_session(turn.opened_session, turn.prompt_ids, params)]
-        try:
-            if conv.engine_session is None:
-                raise RolloutError(ErrorCode.UNKNOWN_SESSION, "its session was dropped")
-            return [await self.backend.step_session(conv.engine_session, turn.new_token_ids, params)]
-        except RolloutError as e:
-            if e.code != ErrorCode.UNKNOWN_SESSION:
-                self._drop_session(conv)
-                raise
-        except BaseException:
-            self._drop_session(conv)                       # e.g. cancelled mid-turn: its KV holds a partial turn
-            raise
-        # The session is gone (expired by the engine's TTL, a dead worker): the tokens are still exact, only the
-        # KV is recomputed (the prefix cache shares what it still holds).
-        conv.engine_session = await self.backend.open_session(None, self.config.ttl_s)
-        try:
-            return [await self.backend.step_session(conv.engine_session, turn.prompt_ids, params)]
-        except BaseException:
-            self._drop_session(conv)
-            raise
+    def _match_tokens(self, prompt_ids: list[int]) -> Conversation | None:
+        """The idle conversation with the longest exact context that ``prompt_ids`` starts with."""
+        return next((c for c, _ in self._by_tokens.prefixes_of(prompt_ids) if not c.busy), None)
 
-    def commit(self, turn: ChatTurn, t: Trajectory, message: dict[str, Any]) -> str | None:
-        """Record the answer ``message`` (the response's, OpenAI's shape) with the sample's exact tokens; returns
-        the conversation's session_id (None when the turn is not recorded)."""
-        if not turn.record:
-            return None
-        # The shape a client sends it back in, as the template reads it (what matching compares).
-        message = ChatMessage.model_validate(message).template_dict()
-        tokens = turn.prompt_ids + list(t.token_ids)
+    # ---------------------------------------------------------------- recording
+    def commit(self, turn: ChatTurn, t: Trajectory, message: dict[str, Any] | None) -> str | None:
+        """Record the answer (``message``: the chat response's, OpenAI's shape; None for /v1/completions) with the
+        sample's exact tokens; -> the conversation's session_id (None when the turn is not recorded)."""
+        if not turn.record or turn.committed:
+            return turn.session_id if turn.committed else None
         conv = turn.conversation
+        messages = None
+        if turn.messages is not None:   # the shape a client sends it back in, as the template reads it
+            messages = self._shared(conv, turn.messages) + [ChatMessage.model_validate(message).template_dict()]
+        tokens = turn.prompt_ids + list(t.token_ids)
         if conv is None:
-            self._make_room()
-            conv = Conversation(id=f"chatsess-{uuid.uuid4().hex}", tools=turn.tools, messages=[], token_ids=[],
-                                ended_turn=False, engine_session=turn.opened_session)
+            conv = Conversation(id=turn.session_id, token_ids=[], engine_session=turn.opened_session)
             turn.opened_session = None                     # the record owns it now
             self._conversations[conv.id] = conv
         else:
-            self._unindex(conv)
-        conv.messages = turn.messages + [message]
+            self._by_tokens.remove(conv, conv.token_key)
+            self._num_tokens -= len(conv.token_ids)
+        key = prefix_keys(turn.tools, messages)[-1] if messages is not None else None
+        conv.turns.append(TurnState(turn.tools, messages, len(tokens), tokens[-1], self.template.ended_turn(t), key))
+        if key is not None:
+            self._by_messages.setdefault(key, []).append((conv, len(conv.turns) - 1))
         conv.token_ids = tokens
-        conv.ended_turn = self.template.ended_turn(t)
-        conv.key = prefix_keys(conv.tools, conv.messages)[-1]
+        conv.token_key = self._by_tokens.add(conv, tokens)
+        self._num_tokens += len(tokens)
         conv.last_used = self.clock()
-        self._index.setdefault(conv.key, []).append(conv)
         self._conversations.move_to_end(conv.id)
-        turn.session_id = conv.id
+        turn.committed = True
+        self._make_room(keep=conv)
         return conv.id
+
+    @staticmethod
+    def _shared(conv: Conversation | None, messages: list[dict]) -> list[dict]:
+        """``messages`` (a copy), its prefix the previous turn's very message dicts when they are equal: every turn
+        keeps its messages (for branching), so a long conversation holds each message once, not once per turn."""
+        prev = conv.state.messages if conv is not None else None
+        if prev is not None and messages[:len(prev)] == prev:
+            return prev + messages[len(prev):]
+        return list(messages)
+
+    async def close(self, session_id: str) -> None:
+        """Forget the conversation now and free its backend session's KV (awaited). 404 gone, 409 busy."""
+        self._expire()
+        conv = self._explicit(session_id, 1, False)
+        if conv.busy:
+            raise self._busy(conv)
+        engine_session, conv.engine_session = conv.engine_session, None
+        self._forget(conv, "closed")
+        if engine_session is not None:
+            with contextlib.suppress(RolloutError):        # already gone (TTL, dead worker): nothing to free
+                await self.backend.close_session(engine_session)
 
     # ---------------------------------------------------------------- bounds
     def _expire(self) -> None:
@@ -370,46 +362,28 @@ class ChatSessions:
         now = self.clock()
         for conv in list(self._conversations.values()):
             if not conv.busy and now - conv.last_used > self.config.ttl_s:
-                self._forget(conv)
+                self._forget(conv, "expired")
 
-    def _make_room(self) -> None:
-        """Forget the least recently used idle conversations until one more fits (when a new one is recorded:
-        never the one a request is continuing, which is busy until its commit)."""
+    def _make_room(self, keep: Conversation) -> None:
+        """Forget the least recently used idle conversations while over either bound (never ``keep``, never one
+        a turn is running in)."""
         for conv in list(self._conversations.values()):
-            if len(self._conversations) < self.config.max_conversations:
+            if (len(self._conversations) <= self.config.max_conversations
+                    and self._num_tokens <= self.config.max_tokens):
                 break
-            if not conv.busy:
-                self._forget(conv)
+            if conv is not keep and not conv.busy:
+                self._forget(conv, "evicted")
 
-    def _forget(self, conv: Conversation) -> None:
+    def _forget(self, conv: Conversation, why: str) -> None:
         self._conversations.pop(conv.id, None)
-        self._unindex(conv)
+        for j, state in enumerate(conv.turns):
+            same = self._by_messages.get(state.key, [])
+            same[:] = [(c, i) for c, i in same if not (c is conv and i == j)]
+            if not same:
+                self._by_messages.pop(state.key, None)
+        self._by_tokens.remove(conv, conv.token_key)
+        self._num_tokens -= len(conv.token_ids)
+        self._gone[conv.id] = why
+        while len(self._gone) > GONE_MEMORY:
+            self._gone.popitem(last=False)
         self._drop_session(conv)
-
-    def _unindex(self, conv: Conversation) -> None:
-        same = self._index.get(conv.key, [])
-        if conv in same:
-            same.remove(conv)
-        if not same:
-            self._index.pop(conv.key, None)
-
-    def _drop_session(self, conv: Conversation) -> None:
-        if conv.engine_session is not None:
-            self._close_later(conv.engine_session)
-            conv.engine_session = None
-
-    def _close_later(self, engine_session: str) -> None:
-        async def close() -> None:
-            with contextlib.suppress(RolloutError):        # already gone (TTL, dead worker): nothing to free
-                await self.backend.close_session(engine_session)
-        task = asyncio.ensure_future(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-
-def cached_prompt_tokens(prompt_ids: list[int], samples: list[Trajectory]) -> int:
-    """Prompt tokens whose KV was not computed for this request (a session's KV, the prefix cache): OpenAI's
-    ``usage.prompt_tokens_details.cached_tokens``, from the first sample's count of prefilled tokens."""
-    if not samples or "num_prefill_tokens" not in samples[0].metrics:
-        return 0
-    return max(0, len(prompt_ids) - int(samples[0].metrics["num_prefill_tokens"]))

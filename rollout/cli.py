@@ -99,7 +99,9 @@ def _check_http_args(args: argparse.Namespace) -> None:
         if not args.chat_template_text.strip():
             raise ValueError(f"--chat-template {args.chat_template!r} is empty")
     from rollout.chat_sessions import SessionConfig
-    args.session_config = SessionConfig(ttl_s=args.http_session_ttl, max_conversations=args.http_max_sessions)
+    args.session_config = SessionConfig(ttl_s=args.http_session_ttl, max_conversations=args.http_max_sessions,
+                                        max_tokens=args.http_session_max_tokens,
+                                        completions=not args.http_no_completion_sessions)
 
 
 def _served_model_name(args: argparse.Namespace) -> str:
@@ -237,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--http-session-ttl", type=float, default=600.0,
                      help="HTTP: seconds an idle chat conversation keeps its session (docs/openai.md, Sessions)")
     srv.add_argument("--http-max-sessions", type=int, default=1024,
-                     help="HTTP: chat conversations remembered at most (the least recently used idle one goes)")
+                     help="HTTP: conversations remembered at most (the least recently used idle one goes)")
+    srv.add_argument("--http-session-max-tokens", type=int, default=4_000_000,
+                     help="HTTP: tokens remembered over all conversations at most (the token-prefix index)")
+    srv.add_argument("--http-no-completion-sessions", action="store_true",
+                     help="HTTP: /v1/completions neither records nor continues conversations (chat still does)")
     srv.add_argument("--served-model-name", default=None,
                      help="the model name HTTP requests must send (default: the --model folder's name)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -123,12 +123,16 @@ class EngineLoop:
         return self._submit(run)
 
     def step_session(self, session_id: str, new_token_ids: list[int], params: SamplingParams,
-                     request_id: Optional[str] = None) -> "Future[Trajectory]":
-        """Append ``new_token_ids`` and generate the model's turn; resolves with this turn only."""
+                     request_id: Optional[str] = None, *,
+                     on_delta: Callable[[SampleDelta], None] | None = None) -> "Future[Trajectory]":
+        """Append ``new_token_ids`` and generate the model's turn; resolves with this turn only. ``on_delta``: as
+        ``generate``'s (the final delta's ``final`` is the engine's sample; the future's Trajectory follows)."""
         new_tokens = list(new_token_ids) if isinstance(new_token_ids, (list, tuple)) else new_token_ids
 
         def run(engine: LLMEngine, fut: Future) -> None:
             rid = engine.submit_turn(session_id, new_tokens, params, request_id or self._new_id("turn"))
+            if on_delta is not None:
+                self._streams.watch(rid, on_delta)
             self._track(rid, fut, 1, lambda cs: self._finish_turn(session_id, new_tokens, cs[0]))
         return self._submit(run)
 

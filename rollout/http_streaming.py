@@ -1,13 +1,18 @@
 """``stream: true``: Server-Sent Events for /v1/chat/completions and /v1/completions (docs/openai.md, Streaming).
 
-    backend.generate_stream (LocalBackend: the engine loop's deltas after every step) --SampleDelta-->
+    sessions.stream (per prompt: backend.step_session_stream or generate_stream; the engine loop's deltas after
+    every step, from this process or a Ray worker) --SampleDelta-->
       merge (one pump task per prompt) --> per choice: ChoiceText (incremental text, stop strings held back)
       --> "data: {chunk}\\n\\n" ... "data: [DONE]\\n\\n"
 
 The first delta is awaited before the response starts, so an error the backend raises at once (a token id outside
 the vocabulary, a prompt over the context) is an ordinary HTTP error; a later one is an ``error`` event (the
 ``openai`` client raises it) and the stream ends without ``[DONE]``. A client that disconnects cancels the pumps:
-``LocalBackend.generate_stream`` closes, the engine aborts the request and frees its KV.
+the backend stream closes, the engine aborts the request and frees its KV.
+
+Sessions: a recorded turn (n = 1) is committed when its final delta arrives, before its last chunk is sent; chat
+chunks carry the conversation's ``session_id`` at the top level, completions chunks in each choice. A stream
+that fails or is cut before that leaves the conversation as it was (``ChatSessions.end``).
 
 Text: each choice's tokens are detokenized incrementally (``engine.stop_strings.StopStringDetector``: the engine's
 own scheme, seeded with the prompt's last tokens when there are stop strings, as the engine does). Text that may
@@ -32,12 +37,8 @@ from engine.stop_strings import StopStringDetector
 from rollout.backend import RolloutError
 from rollout.loop_streams import SampleDelta
 from rollout.openai_render import usage
-from rollout.tool_calls import (
-    TOOL_CALL_OPEN,
-    openai_tool_calls,
-    parse_tool_calls,
-    text_outside_calls,
-)
+from rollout.session_turns import cached_prompt_tokens
+from rollout.tool_calls import TOOL_CALL_OPEN, chat_message, text_outside_calls
 
 logger = logging.getLogger(__name__)
 _END = object()
@@ -169,19 +170,24 @@ class _Choice:
 class StreamPlan:
     """What one streamed request needs, prepared (and validated) by the front end."""
     chat: bool
-    prompts: list[list[int]]
+    turns: list[Any]           # rollout.chat_sessions.ChatTurn, one per prompt (begun; the stream commits them)
     params: SamplingParams
     logprobs: bool             # chat: logprobs: true; completions: logprobs given
     return_token_ids: bool
     include_usage: bool
     use_tools: bool = False
     choices: dict[int, _Choice] = field(default_factory=dict)
+    cached_tokens: int = 0     # prompt tokens not prefilled (session KV, prefix cache), from the final deltas
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [t.prompt_ids for t in self.turns]
 
 
 async def open_stream(front: Any, plan: StreamPlan, on_close: Callable[[], None]) -> SSEResponse:
     """Start the backend streams and wait for the first delta (errors so far are raised as RolloutError, before
     the response starts); -> the event stream. ``on_close`` runs once when the stream ends, however it ends."""
-    deltas = merge([front.backend.generate_stream(ids, plan.params) for ids in plan.prompts])
+    deltas = merge([front.sessions.stream(turn, plan.params) for turn in plan.turns])
     try:
         first = await deltas.__anext__()
     except BaseException:
@@ -198,6 +204,8 @@ async def _events(front: Any, plan: StreamPlan, first: tuple[int, SampleDelta],
             "created": int(time.time()), "model": front.config.model_name}
     if plan.include_usage:
         head["usage"] = None      # as OpenAI: every chunk but the last has usage null
+    if chat and plan.turns[0].record:
+        head["session_id"] = plan.turns[0].session_id    # the conversation this answer is recorded in
     marker = TOOL_CALL_OPEN if plan.use_tools else None
     for i, ids in enumerate(plan.prompts):
         for s in range(n):
@@ -236,7 +244,8 @@ async def _events(front: Any, plan: StreamPlan, first: tuple[int, SampleDelta],
     prompt_tokens = sum(len(ids) for ids in plan.prompts)
     front.metrics.add_tokens(prompt_tokens, completion_tokens)
     if plan.include_usage:
-        yield sse(dict(head, choices=[], usage=usage(prompt_tokens, completion_tokens)))
+        yield sse(dict(head, choices=[], usage=dict(usage(prompt_tokens, completion_tokens),
+                                                    prompt_tokens_details={"cached_tokens": plan.cached_tokens})))
     yield "data: [DONE]\n\n"
 
 
@@ -256,14 +265,13 @@ def _choice_chunk(front: Any, plan: StreamPlan, prompt_index: int, d: SampleDelt
         text = state.text.feed(d.token_ids)
     else:
         full = render.text(d.final)
-        finish_reason = d.final.finish_reason
-        if plan.use_tools:
-            parsed = parse_tool_calls(full)
-            if parsed.tool_calls:
-                tool_calls = [dict(call, index=k) for k, call in enumerate(openai_tool_calls(parsed.tool_calls))]
-                finish_reason = "tool_calls"
-                full = text_outside_calls(full)
+        message, finish_reason = chat_message(full, d.final.finish_reason, plan.use_tools) if plan.chat \
+            else (None, d.final.finish_reason)
+        if finish_reason == "tool_calls":
+            tool_calls = [dict(call, index=k) for k, call in enumerate(message["tool_calls"])]
+            full = text_outside_calls(full)
         text = state.text.finish(full)
+        _settle(front, plan, prompt_index, d, message)
     state.num_tokens += len(d.token_ids)
     if d.final is None and not text and not plan.logprobs and not plan.return_token_ids:
         return None
@@ -282,6 +290,9 @@ def _choice_chunk(front: Any, plan: StreamPlan, prompt_index: int, d: SampleDelt
         else:
             out["logprobs"] = None
     out["finish_reason"] = finish_reason
+    turn = plan.turns[prompt_index]
+    if not plan.chat and turn.record:
+        out["session_id"] = turn.session_id
     if plan.return_token_ids:
         if not plan.chat and not state.started:
             out["prompt_token_ids"] = plan.prompts[prompt_index]
@@ -289,3 +300,15 @@ def _choice_chunk(front: Any, plan: StreamPlan, prompt_index: int, d: SampleDelt
         out["versions"] = list(d.versions)
     state.started = True
     return out
+
+
+def _settle(front: Any, plan: StreamPlan, prompt_index: int, d: SampleDelta, message: dict[str, Any] | None) -> None:
+    """A sample's final delta: count its cached prompt tokens; a recorded turn (one sample) is committed and
+    ended now, before its last chunk is sent, so a client that reads the answer and sends the next turn at once
+    finds the conversation recorded and idle."""
+    turn = plan.turns[prompt_index]
+    if d.sample_index == 0:
+        plan.cached_tokens += cached_prompt_tokens(turn.prompt_ids, [d.final])
+    if turn.record:
+        front.sessions.commit(turn, d.final, message)
+        front.sessions.end(turn)

@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.engine_loop import EngineLoop
-from rollout.loop_streams import SampleDelta
+from rollout.loop_streams import SampleDelta, iterate_deltas
 from rollout.trajectory import Trajectory
 
 
@@ -34,29 +34,9 @@ class LocalBackend:
         """``generate``'s samples as they are generated: ``SampleDelta`` objects, each sample's ending with
         ``final`` set; raises ``RolloutError`` as ``generate`` does. Closing the iterator early (a client gone)
         cancels the request: the engine aborts it and frees its KV."""
-        aloop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
-
-        def hand_over(item: Any) -> None:        # on the engine loop thread
-            try:
-                aloop.call_soon_threadsafe(deltas.put_nowait, item)
-            except RuntimeError:                 # the event loop is closed: nobody reads any more
-                pass
-
-        fut = self.loop.generate(prompt_ids, params, request_id, on_delta=hand_over)
-        fut.add_done_callback(hand_over)         # after every final delta (the loop resolves it last)
-        open_samples = params.n
-        try:
-            while open_samples:
-                item = await deltas.get()
-                if item is fut:                   # resolved before every sample ended: an error (or a cancel)
-                    fut.result()
-                    raise RolloutError(ErrorCode.INTERNAL, "the stream ended before its samples")
-                open_samples -= item.final is not None
-                yield item
-        finally:
-            if not fut.done():
-                fut.cancel()                      # EngineLoop._track: the engine aborts the request
+        async for delta in iterate_deltas(
+                lambda on_delta: self.loop.generate(prompt_ids, params, request_id, on_delta=on_delta), params.n):
+            yield delta
 
     async def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None) -> str:
         return await self._await(self.loop.open_session(session_id, ttl_s))
@@ -64,6 +44,15 @@ class LocalBackend:
     async def step_session(self, session_id: str, new_token_ids: list[int], params: SamplingParams, *,
                            request_id: Optional[str] = None) -> Trajectory:
         return await self._await(self.loop.step_session(session_id, new_token_ids, params, request_id))
+
+    async def step_session_stream(self, session_id: str, new_token_ids: list[int], params: SamplingParams, *,
+                                  request_id: str | None = None) -> AsyncIterator[SampleDelta]:
+        """``step_session``'s turn as it is generated (one sample; its final delta's ``final`` is the turn);
+        closing early aborts the turn (the session keeps what was generated so far, as after an abort)."""
+        async for delta in iterate_deltas(
+                lambda on_delta: self.loop.step_session(session_id, new_token_ids, params, request_id,
+                                                        on_delta=on_delta), 1):
+            yield delta
 
     async def close_session(self, session_id: str) -> Trajectory:
         return await self._await(self.loop.close_session(session_id))

@@ -9,15 +9,20 @@ over a sample's last tokens with its whole Trajectory when its Completion arrive
 
 Per sample, the deltas' tokens concatenated are exactly the Completion's tokens (each token once, in order);
 the final delta is the sample's last. Callbacks run on the loop thread: they must only hand the delta over
-(``loop.call_soon_threadsafe``), never block.
+(``loop.call_soon_threadsafe``), never block. ``iterate_deltas`` is that hand-over for an asyncio caller (the
+``LocalBackend`` and each Ray ``RolloutWorker`` stream through it).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.outputs import Completion
+from rollout.backend import ErrorCode, RolloutError
 from rollout.loop_results import completion_to_trajectory
 from rollout.trajectory import Trajectory
 
@@ -78,3 +83,35 @@ class StreamWatchers:
             w.on_delta(delta)
         except Exception:
             logger.exception("a stream callback failed")
+
+
+async def iterate_deltas(start: Callable[[Callable[[Any], None]], Future], num_samples: int
+                         ) -> AsyncIterator[SampleDelta]:
+    """The deltas of one request as an async iterator on the running event loop. ``start(on_delta)`` submits the
+    request to an ``EngineLoop`` (``generate`` or ``step_session`` with ``on_delta``) and returns its future; the
+    iterator ends after each of the ``num_samples`` samples' final delta and raises the request's
+    ``RolloutError`` if it fails. Closing it early (a client gone) cancels the future: the engine aborts the
+    request and frees its KV."""
+    aloop = asyncio.get_running_loop()
+    deltas: asyncio.Queue = asyncio.Queue()
+
+    def hand_over(item: Any) -> None:        # on the engine loop thread
+        try:
+            aloop.call_soon_threadsafe(deltas.put_nowait, item)
+        except RuntimeError:                 # the event loop is closed: nobody reads any more
+            pass
+
+    fut = start(hand_over)
+    fut.add_done_callback(hand_over)         # after every final delta (the loop resolves it last)
+    open_samples = num_samples
+    try:
+        while open_samples:
+            item = await deltas.get()
+            if item is fut:                   # resolved before every sample ended: an error (or a cancel)
+                fut.result()
+                raise RolloutError(ErrorCode.INTERNAL, "the stream ended before its samples")
+            open_samples -= item.final is not None
+            yield item
+    finally:
+        if not fut.done():
+            fut.cancel()                      # EngineLoop._track: the engine aborts the request

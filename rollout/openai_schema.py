@@ -121,6 +121,9 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[int], list[str], list[list[int]]]
     max_tokens: int = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Extension: continue this conversation (the session_id of an earlier response; one prompt starting with its
+    # exact tokens); without it a prompt starting with an earlier answer's exact tokens is matched automatically.
+    session_id: str | None = Field(default=None, min_length=1)
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """One entry per prompt of the batch. NOTE: ``[]`` is one empty token-id prompt (refused later)."""

@@ -18,6 +18,9 @@ Routing: a new session or request goes to the least loaded serving worker, by th
 (calls in flight + open sessions, then free KV blocks from the last load snapshot; no RPC per request);
 every later turn of a session goes to the worker that opened it (affinity map).
 
+Streaming (``rollout.pool_streams``): ``generate_stream`` / ``step_session_stream`` carry a worker's per-step
+deltas (a Ray streaming generator) to the caller's event loop as they come.
+
 Weights (``rollout.pool_updates``): ``update_weights`` (a registered loader by name),
 ``update_weights_from_state_dict`` (the object store) and ``update_weights_from_distributed`` (a trainer's
 broadcast through the pool's weight-sync group, ``rollout.weight_group``) run on every worker concurrently
@@ -35,11 +38,13 @@ Ray's own error; ``as_completed`` turns it into ``RolloutError(WORKER_DIED)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from engine.config import EngineConfig
@@ -47,6 +52,8 @@ from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError, gather_or_cancel
 from rollout.fast_channel_client import FastChannels
 from rollout.pool_slots import Incarnation, Slot, as_completed, default_runtime_env, gpus_per_worker
+from rollout.pool_status import PoolStatusAPI
+from rollout.pool_streams import PoolStreamsAPI
 from rollout.pool_supervisor import Supervisor
 from rollout.pool_updates import PoolWeightsAPI
 from rollout.pool_weights import WeightState
@@ -59,7 +66,7 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SESSION_EXPIRY_GRACE_S = 5.0   # past a session's TTL, before the pool forgets it (its worker expired it by then)
 
 
-class RolloutPool(PoolWeightsAPI):
+class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
     def __init__(self, engine_config: EngineConfig, num_workers: int, *, placement: str = "PACK",
                  address: Optional[str] = None, num_cpus_per_worker: float = 1.0, env_threads: int = 4,
                  runtime_env: Optional[dict[str, Any]] = None, start_timeout_s: float = 300.0,
@@ -258,6 +265,12 @@ class RolloutPool(PoolWeightsAPI):
         return await self._hop(self._step_session(session_id, new_token_ids, params, request_id))
 
     async def _step_session(self, session_id, new_token_ids, params, request_id) -> Trajectory:
+        async with self._session_turn(session_id, request_id) as (slot, rid):
+            return await self._call(slot, "step_session", session_id, new_token_ids, params, rid)
+
+    @contextlib.asynccontextmanager
+    async def _session_turn(self, session_id: str, request_id: Optional[str]) -> AsyncIterator[tuple[Slot, str]]:
+        """The bookkeeping of one turn of a session (its worker, request id, TTL clock), on the pool's loop."""
         if self._weights.inconsistent:
             await self._pick()   # raises UNAVAILABLE
         slot = self._session_slot(session_id)
@@ -268,7 +281,7 @@ class RolloutPool(PoolWeightsAPI):
         if ttl is not None:
             self._session_ttl[session_id] = (ttl[0], None)          # running: never expired meanwhile
         try:
-            return await self._call(slot, "step_session", session_id, new_token_ids, params, rid)
+            yield slot, rid
         except RolloutError as e:
             if e.code is ErrorCode.UNKNOWN_SESSION:   # expired on the worker (TTL)
                 self._forget_session(session_id, slot)
@@ -345,54 +358,7 @@ class RolloutPool(PoolWeightsAPI):
     async def _on_every_worker(self, method: str, *args: Any) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self._call(slot, method, *args) for slot in self._slots if slot.live)))
 
-    # ================================================================ introspection, shutdown
-    async def stats(self) -> dict[str, Any]:
-        return await self._hop(self._stats())
-
-    async def _stats(self) -> dict[str, Any]:
-        async def one(slot: Slot) -> dict[str, Any]:
-            base = {"worker": slot.index, "restarts": slot.restarts, "inflight": slot.actor.inflight,
-                    "open_sessions": slot.open_sessions, "sessions_opened": slot.sessions_opened,
-                    "turns_routed": slot.turns_routed, "failed": slot.failed, "alive": slot.ready.is_set(),
-                    "awaiting_weights": slot.awaiting_weights}
-            if slot.live:
-                try:
-                    base.update(await asyncio.wait_for(self._call(slot, "stats"), 30.0))
-                except (RolloutError, asyncio.TimeoutError) as e:
-                    base["error"] = str(e)
-            return base
-        workers = list(await asyncio.gather(*(one(s) for s in self._slots)))
-        total: dict[str, Any] = {}
-        for w in workers:
-            for k, v in w.items():
-                if k != "worker" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    total[k] = total.get(k, 0) + v
-        return {"workers": workers, "total": total, "version": self._weights.version,
-                "inconsistent": self._weights.inconsistent, "worker_deaths": self._workers.deaths,
-                "sessions": len(self._affinity), "weight_sync_group": self._groups.status()}
-
-    async def weights_digests(self) -> list[dict[str, Any]]:
-        """Every live worker's parameter digest and version: equal digests = bit-identical weights."""
-        return await self._hop(self._on_every_worker("weights_digest"))
-
-    async def health(self) -> dict[str, Any]:
-        return await self._hop(self._health())
-
-    async def _health(self) -> dict[str, Any]:
-        async def one(slot: Slot) -> dict[str, Any]:
-            # alive: serving (routing picks it); a worker awaiting weights answers but is not alive in that sense
-            info = {"worker": slot.index, "alive": False, "restarts": slot.restarts,
-                    "awaiting_weights": slot.awaiting_weights, "failed": slot.failed}
-            if slot.live:
-                try:
-                    info.update(await asyncio.wait_for(self._call(slot, "ready"), 10.0), alive=slot.ready.is_set())
-                except (RolloutError, asyncio.TimeoutError):
-                    pass
-            return info
-        workers = list(await asyncio.gather(*(one(s) for s in self._slots)))
-        ok = not self._closing and not self._weights.inconsistent and all(w["alive"] for w in workers)
-        return {"ok": ok, "workers": workers, "version": self._weights.version}
-
+    # ================================================================ shutdown (stats, health: rollout.pool_status)
     async def shutdown(self) -> None:
         if self._thread.is_alive():
             await self._hop(self._shutdown())

@@ -10,6 +10,9 @@ in the same bundle. Under the weight lock it reloads the pool's weights (``Weigh
 cannot (a source that cannot be replayed or no longer matches its digest) is held out of routing until an
 update lands on it; one whose actor does not come up is *failed* for good.
 
+Streams (``stream``): a worker's streaming-generator method, item by item, failing the same way the moment its worker
+dies; closing it early cancels the worker's task.
+
 Owned by the pool's event loop, like the slots it manages.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, Callable
 
 from rollout.backend import ErrorCode, RolloutError
@@ -24,6 +28,18 @@ from rollout.pool_slots import Incarnation, Slot, to_rollout_error
 from rollout.pool_weights import WeightState
 
 logger = logging.getLogger(__name__)
+
+
+_END_OF_STREAM = object()
+
+
+async def _next_item(gen: Any) -> Any:
+    """The next item of a Ray ObjectRefGenerator (its value, not its ref), or _END_OF_STREAM."""
+    try:
+        ref = await gen.__anext__()
+    except StopAsyncIteration:
+        return _END_OF_STREAM
+    return await ref
 
 
 def _kill(handle: Any) -> None:
@@ -89,6 +105,49 @@ class Supervisor:
                 try:
                     import ray
                     ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - already finished or the worker is gone
+                    pass
+
+    async def stream(self, slot: Slot, method: str, *args: Any) -> AsyncIterator[Any]:
+        """Call a worker's streaming-generator method (``num_returns="streaming"``); its items as they come, or
+        RolloutError — WORKER_DIED as soon as the worker is found dead. Closing the iterator before the end
+        cancels the worker's task (``ray.cancel``: the worker's generator is cancelled and aborts its request)."""
+        import ray
+        actor = slot.actor
+        if actor.death.done() or slot.failed:
+            raise RolloutError(ErrorCode.WORKER_DIED, f"worker {slot.index} is down")
+        gen = getattr(actor.handle, method).options(num_returns="streaming").remote(*args)
+        actor.inflight += 1
+        ended = False
+        try:
+            while True:
+                step = asyncio.ensure_future(_next_item(gen))
+                try:
+                    await asyncio.wait({step, actor.death}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not step.done():
+                        step.cancel()
+                if not step.done() or step.cancelled():
+                    if actor.death.cancelled():
+                        raise RolloutError(ErrorCode.UNAVAILABLE, "the pool shut down with this request in flight")
+                    raise RolloutError(ErrorCode.WORKER_DIED, f"worker {slot.index} died with this request in flight")
+                exc = step.exception()
+                if exc is not None:
+                    ended = True               # the worker's generator raised: its task is over
+                    err = to_rollout_error(exc, slot.index)
+                    if err.code is ErrorCode.WORKER_DIED:
+                        self.worker_died(slot, actor)
+                    raise err from None
+                item = step.result()
+                if item is _END_OF_STREAM:
+                    ended = True
+                    return
+                yield item
+        finally:
+            actor.inflight -= 1
+            if not ended:
+                try:
+                    ray.cancel(gen)
                 except Exception:  # noqa: BLE001 - already finished or the worker is gone
                     pass
 

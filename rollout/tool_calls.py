@@ -77,3 +77,14 @@ def openai_tool_calls(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
             for c in calls]
+
+
+def chat_message(text: str, finish_reason: str, use_tools: bool) -> tuple[dict[str, Any], str]:
+    """A chat choice's assistant message and finish_reason: with tools, the calls parsed out of ``text`` (all or
+    nothing: ``parse_tool_calls``) and ``"tool_calls"``; otherwise the text as content and the engine's reason."""
+    if use_tools:
+        parsed = parse_tool_calls(text)
+        if parsed.tool_calls:
+            return ({"role": "assistant", "content": parsed.content,
+                     "tool_calls": openai_tool_calls(parsed.tool_calls)}, "tool_calls")
+    return {"role": "assistant", "content": text}, finish_reason

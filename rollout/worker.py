@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 import torch
@@ -29,6 +30,7 @@ from engine.config import EngineConfig
 from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.engine_loop import EngineLoop
+from rollout.loop_streams import SampleDelta, iterate_deltas
 from rollout.trajectory import Trajectory
 from rollout.weight_group import GroupMembership
 
@@ -133,6 +135,30 @@ class RolloutWorker:
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: Optional[str] = None) -> list[Trajectory]:
         return [self._stamp(t) for t in await self._await(self.loop.generate(prompt_ids, params, request_id))]
+
+    async def generate_stream(self, prompt_ids: list[int], params: SamplingParams,
+                              request_id: Optional[str] = None) -> AsyncIterator[SampleDelta]:
+        """``generate`` as a Ray streaming generator (the pool calls it with ``num_returns="streaming"``): the
+        engine loop's deltas after every step. Cancelling the task (``ray.cancel``) aborts the request."""
+        async for delta in self._deltas(
+                lambda on_delta: self.loop.generate(prompt_ids, params, request_id, on_delta=on_delta), params.n):
+            yield delta
+
+    async def step_session_stream(self, session_id: str, new_token_ids: list[int], params: SamplingParams,
+                                  request_id: Optional[str] = None) -> AsyncIterator[SampleDelta]:
+        async for delta in self._deltas(
+                lambda on_delta: self.loop.step_session(session_id, new_token_ids, params, request_id,
+                                                        on_delta=on_delta), 1):
+            yield delta
+
+    async def _deltas(self, start, num_samples: int) -> AsyncIterator[SampleDelta]:
+        try:
+            async for delta in iterate_deltas(start, num_samples):
+                if delta.final is not None:
+                    self._stamp(delta.final)
+                yield delta
+        except RolloutError as e:
+            raise WorkerError(e.code.value, e.message) from None
 
     async def open_session(self, session_id: Optional[str] = None, ttl_s: Optional[float] = None) -> str:
         return await self._await(self.loop.open_session(session_id, ttl_s))

@@ -124,6 +124,15 @@ class StubBackend:
         whole.finish_reason = turn.finish_reason
         return turn
 
+    async def step_session_stream(self, session_id: str, new_token_ids: list[int],
+                                  params: SamplingParams) -> AsyncIterator[SampleDelta]:
+        """``step_session``'s turn, one token per delta (as ``generate_stream``)."""
+        t = await self.step_session(session_id, new_token_ids, params)
+        for k in range(max(1, len(t.token_ids))):
+            last = k >= len(t.token_ids) - 1
+            yield SampleDelta(0, t.token_ids[k:k + 1], t.logprobs[k:k + 1], t.versions[k:k + 1], None,
+                              final=t if last else None)
+
     async def close_session(self, session_id: str) -> Trajectory:
         self.calls["close_session"] += 1
         self._session(session_id)

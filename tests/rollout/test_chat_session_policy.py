@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from engine.smollm2 import chat_prompt_ids
 from rollout.backend import ErrorCode, RolloutError
-from rollout.chat_sessions import ChatTemplate, Conversation, SessionConfig
+from rollout.chat_sessions import SessionConfig
+from rollout.chat_template import ChatTemplate, TurnState
 from rollout.http_server import HttpConfig, create_app
 from tests.rollout.stub_backend import StubBackend
 
@@ -66,17 +67,19 @@ def smollm2_tokenizer(smollm2_dir):
 
 @pytest.fixture
 def serve(smollm2_dir):
-    """serve(template=None) -> (base URL, backend, ChatSessions): a server over a fresh GatedStub, SmolLM2's
-    tokenizer with ``template`` (default its own), the sessions on a manual clock; stopped after the test."""
+    """serve(template=None, sessions=None, backend_class=GatedStub) -> (base URL, backend, ChatSessions): a server
+    over a fresh backend_class(),
+    SmolLM2's tokenizer with ``template`` (default its own), the sessions (default: TTL 60 s, at most 3
+    conversations) on a manual clock; stopped after the test."""
     stops = []
 
-    def start(template=None):
-        backend = GatedStub()
+    def start(template=None, sessions=None, backend_class=None):
+        backend = (backend_class or GatedStub)()
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
         if template is not None:
             tokenizer.chat_template = template
         config = HttpConfig(model_name=MODEL, max_model_len=4096,
-                            sessions=SessionConfig(ttl_s=60.0, max_conversations=3))
+                            sessions=sessions or SessionConfig(ttl_s=60.0, max_conversations=3))
         app = create_app(backend, tokenizer, config)
         sessions = app.state.front.sessions
         sessions.clock = Clock()
@@ -133,7 +136,6 @@ def test_explicit_session_id_errors_name_the_field_and_lose_nothing(served):
     cases = [  # (messages, session_id, n, param, text in the message)
         (USER + [{"role": "assistant", "content": "tampered"}, more[-1]], sid, 1, "session_id", "messages[1]"),
         (USER + [echo(r1)], sid, 1, "session_id", "at least one new message"),
-        (more, "chatsess-unknown", 1, "session_id", "no such conversation"),
         (more, sid, 2, "n", "n must be 1"),
     ]
     for messages, session_id, n, param, text in cases:
@@ -142,6 +144,9 @@ def test_explicit_session_id_errors_name_the_field_and_lose_nothing(served):
         assert e.value.body["param"] == param and text in e.value.body["message"], e.value.body
     with pytest.raises(openai.BadRequestError, match="tools"):
         chat(base, more, sid, tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(base, more, "chatsess-unknown")
+    assert e.value.body["code"] == "session_not_found" and "unknown" in e.value.body["message"]
     r2 = chat(base, more, sid)
     assert r2.session_id == sid
     assert r2.prompt_token_ids[:len(context(r1))] == context(r1)        # continues the exact tokens
@@ -279,7 +284,7 @@ def test_the_glue_closes_the_turn_the_way_the_template_does(smollm2_tokenizer, l
     tok = smollm2_tokenizer
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}]
-    conv = Conversation(id="c", tools=None, messages=messages, token_ids=[tok.convert_tokens_to_ids(last_token)],
-                        ended_turn=ended, engine_session=None)
-    text = ChatTemplate(tok).continuation_text(conv, [{"role": "user", "content": "more"}])
+    state = TurnState(tools=None, messages=messages, num_tokens=1, last_token=tok.convert_tokens_to_ids(last_token),
+                      ended_turn=ended)
+    text = ChatTemplate(tok).continuation_text(state, [{"role": "user", "content": "more"}])
     assert text == glue + "<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"

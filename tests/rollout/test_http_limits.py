@@ -11,7 +11,6 @@ import threading
 import openai
 import pytest
 
-from engine.sampling import SamplingParams
 from rollout.http_server import HttpConfig, create_app
 from tests.rollout.http_helpers import serving
 from tests.rollout.stub_backend import StubBackend
@@ -27,7 +26,8 @@ SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"
 
 class HeldBackend(StubBackend):
     """The stub, remembering the server's loop and signalling (a threading.Event) once ``expect`` requests are
-    inside ``generate``; ``hold()`` / ``release()`` (the stub's gate) keep them there."""
+    at work (``generate``, or a session turn: an n = 1 completion is recorded as a conversation); ``hold()`` /
+    ``release()`` (the stub's gate) keep them there."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,16 +36,16 @@ class HeldBackend(StubBackend):
         self.entered = 0
         self.all_entered = threading.Event()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams):
+    async def _work(self, request_id: str, context: list[int]) -> None:
         self.server_loop = asyncio.get_running_loop()
         self.entered += 1
         if self.entered >= self.expect:
             self.all_entered.set()
-        return await super().generate(prompt_ids, params)
+        return await super()._work(request_id, context)
 
 
 class NoStreaming:
-    """A backend without ``generate_stream`` (as the Ray pool today)."""
+    """A backend without ``generate_stream`` (a streaming capability is optional for a RolloutBackend)."""
 
     def __init__(self) -> None:
         self._stub = StubBackend()
