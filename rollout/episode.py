@@ -67,18 +67,16 @@ class Episode:
         def timed() -> None:
             # The clock starts when the call starts, not when it was queued behind other episodes'
             # environment calls (a busy pool must not time episodes out).
-            timer = None
+            deadline = None
             if timeout is not None:
-                timer = threading.Timer(timeout, self._fail, (RolloutError(
+                deadline = self.loop.watchdog.arm(timeout, lambda: self._fail(RolloutError(
                     ErrorCode.ABORTED, f"environment {self.env_name!r}: {env_call} did not return within "
-                                       f"{timeout} s (env_timeout_s); the episode is abandoned"),))
-                timer.daemon = True
-                timer.start()
+                                       f"{timeout} s (env_timeout_s); the episode is abandoned")))
             try:
                 self._guard(fn, *args)
             finally:
-                if timer is not None:
-                    timer.cancel()
+                if deadline is not None:
+                    deadline.cancel()
         try:
             self.loop._env_pool.submit(timed)
         except RuntimeError:   # pool shut down
