@@ -46,6 +46,7 @@ from rollout.episode import Episode
 from rollout.loop_results import _metrics, _resolve, completion_to_trajectory, error_from_exception
 from rollout.loop_streams import SampleDelta, StreamWatchers
 from rollout.trajectory import Trajectory
+from rollout.watchdog import Watchdog
 from scheduler import SessionError
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class EngineLoop:
         self._closing = False
         self._submit_lock = threading.Lock()   # no command is queued after the stop sentinel
         self._env_pool = ThreadPoolExecutor(max_workers=env_threads, thread_name_prefix="rollout-env")
+        self.watchdog = Watchdog("rollout-env-watchdog")   # env_timeout_s of every environment call
         self._tokenizer: Any = None
         self._tokenizer_loaded = False
         self._tokenizer_lock = threading.Lock()
@@ -270,6 +272,7 @@ class EngineLoop:
             self._commands.put(_STOP)
         self._thread.join(timeout_s)
         self._env_pool.shutdown(wait=False, cancel_futures=True)
+        self.watchdog.close()
 
     # ================================================================ loop thread
     def _new_id(self, prefix: str) -> str:

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 class Episode:
     """One server-side agent loop: a chain of callbacks between the env pool and the engine loop.
-    NOTE: callbacks of engine futures run on the loop thread; they only hand work to the env pool."""
+    NOTE: callbacks of engine futures run on the loop thread; they only hand work to the env pool, or do
+    bookkeeping that never blocks (``_opened``, ``_closed``: no environment call is involved)."""
 
     def __init__(self, loop: EngineLoop, env_name: str, env_kwargs: dict[str, Any], params: SamplingParams,
                  max_turns: int, outer: Future) -> None:
@@ -67,18 +68,16 @@ class Episode:
         def timed() -> None:
             # The clock starts when the call starts, not when it was queued behind other episodes'
             # environment calls (a busy pool must not time episodes out).
-            timer = None
+            deadline = None
             if timeout is not None:
-                timer = threading.Timer(timeout, self._fail, (RolloutError(
+                deadline = self.loop.watchdog.arm(timeout, lambda: self._fail(RolloutError(
                     ErrorCode.ABORTED, f"environment {self.env_name!r}: {env_call} did not return within "
-                                       f"{timeout} s (env_timeout_s); the episode is abandoned"),))
-                timer.daemon = True
-                timer.start()
+                                       f"{timeout} s (env_timeout_s); the episode is abandoned")))
             try:
                 self._guard(fn, *args)
             finally:
-                if timer is not None:
-                    timer.cancel()
+                if deadline is not None:
+                    deadline.cancel()
         try:
             self.loop._env_pool.submit(timed)
         except RuntimeError:   # pool shut down
@@ -102,12 +101,23 @@ class Episode:
         self.env_seconds += time.perf_counter() - t0
         if self.outer.done():   # cancelled, or failed (timed out) while reset ran
             return
-        self._chain(self.loop.open_session(self.session_id), lambda _sid: self._opened(obs))
+        # The first turn is queued right behind the open, not after a hop back to the env pool: the loop runs
+        # commands in order, so the open's callback (below) has run by the time the turn's command does, and
+        # the episode's first tokens enter the engine one step earlier (each hop waits for the GIL).
+        self.loop.open_session(self.session_id).add_done_callback(self._opened)
+        self._turn(obs)
 
-    def _opened(self, obs: list[int]) -> None:
+    def _opened(self, opening: Future) -> None:
+        """On the loop thread (or at once, if the open was refused on submission): the session is open, or the
+        episode fails with the open's error (the turn queued behind it then fails too, unseen)."""
+        error = _error_of(opening)
+        if error is not None:
+            self._fail(error)
+            return
         with self._session_lock:
             self._session_open = True
-        self._turn(obs)   # NOTE: checks outer first: a cancellation that came before the flag was set is seen there
+        if self.outer.done():   # cancelled before the session was open: close it now (the queued turn is aborted)
+            self._release_session()
 
     def _turn(self, obs: list[int]) -> None:
         if self.outer.done():   # cancelled or failed: close the session (if nobody has) and go no further
@@ -144,9 +154,15 @@ class Episode:
     def _close(self) -> None:
         closing = self._release_session()
         if closing is not None:   # None: a cancellation closed it first; nobody waits for the trajectory
-            self._chain(closing, self._closed)
+            closing.add_done_callback(self._closed)   # no environment call left: no hop to the env pool
 
-    def _closed(self, whole: Trajectory) -> None:
+    def _closed(self, closing: Future) -> None:
+        """On the loop thread: the session's whole trajectory, with the episode's figures, for the caller."""
+        error = _error_of(closing)
+        if error is not None:
+            self._fail(error)
+            return
+        whole = closing.result()
         whole.reward = self.reward
         if self.truncated:
             whole.finish_reason = "length"
@@ -160,16 +176,21 @@ class Episode:
         """When ``fut`` resolves, run ``then(result)`` on the env pool; an error fails the episode unless
         ``on_error`` handles it (returns True)."""
         def done(f: Future) -> None:
-            if f.cancelled():
-                self._fail(RolloutError(ErrorCode.ABORTED, "cancelled"))
-            elif f.exception() is not None:
-                error = error_from_exception(f.exception())
-                if on_error is None or not on_error(error):
-                    self._fail(error)
-            else:
+            error = _error_of(f)
+            if error is None:
                 self._on_env(then, f.result(), env_call=env_call)
+            elif on_error is None or not on_error(error):
+                self._fail(error)
         fut.add_done_callback(done)
 
     def _fail(self, error: BaseException) -> None:
         self._release_session()   # best effort: free its KV
         _resolve(self.outer, error=error_from_exception(error))
+
+
+def _error_of(f: Future) -> Optional[RolloutError]:
+    """A resolved engine future's error as the episode reports it, or None when it succeeded."""
+    if f.cancelled():
+        return RolloutError(ErrorCode.ABORTED, "cancelled")
+    exc = f.exception()
+    return None if exc is None else error_from_exception(exc)

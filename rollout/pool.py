@@ -328,8 +328,10 @@ class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
 
     def run_episodes_refs(self, env: str, env_kwargs_list: list[dict[str, Any]], params: SamplingParams,
                           max_turns: int) -> list:
-        """One ObjectRef per episode (server-side agent loops), each resolving to a Trajectory."""
-        return self._sync(self._submit_refs("run_episode", [(env, kw, params, max_turns) for kw in env_kwargs_list]))
+        """One ObjectRef per episode (server-side agent loops), each resolving to a Trajectory. Each worker gets
+        its share in one ``start_episodes`` call first, so the episodes enter its engine together
+        (``rollout.prestarts``); the refs are the per-episode calls that collect them."""
+        return self._sync(self._submit_episodes(env, env_kwargs_list, params, max_turns))
 
     async def _submit_refs(self, method: str, arg_lists: list[tuple]) -> list:
         refs = []
@@ -339,6 +341,36 @@ class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
             self._workers.track_ref(slot, ref)
             refs.append(ref)
         return refs
+
+    async def _submit_episodes(self, env: str, env_kwargs_list: list[dict[str, Any]], params: SamplingParams,
+                               max_turns: int) -> list:
+        slots = await self._route(len(env_kwargs_list))
+        batch = f"episodes-{uuid.uuid4().hex[:12]}"
+        shares: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        for i, (slot, kw) in enumerate(zip(slots, env_kwargs_list)):
+            shares.setdefault(slot.index, []).append((f"{batch}-{i}", kw))
+        # NOTE: before the per-episode calls, so that Ray (in submission order, as a rule) delivers it first. Its
+        # ref is not kept: if it fails or comes late, each episode's own call starts it.
+        for index, share in shares.items():
+            self._slots[index].actor.handle.start_episodes.remote(env, share, params, max_turns)
+        refs = []
+        for i, (slot, kw) in enumerate(zip(slots, env_kwargs_list)):
+            ref = slot.actor.handle.run_episode.remote(env, kw, params, max_turns, f"{batch}-{i}")
+            self._workers.track_ref(slot, ref)
+            refs.append(ref)
+        return refs
+
+    async def _route(self, n: int) -> list[Slot]:
+        """The workers of ``n`` new requests sent at once: each to the least loaded, counting those before it."""
+        await self._pick()                 # raises (or waits for a restart) when no worker serves
+        ready = [s for s in self._slots if s.ready.is_set()]
+        assigned = dict.fromkeys(range(len(self._slots)), 0)
+        slots = []
+        for _ in range(n):
+            slot = min(ready, key=lambda s: s.key(assigned[s.index]))
+            assigned[slot.index] += 1
+            slots.append(slot)
+        return slots
 
     as_completed = staticmethod(as_completed)
 

@@ -42,9 +42,18 @@ def as_completed(refs: list, timeout_s: Optional[float] = None, *,
         ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
         if not ready:
             raise RolloutError(ErrorCode.UNAVAILABLE, f"{len(pending)} results not ready after {timeout_s} s")
-        for ref in ready:
+        if pending:
+            # Everything else that is ready too, in the same pass: results tend to finish together (a batch of
+            # episodes in the same engine step), and one ray.wait per result costs O(pending) each.
+            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ready += more
+        try:
+            values = ray.get(ready)          # one call for all of them; a failed one fails it: then one by one
+        except Exception:  # noqa: BLE001
+            values = None
+        for k, ref in enumerate(ready):
             try:
-                yield index[ref], ray.get(ref)
+                yield index[ref], values[k] if values is not None else ray.get(ref)
             except Exception as e:  # noqa: BLE001
                 err = to_rollout_error(e)
                 if not return_exceptions:
@@ -89,8 +98,9 @@ class Slot:
     restarting: Optional[asyncio.Task] = None
     load: dict[str, int] = field(default_factory=dict)
 
-    def key(self) -> tuple:
-        return (self.actor.inflight + self.open_sessions, -self.load.get("num_free_blocks", 0), self.index)
+    def key(self, extra: int = 0) -> tuple:
+        """Routing order, least loaded first; ``extra``: requests being routed to it that are not counted yet."""
+        return (self.actor.inflight + self.open_sessions + extra, -self.load.get("num_free_blocks", 0), self.index)
 
     @property
     def live(self) -> bool:

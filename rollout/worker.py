@@ -6,6 +6,11 @@ a command on the loop and awaits its future, so a call returns as soon as its ow
 holds up the others. ``num_gpus=1`` when the engine runs on CUDA (Ray sets ``CUDA_VISIBLE_DEVICES``, so the
 engine inside uses ``"cuda"``), else CPU only.
 
+A batch of episodes from ``RolloutPool.run_episodes_refs`` arrives as one ``start_episodes`` call that starts them
+all, then one ``run_episode(..., prestart_key)`` call per episode that collects it (``rollout.prestarts``: started
+by their own calls, which the actor takes in one at a time while the engine thread steps, a batch's episodes
+entered the engine over many steps).
+
 Errors leave the actor as ``WorkerError`` (picklable: code and message as its args); the pool turns them
 back into ``RolloutError``. A trajectory carries ``metrics["worker"]`` = the index of the worker that made it.
 
@@ -31,6 +36,7 @@ from engine.sampling import SamplingParams
 from rollout.backend import ErrorCode, RolloutError
 from rollout.engine_loop import EngineLoop
 from rollout.loop_streams import SampleDelta, iterate_deltas
+from rollout.prestarts import Prestarts
 from rollout.trajectory import Trajectory
 from rollout.weight_group import GroupMembership
 
@@ -91,6 +97,7 @@ class RolloutWorker:
                  fast_channel: bool = True) -> None:
         self.index = worker_index
         self.loop = EngineLoop(engine_config, env_threads=env_threads)
+        self._prestarts = Prestarts()            # episodes started by start_episodes, by key
         self.weight_group = GroupMembership(self.loop.engine.device)
         self.fast = self._start_fast_channel() if fast_channel else None
 
@@ -171,8 +178,20 @@ class RolloutWorker:
         return self._stamp(await self._await(self.loop.close_session(session_id)))
 
     async def run_episode(self, env: str, env_kwargs: dict[str, Any], params: SamplingParams,
-                          max_turns: int) -> Trajectory:
-        return self._stamp(await self._await(self.loop.run_episode(env, env_kwargs, params, max_turns)))
+                          max_turns: int, prestart_key: Optional[str] = None) -> Trajectory:
+        """``prestart_key``: the episode may have been started already by ``start_episodes`` under this key
+        (then this call only collects it; otherwise it starts it, as without a key)."""
+        fut = self._prestarts.take(prestart_key) if prestart_key is not None else None
+        if fut is None:
+            fut = self.loop.run_episode(env, env_kwargs, params, max_turns)
+        return self._stamp(await self._await(fut))
+
+    async def start_episodes(self, env: str, keyed_kwargs: list[tuple[str, dict[str, Any]]], params: SamplingParams,
+                             max_turns: int) -> None:
+        """Start a batch of episodes now, in one call, so they enter the engine together; each one's result comes
+        from its own ``run_episode(..., prestart_key=key)`` call (``rollout.prestarts``)."""
+        for key, env_kwargs in keyed_kwargs:
+            self._prestarts.start(key, lambda kw=env_kwargs: self.loop.run_episode(env, kw, params, max_turns))
 
     async def abort(self, request_id: str) -> bool:
         return await self._await(self.loop.abort(request_id))

@@ -204,6 +204,23 @@ def test_grpo_n_and_completion_order(pool, oracle_a):
     assert [b[0].token_ids for b in batch] == [seen[i][0].token_ids for i in range(3)]
 
 
+def test_run_episodes_refs_start_each_episode_once(pool):
+    """Each worker's share goes in one start_episodes call, then one collecting call per episode (its ref):
+    every episode runs once, over both workers, and equals the same episode run alone."""
+    kwargs = [{"seed": i, "prompt_len": 4 + i, "obs_len": 2, "num_steps": 2} for i in range(6)]
+
+    def episodes_run():
+        return sum(w["episodes"] for w in run(pool.stats())["workers"])
+    before = episodes_run()
+    got = dict(pool.as_completed(pool.run_episodes_refs("echo_test", kwargs, GREEDY, 3), timeout_s=60))
+    assert sorted(got) == list(range(6)) and episodes_run() == before + 6
+    assert {t.metrics["worker"] for t in got.values()} == {0, 1}
+    for i in (0, 5):
+        alone = run(pool.run_episode("echo_test", kwargs[i], GREEDY, 3))
+        assert (alone.prompt_ids, alone.token_ids, alone.loss_mask, alone.turns) == \
+            (got[i].prompt_ids, got[i].token_ids, got[i].loss_mask, got[i].turns) and alone.turns == 2
+
+
 def test_sleep_and_wake_every_worker(pool, oracle_a):
     """pool.sleep(1) releases every worker's KV cache; work sent meanwhile waits on its worker (its engine
     runs nothing while asleep) and completes after wake_up, equal to a single engine."""
