@@ -6,6 +6,7 @@
 #   d: benchmarks/rl_step.py on SmolLM2 and the Qwen2.5-0.5B shape (after b, c)
 #   e: benchmarks/rl_step.py on the Qwen2.5-0.5B shape only, with long answers (MAX_TOKENS, default 512; needs
 #      only .whl: the random shape takes SmolLM2's tokenizer files from $SMOLLM2_TOKENIZER)
+#   f: colocated GPU tests + colocated_gpu.py on 8B + rl_step (0.5B, 512 tokens) + episode_overhead, one call
 # Logs and RESULTS.md go to $OUT.
 part=$1
 source benchmarks/gpu_env.sh
@@ -38,5 +39,16 @@ case $part in
     timeout 300 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --tokenizer "$SMOLLM2_TOKENIZER" \
       --steps ${STEPS:-2} --max-tokens ${MAX_TOKENS:-512} --out $OUT/rl_05b_${MAX_TOKENS:-512}.json 2>&1 \
       | grep -v "^\s*$" | tail -15 | tee $OUT/rl_05b_${MAX_TOKENS:-512}.log ;;
+  f)
+    # one call while the machine is warm: fixed-address sleep through the pool, the IPC push, one RL step, the
+    # pool's episode path against the engine
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/rollout/test_colocated_gpu.py \
+      tests/weight_sync/test_cuda_ipc.py 2>&1 | tail -15 | tee $OUT/tests.log
+    timeout 170 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b 2>&1 \
+      | grep -v "^\s*$" | tail -12 | tee $OUT/colocated.log
+    timeout 200 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --tokenizer "$SMOLLM2_TOKENIZER" \
+      --steps 2 --max-tokens 512 --out $OUT/rl_05b_512.json 2>&1 | grep -v "^\s*$" | tail -15 | tee $OUT/rl_05b_512.log
+    timeout 100 python3 benchmarks/episode_overhead.py --device cuda --shape qwen2.5-0.5b --ways engine,pool \
+      --repeats 2 2>&1 | grep -v "^\s*$" | tail -15 | tee $OUT/episode_overhead.log ;;
 esac
 cp benchmarks/RESULTS.md $OUT/RESULTS.md
