@@ -64,7 +64,7 @@ f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test
     step multi_turn_8b 200 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
         --only ours,ours-no-extend-split,recompute,no-retention --json "$out/multi_turn_8b.json"
     step multi_turn_05b 120 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
-        --only ours,ours-no-extend-split,recompute,recompute-no-extend-split,no-retention \
+        --only ours,ours-no-extend-split,recompute,no-retention \
         --json "$out/multi_turn_05b.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"
