@@ -12,7 +12,7 @@ from rollout.engine_loop import EngineLoop
 from rollout.envs.testing import EchoTestEnvironment
 
 GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
-SLOW_S = 3.0
+SLOW_S = 1.5
 
 
 class KickoffEnvironment(EchoTestEnvironment):
