@@ -29,6 +29,7 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, keep its log, repo
     local rc=$?
     tail -n 25 "$out/$name.log"
     echo "=== $name: rc $rc in $((SECONDS - t0)) s"
+    tail -n +"$((before + 1))" "$results" > "$out/results_new.md"   # kept if a later step runs out of time
 }
 
 case "$part" in
@@ -65,6 +66,7 @@ f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test
         --only ours,ours-no-extend-split,recompute,no-retention --json "$out/multi_turn_8b.json"
     step multi_turn_05b 120 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
         --only ours,ours-no-extend-split,recompute,no-retention \
-        --json "$out/multi_turn_05b.json" ;;
+        --json "$out/multi_turn_05b.json"
+    [ -n "${COLOCATED:-}" ] && step colocated_8b 150 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"
