@@ -50,7 +50,7 @@ def bench_shape(shape: str, repeats: int, root: Path, util: float) -> dict:
     path = write_config(shape, root / shape)
     dev = torch.device("cuda", torch.cuda.current_device())
     cfg = EngineConfig(model=str(path), device="cuda", dtype="bfloat16", load_format="dummy", max_model_len=4096,
-                       max_num_seqs=64, gpu_memory_utilization=util)
+                       max_num_seqs=64, gpu_memory_utilization=util, fixed_address_memory=True)
     pool = RolloutPool(cfg, 1, num_gpus_per_worker=0.5, start_timeout_s=600)
     try:
         weights = [random_state_dict(path, dev, seed=s) for s in (1, 2)]

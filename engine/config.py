@@ -40,12 +40,13 @@ class EngineConfig:
     async_after_prefill: bool = True            # ... also after a step with prefill chunks (with mixed-step
                                                 # graphs, faster on an H200 in multi_turn, same run: 0.5B 15,409
                                                 # vs 12,798 tok/s, 8B 4,119 vs 4,020; docs/scheduler.md)
-    fixed_address_memory: bool = True           # CUDA: the weights, the fp32 head copies and the KV cache in
+    fixed_address_memory: bool = False          # CUDA: the weights, the fp32 head copies and the KV cache in
                                                 # driver virtual-memory regions at fixed addresses, so sleep
                                                 # unmaps them and wake maps them again where they were: the
                                                 # CUDA graphs stay valid (engine.device_memory, engine.sleep);
                                                 # False, or where the driver API fails: torch allocations,
-                                                # re-allocated at wake and the graphs re-captured
+                                                # re-allocated at wake and the graphs re-captured. Opt-in until
+                                                # its GPU tests have run on a GPU (written 2026-12-02 without one)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
     update_backup_bytes: Optional[int] = None   # CUDA: device memory kept for an update's rollback copy of what

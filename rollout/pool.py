@@ -382,8 +382,8 @@ class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
         return await self._hop(self._on_every_worker("sleep", level))
 
     async def wake_up(self) -> list[dict[str, Any]]:
-        """Every worker takes its memory back (at the same addresses: CUDA graphs kept; ``engine.sleep``). After
-        ``sleep(2)`` push weights
+        """Every worker takes its memory back (with ``fixed_address_memory`` at the same addresses, the CUDA graphs
+        kept; ``engine.sleep``). After ``sleep(2)`` push weights
         (``update_weights*``) before sending work: until then the workers refuse it."""
         return await self._hop(self._on_every_worker("wake_up"))
 

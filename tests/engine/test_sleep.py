@@ -163,7 +163,7 @@ def cpu_regions(monkeypatch):
 
 @pytest.mark.parametrize("dtype,fp32_head", [("float32", False), ("bfloat16", True)], ids=["fp32", "bf16-fp32head"])
 def test_fixed_address_sleep_unmaps_and_remaps_at_the_same_addresses(tiny, cpu_regions, dtype, fp32_head):
-    e = engine(tiny, host_kv_cache_bytes=1 << 20, dtype=dtype, fp32_lm_head=fp32_head)
+    e = engine(tiny, host_kv_cache_bytes=1 << 20, dtype=dtype, fp32_lm_head=fp32_head, fixed_address_memory=True)
     [fixed] = cpu_regions
     regions = fixed.regions
     assert set(regions) == {"weights", "kv"} | ({"fp32 head"} if fp32_head else set())
@@ -216,7 +216,7 @@ def _gpu_engine(path, dtype, **kw):
                          ids=["fp32", "bf16-tied-fp32head"])
 def test_gpu_sleep_keeps_the_cuda_graphs_and_serves_the_same_tokens_bitwise(arch, dtype, fp32_head, tmp_path):
     path = make_tiny_model(arch, tmp_path / arch, seed=5)
-    e = _gpu_engine(path, dtype, fp32_lm_head=fp32_head)
+    e = _gpu_engine(path, dtype, fp32_lm_head=fp32_head, fixed_address_memory=True)
     assert e.fixed_memory is not None
     assert set(e.fixed_memory.regions) == {"weights", "kv"} | ({"fp32 head"} if fp32_head else set())
     runner = e.runner

@@ -30,7 +30,7 @@ def run(coro, timeout=300):
 
 def config(path, **kw):
     return EngineConfig(model=str(path), device="cuda", dtype="bfloat16", block_size=16, max_model_len=256,
-                        max_num_seqs=16, **kw)
+                        max_num_seqs=16, fixed_address_memory=True, **kw)
 
 
 def digest(engine: LLMEngine) -> str:
