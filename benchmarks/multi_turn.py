@@ -20,6 +20,7 @@ appends it to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import json
 import random
@@ -73,16 +74,7 @@ def warm_up(engine: LLMEngine, vocab: int) -> None:
 
 
 def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab: int,
-               profile_window: tuple[int, int] | None = None, extend_splits: bool = False) -> dict:
-    """extend_splits: run with the extend kernel's split-KV off (a benchmark switch, restored afterwards)."""
-    if extend_splits:
-        from engine.attention import base as attention_base
-        saved = attention_base.EXTEND_MAX_SPLITS
-        attention_base.EXTEND_MAX_SPLITS = 1
-        try:
-            return run_policy(name, config, plans, vocab, profile_window)
-        finally:
-            attention_base.EXTEND_MAX_SPLITS = saved
+               profile_window: tuple[int, int] | None = None) -> dict:
     t_load = time.perf_counter()
     engine = LLMEngine(config)
     load_s = time.perf_counter() - t_load
@@ -233,19 +225,17 @@ def main() -> None:
         "no-retention": ("no-retention baseline", EngineConfig(**common, retain_sessions=False,
                                                                enable_prefix_caching=False, host_kv_cache_bytes=0)),
     }
-    # the same engines with the extend kernel's split-KV off (engine.attention.base.EXTEND_MAX_SPLITS = 1)
-    no_split = {}
+    # the same engines with the extend kernel's split-KV off (EngineConfig.extend_kv_splits = 1)
     for key in ("ours", "recompute"):
         label_, cfg_ = policies[key]
-        no_split[f"{key}-no-extend-split"] = (label_.replace(" (", ", extend attention not split (", 1)
-                                              if " (" in label_ else label_ + ", extend attention not split", cfg_)
-    policies.update(no_split)
+        policies[f"{key}-no-extend-split"] = (label_.replace(" (", ", extend attention not split (", 1),
+                                              dataclasses.replace(cfg_, extend_kv_splits=1))
     results = []
     for key in args.only.split(","):
         name, cfg = policies[key]
         print(f"running {name} ...", flush=True)
         window = tuple(int(x) for x in args.profile_window.split(":")) if args.profile_window else None
-        results.append(run_policy(name, cfg, plans, vocab, window, extend_splits=key.endswith("-no-extend-split")))
+        results.append(run_policy(name, cfg, plans, vocab, window))
         r = results[-1]
         print(f"  {r['tok_s']:,.0f} tok/s in {r['seconds']:.2f} s (engine load {r['load_s']:.1f} s); "
               f"split {r['time_split_s']}", flush=True)

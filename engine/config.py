@@ -40,6 +40,9 @@ class EngineConfig:
     async_after_prefill: bool = True            # ... also after a step with prefill chunks (with mixed-step
                                                 # graphs, faster on an H200 in multi_turn, same run: 0.5B 15,409
                                                 # vs 12,798 tok/s, 8B 4,119 vs 4,020; docs/scheduler.md)
+    extend_kv_splits: int = 4                   # CUDA: most KV splits of a tile of the extend attention kernel
+                                                # in steps of up to 1,024 tokens (ranges of >= 512 keys, merged:
+                                                # engine.kernels.attention); 1 = no split
     fixed_address_memory: bool = False          # CUDA: the weights, the fp32 head copies and the KV cache in
                                                 # driver virtual-memory regions at fixed addresses, so sleep
                                                 # unmaps them and wake maps them again where they were: the
@@ -82,6 +85,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.decode_gemv not in ("auto", "on", "off"):
             raise ValueError(f"EngineConfig.decode_gemv must be 'auto', 'on' or 'off', got {self.decode_gemv!r}")
+        if isinstance(self.extend_kv_splits, bool) or not isinstance(self.extend_kv_splits, int) \
+                or not 1 <= self.extend_kv_splits <= 16:
+            raise ValueError(f"EngineConfig.extend_kv_splits must be an int in [1, 16], got {self.extend_kv_splits!r}")
         if not isinstance(self.fixed_address_memory, bool):
             raise ValueError(f"EngineConfig.fixed_address_memory must be a bool, got {self.fixed_address_memory!r}")
         if not isinstance(self.fp32_lm_head, bool):

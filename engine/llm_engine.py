@@ -91,6 +91,8 @@ class LLMEngine:
             logger.debug("fp32_lm_head: no-op for a float32 model (its norm and lm_head already run in float32)")
         backend_name = choose_backend(config.attention_backend, self.device)
         self.backend = get_backend(backend_name)
+        if hasattr(self.backend, "extend_max_splits"):   # the Triton backend's split-KV extend
+            self.backend.extend_max_splits = config.extend_kv_splits
         logger.info("engine: %s (%s) on %s %s, attention backend %r, %d KV blocks of %d tokens",
                     mc.architecture, self.model_path.name, self.device, config.dtype, backend_name,
                     num_blocks, config.block_size)

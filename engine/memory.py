@@ -39,9 +39,9 @@ def device_kv_blocks(config: EngineConfig, mc: ModelConfig, block_bytes: int, ma
             "mixed-step CUDA graph pool (cuda_graph_max_tokens)": config.mixed_graph_tokens * per_token,
             # the extend kernel's split-KV partials, at most one layer's at a time: in an eager step, and
             # inside the mixed-step graph pool (a bucket that splits is smaller than the largest)
-            "extend attention split partials": extend_split_partial_bytes(
-                config.max_num_batched_tokens, mc.num_heads, mc.head_dim)
-            + extend_split_partial_bytes(config.mixed_graph_tokens, mc.num_heads, mc.head_dim),
+            "extend attention split partials (extend_kv_splits)": extend_split_partial_bytes(
+                config.max_num_batched_tokens, mc.num_heads, mc.head_dim, config.extend_kv_splits)
+            + extend_split_partial_bytes(config.mixed_graph_tokens, mc.num_heads, mc.head_dim, config.extend_kv_splits),
             "weight-update backup (update_backup_bytes)": update_backup_bytes(config, param_bytes),
             # allocated after this sizing (LLMEngine), so not in "in use now". Its logits need nothing more:
             # the sampler term above is already float32, and the float32 final hidden states fit in the

@@ -157,7 +157,9 @@ class ModelRunner:
         with torch.inference_mode():
             if max_tokens >= MIN_TOKENS:
                 self.mixed_graphs = MixedGraphs(
-                    self.model, self.kv_caches, TritonBackend(), self.block_size, max_blocks, max_tokens,
+                    self.model, self.kv_caches,
+                    TritonBackend(extend_max_splits=getattr(self.backend, "extend_max_splits", 1)),
+                    self.block_size, max_blocks, max_tokens,
                     max_seqs, extend_tile_tokens(mc.num_heads, hkv, mc.head_dim), self.device, recapture=recapture)
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, lambda bs: TritonBackend(decode_num_splits=decode_splits(bs, hkv, sms)),

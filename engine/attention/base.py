@@ -112,14 +112,16 @@ EXTEND_MAX_SPLITS = 4
 EXTEND_SPLIT_TILES = 8
 
 
-def extend_max_splits(num_tokens: int) -> int:
-    """Most KV splits an extend tile of a step of ``num_tokens`` new tokens may take (1 = none)."""
-    return EXTEND_MAX_SPLITS if num_tokens <= EXTEND_SPLIT_MAX_TOKENS else 1
+def extend_max_splits(num_tokens: int, max_splits: int = EXTEND_MAX_SPLITS) -> int:
+    """Most KV splits an extend tile of a step of ``num_tokens`` new tokens may take (1 = none), for a setting of
+    at most ``max_splits`` (``EngineConfig.extend_kv_splits``)."""
+    return max(1, max_splits) if num_tokens <= EXTEND_SPLIT_MAX_TOKENS else 1
 
 
-def extend_split_partial_bytes(num_tokens: int, num_heads: int, head_dim: int) -> int:
+def extend_split_partial_bytes(num_tokens: int, num_heads: int, head_dim: int,
+                               max_splits: int = EXTEND_MAX_SPLITS) -> int:
     """Most device bytes the split partials (float32 o and lse per token, head and split) of one extend call
     take in a step of up to ``num_tokens`` new tokens (the largest step that still splits)."""
     t = min(num_tokens, EXTEND_SPLIT_MAX_TOKENS)
-    splits = extend_max_splits(t)
+    splits = extend_max_splits(t, max_splits)
     return 0 if splits == 1 or t <= 0 else t * num_heads * splits * (head_dim + 1) * 4

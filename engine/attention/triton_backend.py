@@ -14,22 +14,24 @@ from __future__ import annotations
 import torch
 
 from engine.attention import register_backend
-from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.base import EXTEND_MAX_SPLITS, AttentionBackend, AttentionMetadata, extend_max_splits
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
     fuses_rotary = True
 
-    def __init__(self, decode_num_splits: int | None = None) -> None:
+    def __init__(self, decode_num_splits: int | None = None, extend_max_splits: int = EXTEND_MAX_SPLITS) -> None:
         """decode_num_splits: fixed split count for decode (set it when capturing CUDA graphs, whose grid
-        is frozen); None = chosen per step from the batch size and the longest context."""
+        is frozen); None = chosen per step from the batch size and the longest context. extend_max_splits: most
+        KV splits of an extend tile (``EngineConfig.extend_kv_splits``; 1 = none)."""
         from engine.kernels import attention, kv_store  # NOTE: imports triton
 
         self._attention = attention
         self._store_kv = kv_store.store_kv
         self._rotary_store_kv = kv_store.rotary_store_kv
         self.decode_num_splits = decode_num_splits
+        self.extend_max_splits = extend_max_splits
 
     def forward(
         self,
@@ -66,6 +68,7 @@ class TritonBackend(AttentionBackend):
         return self._attention.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
             meta.max_query_len, scale, tiles=meta.extend_tiles,
+            max_splits=extend_max_splits(q.shape[0], self.extend_max_splits),
             max_seq_len=None if meta.extend_tiles is not None else meta.max_seq_len)
 
 

@@ -494,4 +494,5 @@ def extend_tile_tokens(num_heads: int, num_kv_heads: int, head_dim: int) -> int:
 _INTERPRETED = not isinstance(_decode_kernel, triton.runtime.JITFunction)
 
 
-__all__ = ["default_num_splits", "extend_max_splits", "extend_split_partial_bytes", "extend_tile_tokens", "paged_decode_attention", "paged_extend_attention"]
+__all__ = ["default_num_splits", "extend_max_splits", "extend_split_partial_bytes", "extend_tile_tokens",
+           "paged_decode_attention", "paged_extend_attention"]

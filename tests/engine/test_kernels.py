@@ -363,6 +363,30 @@ def test_split_kv_extend_matches_reference_eager_and_tiled(splits, dtype):
     assert torch.equal(tiled, eager)
 
 
+def test_the_backend_passes_its_split_setting_to_the_kernel(monkeypatch):
+    # EngineConfig.extend_kv_splits -> TritonBackend.extend_max_splits -> the kernel's max_splits (steps of up to
+    # 1,024 tokens); the call goes through to the real kernel, whose result is checked against the reference
+    from engine import EngineConfig
+    from engine.kernels import attention as attention_kernels
+    seen = []
+    real = attention_kernels.paged_extend_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("max_splits"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(attention_kernels, "paged_extend_attention", recording)
+    b = Batch(*LONG, 4, 8, 2, 32, torch.float32)
+    ref, _, _ = b.reference()
+    for splits in (1, 3):
+        out = triton_backend.TritonBackend(extend_max_splits=splits).forward(
+            b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    assert seen == [1, 3]
+    for bad in (0, 17, 2.0, True):
+        with pytest.raises(ValueError, match="extend_kv_splits"):
+            EngineConfig(model="unused", extend_kv_splits=bad)
+
+
 def test_split_kv_is_skipped_exactly_when_no_tile_would_split():
     # the host shortcut (max_seq_len below two splits' keys -> no partials) gives the bits of the split kernel
     b = Batch(*MIXED, 4, 4, 2, 32, torch.float32)
