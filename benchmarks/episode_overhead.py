@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-if not __package__:  # run as a script: benchmarks/http.py would shadow the standard library's http
+if not __package__:  # run as a script: the repository root first (its packages, not this folder)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.episode_ways import WAYS, Run, Workload  # noqa: E402

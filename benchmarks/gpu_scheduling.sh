@@ -11,6 +11,7 @@
 #                                           steps planned ahead after decode steps only), overlap 8B
 #   bash benchmarks/gpu_scheduling.sh f     split-KV extend: kernel tests, fixed-address sleep tests,
 #                                           benchmarks/mixed_attention.py, multi_turn on both shapes, split on and off
+#                                           (COLOCATED=1: colocated_gpu.py on 8B too)
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -63,9 +64,9 @@ f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test
         tests/engine/test_sleep.py
     step mixed_attention 90 python3 benchmarks/mixed_attention.py
     step multi_turn_8b 200 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
-        --only ours,ours-no-extend-split,recompute,no-retention --json "$out/multi_turn_8b.json"
+        --only ours,ours-extend-split,recompute,no-retention --json "$out/multi_turn_8b.json"
     step multi_turn_05b 120 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
-        --only ours,ours-no-extend-split,recompute,no-retention \
+        --only ours,ours-extend-split,recompute,no-retention \
         --json "$out/multi_turn_05b.json"
     [ -n "${COLOCATED:-}" ] && step colocated_8b 150 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b ;;
 esac

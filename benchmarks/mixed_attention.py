@@ -222,8 +222,7 @@ def main(argv=None) -> int:
     for f in failures:
         print("FAIL", f)
     if not args.no_results:
-        append_results("mixed_attention: one layer's attention of a mixed step, split-KV extend",
-                       torch.cuda.get_device_name(), table,
+        append_results("mixed_attention: one layer's attention of a mixed step, split-KV extend", "cuda", table,
                        notes=f"Device-to-device copy bandwidth in the same run: {copy_gbs:.0f} GB/s (read + write). "
                        "extend a/b = the tiled extend kernel (as the mixed-step graphs run it) with at most a KV "
                        "splits a tile, each of at least b tiles of 64 keys; 1/8 = no split. Correctness: every "

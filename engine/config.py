@@ -40,16 +40,18 @@ class EngineConfig:
     async_after_prefill: bool = True            # ... also after a step with prefill chunks (with mixed-step
                                                 # graphs, faster on an H200 in multi_turn, same run: 0.5B 15,409
                                                 # vs 12,798 tok/s, 8B 4,119 vs 4,020; docs/scheduler.md)
-    extend_kv_splits: int = 4                   # CUDA: most KV splits of a tile of the extend attention kernel
+    extend_kv_splits: int = 1                   # CUDA: most KV splits of a tile of the extend attention kernel
                                                 # in steps of up to 1,024 tokens (ranges of >= 512 keys, merged:
-                                                # engine.kernels.attention); 1 = no split
-    fixed_address_memory: bool = False          # CUDA: the weights, the fp32 head copies and the KV cache in
+                                                # engine.kernels.attention); 1 = no split. Off: on an H200 it made
+                                                # multi_turn's mixed steps slower (8B 13.6 vs 13.2 ms, 0.5B 3.25
+                                                # vs 2.97; benchmarks/mixed_attention.py, 2026-12-02)
+    fixed_address_memory: bool = True           # CUDA: the weights, the fp32 head copies and the KV cache in
                                                 # driver virtual-memory regions at fixed addresses, so sleep
                                                 # unmaps them and wake maps them again where they were: the
                                                 # CUDA graphs stay valid (engine.device_memory, engine.sleep);
                                                 # False, or where the driver API fails: torch allocations,
-                                                # re-allocated at wake and the graphs re-captured. Opt-in until
-                                                # its GPU tests have run on a GPU (written 2026-12-02 without one)
+                                                # re-allocated at wake and the graphs re-captured (H200: a wake
+                                                # of the 8B shape 0.11 s with graphs kept, 0.99-1.39 s without)
     kv_cache_memory_bytes: int = 1 << 30        # CPU KV budget when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9         # CUDA: fraction of device memory for weights + KV
     update_backup_bytes: Optional[int] = None   # CUDA: device memory kept for an update's rollback copy of what

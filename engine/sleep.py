@@ -6,7 +6,7 @@
               until then; that update refreshes the copies)
 
 How the memory goes and comes back (``EngineConfig.fixed_address_memory``):
-  - fixed addresses (CUDA, opt-in until run on a GPU): the KV cache, the weights and the copies live in driver virtual-memory
+  - fixed addresses (CUDA, the default): the KV cache, the weights and the copies live in driver virtual-memory
     regions (``engine.device_memory``). Sleep unmaps their physical memory and keeps the addresses; wake maps
     new memory at the same addresses and zeroes the KV cache. The CUDA graphs (decode and mixed-step) read
     the same addresses, so they are kept: no re-capture. Their memory pools stay allocated while asleep

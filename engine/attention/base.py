@@ -108,7 +108,7 @@ class AttentionBackend(ABC):
 # most memory: they do not split. The threshold is a mixed-graph bucket (engine.mixed_graphs.mixed_graph_sizes),
 # so a step run eagerly and the bucket that replays it agree.
 EXTEND_SPLIT_MAX_TOKENS = 1024
-EXTEND_MAX_SPLITS = 4
+EXTEND_MAX_SPLITS = 1      # the default of EngineConfig.extend_kv_splits: off (slower on an H200, config.py)
 EXTEND_SPLIT_TILES = 8
 
 

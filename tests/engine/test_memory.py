@@ -27,9 +27,8 @@ def test_the_budget_leaves_room_for_the_update_backup_graphs_and_sampler(mc):
     free, total, params = 70 * GB, 80 * GB, 4 * GB
     per_token = (mc.hidden_size * 4 + mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) * 4
     # the mixed-step graph pool: one step of the largest bucket, min(cuda_graph_max_tokens, the step budget)
-    # the extend kernel's split partials (float32 o + lse, 4 splits) at the largest step that splits, 1024
-    # tokens: once for an eager step, once in the mixed-step graph pool
-    partials = 2 * 1024 * mc.num_heads * 4 * (mc.head_dim + 1) * 4
+    # the extend kernel's split partials: none by default (extend_kv_splits = 1)
+    partials = 0
     expected_budget = int(total * 0.9) - (total - free) - 2048 * per_token - 64 * mc.vocab_size * 12 \
         - 32 * per_token - 2048 * per_token - params - partials
     kw = dict(block_bytes=64 << 10, max_model_len=1 << 20)     # a ceiling far above the budget
@@ -47,10 +46,14 @@ def test_the_mixed_step_graph_pool_is_reserved_up_to_the_step_budget(mc):
     kw = dict(block_bytes=1, max_model_len=1 << 36)     # 1-byte blocks: the count is the budget in bytes
     off = sized(EngineConfig(**base, cuda_graph_max_tokens=0), mc, free, total, params, **kw)
     # capped by max_num_batched_tokens (1024), whatever cuda_graph_max_tokens asks
-    split_partials = 1024 * mc.num_heads * 4 * (mc.head_dim + 1) * 4   # float32 o + lse, 4 splits a tile
-    assert off - sized(EngineConfig(**base), mc, free, total, params, **kw) == 1024 * per_token + split_partials
+    assert off - sized(EngineConfig(**base), mc, free, total, params, **kw) == 1024 * per_token
+    # with the extend kernel's split-KV on, its partials (float32 o + lse per token, head and split) at the
+    # largest step that splits (1,024 tokens), for an eager step and inside the graph pool
+    split_partials = 1024 * mc.num_heads * 4 * (mc.head_dim + 1) * 4
+    assert off - sized(EngineConfig(**base, extend_kv_splits=4), mc, free, total, params, **kw) \
+        == 1024 * per_token + 2 * split_partials
     assert off - sized(EngineConfig(**base, cuda_graph_max_tokens=256), mc, free, total, params, **kw) \
-        == 256 * per_token + 256 * mc.num_heads * 4 * (mc.head_dim + 1) * 4   # + that bucket's split partials
+        == 256 * per_token
     assert EngineConfig(**base, enable_cuda_graphs=False).mixed_graph_tokens == 0
     for bad in (-1, 1.5, True, "64"):
         with pytest.raises(ValueError, match="cuda_graph_max_tokens"):

@@ -9,7 +9,7 @@ front ends on one event loop over the same backend, measured in the same run.
     front end (greedy, 8 new tokens, same token ids checked); the differences of the medians are what each
     front end adds.
 
-    python -m benchmarks.http [--seconds 2] [--no-append]      (as a module: the file's name shadows stdlib http)
+    python benchmarks/http_frontend.py [--seconds 2] [--no-append]
 """
 from __future__ import annotations
 
@@ -21,11 +21,16 @@ import multiprocessing as mp
 import shutil
 import statistics
 import tempfile
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from benchmarks.report import append_results, markdown_table
-from engine.sampling import SamplingParams
+if not __package__:  # run as a script: the repository root first (its packages, not this folder)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.report import append_results, markdown_table  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
 
 PROMPT = list(range(1, 17))
 MODEL = "bench"
@@ -277,7 +282,7 @@ def main() -> None:
     if not args.no_append:
         append_results(
             "HTTP (OpenAI-compatible) vs ZeroMQ front end: requests/s and added latency", "cpu", table,
-            notes="`python -m benchmarks.http`. One 16-token prompt as token ids over loopback TCP; both front ends "
+            notes="`python benchmarks/http_frontend.py`. One 16-token prompt as token ids over loopback TCP; both front ends "
                   "on one event loop over one backend, in the same run. Stub rows: the backend answers at once "
                   "(16 fake tokens) in a second process, so the figures are front end + client + transport; the "
                   "HTTP front end also decodes the output to text (SmolLM2's tokenizer), ZeroMQ returns ids only. "
