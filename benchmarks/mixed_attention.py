@@ -35,7 +35,7 @@ from benchmarks.report import append_results, markdown_table  # noqa: E402
 from engine.attention import build_metadata  # noqa: E402
 from engine.attention.reference import TorchReferenceBackend  # noqa: E402
 from engine.kernels import default_num_splits, paged_decode_attention, paged_extend_attention  # noqa: E402
-from engine.kernels.attention import extend_tile_tokens  # noqa: E402
+from engine.kernels.extend_attention import extend_tile_tokens  # noqa: E402
 from engine.step_inputs import extend_tiles  # noqa: E402
 
 BS = 16

@@ -42,7 +42,7 @@ class EngineConfig:
                                                 # vs 12,798 tok/s, 8B 4,119 vs 4,020; docs/scheduler.md)
     extend_kv_splits: int = 1                   # CUDA: most KV splits of a tile of the extend attention kernel
                                                 # in steps of up to 1,024 tokens (ranges of >= 512 keys, merged:
-                                                # engine.kernels.attention); 1 = no split. Off: on an H200 it made
+                                                # engine.kernels.extend_attention); 1 = no split. Off: on an H200 it made
                                                 # multi_turn's mixed steps slower (8B 13.6 vs 13.2 ms, 0.5B 3.25
                                                 # vs 2.97; benchmarks/mixed_attention.py, 2026-12-02)
     fixed_address_memory: bool = True           # CUDA: the weights, the fp32 head copies and the KV cache in

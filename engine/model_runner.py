@@ -144,7 +144,8 @@ class ModelRunner:
         (``DecodeGraphs``), reused by a re-capture."""
         from engine.attention.triton_backend import TritonBackend
         from engine.cuda_graphs import DecodeGraphs, decode_splits
-        from engine.kernels.attention import _num_sms, extend_tile_tokens
+        from engine.kernels.attention import _num_sms
+        from engine.kernels.extend_attention import extend_tile_tokens
         from engine.kernels.gemv import MAX_ROWS
         from engine.mixed_graphs import MIN_TOKENS, MixedGraphs
 

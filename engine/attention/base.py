@@ -102,7 +102,7 @@ class AttentionBackend(ABC):
         KV head h // (num_heads // num_kv_heads))."""
 
 
-# Split-KV settings of the extend kernel (engine.kernels.attention, _split_range): a tile's keys are cut into
+# Split-KV settings of the extend kernel (engine.kernels.extend_attention, _split_range): a tile's keys are cut into
 # at most EXTEND_MAX_SPLITS ranges of at least EXTEND_SPLIT_TILES KV tiles of 64 keys. Steps of more than
 # EXTEND_SPLIT_MAX_TOKENS new tokens have tiles enough to fill the device, and their partials would cost the
 # most memory: they do not split. The threshold is a mixed-graph bucket (engine.mixed_graphs.mixed_graph_sizes),

@@ -25,9 +25,10 @@ class TritonBackend(AttentionBackend):
         """decode_num_splits: fixed split count for decode (set it when capturing CUDA graphs, whose grid
         is frozen); None = chosen per step from the batch size and the longest context. extend_max_splits: most
         KV splits of an extend tile (``EngineConfig.extend_kv_splits``; 1 = none)."""
-        from engine.kernels import attention, kv_store  # NOTE: imports triton
+        from engine.kernels import attention, extend_attention, kv_store  # NOTE: imports triton
 
         self._attention = attention
+        self._extend = extend_attention
         self._store_kv = kv_store.store_kv
         self._rotary_store_kv = kv_store.rotary_store_kv
         self.decode_num_splits = decode_num_splits
@@ -65,7 +66,7 @@ class TritonBackend(AttentionBackend):
                     meta.num_seqs, k_cache.shape[2], max(meta.max_seq_len, 1), q.device)
             return self._attention.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, scale, num_splits=num_splits)
-        return self._attention.paged_extend_attention(
+        return self._extend.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
             meta.max_query_len, scale, tiles=meta.extend_tiles,
             max_splits=extend_max_splits(q.shape[0], self.extend_max_splits),

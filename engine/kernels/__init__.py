@@ -9,8 +9,8 @@ Importing this package imports triton; import it lazily (``engine.attention.trit
 """
 from __future__ import annotations
 
-from engine.kernels.attention import (default_num_splits, paged_decode_attention,
-                                      paged_extend_attention)
+from engine.kernels.attention import default_num_splits, paged_decode_attention
+from engine.kernels.extend_attention import paged_extend_attention
 from engine.kernels.elementwise import apply_rotary_, rms_norm, silu_and_mul
 from engine.kernels.gemv import gemv, norm_gemv, silu_mul_gemv
 from engine.kernels.greedy import greedy_sample

@@ -61,7 +61,7 @@ def test_tiled_extend_equals_reference(heads, order):
     pytest.importorskip("triton")
     from engine.attention.reference import TorchReferenceBackend
     from engine.kernels import paged_extend_attention, store_kv
-    from engine.kernels.attention import extend_tile_tokens
+    from engine.kernels.extend_attention import extend_tile_tokens
 
     hq, hkv = heads
     d = 32
@@ -113,7 +113,7 @@ def test_forward_over_padded_static_inputs_equals_the_eager_forward(arch, tmp_pa
     the KV cache exactly as the eager step does (padding writes nothing)."""
     pytest.importorskip("triton")
     from engine.attention import triton_backend
-    from engine.kernels.attention import extend_tile_tokens
+    from engine.kernels.extend_attention import extend_tile_tokens
     from engine.kv_cache import allocate_kv_cache
     from engine.tiny_models import make_tiny_model
     from engine.weights import load_model
