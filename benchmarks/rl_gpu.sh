@@ -7,6 +7,8 @@
 #   e: benchmarks/rl_step.py on the Qwen2.5-0.5B shape only, with long answers (MAX_TOKENS, default 512; needs
 #      only .whl: the random shape takes SmolLM2's tokenizer files from $SMOLLM2_TOKENIZER)
 #   f: colocated GPU tests + colocated_gpu.py on 8B + rl_step (0.5B, 512 tokens) + episode_overhead, one call
+#   g: where an IPC push and a train step go: IPC/bulk-copy GPU tests, bucket_apply_gpu.py (per-tensor copies vs
+#      the one-launch kernel), colocated_gpu.py on 8B, train_step_gpu.py (0.5B), episode_overhead, one call
 # Logs and RESULTS.md go to $OUT.
 part=$1
 source benchmarks/gpu_env.sh
@@ -49,6 +51,15 @@ case $part in
     timeout 200 python3 benchmarks/rl_step.py --device cuda --shape qwen2.5-0.5b --tokenizer "$SMOLLM2_TOKENIZER" \
       --steps 2 --max-tokens 512 --out $OUT/rl_05b_512.json 2>&1 | grep -v "^\s*$" | tail -15 | tee $OUT/rl_05b_512.log
     timeout 100 python3 benchmarks/episode_overhead.py --device cuda --shape qwen2.5-0.5b --ways engine,pool \
+      --repeats 2 2>&1 | grep -v "^\s*$" | tail -15 | tee $OUT/episode_overhead.log ;;
+  g)
+    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/weight_sync/test_cuda_ipc.py \
+      tests/engine/test_bulk_copy.py tests/rollout/test_colocated_gpu.py 2>&1 | tail -15 | tee $OUT/tests.log
+    timeout 100 python3 benchmarks/bucket_apply_gpu.py 2>&1 | grep -v "^\s*$" | tail -8 | tee $OUT/bucket_apply.log
+    timeout 140 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b 2>&1 \
+      | grep -v "^\s*$" | tail -8 | tee $OUT/colocated.log
+    timeout 110 python3 benchmarks/train_step_gpu.py 2>&1 | grep -v "^\s*$" | tail -45 | tee $OUT/train_step.log
+    timeout 80 python3 benchmarks/episode_overhead.py --device cuda --shape qwen2.5-0.5b --ways engine,pool \
       --repeats 2 2>&1 | grep -v "^\s*$" | tail -15 | tee $OUT/episode_overhead.log ;;
 esac
 cp benchmarks/RESULTS.md $OUT/RESULTS.md

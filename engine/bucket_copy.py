@@ -41,11 +41,20 @@ class _BucketCopies:
 
 
 @dataclass
+class _ChunkCopies:
+    """One update's copies as a single launch of ``engine.kernels.bulk_copy`` (built for these source buffers)."""
+    sources: tuple[tuple[int, int, int], ...]   # (bucket, data_ptr, numel) of each buffer the table reads
+    table: torch.Tensor                         # [C, 3] int64 on the device: the chunks
+    rest: list[tuple[int, int]]                 # (bucket, entry) the kernel cannot copy (dtype cast, alignment)
+
+
+@dataclass
 class BucketCopyPlan:
     key: Any
     buckets: list[_BucketCopies]
     names: tuple[str, ...]                  # every HF name written, layout order
     num_bytes: int                          # bytes of those tensors as delivered
+    chunks: Optional[_ChunkCopies] = None   # the last resident update's one-launch copy (copy_resident)
 
     def sources(self, bucket: int, buf: torch.Tensor, reuse: bool) -> list[torch.Tensor]:
         """Views of ``buf`` (one bucket) as the tensors it carries; cached when the loader reuses its buffers."""
@@ -126,6 +135,39 @@ def copy_many(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             small_src.append(s)
     if small_dst:
         torch._foreach_copy_(small_dst, small_src)
+
+
+def copy_resident(plan: BucketCopyPlan, ready: list[tuple[int, torch.Tensor, list[torch.Tensor]]],
+                  kernel_device: Optional[torch.device]) -> None:
+    """Every bucket of a resident update, ``ready`` = (bucket, buffer, its source views), into the parameters.
+    ``kernel_device`` (the parameters' device, where the kernel runs): one launch of ``engine.kernels.bulk_copy`` for every same-dtype, 16-byte-aligned tensor (its
+    chunk table is kept while the buffers stay where they are: a loader that reuses its buffers pays for it once),
+    ``copy_many`` for the rest; None: ``copy_many`` per bucket."""
+    if kernel_device is None:
+        for b, _, src in ready:
+            copy_many(plan.buckets[b].dst, src)
+        return
+    from engine.kernels.bulk_copy import ALIGN, copy_chunks, plan_chunks
+
+    sources = tuple((b, buf.data_ptr(), buf.numel()) for b, buf, _ in ready)
+    if plan.chunks is None or plan.chunks.sources != sources:
+        ranges, rest = [], []
+        for b, _, src in ready:
+            for i, (d, s) in enumerate(zip(plan.buckets[b].dst, src, strict=True)):
+                nbytes = d.numel() * d.element_size()
+                if nbytes == 0:
+                    continue
+                if d.dtype == s.dtype and d.device == s.device and d.is_contiguous() and s.is_contiguous() \
+                        and (d.data_ptr() | s.data_ptr() | nbytes) % ALIGN == 0:
+                    ranges.append((s.data_ptr(), d.data_ptr(), nbytes))
+                else:
+                    rest.append((b, i))
+        plan.chunks = _ChunkCopies(sources, plan_chunks(ranges, kernel_device), rest)
+    copy_chunks(plan.chunks.table)
+    if plan.chunks.rest:
+        views = {b: src for b, _, src in ready}
+        copy_many([plan.buckets[b].dst[i] for b, i in plan.chunks.rest],
+                  [views[b][i] for b, i in plan.chunks.rest])
 
 
 def all_finite(tensors: list[torch.Tensor]) -> list[bool]:

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from engine.bucket_copy import BucketCopyPlan, all_finite, build_plan, check_buffer, copy_many
+from engine.bucket_copy import BucketCopyPlan, all_finite, build_plan, check_buffer, copy_many, copy_resident
 from engine.model_config import ModelConfig
 from engine.weights import WeightMapper, WeightTarget, copy_into
 
@@ -131,6 +131,10 @@ class WeightUpdater:
         # norm and the lm_head, which is the embedding when tied. An update writing one refreshes the copies.
         head = {"norm.weight", "embed_tokens.weight" if model_config.tie_word_embeddings else "lm_head.weight"}
         self._head_names = frozenset(n for n in self.expected if self.mapper.resolve(n).param_name in head)
+        # Resident bucketed updates on CUDA: every bucket into the parameters with one kernel launch
+        # (engine.kernels.bulk_copy); None: a copy per tensor. Set to a device to force it (tests, on CPU under
+        # the Triton interpreter).
+        self.copy_kernel_device: Optional[torch.device] = _copy_kernel_device(self.params.values())
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_manifest(self, manifest: Any, partial: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -277,7 +281,7 @@ class WeightUpdater:
         resident = bool(getattr(loader, "buckets_resident", False))
         seen: set[int] = set()
 
-        def sources(item: Any) -> tuple[int, list[torch.Tensor]]:
+        def sources(item: Any) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
             try:
                 b, buf = item
                 b = check_buffer(plan, b, buf, seen)
@@ -289,19 +293,25 @@ class WeightUpdater:
                 bad = [n for n, ok in zip(plan.buckets[b].names, all_finite(src)) if not ok]
                 if bad:
                     raise WeightUpdateError(f"weight {bad[0]!r} has non-finite values (NaN or inf)")
-            return b, src
+            return b, buf, src
 
         if resident:
             # Every bucket is readable now: check them all, then write with no rollback copy (nothing is left
             # that could fail between the first write and the last).
             ready = [sources(item) for item in loader.iter_buckets()]
             self._check_all_buckets(plan, seen)
-            for b, src in ready:
-                bc = plan.buckets[b]
-                tx.write_many(bc.names, bc.dst, src, backup=False)
+            try:
+                copy_resident(plan, ready, self.copy_kernel_device)
+            except Exception as e:  # noqa: BLE001 - the kernel would not build or launch: per-tensor copies
+                if self.copy_kernel_device is None:
+                    raise
+                logger.warning("weight updates: the one-launch bucket copy failed (%s: %s); copying per tensor "
+                               "from now on", type(e).__name__, e)
+                self.copy_kernel_device = None
+                copy_resident(plan, ready, None)
         else:
             for item in loader.iter_buckets():
-                b, src = sources(item)
+                b, _, src = sources(item)
                 bc = plan.buckets[b]
                 tx.write_many(bc.names, bc.dst, src, backup=True)
             self._check_all_buckets(plan, seen)
@@ -339,6 +349,20 @@ class WeightUpdater:
         if isinstance(err, WeightUpdateError):
             raise err
         raise WeightUpdateError(f"weight update failed and was rolled back: {_describe(err)}") from err
+
+
+def _copy_kernel_device(params) -> Optional[torch.device]:
+    """The parameters' CUDA device when the bucket copy kernel can run there (Triton imports), else None."""
+    devices = {p.device for p in params}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return None
+    try:
+        import engine.kernels.bulk_copy  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - no (working) Triton: per-tensor copies
+        logger.warning("weight updates: no bucket copy kernel (%s: %s); buckets are copied per tensor",
+                       type(e).__name__, e)
+        return None
+    return next(iter(devices))
 
 
 def _describe(err: BaseException) -> str:

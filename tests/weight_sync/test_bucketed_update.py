@@ -8,8 +8,14 @@ the transports themselves are tested in test_distributed.py (gloo, and NCCL on t
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # the bucket copy kernel (engine.kernels.bulk_copy, imported at its first use) runs under the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
 from safetensors.torch import load_file
 
 from engine.weight_update import WeightsInconsistentError, WeightUpdateError, WeightUpdater
@@ -175,3 +181,27 @@ def test_no_budget_half_way_is_inconsistent_until_a_complete_update(served, ckpt
     updater.apply(PackedBuckets(sd_of(ckpts["w2"])))
     assert not updater.inconsistent
     assert_same_as_fresh(model, ckpts["w2"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU buffers: on CUDA the IPC tests run the kernel natively")
+def test_resident_update_through_the_copy_kernel_equals_a_fresh_load(ckpts):
+    """Every tensor the kernel can take goes in its one launch, the rest (here: a bf16 trainer's tensors cast to
+    the fp32 engine) through the per-tensor copies; refilled persistent buffers reuse the chunk table."""
+    pytest.importorskip("triton")
+    model, config = load(ckpts["w1"])
+    updater = WeightUpdater(model, config)
+    updater.copy_kernel_device = torch.device("cpu")          # forced: the CPU default is the per-tensor copies
+    first = PackedBuckets(sd_of(ckpts["w2"]), resident=True)
+    updater.apply(first)
+    assert_same_as_fresh(model, ckpts["w2"])
+    plan = next(iter(updater._bucket_plans.values()))
+    table = plan.chunks.table
+    assert table.shape[0] >= len(plan.names) // 2            # most tensors through the kernel
+    for name in ("w1", "w2"):
+        updater.apply(PackedBuckets(sd_of(ckpts[name]), resident=True, buffers=first.buffers))
+        assert_same_as_fresh(model, ckpts[name])
+    assert plan.chunks.table is table                          # same buffers: the table was kept
+    updater.apply(PackedBuckets(sd_of(ckpts["w2_bf16"]), resident=True))
+    bf16_plan = next(reversed(updater._bucket_plans.values()))
+    assert bf16_plan.chunks.rest and bf16_plan.chunks.table.shape[0] == 0   # every tensor needs a cast
+    assert_same_as_fresh(model, ckpts["w2_bf16"])

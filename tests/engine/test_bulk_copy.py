@@ -1,0 +1,50 @@
+"""The one-launch bucket copy (``engine.kernels.bulk_copy``) against slicing (the updater's resident path through
+it: tests/weight_sync/test_bucketed_update.py). On the CPU the kernel runs under ``TRITON_INTERPRET=1`` (raw host addresses
+stand in for device pointers), natively on CUDA."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"   # before the kernel module is decorated (see test_kernels.py)
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and "engine.kernels.bulk_copy" in sys.modules:
+    importlib.reload(sys.modules["engine.kernels.bulk_copy"])
+
+from engine.kernels.bulk_copy import ALIGN, CHUNK_BYTES, copy_chunks, plan_chunks  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_chunks_copy_exactly_the_ranges_and_nothing_else(request):
+    g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    src = torch.randint(0, 256, (3 * CHUNK_BYTES,), dtype=torch.uint8, generator=g).to(DEVICE)
+    dst = torch.zeros(3 * CHUNK_BYTES, dtype=torch.uint8, device=DEVICE)
+    # (src offset, dst offset, bytes): longer than a chunk with a tail, one word pair, adjacent ranges, a
+    # range ending at the buffers' last byte
+    spans = [(16, 48, CHUNK_BYTES + 80), (CHUNK_BYTES + 4096, 2 * CHUNK_BYTES, 16),
+             (2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 16, 64), (2 * CHUNK_BYTES + 64, 2 * CHUNK_BYTES + 80, 32),
+             (3 * CHUNK_BYTES - 160, 3 * CHUNK_BYTES - 160, 160)]
+    table = plan_chunks([(src.data_ptr() + s, dst.data_ptr() + d, n) for s, d, n in spans], DEVICE)
+    assert table.shape == (len(spans) + 1, 3)     # the first range takes two chunks
+    copy_chunks(table)
+    expected = torch.zeros_like(dst)
+    for s, d, n in spans:
+        expected[d:d + n] = src[s:s + n]
+    assert torch.equal(dst.cpu(), expected.cpu())
+
+
+@pytest.mark.parametrize("span, why", [((8, 0, 16), "src"), ((0, 0, 24), "length"), ((0, 0, 0), "empty")])
+def test_ranges_off_the_boundaries_are_refused(span, why):
+    buf = torch.zeros(64, dtype=torch.uint8, device=DEVICE)
+    s, d, n = span
+    with pytest.raises(ValueError, match=f"on {ALIGN}-byte boundaries"):
+        plan_chunks([(buf.data_ptr() + s, buf.data_ptr() + d, n)], DEVICE)
+    with pytest.raises(ValueError, match=r"\[C, 3\] int64"):
+        copy_chunks(torch.zeros(2, 2, dtype=torch.int64, device=DEVICE))
