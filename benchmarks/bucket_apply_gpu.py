@@ -114,7 +114,8 @@ def time_variants(updater, loader: ResidentBuckets, repeats: int, dev: torch.dev
         out[f"{name}_s"] = statistics.median(timed(lambda: updater.apply(loader), dev) for _ in range(repeats))
     plan = next(iter(updater._bucket_plans.values()))
     if plan.chunks is not None:
-        out["chunks"], out["kernel_rest"] = int(plan.chunks.table.shape[0]), len(plan.chunks.rest)
+        table = plan.chunks.table
+        out["chunks"], out["kernel_rest"] = table.num_chunks if table else 0, len(plan.chunks.rest)
     return out
 
 

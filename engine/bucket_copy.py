@@ -44,7 +44,7 @@ class _BucketCopies:
 class _ChunkCopies:
     """One update's copies as a single launch of ``engine.kernels.bulk_copy`` (built for these source buffers)."""
     sources: tuple[tuple[int, int, int], ...]   # (bucket, data_ptr, numel) of each buffer the table reads
-    table: torch.Tensor                         # [C, 3] int64 on the device: the chunks
+    table: Any                                  # engine.kernels.bulk_copy.ChunkTable: the chunks
     rest: list[tuple[int, int]]                 # (bucket, entry) the kernel cannot copy (dtype cast, alignment)
 
 
@@ -151,7 +151,7 @@ def copy_resident(plan: BucketCopyPlan, ready: list[tuple[int, torch.Tensor, lis
 
     sources = tuple((b, buf.data_ptr(), buf.numel()) for b, buf, _ in ready)
     if plan.chunks is None or plan.chunks.sources != sources:
-        ranges, rest = [], []
+        ranges, rest, bases = [], [], []
         for b, _, src in ready:
             for i, (d, s) in enumerate(zip(plan.buckets[b].dst, src, strict=True)):
                 nbytes = d.numel() * d.element_size()
@@ -160,10 +160,13 @@ def copy_resident(plan: BucketCopyPlan, ready: list[tuple[int, torch.Tensor, lis
                 if d.dtype == s.dtype and d.device == s.device and d.is_contiguous() and s.is_contiguous() \
                         and (d.data_ptr() | s.data_ptr() | nbytes) % ALIGN == 0:
                     ranges.append((s.data_ptr(), d.data_ptr(), nbytes))
+                    bases = bases or [s, d]
                 else:
                     rest.append((b, i))
-        plan.chunks = _ChunkCopies(sources, plan_chunks(ranges, kernel_device), rest)
-    copy_chunks(plan.chunks.table)
+        table = plan_chunks(ranges, *bases) if ranges else None
+        plan.chunks = _ChunkCopies(sources, table, rest)
+    if plan.chunks.table is not None:
+        copy_chunks(plan.chunks.table)
     if plan.chunks.rest:
         views = {b: src for b, _, src in ready}
         copy_many([plan.buckets[b].dst[i] for b, i in plan.chunks.rest],

@@ -196,12 +196,12 @@ def test_resident_update_through_the_copy_kernel_equals_a_fresh_load(ckpts):
     assert_same_as_fresh(model, ckpts["w2"])
     plan = next(iter(updater._bucket_plans.values()))
     table = plan.chunks.table
-    assert table.shape[0] >= len(plan.names) // 2            # most tensors through the kernel
+    assert table.num_chunks >= len(plan.names) // 2           # most tensors through the kernel
     for name in ("w1", "w2"):
         updater.apply(PackedBuckets(sd_of(ckpts[name]), resident=True, buffers=first.buffers))
         assert_same_as_fresh(model, ckpts[name])
     assert plan.chunks.table is table                          # same buffers: the table was kept
     updater.apply(PackedBuckets(sd_of(ckpts["w2_bf16"]), resident=True))
     bf16_plan = next(reversed(updater._bucket_plans.values()))
-    assert bf16_plan.chunks.rest and bf16_plan.chunks.table.shape[0] == 0   # every tensor needs a cast
+    assert bf16_plan.chunks.rest and bf16_plan.chunks.table is None   # every tensor needs a cast
     assert_same_as_fresh(model, ckpts["w2_bf16"])
