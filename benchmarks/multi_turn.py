@@ -225,6 +225,11 @@ def main() -> None:
         "no-retention": ("no-retention baseline", EngineConfig(**common, retain_sessions=False,
                                                                enable_prefix_caching=False, host_kv_cache_bytes=0)),
     }
+    # admissions and landed restores planned ahead too (EngineConfig.async_admissions), ours and the baseline
+    for key in ("ours", "recompute"):
+        label_, cfg_ = policies[key]
+        policies[f"{key}-ahead-admissions"] = (label_.replace(" (", ", admissions planned ahead (", 1),
+                                               dataclasses.replace(cfg_, async_admissions=True))
     # the same engines with the extend kernel's split-KV on (EngineConfig.extend_kv_splits, off by default)
     for key in ("ours", "recompute"):
         label_, cfg_ = policies[key]

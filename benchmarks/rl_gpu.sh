@@ -58,7 +58,7 @@ case $part in
     timeout 100 python3 benchmarks/bucket_apply_gpu.py 2>&1 | grep -v "^\s*$" | tail -8 | tee $OUT/bucket_apply.log
     timeout 140 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b 2>&1 \
       | grep -v "^\s*$" | tail -8 | tee $OUT/colocated.log
-    timeout 110 python3 benchmarks/train_step_gpu.py 2>&1 | grep -v "^\s*$" | tail -45 | tee $OUT/train_step.log
+    timeout 110 python3 benchmarks/train_step_gpu.py > $OUT/train_step.log 2>&1; grep "^|" $OUT/train_step.log
     timeout 80 python3 benchmarks/episode_overhead.py --device cuda --shape qwen2.5-0.5b --ways engine,pool \
       --repeats 2 2>&1 | grep -v "^\s*$" | tail -15 | tee $OUT/episode_overhead.log ;;
 esac

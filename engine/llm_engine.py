@@ -109,7 +109,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching, num_host_blocks=num_host_blocks,
             default_session_ttl_s=float(config.session_ttl_s), preemption=config.preemption,
             expected_output_tokens=config.expected_output_tokens, retain_sessions=config.retain_sessions,
-            plan_ahead_after_prefill=config.async_after_prefill))
+            plan_ahead_after_prefill=config.async_after_prefill, plan_ahead_admissions=config.async_admissions))
         self.runner = ModelRunner(self.model, mc, self.kv_caches, self.backend, config.block_size,
                                   self.device, Sampler(config.seed), host_cache,
                                   enable_cuda_graphs=config.enable_cuda_graphs,

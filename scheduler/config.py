@@ -26,6 +26,9 @@ class SchedulerConfig:
     expected_output_tokens: int = 1024   # "swap" only: output tokens a turn reserves for at admission
     plan_ahead_after_prefill: bool = False  # async scheduling: also plan the step after a prefill step ahead
                                             # (default: only after pure decode steps; see EngineConfig)
+    plan_ahead_admissions: bool = False     # async scheduling: a step planned ahead also takes the ready
+                                            # sequences the previous step did not run (restores that landed)
+                                            # and admits queued work, instead of waiting for a full schedule
     # Baselines for benchmarks only:
     retain_sessions: bool = True         # False: a session's KV is dropped at the end of each turn
 

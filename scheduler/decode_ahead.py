@@ -27,12 +27,17 @@ _PLACEHOLDER = [-1]   # shared: never mutated (the engine feeds the real id on t
 
 
 def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[SchedulerOutput]:
-    if not prev.scheduled or sched.ready_changed:
+    if not prev.scheduled:
         return None
-    if sched.waiting and not sched.admission_paused and len(sched.running) < sched.config.max_num_seqs \
-            and not sched.admission_stalled:
+    cfg = sched.config
+    more = cfg.plan_ahead_admissions      # ready sequences prev did not run, and admissions, join the plan
+    if sched.ready_changed and not more:
         return None
-    after_prefill = sched.config.plan_ahead_after_prefill
+    can_admit = sched.waiting and not sched.admission_paused and len(sched.running) < cfg.max_num_seqs \
+        and not sched.admission_stalled
+    if can_admit and not more:
+        return None
+    after_prefill = cfg.plan_ahead_after_prefill
     running, bs, kv = sched.running, sched.block_size, sched.kv
     decodes, chunks = [], []
     num_live = 0
@@ -61,8 +66,12 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
                     growing += max(0, extra - kv.reserved(seq))
         else:
             chunks.append((seq, it, pos))
+    others = []     # ready running sequences prev did not run (a restore landed since, a chunk over budget)
     if num_live != sum(1 for s in running.values() if s.kv_ready):
-        return None                                     # a ready sequence prev did not run: a full schedule
+        if not more:
+            return None                                 # a ready sequence prev did not run: a full schedule
+        ran = {it.seq_id for it in prev.scheduled}
+        others = [s for s in running.values() if s.kv_ready and s.seq_id not in ran]
     num_fed = len(decodes)
     budget = sched.config.max_num_batched_tokens - num_fed
     plan = decodes                                      # the decodes first, then the chunks
@@ -73,9 +82,18 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
         budget -= n
         plan.append((seq, it, pos, n, seq.num_output_tokens))
         growing += max(0, cdiv(pos + n, bs) - len(seq.block_ids) - kv.reserved(seq))
+    for seq in others:
+        pos = seq.num_computed_tokens
+        if budget <= 0 or pos >= seq.num_tokens or seq.pending_forks:
+            return None                                 # over budget, nothing to compute, forks: schedule decides
+        n = min(seq.num_tokens - pos, budget)
+        budget -= n
+        plan.append((seq, None, pos, n, seq.num_output_tokens))
+        growing += max(0, cdiv(pos + n, bs) - len(seq.block_ids) - kv.reserved(seq))
     if not plan or growing > kv.headroom:
         return None                                     # blocks past a reservation: the policy decides, in schedule
     sched.begin_step()
+    sched.ready_changed = False                         # every sequence that became ready is in this plan
     scheduled: list[ScheduledSequence] = []
     append = scheduled.append
     for seq, it, pos, n, num_out in plan:
@@ -84,13 +102,18 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
             while len(seq.block_ids) < need:
                 kv.allocate(seq)                        # reservation or headroom, counted above: cannot fail
             blocks = list(seq.block_ids)
+        elif it is None:
+            blocks = list(seq.block_ids)
         else:
             blocks = it.block_ids   # prev's snapshot, equal to seq.block_ids (snapshots are never mutated)
-        if it.sample:
+        if it is not None and it.sample:
             append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, _PLACEHOLDER, pos, blocks, True,
                                      num_out))
         else:
             append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, seq.token_ids[pos:pos + n], pos,
                                      blocks, pos + n == seq.num_tokens, num_out))
+    if can_admit and budget > 0:
+        sched._admit(budget, scheduled)                 # after prev's work, as in schedule; restores it starts
+        sched.stats.peak_running = max(sched.stats.peak_running, len(running))   # land in later steps
     sched.stats.steps_ahead += 1
     return sched.build_output(scheduled, num_fed=num_fed)

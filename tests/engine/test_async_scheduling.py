@@ -65,17 +65,18 @@ def submit(engine, reqs):
         engine.add_request(prompt, params, request_id=rid)
 
 
-@pytest.mark.parametrize("after_prefill", [False, True])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stop_tokens_waiting_and_small_pool_same_as_sync(model_path, seed, after_prefill):
+@pytest.mark.parametrize("seed, after_prefill, admissions", [(seed, after, False) for after in (False, True)
+                                                             for seed in (0, 1, 2)] + [(0, True, True)])
+def test_stop_tokens_waiting_and_small_pool_same_as_sync(model_path, seed, after_prefill, admissions):
     probe = make(model_path, False)
     vocab = probe.vocab_size
     submit(probe, workload(seed, vocab))
     plain = drive(probe)
     results = {}
     for mode in (False, True):
-        # small pool: requests wait for blocks; after_prefill: steps after prefill steps are planned ahead too
-        e = make(model_path, mode, num_kv_blocks=40, async_after_prefill=after_prefill)
+        # small pool: requests wait for blocks; after_prefill: steps after prefill steps are planned ahead too;
+        # admissions: waiting requests are admitted in steps planned ahead
+        e = make(model_path, mode, num_kv_blocks=40, async_after_prefill=after_prefill, async_admissions=admissions)
         submit(e, workload(seed, vocab, stop_from=plain))
         results[mode] = drive(e)
         ahead = e.stats()["steps_ahead"]
@@ -97,11 +98,17 @@ def test_abort_with_a_step_queued_ahead(model_path):
     assert 0 < len(results[True][("a1", 0)].token_ids) < 30
 
 
-def test_sessions_stopping_mid_batch_same_as_sync(model_path):
-    """Turns end on a stop token while a decode step is queued ahead; the next turn is submitted at once."""
+@pytest.mark.parametrize("pressure", [False, True])
+def test_sessions_stopping_mid_batch_same_as_sync(model_path, pressure):
+    """Turns end on a stop token while a decode step is queued ahead; the next turn is submitted at once. Under
+    pressure: a pool too small for every session (idle ones go to the host pool and come back), with the next
+    turns admitted and the landed restores scheduled in steps planned ahead."""
     outs = {}
+    kw = dict(num_kv_blocks=96)
+    if pressure:
+        kw = dict(num_kv_blocks=24, host_kv_cache_bytes=8 << 20, async_after_prefill=True, async_admissions=True)
     for mode in (False, True):
-        e = make(model_path, mode, num_kv_blocks=96, max_num_seqs=4)
+        e = make(model_path, mode, max_num_seqs=4, **kw)
         sessions = [e.open_session(f"s{i}") for i in range(3)]
         history = {s: [] for s in sessions}
         filler = e.add_request([5, 6, 7], SamplingParams(max_tokens=60, ignore_eos=True), request_id="filler")
@@ -136,6 +143,8 @@ def test_sessions_stopping_mid_batch_same_as_sync(model_path):
         outs[mode] = history
         if mode:
             assert e.stats()["steps_ahead"] > 0
+        if pressure:
+            assert e.stats()["restored_sessions"] > 0 and e.stats()["preemptions"] == 0
     assert outs[True] == outs[False]
 
 

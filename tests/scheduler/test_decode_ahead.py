@@ -1,7 +1,10 @@
 """Decode steps planned ahead (scheduler.decode_ahead): when they are planned, and that per-step housekeeping
-(TTL expiry) runs in a long run of them too."""
+(TTL expiry) runs in a long run of them too; with ``plan_ahead_admissions``, landed restores and admissions
+planned ahead as well."""
+import random
+
 from scheduler import Scheduler, SchedulerConfig, StopCondition
-from tests.scheduler.fake_engine import FakeKVEngine
+from tests.scheduler.fake_engine import FakeKVEngine, RandomSessions, reference_output
 
 
 class Clock:
@@ -102,12 +105,16 @@ def test_decode_ahead_may_carry_an_offload():
     assert len(swapped) == 8 and s.get_session("p").kv.value == "host"
 
 
-def drive_ahead(s, eng, max_steps=20_000):
+def drive_ahead(s, eng, max_steps=20_000, between=None):
     """Run everything with steps planned ahead whenever the scheduler allows (as the engine does): each step's
-    placeholder inputs are fed from the previous step's samples. -> finished sequences, steps planned ahead."""
+    placeholder inputs are fed from the previous step's samples; ``between()`` runs before each plan (new
+    turns arrive). -> finished sequences, steps planned ahead."""
     finished, ahead_steps, steps = [], 0, 0
     out, fed = s.schedule(), None
-    while not out.is_empty or s.has_unfinished():
+    while True:
+        more = between() if between is not None else False
+        if out.is_empty and not s.has_unfinished() and not more:
+            break
         ahead = s.schedule_decode_ahead(out) if out.scheduled else None
         sampled = eng.execute(out, fed)
         finished += s.update(out, sampled)
@@ -125,8 +132,6 @@ def drive_ahead(s, eng, max_steps=20_000):
 def test_steps_planned_ahead_after_prefill_chunks_match_the_reference():
     """Steps planned ahead after a prefill step (its sampled tokens fed, its unfinished chunks continued):
     random prompts longer than the token budget, sessions with late restores, small pools."""
-    import random
-    from tests.scheduler.fake_engine import reference_output
     rng = random.Random(21)
     ahead_total = 0
     for scenario in range(60):
@@ -173,3 +178,61 @@ def test_planning_ahead_after_prefill_can_be_turned_off():
         ahead = s.schedule_decode_ahead(out)
         assert (ahead is not None) == after_prefill
         s.update(out, eng.execute(out))
+
+
+def test_admissions_and_landed_restores_join_steps_planned_ahead():
+    """With plan_ahead_admissions a queued request is admitted in the step planned ahead (it runs there, after
+    prev's decodes) and a sequence whose restore landed is scheduled there, instead of a full schedule."""
+    clock = Clock()
+    s = make(clock, plan_ahead_after_prefill=True, plan_ahead_admissions=True)
+    eng = FakeKVEngine(s, 50)
+    s.add_request("a", [1, 2, 3], StopCondition(max_tokens=40))
+    out = s.schedule()
+    s.update(out, eng.execute(out))
+    out = s.schedule()
+    s.add_request("b", [4, 5], StopCondition(max_tokens=4))
+    ahead = s.schedule_decode_ahead(out)
+    assert ahead is not None and [it.request_id for it in ahead.scheduled] == ["a", "b"] and ahead.num_fed == 1
+    assert ahead.scheduled[1].token_ids == [4, 5] and not s.waiting
+    s.ready_changed = True                             # as a landed restore sets it: planned ahead all the same
+    fed = eng.execute(out)
+    s.update(out, fed)
+    nxt = s.schedule_decode_ahead(ahead)
+    assert nxt is not None and not s.ready_changed
+
+
+def test_randomized_sessions_with_admissions_planned_ahead_match_the_reference():
+    """Sessions sharing a prefix under KV pressure (offloads, drops, restores landing 0-3 steps late), every
+    step planned ahead when the scheduler allows, admissions and landed restores included: outputs equal the
+    reference, integrity holds after every step, nothing is preempted."""
+    rng = random.Random(23)
+    ahead_total = 0
+    admitted_ahead = 0
+
+    for scenario in range(120):
+        s = make(Clock(), num_blocks=rng.randint(14, 40), num_host_blocks=rng.choice([0, 6, 64]),
+                 max_num_seqs=rng.randint(2, 8), max_num_batched_tokens=rng.randint(4, 40),
+                 enable_prefix_caching=rng.random() < 0.7, plan_ahead_after_prefill=True,
+                 plan_ahead_admissions=True)
+        eng = FakeKVEngine(s, 60, landing_delay=rng.choice([0, 1, 2, 3]))
+        sessions = RandomSessions(s, rng, 60, {f"s{i}": rng.randint(2, 5) for i in range(rng.randint(3, 8))},
+                                  list(range(1, 17))[:rng.choice([0, 4, 8])], 0.5, (1, 8), (1, 8))
+        plan = s.schedule_decode_ahead
+
+        def counted(prev, plan=plan, s=s):
+            nonlocal admitted_ahead
+            before = s.stats.admissions
+            out = plan(prev)
+            admitted_ahead += s.stats.admissions - before
+            return out
+        s.schedule_decode_ahead = counted
+
+        def between(sessions=sessions):
+            sessions.submit()
+            return not sessions.done
+        finished, ahead = drive_ahead(s, eng, between=between)
+        sessions.check(finished, scenario)
+        assert not sessions.expected, scenario
+        assert s.stats.preemptions == 0 and s.stats.recomputed_tokens == 0
+        ahead_total += ahead
+    assert ahead_total > 2000 and admitted_ahead > 200, (ahead_total, admitted_ahead)
