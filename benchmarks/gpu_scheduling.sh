@@ -71,12 +71,11 @@ f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test
         --only ours,ours-extend-split,recompute,no-retention \
         --json "$out/multi_turn_05b.json"
     [ -n "${COLOCATED:-}" ] && step colocated_8b 150 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b ;;
-g)  step bucket_apply 60 python3 benchmarks/bucket_apply_gpu.py
-    step colocated_8b 140 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b
-    step multi_turn_05b 150 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
-        --only ours,ours-ahead-admissions,recompute,recompute-ahead-admissions,no-retention \
-        --json "$out/multi_turn_05b.json"
-    step multi_turn_8b 230 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
-        --only ours,ours-ahead-admissions,recompute,recompute-ahead-admissions --json "$out/multi_turn_8b.json" ;;
+g)  step bucket_apply 45 python3 benchmarks/bucket_apply_gpu.py
+    step multi_turn_05b 130 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --only ours,ours-ahead-admissions,recompute,recompute-ahead-admissions --json "$out/multi_turn_05b.json"
+    step colocated_8b 120 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b
+    step multi_turn_8b 190 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
+        --only ours,ours-ahead-admissions,recompute --json "$out/multi_turn_8b.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"
