@@ -1,5 +1,6 @@
 """Shared fixtures."""
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,15 @@ def _one_torch_thread_everywhere():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_sessions_ray():
+    """The local Ray that tests share (tests/rollout/pool_helpers.py ``local_ray``) stops with the session."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
