@@ -29,10 +29,10 @@ def local_ray():
 
 
 @contextlib.contextmanager
-def local_pool(engine_config: EngineConfig, num_workers: int = 2) -> Iterator:
+def local_pool(engine_config: EngineConfig, num_workers: int = 2, **pool_kwargs) -> Iterator:
     from rollout.pool import RolloutPool
     local_ray()
-    pool = RolloutPool(engine_config, num_workers, num_cpus_per_worker=0.5, start_timeout_s=120)
+    pool = RolloutPool(engine_config, num_workers, num_cpus_per_worker=0.5, start_timeout_s=120, **pool_kwargs)
     try:
         yield pool
     finally:
