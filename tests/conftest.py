@@ -28,6 +28,13 @@ def _stop_the_sessions_ray():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _triton_interpreter_without_nested_patching():
+    """Once a module imported triton under TRITON_INTERPRET=1 (tests/triton_interpreter.py)."""
+    from tests.triton_interpreter import skip_nested_patching
+    skip_nested_patching()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny matrices: intra-op threads only add contention on a shared 2-core machine (seen 60x slower)."""
