@@ -136,8 +136,10 @@ class PoolWay:
         from rollout.pool import RolloutPool
         from rollout.pool_slots import default_runtime_env
         cuda = cfg.device.startswith("cuda")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env=default_runtime_env(), **({"num_gpus": 1} if cuda else {"num_cpus": 2}))
+        self.started_ray = not ray.is_initialized()     # else a caller's Ray (a test session's): left running
+        if self.started_ray:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env=default_runtime_env(), **({"num_gpus": 1} if cuda else {"num_cpus": 2}))
         self.pool = RolloutPool(cfg, num_workers=1, num_cpus_per_worker=worker_cpus, start_timeout_s=600)
         # NOTE: the benchmark reaches into the pool for its one actor, to instrument the engine inside it.
         self.handle = self.pool._slots[0].actor.handle
@@ -159,7 +161,8 @@ class PoolWay:
     def close(self) -> None:
         import ray
         self.pool.close()
-        ray.shutdown()
+        if self.started_ray:
+            ray.shutdown()
 
 
 WAYS = {way.key: way for way in (EngineWay, LoopWay, WorkerWay, PoolWay)}

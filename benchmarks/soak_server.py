@@ -1,7 +1,8 @@
 """The soak's server side: a ZeroMQ front end + ``RolloutPool`` in a subprocess of its own (so its RSS is the
 server's alone), started and stopped by ``Server``; and ``rss_mb``, how the soak measures processes.
 
-    python -m benchmarks.soak_server --model DIR [--workers 2 --num-kv-blocks 2048 --max-num-seqs 128]
+    python -m benchmarks.soak_server --model DIR [--workers 2 --num-kv-blocks 2048 --max-num-seqs 128
+                                                  --session-expiry-grace 5]
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 READY = "SOAK_SERVER "          # the server's line on stdout: READY + json {"address", "pid"}
 
 
-def serve(model: str, num_workers: int, num_kv_blocks: int, max_num_seqs: int) -> None:
+def serve(model: str, num_workers: int, num_kv_blocks: int, max_num_seqs: int,
+          session_expiry_grace_s: float = 5.0) -> None:
     """Front end + pool until stdin closes (or SIGTERM); prints READY + json when listening."""
     import signal
 
@@ -34,7 +36,8 @@ def serve(model: str, num_workers: int, num_kv_blocks: int, max_num_seqs: int) -
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     config = EngineConfig(model=model, num_kv_blocks=num_kv_blocks, block_size=8, max_model_len=256,
                           max_num_seqs=max_num_seqs)
-    pool = RolloutPool(config, num_workers, num_cpus_per_worker=0.5, start_timeout_s=300)
+    pool = RolloutPool(config, num_workers, num_cpus_per_worker=0.5, start_timeout_s=300,
+                       session_expiry_grace_s=session_expiry_grace_s)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -58,10 +61,10 @@ class Server:
     """The soak server in a subprocess; ``with Server(...) as s: s.address``."""
 
     def __init__(self, model: str, *, num_workers: int = 2, num_kv_blocks: int = 2048, max_num_seqs: int = 128,
-                 start_timeout_s: float = 240.0) -> None:
+                 start_timeout_s: float = 240.0, session_expiry_grace_s: float = 5.0) -> None:
         self.args = [sys.executable, "-m", "benchmarks.soak_server", "--model", model,
                      "--workers", str(num_workers), "--num-kv-blocks", str(num_kv_blocks),
-                     "--max-num-seqs", str(max_num_seqs)]
+                     "--max-num-seqs", str(max_num_seqs), "--session-expiry-grace", str(session_expiry_grace_s)]
         self.start_timeout_s = start_timeout_s
         self.proc: Optional[subprocess.Popen] = None
         self.address = ""
@@ -114,8 +117,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--session-expiry-grace", type=float, default=5.0,
+                    help="seconds past a session's TTL before the pool forgets it (RolloutPool session_expiry_grace_s)")
     args = ap.parse_args()
-    serve(args.model, args.workers, args.num_kv_blocks, args.max_num_seqs)
+    serve(args.model, args.workers, args.num_kv_blocks, args.max_num_seqs, args.session_expiry_grace)
     return 0
 
 

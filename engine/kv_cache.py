@@ -7,6 +7,9 @@ Block ids index dim 0; the scheduler's ``BlockPool`` owns which ids are free. A 
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from engine.model_config import ModelConfig
@@ -42,7 +45,8 @@ def allocate_kv_cache(
     allocated by the caller (zeroed here; e.g. at fixed addresses, ``engine.device_memory``); default a new one."""
     shape = kv_cache_shape(model_config, num_blocks, block_size)
     if storage is None:
-        storage = torch.zeros(shape, dtype=dtype, device=device)
+        storage = (_lazy_host_zeros(shape, dtype) if torch.device(device).type == "cpu"
+                   else torch.zeros(shape, dtype=dtype, device=device))
     else:
         if tuple(storage.shape) != shape or storage.dtype != dtype or not storage.is_contiguous() \
                 or storage._base is not None:
@@ -50,6 +54,15 @@ def allocate_kv_cache(
                              f"{tuple(storage.shape)} {storage.dtype}")
         storage.zero_()
     return [(storage[2 * i], storage[2 * i + 1]) for i in range(model_config.num_layers)]
+
+
+def _lazy_host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor in anonymous memory, whose pages the kernel maps (zeroed) on first write:
+    ``torch.zeros`` writes every byte up front (2.3 s and all of it resident for the 1 GiB default CPU cache,
+    most of which a CPU engine never touches). The tensor owns its memory: unmapped when the last view goes."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    flat = torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
+    return torch.empty(0, dtype=dtype).set_(flat.untyped_storage(), 0, shape)
 
 
 def kv_storage(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:

@@ -212,7 +212,10 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config, dtype=dtype)
     if materialize is None or not materialize(model):
-        model.to_empty(device=device)  # allocates storage; a tied lm_head keeps sharing embed_tokens' Parameter
+        # What model.to_empty(device=device) does, with torch.empty: empty_like of a meta tensor runs torch._refs,
+        # whose first use imports sympy (0.6 s in every new process). A tied lm_head keeps sharing embed_tokens'
+        # Parameter (its data is replaced in place).
+        model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.tie_weights()
     model.init_rope_cache()
     if random_weights:

@@ -63,7 +63,9 @@ from rollout.worker import RolloutWorker
 from weight_sync.distributed import backend_for
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-SESSION_EXPIRY_GRACE_S = 5.0   # past a session's TTL, before the pool forgets it (its worker expired it by then)
+# past a session's TTL, before the pool forgets it (its worker expired it by then: an idle worker checks TTLs every
+# rollout.engine_loop.TTL_POLL_S); the default of RolloutPool(session_expiry_grace_s=...)
+SESSION_EXPIRY_GRACE_S = 5.0
 
 
 class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
@@ -71,7 +73,7 @@ class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
                  address: Optional[str] = None, num_cpus_per_worker: float = 1.0, env_threads: int = 4,
                  runtime_env: Optional[dict[str, Any]] = None, start_timeout_s: float = 300.0,
                  load_refresh_s: float = 1.0, num_gpus_per_worker: Optional[float] = None,
-                 fast_channel: bool = True) -> None:
+                 fast_channel: bool = True, session_expiry_grace_s: float = SESSION_EXPIRY_GRACE_S) -> None:
         import ray
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
@@ -89,6 +91,7 @@ class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
         self._env_threads = env_threads
         self._start_timeout_s = start_timeout_s
         self._load_refresh_s = load_refresh_s
+        self._session_expiry_grace_s = float(session_expiry_grace_s)
         self._slots: list[Slot] = []
         self._affinity: dict[str, Slot] = {}          # session id -> its worker
         # session id -> (ttl_s, idle since: monotonic time its last turn ended, None while a turn runs). A session
@@ -167,7 +170,7 @@ class RolloutPool(PoolWeightsAPI, PoolStreamsAPI, PoolStatusAPI):
     def _forget_expired_sessions(self) -> None:
         now = time.monotonic()
         for sid, (ttl, idle_since) in list(self._session_ttl.items()):
-            if idle_since is not None and now - idle_since > ttl + SESSION_EXPIRY_GRACE_S:
+            if idle_since is not None and now - idle_since > ttl + self._session_expiry_grace_s:
                 slot = self._affinity.get(sid)
                 if slot is not None:
                     self._forget_session(sid, slot)

@@ -269,7 +269,12 @@ class CausalLM(nn.Module):
     def __init__(self, config: "ModelConfig", dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        # NOTE: its own weight, initialised here only off the meta device (load_model builds on meta): a normal_
+        # on meta goes through torch._refs, whose first use imports torch._dynamo (2.2 s in every new process)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
+        if not self.embed_tokens.weight.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)   # what nn.Embedding does when it makes its weight
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)

@@ -6,13 +6,14 @@ cycling over the turn's tokens), reward ``(sum(model ids) % 10) / 10`` per step,
 ``num_steps`` steps. Everything is a pure function of (kwargs, model tokens), so a test can replay an
 episode against a plain ``LLMEngine``.
 
-``SlowEnvironment``: the same, but ``reset`` and ``step`` sleep ``delay_s`` first (a slow tool call).
+``SlowEnvironment``: the same, but ``step`` sleeps ``delay_s`` first (a slow tool call), and so does ``reset``
+(``reset_delay_s`` instead when given).
 """
 from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from typing import Any, Optional
 
 
 class EchoTestEnvironment:
@@ -46,14 +47,18 @@ class EchoTestEnvironment:
 
 
 class SlowEnvironment(EchoTestEnvironment):
-    def __init__(self, tokenizer: Any = None, *, delay_s: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, tokenizer: Any = None, *, delay_s: float = 1.0, reset_delay_s: Optional[float] = None,
+                 **kwargs: Any) -> None:
         super().__init__(tokenizer, **kwargs)
-        if not isinstance(delay_s, (int, float)) or isinstance(delay_s, bool) or not 0 <= delay_s <= 60:
-            raise ValueError(f"delay_s must be a number of seconds in [0, 60], got {delay_s!r}")
+        reset_delay_s = delay_s if reset_delay_s is None else reset_delay_s
+        for name, value in (("delay_s", delay_s), ("reset_delay_s", reset_delay_s)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 60:
+                raise ValueError(f"{name} must be a number of seconds in [0, 60], got {value!r}")
         self.delay_s = float(delay_s)
+        self.reset_delay_s = float(reset_delay_s)
 
     def reset(self, **kwargs: Any) -> list[int]:
-        time.sleep(self.delay_s)
+        time.sleep(self.reset_delay_s)
         return super().reset(**kwargs)
 
     def step(self, model_token_ids: list[int]) -> tuple[list[int], float, bool]:

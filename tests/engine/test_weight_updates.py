@@ -88,17 +88,15 @@ def test_distributed_gloo_loader(ckpts, w2_outputs):
 
 
 def test_ray_object_loader(ckpts, w2_outputs):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
+    from tests.rollout.pool_helpers import local_ray
     from weight_sync import RayObjectLoader, put_state_dict
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        refs = put_state_dict(load_file(str(ckpts["w2"] / "model.safetensors")), bucket_bytes=1 << 16, version=9)
-        e = engine_w1(ckpts)
-        e.update_weights(RayObjectLoader(refs))
-        check_w2(e, w2_outputs, 9)
-    finally:
-        ray.shutdown()
+    local_ray()
+    refs = put_state_dict(load_file(str(ckpts["w2"] / "model.safetensors")), bucket_bytes=1 << 16, version=9)
+    e = engine_w1(ckpts)
+    e.update_weights(RayObjectLoader(refs))
+    check_w2(e, w2_outputs, 9)
 
 
 def _w2_loader(ckpts):

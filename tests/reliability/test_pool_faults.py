@@ -36,7 +36,8 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(models):
     pytest.importorskip("ray")
-    with local_pool(config(models[0])) as pool:
+    # the vanished client's sessions (TTL 1 s) leave the pool 1 s past their TTL, not 5 s (the default)
+    with local_pool(config(models[0]), session_expiry_grace_s=1.0) as pool:
         yield pool
 
 

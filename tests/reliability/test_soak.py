@@ -18,7 +18,8 @@ from engine.tiny_models import make_tiny_model  # noqa: E402
 def test_bounded_soak_exactly_one_reply_each_and_all_kv_free(tmp_path):
     model = str(make_tiny_model("qwen2", tmp_path / "tiny", seed=5))
     start = time.monotonic()
-    with Server(model, num_workers=2, num_kv_blocks=1024) as server:
+    # the pool forgets an abandoned session 1 s past its TTL, not 5 s (the default): the run waited for that
+    with Server(model, num_workers=2, num_kv_blocks=1024, session_expiry_grace_s=1.0) as server:
         report = run_soak(server.address, server.pid, requests=500, sessions=50, clients=4, concurrency=16,
                           disconnect_every=150, session_ttl_s=2.0, seed=7, max_seconds=120)
     print(table(report))

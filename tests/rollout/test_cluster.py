@@ -21,6 +21,7 @@ def test_pool_spread_over_two_nodes(tmp_path):
     from rollout.pool import RolloutPool
     path = make_tiny_model("qwen2", tmp_path / "m", seed=8)
     config = EngineConfig(model=str(path), num_kv_blocks=128, block_size=8, max_model_len=128)
+    ray.shutdown()     # the session's local Ray, if an earlier test started it: the pool must join this cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     pool = None
     try:

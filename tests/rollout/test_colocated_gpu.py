@@ -54,6 +54,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(models):
     from rollout.pool import RolloutPool
+    ray.shutdown()     # the session's CPU-only local Ray (tests/rollout/pool_helpers.py), if an earlier test started it
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env=default_runtime_env())
     try:

@@ -167,11 +167,16 @@ def test_timed_out_episode_frees_its_session_on_the_worker(pool):
     def open_sessions(stats):
         return sum(w["open_sessions"] for w in stats["workers"])
 
+    def in_tool_call(stats):   # the session is open and its turn is over: the environment's step is sleeping
+        return open_sessions(stats) > 0 and all(w["num_running"] == w["num_waiting"] == 0 for w in stats["workers"])
+
     async def scenario():
         assert open_sessions(await pool.stats()) == 0
-        episode = asyncio.ensure_future(pool.run_episode("slow_test", {"delay_s": delay, "num_steps": 2}, GREEDY, 3))
+        # an instant reset (it used to sleep 4 s too, only waiting), then a first turn, then a 4 s step
+        episode = asyncio.ensure_future(pool.run_episode(
+            "slow_test", {"delay_s": delay, "reset_delay_s": 0.0, "num_steps": 2}, GREEDY, 3))
         deadline = time.monotonic() + 3 * delay + 30
-        while open_sessions(await pool.stats()) == 0:      # reset slept; the session is open, a step may follow
+        while not in_tool_call(await pool.stats()):
             assert time.monotonic() < deadline and not episode.done()
             await asyncio.sleep(0.02)
         episode.cancel()                                    # what asyncio.wait_for does when it times out

@@ -8,14 +8,6 @@ from engine.tiny_models import make_tiny_model
 from engine.weights import load_model
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
     """qwen2 (untied, qkv bias) and llama (tied embeddings) at two seeds; W2 also sharded and stored bf16."""

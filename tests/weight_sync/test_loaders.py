@@ -169,11 +169,9 @@ def test_custom_loader_registered_by_name(ckpts):
 # ------------------------------------------------------------------------------------------------ ray
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
+    pytest.importorskip("ray")
+    from tests.rollout.pool_helpers import local_ray
+    yield local_ray()
 
 
 def test_ray_object_loader(ckpts, ray_local):
