@@ -29,7 +29,7 @@ top_k with bf16 logits at T = 1: 4 (max/sum/first digit, second digit, candidate
 Noise: token i of a row in round r uses SplitMix64 at position i of the stream keyed by
 ``mix(mix(w0, w1, w2, w3), r)``, where the words are (seed, sample_index, step, 0) for a seeded row
 (``engine.sampling.mix64``'s chain) and (sampler seed, call, row, 1) for an unseeded one: a seeded row's
-draws depend on nothing else in the batch. Uniforms have 24 bits, (0, 1) open; E = -log(u) is computed
+draws depend on nothing else in the batch. Uniforms have 23 bits, (0, 1) open; E = -log(u) is computed
 without the cancellation of log near 1 (E small is where a token's race is decided).
 
 Layout: a program handles BLOCK_R rows (their state in [BLOCK_R] vectors, every reduction along the
@@ -87,7 +87,8 @@ def _race_key(s, stream, cols):
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9                               # _mix, inlined (interpreter: a
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB                               # nested call costs ~0.7 ms)
     z = z ^ (z >> 31)
-    u = ((z >> 40).to(tl.float32) + 0.5) * 5.9604644775390625e-08      # (0, 1), 24 bits
+    # u in (0, 1) on a grid of 2**-23: u and 1 - u are exact in fp32 (24 bits would round r + 0.5)
+    u = ((z >> 41).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     # E = -log(1 - u) (u uniform either way); for small u the series: log(1 - u) loses every digit there
     e = tl.where(u < 0.015625, u * (1.0 + u * (0.5 + u * 0.3333333333333333)), -tl.log(1.0 - u))
     return s - tl.log(e)

@@ -30,7 +30,9 @@ if not torch.cuda.is_available() and "engine.kernels.sampling" in sys.modules:
     if "engine.sampling_triton" in sys.modules:
         importlib.reload(sys.modules["engine.sampling_triton"])
 
-from engine.kernels.sampling import NUM_PARAMS, sample_logits  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from engine.kernels.sampling import NUM_PARAMS, _chain, _race_key, sample_logits  # noqa: E402
 from engine.sampling import Sampler  # noqa: E402
 from engine.sampling_triton import TritonSampler, pack_rows  # noqa: E402
 from tests.engine.test_sampling import (CASES, LOGITS, empirical, reference_distribution,  # noqa: E402
@@ -50,9 +52,58 @@ def kernel_sampler(seed: int = 0, **kw) -> TritonSampler:
 
 
 def draw(logits: torch.Tensor, kw: dict, n: int, seed: int = 1234, **sampler_kw) -> list[int]:
-    """n unseeded draws of one row (n identical rows in one batch)."""
-    batch = logits.to(DEVICE).expand(n, logits.numel()).contiguous()
+    """n unseeded draws of one row (n identical rows in one batch: a stride-0 view, read n times)."""
+    batch = logits.to(DEVICE).expand(n, logits.numel())
     return kernel_sampler(seed, **sampler_kw)(batch, [row(**kw) for _ in range(n)]).token_ids
+
+
+# ---------------------------------------------------------------- the noise, bit for bit
+
+
+@triton.jit
+def _noise_probe(words_ptr, race_ptr, key_ptr, N: tl.constexpr):
+    """-log(E) at columns 0..N-1 of the stream keyed by the 4 words (round 0), and the words' key."""
+    h = tl.zeros([1], dtype=tl.uint64)
+    for w in tl.static_range(4):
+        h = _chain(h, tl.load(words_ptr + w + tl.zeros([1], dtype=tl.int32)).to(tl.uint64, bitcast=True))
+    stream = _chain(h, tl.zeros([1], dtype=tl.uint64))
+    tl.store(key_ptr + tl.arange(0, 1), h.to(tl.int64, bitcast=True))
+    cols = tl.arange(0, N)[None, :]
+    tl.store(race_ptr + cols, _race_key(tl.zeros([1, N], dtype=tl.float32), stream[:, None], cols))
+
+
+def _splitmix64(x: int) -> int:
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def test_noise_is_splitmix64_and_exponential_to_float_precision():
+    """The key chain is engine.sampling.mix64's; token i's uniform is SplitMix64 at position i + 1 of the round's
+    stream (23 bits, open interval); E = -log(1 - u) to ~1e-6 relative, small E included (where a race is won)."""
+    words = [123456789, -3, 2 ** 63 - 7, 1]
+    n = 1 << 16
+    race = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    key = torch.empty(1, dtype=torch.int64, device=DEVICE)
+    _noise_probe[(1,)](torch.tensor(words, dtype=torch.int64, device=DEVICE), race, key, N=n)
+    h = 0
+    for w in words:
+        h = _splitmix64(h ^ (w & ((1 << 64) - 1)))
+    assert key.item() & ((1 << 64) - 1) == h
+    stream = _splitmix64(h ^ 0)
+    i = np.arange(1, n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(stream) + i * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = ((z >> np.uint64(41)).astype(np.float64) + 0.5) / 2 ** 23
+    expected = -np.log1p(-u)
+    got = np.exp(-race.double().cpu().numpy())
+    np.testing.assert_allclose(got, expected, rtol=5e-5, atol=0)
+    assert expected.min() < 1e-4 and abs(expected.mean() - 1) < 0.02      # the small tail is in the check
 
 
 # ---------------------------------------------------------------- distributions
@@ -72,6 +123,20 @@ def assert_distribution(tokens: list[int], expected: np.ndarray) -> None:
     if df > 0:
         z = 4.753  # standard normal 1 - 1e-6 quantile
         assert chi2 < df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3, (chi2, df, observed, expected)
+
+
+def assert_grouped(tokens: list[int], expected: np.ndarray, singles: int = 100, groups: int = 20) -> None:
+    """For a large vocabulary: filtered tokens never drawn; the ``singles`` likeliest tokens one by one and the
+    rest of the support in ``groups`` runs of consecutive ranks, each within 5 standard errors."""
+    n = len(tokens)
+    observed = empirical(tokens, len(expected))
+    assert not np.any(observed[expected == 0.0]), "a filtered token was drawn"
+    support = np.argsort(-expected, kind="stable")[:int((expected > 0).sum())]
+    parts = [support[i:i + 1] for i in range(min(singles, len(support)))]
+    parts += [g for g in np.array_split(support[singles:], groups) if len(g)]
+    for g in parts:
+        e, o = expected[g].sum(), observed[g].sum()
+        assert abs(o - e) <= 5 * math.sqrt(e * (1 - e) / n) + 1e-9, (len(g), o, e)
 
 
 N = 12_000
@@ -293,16 +358,7 @@ def test_cuda_real_vocabulary_bf16(kw):
     logits = logits.bfloat16()
     expected = reference_distribution(logits.double().numpy(), **kw)
     tokens = draw(logits, kw, n, seed=3)
-    observed = empirical(tokens, vocab)
-    assert not np.any(observed[expected == 0.0])
-    # the 100 likeliest tokens one by one, the rest in 20 groups of consecutive ranks, each within 5 sigma
-    order = np.argsort(-expected, kind="stable")
-    support = order[:(expected > 0).sum()]
-    groups = [support[i:i + 1] for i in range(min(100, len(support)))]
-    groups += [g for g in np.array_split(support[100:], 20) if len(g)]
-    for g in groups:
-        e, o = expected[g].sum(), observed[g].sum()
-        assert abs(o - e) <= 5 * math.sqrt(e * (1 - e) / n) + 1e-9, (len(g), o, e)
+    assert_grouped(tokens, expected)
     # the sampled tokens' logprobs: full-vocabulary log_softmax(logits / T)
     sample = kernel_sampler(3)(logits.cuda()[None], [row(**kw)])
     t = kw["temperature"]
