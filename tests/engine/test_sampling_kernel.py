@@ -32,7 +32,7 @@ if not torch.cuda.is_available() and "engine.kernels.sampling" in sys.modules:
 
 import triton.language as tl  # noqa: E402
 
-from engine.kernels.sampling import NUM_PARAMS, _chain, _race_key, sample_logits  # noqa: E402
+from engine.kernels.sampling import BLOCK_V, NUM_PARAMS, _chain, _race_key, sample_logits  # noqa: E402
 from engine.sampling import Sampler  # noqa: E402
 from engine.sampling_triton import TritonSampler, pack_rows  # noqa: E402
 from tests.engine.test_sampling import (CASES, LOGITS, empirical, reference_distribution,  # noqa: E402
@@ -40,15 +40,24 @@ from tests.engine.test_sampling import (CASES, LOGITS, empirical, reference_dist
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# Rows a program: the GPU's 1, or many under the interpreter (same results, see below).
+# Rows a program: the GPU's 1, or many under the interpreter (same results, see below). Small tiles for many of
+# them on small vocabularies under the interpreter; on CUDA the launcher's own (every variant is a compile).
 BLOCK_ROWS = 1 if CUDA else 4096
+SMALL_TILE = None if CUDA else 16
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy on -inf lanes
 
 
+def _tiling(kw: dict) -> dict:
+    """The tiling a test asks for under the interpreter; the GPU's on CUDA."""
+    if CUDA:
+        return {k: v for k, v in kw.items() if k not in ("block_rows", "block_v")} | {"block_rows": 1}
+    return {"block_rows": BLOCK_ROWS, **kw}
+
+
 def kernel_sampler(seed: int = 0, **kw) -> TritonSampler:
-    return TritonSampler(seed, block_rows=kw.pop("block_rows", BLOCK_ROWS), **kw)
+    return TritonSampler(seed, **_tiling(kw))
 
 
 def draw(logits: torch.Tensor, kw: dict, n: int, seed: int = 1234, **sampler_kw) -> list[int]:
@@ -169,9 +178,49 @@ def test_many_tiles_and_a_ragged_last_one():
     kw = dict(temperature=0.8, top_k=9, top_p=0.8, min_p=0.05)
     expected = reference_distribution(logits.numpy(), **kw)
     assert 3 <= (expected > 0).sum() < 9
-    assert_distribution(draw(logits, kw, 6_000, block_v=16), expected)
-    greedy = kernel_sampler(block_v=16)(logits[None].to(DEVICE), [row(temperature=0.0)])
+    assert_distribution(draw(logits, kw, 6_000, block_v=SMALL_TILE), expected)
+    greedy = kernel_sampler(block_v=SMALL_TILE)(logits[None].to(DEVICE), [row(temperature=0.0)])
     assert greedy.token_ids == [5]
+
+
+def _kernel_tokens(logits: torch.Tensor, rows, **kw) -> tuple[list[int], list[float]]:
+    params = torch.from_numpy(pack_rows(rows, logits.shape[1], 0, 0)).to(DEVICE)
+    tokens, packed, _ = sample_logits(logits, params, **_tiling(kw))
+    return tokens.tolist(), packed[1].tolist()
+
+
+def test_top_k_from_the_lanes_equals_top_k_over_the_logits():
+    """The lanes' three largest values give the same K as the radix select over the logits (so the same token
+    from the same noise), fp32 and bf16, k from 1 to 200, with top_p and min_p on top."""
+    torch.manual_seed(2)
+    logits = torch.randn(24, 3000).to(DEVICE) * 2
+    logits[12:] = logits[12:].bfloat16().float()                       # ties: bf16 values, at T = 1
+    rows = [row(temperature=[1.0, 0.8][i % 2], top_k=[1, 5, 50, 200][i % 4], top_p=[1.0, 0.9, 0.6][i % 3],
+                min_p=[0.0, 0.05][i // 12], seed=i) for i in range(24)]
+    lanes = _kernel_tokens(logits, rows)
+    memory = _kernel_tokens(logits, rows, lane_topk=False)
+    assert lanes[0] == memory[0]
+    np.testing.assert_allclose(lanes[1], memory[1], rtol=0, atol=1e-6)
+    for i, tok in enumerate(lanes[0]):                                  # and inside the reference's K
+        kth = logits[i].float().div(rows[i].temperature).topk(rows[i].top_k).values[-1]
+        assert logits[i, tok].item() / rows[i].temperature >= kth.item()
+
+
+def test_lane_that_dropped_a_top_k_value_falls_back_to_the_logits():
+    # 4 tiles: lane 0 holds columns 0, B, 2B, 3B -- made the 4 largest, so it drops one of the top 6 and the
+    # lanes cannot decide K
+    lanes = SMALL_TILE or BLOCK_V
+    torch.manual_seed(3)
+    logits = torch.randn(4 * lanes) * 0.5
+    logits[[0, lanes, 2 * lanes, 3 * lanes]] = torch.tensor([3.0, 2.9, 2.8, 2.7])
+    kw = dict(temperature=1.0, top_k=6, top_p=0.97)
+    expected = reference_distribution(logits.numpy(), **kw)
+    assert expected[3 * lanes] > 0.1 and 5 <= (expected > 0).sum() <= 6   # the dropped value is in the support
+    batch = logits.to(DEVICE).expand(6_000, 4 * lanes)
+    rows = [row(**kw, seed=i) for i in range(6_000)]
+    tokens, _ = _kernel_tokens(batch, rows, block_v=SMALL_TILE)
+    assert_distribution(tokens, expected)
+    assert tokens == _kernel_tokens(batch, rows, block_v=SMALL_TILE, lane_topk=False)[0]
 
 
 # ---------------------------------------------------------------- logprobs, greedy, top logprobs
@@ -251,6 +300,7 @@ def test_seeded_rows_ignore_batch_composition_and_order():
         assert kernel_sampler(5, block_rows=1)(logits[i:i + 1], [rows[i]]).token_ids == [base[i]]
 
 
+@pytest.mark.skipif(CUDA, reason="the interpreter's tiling against the GPU's; on CUDA every tiling is a compile")
 def test_rows_per_program_do_not_change_results():
     torch.manual_seed(5)
     logits = torch.randn(4, 200).to(DEVICE).bfloat16()
@@ -321,9 +371,9 @@ def test_row_still_undecided_at_the_cap_takes_the_argmax():
     logits = torch.randn(64, 100, device=DEVICE)
     rows = [row(top_p=0.3, seed=i) for i in range(64)]
     params = torch.from_numpy(pack_rows(rows, 100, 0, 0)).to(DEVICE)
-    capped, _, _ = sample_logits(logits, params, block_rows=64, max_iters=0)
+    capped, _, _ = sample_logits(logits, params, **_tiling(dict(block_rows=64)), max_iters=0)
     assert capped.tolist() == logits.argmax(-1).tolist()
-    free, _, _ = sample_logits(logits, params, block_rows=64)
+    free, _, _ = sample_logits(logits, params, **_tiling(dict(block_rows=64)))
     assert free.tolist() != capped.tolist()
 
 
