@@ -20,32 +20,32 @@ import torch
 
 from engine.kernels.sampling import NUM_PARAMS, sample_logits
 from engine.sampling import DeviceSample, SamplingRow, upload_nonblocking
+from engine.sampling_params import GREEDY_TEMPERATURE
 
 _MASK64 = (1 << 64) - 1
 
 
 def _int64(v: int) -> int:
     """An int of any size or sign reduced mod 2**64, as the signed int64 with the same bits."""
+    if -(1 << 63) <= v < (1 << 63):
+        return v
     v &= _MASK64
     return v - (1 << 64) if v >> 63 else v
 
 
 def pack_rows(rows: list[SamplingRow], vocab: int, sampler_seed: int, call: int) -> np.ndarray:
-    """The kernel's int64 [R, NUM_PARAMS] parameters (layout: ``engine.kernels.sampling``)."""
-    floats = np.empty((len(rows), 3), dtype=np.float64)
-    ints = np.empty((len(rows), NUM_PARAMS - 3), dtype=np.int64)
+    """The kernel's int64 [R, NUM_PARAMS] parameters (layout: ``engine.kernels.sampling``). Two list
+    comprehensions and two numpy conversions: a few hundred rows a step cost ~0.1 ms of host time."""
     seed = _int64(sampler_seed)
-    for i, r in enumerate(rows):
-        if r.is_greedy:
-            floats[i] = (0.0, 1.0, -math.inf)
-            ints[i] = (0, seed, call, i, 1)
-            continue
-        floats[i] = (r.temperature, r.top_p, math.log(r.min_p) if r.min_p > 0.0 else -math.inf)
-        k = r.top_k if 0 < r.top_k < vocab else 0
-        if r.seed is None:
-            ints[i] = (k, seed, call, i, 1)
-        else:
-            ints[i] = (k, _int64(r.seed), _int64(r.sample_index), _int64(r.step), 0)
+    inf = math.inf
+    floats = np.array([(0.0, 1.0, -inf) if r.temperature < GREEDY_TEMPERATURE else
+                       (r.temperature, r.top_p, math.log(r.min_p) if r.min_p > 0.0 else -inf) for r in rows],
+                      dtype=np.float64).reshape(len(rows), 3)
+    ints = np.array([(r.top_k if 0 < r.top_k < vocab and r.temperature >= GREEDY_TEMPERATURE else 0,
+                      seed, call, i, 1) if r.seed is None else
+                     (r.top_k if 0 < r.top_k < vocab and r.temperature >= GREEDY_TEMPERATURE else 0,
+                      _int64(r.seed), r.sample_index, r.step, 0) for i, r in enumerate(rows)],
+                    dtype=np.int64).reshape(len(rows), NUM_PARAMS - 3)
     out = np.empty((len(rows), NUM_PARAMS), dtype=np.int64)
     out[:, :3] = floats.view(np.int64)
     out[:, 3:] = ints
