@@ -7,7 +7,8 @@ Per step on the GPU: the inputs are built with numpy in one pinned buffer and se
 (``engine.step_inputs``); a step whose every item is a 1-token decode that samples replays a CUDA graph
 (``engine.cuda_graphs``) when one holds the batch, a step with prefill chunks replays the mixed-step graph of
 its token bucket (``engine.mixed_graphs``), anything else runs eagerly; logits are computed for the
-sampled rows only; an all-greedy batch is sampled with argmax + logsumexp and read back with one host sync.
+sampled rows only; an all-greedy batch is sampled with argmax + logsumexp and read back with one host sync;
+on CUDA other batches go through the sort-free sampling kernel (``engine.sampling_triton``).
 """
 from __future__ import annotations
 
@@ -69,10 +70,16 @@ class ModelRunner:
         # Greedy rows sampled by two Triton kernels on CUDA (None: torch ops); models whose compute_logits
         # takes ``upcast`` hand them the lm_head's dtype.
         self._greedy_kernel = None
+        # Batches with sampled rows on CUDA: the sort-free kernel (None: ``sampler``, the torch reference;
+        # benchmarks set it to None to compare)
+        self.kernel_sampler = None
         if self.device.type == "cuda":
             from engine.models.decoder import fused_kernels
             kernels = fused_kernels()
             self._greedy_kernel = kernels.greedy_sample if kernels is not None else None
+            if kernels is not None:
+                from engine.sampling_triton import TritonSampler
+                self.kernel_sampler = TritonSampler(sampler.seed)
         self._raw_logits = "upcast" in inspect.signature(model.compute_logits).parameters
         if decode_gemv == "on" and self.device.type == "cuda" and hasattr(model, "set_gemv_rows"):
             from engine.kernels.gemv import MAX_ROWS
@@ -245,8 +252,8 @@ class ModelRunner:
             hidden = hidden.index_select(0, upload_nonblocking(idx, torch.int64, self.device))
             sample_rows += [rows[seq_id] for _, _, seq_id in forks]
         greedy = all(r.is_greedy and r.num_logprobs is None for r in sample_rows)
-        if greedy and self._greedy_kernel is not None:
-            # the kernel reads the lm_head's own dtype: no float32 copy of the logits
+        if self._greedy_kernel is not None if greedy else self.kernel_sampler is not None:
+            # the kernels read the lm_head's own dtype: no float32 copy of the logits
             logits = self.model.compute_logits(hidden, upcast=False) if self._raw_logits \
                 else self.model.compute_logits(hidden)                  # [R, vocab]
         else:
@@ -290,7 +297,7 @@ class ModelRunner:
         memory, read later (``PendingStep.read_rows``): no host sync here. All-greedy rows without top
         logprobs (``greedy``): argmax and logsumexp, in two Triton kernels on CUDA
         (``engine.kernels.greedy``), else the same torch ops as ``Sampler`` at T = 1; other rows:
-        ``Sampler.sample``. ``forks``: (leader item index, sibling seq_id) of the rows after the items' own."""
+        ``kernel_sampler.sample`` on CUDA, else ``Sampler.sample``. ``forks``: (leader item index, sibling seq_id) of the rows after the items' own."""
         sample = None
         if greedy and self._greedy_kernel is not None:
             tokens, pair = self._greedy_kernel(logits)                             # [R], [2, R] float64
@@ -300,10 +307,14 @@ class ModelRunner:
                 tokens = logits.argmax(dim=-1)                                     # [R]
                 lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
             else:
-                sample = self.sampler.sample(logits, rows)
+                sampler = self.sampler if self.kernel_sampler is None else self.kernel_sampler
+                sample = sampler.sample(logits, rows)
                 tokens, lp = sample.token_ids, sample.logprobs
-            # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both
-            device_side = [torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))]
+            # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both (the
+            # kernel sampler writes that pair itself)
+            packed = getattr(sample, "packed", None)
+            device_side = [packed if packed is not None else
+                           torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))]
         if sample is not None and sample.asked:
             device_side += [sample.top_vals, sample.top_ids]
         event = None
