@@ -13,7 +13,8 @@
 #                                           benchmarks/mixed_attention.py, multi_turn on both shapes, split on and off
 #                                           (COLOCATED=1: colocated_gpu.py on 8B too)
 #   bash benchmarks/gpu_scheduling.sh g     the IPC push (bucket_apply_gpu.py, colocated_gpu.py on 8B), multi_turn
-#                                           on both shapes with admissions planned ahead (ours and recompute) or not
+#                                           on 0.5B (MT8B=1: and 8B) with admissions planned ahead (ours and
+#                                           recompute) or not, the sampling kernel (sampling_gpu.py)
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -71,11 +72,12 @@ f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test
         --only ours,ours-extend-split,recompute,no-retention \
         --json "$out/multi_turn_05b.json"
     [ -n "${COLOCATED:-}" ] && step colocated_8b 150 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b ;;
-g)  step bucket_apply 45 python3 benchmarks/bucket_apply_gpu.py
+g)  step bucket_apply 40 python3 benchmarks/bucket_apply_gpu.py
     step multi_turn_05b 130 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
         --only ours,ours-ahead-admissions,recompute,recompute-ahead-admissions --json "$out/multi_turn_05b.json"
-    step colocated_8b 120 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b
-    step multi_turn_8b 190 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
-        --only ours,ours-ahead-admissions,recompute --json "$out/multi_turn_8b.json" ;;
+    step colocated_8b 110 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b
+    step sampling 110 python3 benchmarks/sampling_gpu.py
+    [ -n "${MT8B:-}" ] && step multi_turn_8b 190 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b \
+        --dtype bfloat16 --only ours,ours-ahead-admissions,recompute --json "$out/multi_turn_8b.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

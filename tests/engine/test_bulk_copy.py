@@ -52,28 +52,35 @@ def test_ranges_off_the_boundaries_are_refused(span, why):
         plan_chunks([(buf.data_ptr(), buf.data_ptr(), 16)], buf, buf[8:])
 
 
+_COMPILE = """
+import json, re, sys
+from collections import Counter
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.kernels import bulk_copy
+aligned = [["tt.divisibility", 16]]
+src = ASTSource(fn=bulk_copy._copy_chunks_kernel, signature={"table_ptr": "*i64", "src_base": "*i64",
+                "dst_base": "*i64", "CHUNK_WORDS": "constexpr", "BLOCK": "constexpr"},
+                constexprs={"CHUNK_WORDS": bulk_copy._CHUNK_WORDS, "BLOCK": bulk_copy._BLOCK_WORDS},
+                attrs={(0,): aligned, (1,): aligned, (2,): aligned})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+print(json.dumps(Counter(re.findall(r"((?:ld|st)\\.global[\\w.:]*)", ptx))))
+"""
+
+
 def test_kernel_moves_16_byte_vectors_on_hopper():
     """Compiled for sm_90 (no GPU needed): every load and store of the copy is a 16-byte vector. The first version
-    (table addresses cast to pointers) compiled to 8-byte accesses and ran no faster than per-tensor memcpys."""
-    import re
-    from collections import Counter
+    (table addresses cast to pointers) compiled to 8-byte accesses and ran no faster than per-tensor memcpys.
+    In a fresh process: after interpreter runs, this process's triton.language is not fit to compile."""
+    import json
+    import subprocess
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from engine.kernels import bulk_copy
-
-    kernel = bulk_copy._copy_chunks_kernel
-    if not isinstance(kernel, JITFunction):      # under the interpreter: compile the function it wraps
-        kernel = JITFunction(kernel.fn)
-    aligned = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature={"table_ptr": "*i64", "src_base": "*i64", "dst_base": "*i64",
-                                          "CHUNK_WORDS": "constexpr", "BLOCK": "constexpr"},
-                    constexprs={"CHUNK_WORDS": bulk_copy._CHUNK_WORDS, "BLOCK": bulk_copy._BLOCK_WORDS},
-                    attrs={(0,): aligned, (1,): aligned, (2,): aligned})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    ops = Counter(re.findall(r"((?:ld|st)\.global[\w.:]*)", ptx))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    ops = json.loads(done.stdout.strip().splitlines()[-1])
     data = {op: n for op, n in ops.items() if op.startswith("st.") or "evict_first" in op}   # not the table's loads
     assert data and all(op.endswith(".v2.b64") for op in data), ops
