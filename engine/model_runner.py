@@ -290,6 +290,18 @@ class ModelRunner:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
 
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]):
+        """The sort-free kernel on CUDA; the first time it fails (it would not build under this Triton, say) the
+        reference sampler from then on, with a WARNING: a sampled batch is never lost to it."""
+        if self.kernel_sampler is not None:
+            try:
+                return self.kernel_sampler.sample(logits, rows)
+            except Exception as e:  # noqa: BLE001 - a compile or launch failure of the kernel
+                logger.warning("the sampling kernel failed (%s: %s); sampling with the torch reference from now "
+                               "on", type(e).__name__, e)
+                self.kernel_sampler = None
+        return self.sampler.sample(logits.float(), rows)
+
     def _sample(self, logits: torch.Tensor, items, sample_items: list[int],
                 rows: list[SamplingRow], greedy: bool,
                 forks: list[tuple[int, int]] = ()) -> "PendingStep":
@@ -307,8 +319,7 @@ class ModelRunner:
                 tokens = logits.argmax(dim=-1)                                     # [R]
                 lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
             else:
-                sampler = self.sampler if self.kernel_sampler is None else self.kernel_sampler
-                sample = sampler.sample(logits, rows)
+                sample = self._sample_rows(logits, rows)
                 tokens, lp = sample.token_ids, sample.logprobs
             # ids < 2**24 are exact in float64, as are fp32 logprobs: one [2, R] copy carries both (the
             # kernel sampler writes that pair itself)

@@ -277,3 +277,24 @@ def test_mix64_is_stable_and_in_range():
     values = {mix64(s, i, t) for s in range(4) for i in range(4) for t in range(4)}
     assert len(values) == 64 and all(0 <= v < 2**63 for v in values)
     assert 0 <= mix64(-1, 2**70) < 2**63
+
+
+def test_runner_falls_back_to_the_reference_when_the_kernel_fails(caplog):
+    """A sampling kernel that fails (e.g. will not build under the installed Triton) costs no batch: the
+    reference sampler takes this batch and every later one, with a WARNING."""
+    import logging
+    from types import SimpleNamespace
+
+    from engine.model_runner import ModelRunner
+    from engine.sampling import Sampler, SamplingRow
+
+    class Broken:
+        def sample(self, logits, rows):
+            raise RuntimeError("no such instruction")
+    runner = SimpleNamespace(kernel_sampler=Broken(), sampler=Sampler(0))
+    rows = [SamplingRow(1.0, -1, 1.0, 0.0, 7, 0, 0, None)]
+    logits = torch.randn(1, 32, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="engine.model_runner"):
+        out = ModelRunner._sample_rows(runner, logits, rows)
+    assert runner.kernel_sampler is None and "sampling kernel failed" in caplog.text
+    assert out.token_ids == Sampler(0).sample(logits.float(), rows).token_ids
