@@ -176,6 +176,7 @@ def test_greedy_fast_path_equals_sampler(kernel):
     runner.sampler = Sampler(0)
     runner.device = torch.device("cpu")
     runner._greedy_kernel = None
+    runner.kernel_sampler = None   # the torch sampler for non-greedy rows (the sort-free kernel: test_sampling_kernel.py)
     if kernel == "triton":   # the CUDA path's two kernels (interpreted on the CPU)
         from engine.kernels.greedy import greedy_sample
         runner._greedy_kernel = greedy_sample
