@@ -140,9 +140,9 @@ def copy_many(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 def copy_resident(plan: BucketCopyPlan, ready: list[tuple[int, torch.Tensor, list[torch.Tensor]]],
                   kernel_device: Optional[torch.device]) -> None:
     """Every bucket of a resident update, ``ready`` = (bucket, buffer, its source views), into the parameters.
-    ``kernel_device`` (the parameters' device, where the kernel runs): one launch of ``engine.kernels.bulk_copy`` for every same-dtype, 16-byte-aligned tensor (its
-    chunk table is kept while the buffers stay where they are: a loader that reuses its buffers pays for it once),
-    ``copy_many`` for the rest; None: ``copy_many`` per bucket."""
+    ``kernel_device`` (the parameters' device, where the kernel runs): one launch of ``engine.kernels.bulk_copy``
+    for every same-dtype, 16-byte-aligned tensor (its chunk table is kept while the buffers stay where they are: a
+    loader that reuses its buffers pays for it once), ``copy_many`` for the rest; None: ``copy_many`` per bucket."""
     if kernel_device is None:
         for b, _, src in ready:
             copy_many(plan.buckets[b].dst, src)

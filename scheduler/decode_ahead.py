@@ -113,7 +113,8 @@ def plan_decode_ahead(sched: "Scheduler", prev: SchedulerOutput) -> Optional[Sch
             append(ScheduledSequence(seq.seq_id, seq.request_id, seq.sample_index, seq.token_ids[pos:pos + n], pos,
                                      blocks, pos + n == seq.num_tokens, num_out))
     if can_admit and budget > 0:
-        sched._admit(budget, scheduled)                 # after prev's work, as in schedule; restores it starts
-        sched.stats.peak_running = max(sched.stats.peak_running, len(running))   # land in later steps
+        # after prev's work, as in schedule; the restores it starts land in later steps
+        sched._admit(budget, scheduled)
+        sched.stats.peak_running = max(sched.stats.peak_running, len(running))
     sched.stats.steps_ahead += 1
     return sched.build_output(scheduled, num_fed=num_fed)
