@@ -98,24 +98,44 @@ def measure(shape: str, repeats: int, bucket_bytes: int, dev: torch.device) -> d
     return out
 
 
+# (name, bucket_copy.KERNEL_MAX_BYTES, bulk_copy.BLOCK_WORDS, bulk_copy.NUM_WARPS) for the kernel variants; None
+# in the last two: the module's default. "kernel" is what the engine runs by default.
+KERNEL_VARIANTS = [("kernel", "default", None, None), ("kernel_all", None, None, None),
+                   ("split_4m", 4 << 20, None, None), ("split_64m", 64 << 20, None, None),
+                   ("kernel_all_b2048_w8", None, 2048, 8), ("kernel_all_b4096_w8", None, 4096, 8),
+                   ("kernel_all_b1024_w8", None, 1024, 8)]
+
+
 def time_variants(updater, loader: ResidentBuckets, repeats: int, dev: torch.device) -> dict:
     """Per variant: landed bitwise (from zeroed parameters) and the median apply; the kernel's chunk count."""
+    from engine import bucket_copy
+    from engine.kernels import bulk_copy
+
     out = {}
-    variants = [("per_tensor", None)]
+    variants = [("per_tensor", None, "default", None, None)]
     if updater.copy_kernel_device is not None:
-        variants.append(("kernel", updater.copy_kernel_device))
-    for name, device in variants:
+        variants += [(name, updater.copy_kernel_device, *cfg) for name, *cfg in KERNEL_VARIANTS]
+    defaults = (bucket_copy.KERNEL_MAX_BYTES, bulk_copy.BLOCK_WORDS, bulk_copy.NUM_WARPS)
+    out["kernel_default"] = {"kernel_max_bytes": defaults[0], "block_words": defaults[1], "num_warps": defaults[2]}
+    for name, device, max_bytes, block, warps in variants:
         updater.copy_kernel_device = device
-        with torch.no_grad():                          # so that a variant copying nothing cannot pass the check
-            for param in updater.params.values():
-                param.zero_()
-        updater.apply(loader)                          # warm-up: layout validated, chunk table built
-        out[f"{name}_landed"] = landed(updater, loader.plan, loader.buffers)
-        out[f"{name}_s"] = statistics.median(timed(lambda: updater.apply(loader), dev) for _ in range(repeats))
-    plan = next(iter(updater._bucket_plans.values()))
-    if plan.chunks is not None:
-        table = plan.chunks.table
-        out["chunks"], out["kernel_rest"] = table.num_chunks if table else 0, len(plan.chunks.rest)
+        bucket_copy.KERNEL_MAX_BYTES = defaults[0] if max_bytes == "default" else max_bytes
+        bulk_copy.BLOCK_WORDS = block or defaults[1]
+        bulk_copy.NUM_WARPS = warps or defaults[2]
+        try:
+            with torch.no_grad():                      # so that a variant copying nothing cannot pass the check
+                for param in updater.params.values():
+                    param.zero_()
+            updater.apply(loader)                      # warm-up: layout validated, chunk table built
+            out[f"{name}_landed"] = landed(updater, loader.plan, loader.buffers)
+            out[f"{name}_s"] = statistics.median(timed(lambda: updater.apply(loader), dev) for _ in range(repeats))
+            plan = next(iter(updater._bucket_plans.values()))
+            if name == "kernel" and plan.chunks is not None:
+                table = plan.chunks.table
+                out["chunks"], out["kernel_rest"] = table.num_chunks if table else 0, len(plan.chunks.rest)
+                out["kernel_large"] = len(plan.chunks.large)
+        finally:
+            bucket_copy.KERNEL_MAX_BYTES, bulk_copy.BLOCK_WORDS, bulk_copy.NUM_WARPS = defaults
     return out
 
 
@@ -146,17 +166,17 @@ def main(argv=None) -> list[dict]:
         r = measure(shape, args.repeats, bucket_bytes, dev)
         logger.info("%s", r)
         results.append(r)
-    headers = ["shape", "GB", "tensors / buckets", "raw memcpy ms", "per-tensor copies ms", "one-launch kernel ms",
-               "per-tensor / raw", "kernel / raw", "chunks (tensors left to per-tensor)", "landed bitwise"]
+    names = ["per_tensor"] + [v[0] for v in KERNEL_VARIANTS]
+    headers = ["shape", "GB", "tensors / buckets", "raw memcpy ms"] + [f"{n} ms (/ raw)" for n in names] + \
+        ["default: chunks / memcpys / other", "landed bitwise"]
     rows = []
     for r in results:
-        k = r.get("kernel_s")
+        cells = [f"{r[n + '_s'] * 1e3:.2f} ({r[n + '_s'] / r['raw_s']:.2f}x)" if n + "_s" in r else "n/a"
+                 for n in names]
         rows.append([r["shape"], f"{r['bytes'] / 1e9:.2f}", f"{r['tensors']} / {r['buckets']}",
-                     f"{r['raw_s'] * 1e3:.2f}", f"{r['per_tensor_s'] * 1e3:.2f}",
-                     f"{k * 1e3:.2f}" if k else "n/a", f"{r['per_tensor_s'] / r['raw_s']:.2f}x",
-                     f"{k / r['raw_s']:.2f}x" if k else "n/a",
-                     f"{r.get('chunks', 'n/a')} ({r.get('kernel_rest', 'n/a')})",
-                     "yes" if r["per_tensor_landed"] and r.get("kernel_landed", True) else "NO"])
+                     f"{r['raw_s'] * 1e3:.2f}", *cells,
+                     f"{r.get('chunks', 'n/a')} / {r.get('kernel_large', 'n/a')} / {r.get('kernel_rest', 'n/a')}",
+                     "yes" if all(r.get(n + "_landed", True) for n in names) else "NO"])
     table = markdown_table(headers, rows)
     print(table)
     if not args.no_append:
@@ -165,7 +185,10 @@ def main(argv=None) -> list[dict]:
                              f"(read + write). `benchmarks/bucket_apply_gpu.py`: WeightUpdater.apply of buckets "
                              f"resident on the same GPU (CUDA IPC's loader flags, without the IPC mapping), bucket "
                              f"size {bucket_bytes >> 20} MiB, medians of {args.repeats} after a warm-up; raw: one "
-                             f"memcpy of the same bytes.")
+                             f"memcpy of the same bytes. kernel: the default split "
+                             f"({results[0].get('kernel_default') if results else ''}); kernel_all: every tensor "
+                             f"in the launch; split_N: tensors of N or more by memcpy; _bB_wW: BLOCK_WORDS, "
+                             f"num_warps.")
     return results
 
 

@@ -15,6 +15,11 @@
 #   bash benchmarks/gpu_scheduling.sh g     the IPC push (bucket_apply_gpu.py, colocated_gpu.py on 8B), multi_turn
 #                                           on 0.5B (MT8B=1: and 8B) with admissions planned ahead (ours and
 #                                           recompute) or not, the sampling kernel (sampling_gpu.py)
+#   bash benchmarks/gpu_scheduling.sh h     bucket_apply_gpu.py (its copy splits and kernel configs), multi_turn on
+#                                           both shapes with admissions planned ahead or not (ours and recompute),
+#                                           the sampling kernel
+#   bash benchmarks/gpu_scheduling.sh i     GPU tests (fault paths, sampling kernel, bucket copy, IPC), the IPC push
+#                                           (colocated_gpu.py 8B), offload overlap on both shapes, train_step_gpu.py
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_scheduling}
@@ -79,5 +84,19 @@ g)  step bucket_apply 40 python3 benchmarks/bucket_apply_gpu.py
     step sampling 110 python3 benchmarks/sampling_gpu.py
     [ -n "${MT8B:-}" ] && step multi_turn_8b 190 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b \
         --dtype bfloat16 --only ours,ours-ahead-admissions,recompute --json "$out/multi_turn_8b.json" ;;
+h)  ahead=ours,ours-ahead-admissions,recompute,recompute-ahead-admissions
+    step bucket_apply 70 python3 benchmarks/bucket_apply_gpu.py
+    step multi_turn_8b 250 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
+        --only $ahead --json "$out/multi_turn_8b.json"
+    step multi_turn_05b 120 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --only $ahead --json "$out/multi_turn_05b.json"
+    step sampling 100 python3 benchmarks/sampling_gpu.py ;;
+i)  step tests 160 python3 -m pytest -q -p no:cacheprovider tests/reliability/test_gpu_faults.py \
+        tests/engine/test_sampling_kernel.py tests/engine/test_bulk_copy.py tests/weight_sync/test_cuda_ipc.py \
+        tests/weight_sync/test_bucketed_update.py
+    step colocated_8b 110 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b
+    step overlap_05b 60 python3 benchmarks/offload_overlap.py --shape qwen2.5-0.5b
+    step overlap_8b 70 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100
+    step train_step 110 python3 benchmarks/train_step_gpu.py ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

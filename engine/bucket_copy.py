@@ -46,6 +46,8 @@ class _ChunkCopies:
     sources: tuple[tuple[int, int, int], ...]   # (bucket, data_ptr, numel) of each buffer the table reads
     table: Any                                  # engine.kernels.bulk_copy.ChunkTable: the chunks
     rest: list[tuple[int, int]]                 # (bucket, entry) the kernel cannot copy (dtype cast, alignment)
+    large: list[tuple[int, int]]                # (bucket, entry) copied by one memcpy each (>= kernel_max_bytes)
+    kernel_max_bytes: Optional[int]             # the split this table was built for
 
 
 @dataclass
@@ -117,6 +119,12 @@ def build_plan(layout: Any, mapper: WeightMapper, params: dict[str, nn.Parameter
 
 
 LARGE_COPY_BYTES = 1 << 20
+# copy_resident: a tensor of at least this many bytes gets its own memcpy rather than a share of the one-launch
+# kernel (None: the kernel takes every tensor it can). Why a split: on an H200 the kernel moved the 0.5B update
+# (~290 tensors, most under 10 MB) in 0.64 ms against 1.00 ms per tensor (launches dominate), but the 8B update
+# (~290 tensors, most 30-120 MB) in 8.76 ms against 8.53 (a memcpy streams a large tensor slightly faster than
+# the kernel's programs do). benchmarks/bucket_apply_gpu.py times the other splits.
+KERNEL_MAX_BYTES: Optional[int] = 16 << 20
 
 
 def copy_many(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -138,39 +146,55 @@ def copy_many(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 
 def copy_resident(plan: BucketCopyPlan, ready: list[tuple[int, torch.Tensor, list[torch.Tensor]]],
-                  kernel_device: Optional[torch.device]) -> None:
+                  kernel_device: Optional[torch.device], kernel_max_bytes: Any = "default") -> None:
     """Every bucket of a resident update, ``ready`` = (bucket, buffer, its source views), into the parameters.
     ``kernel_device`` (the parameters' device, where the kernel runs): one launch of ``engine.kernels.bulk_copy``
-    for every same-dtype, 16-byte-aligned tensor (its chunk table is kept while the buffers stay where they are: a
-    loader that reuses its buffers pays for it once), ``copy_many`` for the rest; None: ``copy_many`` per bucket."""
+    for every same-dtype, 16-byte-aligned tensor under ``kernel_max_bytes`` (default ``KERNEL_MAX_BYTES``; None:
+    no limit), one memcpy each for the same-dtype tensors at or over it, ``copy_many`` for the rest. The split is
+    kept while the buffers stay where they are (a loader that reuses its buffers pays for it once). None:
+    ``copy_many`` per bucket."""
     if kernel_device is None:
         for b, _, src in ready:
             copy_many(plan.buckets[b].dst, src)
         return
     from engine.kernels.bulk_copy import ALIGN, copy_chunks, plan_chunks
 
+    max_bytes = KERNEL_MAX_BYTES if kernel_max_bytes == "default" else kernel_max_bytes
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise ValueError(f"copy_resident: kernel_max_bytes must be a positive int or None, got {max_bytes!r}")
     sources = tuple((b, buf.data_ptr(), buf.numel()) for b, buf, _ in ready)
-    if plan.chunks is None or plan.chunks.sources != sources:
-        ranges, rest, bases = [], [], []
-        for b, _, src in ready:
-            for i, (d, s) in enumerate(zip(plan.buckets[b].dst, src, strict=True)):
-                nbytes = d.numel() * d.element_size()
-                if nbytes == 0:
-                    continue
-                if d.dtype == s.dtype and d.device == s.device and d.is_contiguous() and s.is_contiguous() \
-                        and (d.data_ptr() | s.data_ptr() | nbytes) % ALIGN == 0:
-                    ranges.append((s.data_ptr(), d.data_ptr(), nbytes))
-                    bases = bases or [s, d]
-                else:
-                    rest.append((b, i))
-        table = plan_chunks(ranges, *bases) if ranges else None
-        plan.chunks = _ChunkCopies(sources, table, rest)
-    if plan.chunks.table is not None:
-        copy_chunks(plan.chunks.table)
-    if plan.chunks.rest:
-        views = {b: src for b, _, src in ready}
-        copy_many([plan.buckets[b].dst[i] for b, i in plan.chunks.rest],
-                  [views[b][i] for b, i in plan.chunks.rest])
+    if plan.chunks is None or plan.chunks.sources != sources or plan.chunks.kernel_max_bytes != max_bytes:
+        plan.chunks = _split_copies(plan, ready, sources, max_bytes, ALIGN, plan_chunks)
+    chunks = plan.chunks
+    views = {b: src for b, _, src in ready}
+    for b, i in chunks.large:
+        plan.buckets[b].dst[i].copy_(views[b][i])
+    if chunks.table is not None:
+        copy_chunks(chunks.table)
+    if chunks.rest:
+        copy_many([plan.buckets[b].dst[i] for b, i in chunks.rest], [views[b][i] for b, i in chunks.rest])
+
+
+def _split_copies(plan: BucketCopyPlan, ready, sources, max_bytes: Optional[int], align: int,
+                  plan_chunks) -> _ChunkCopies:
+    """Each tensor of ``ready`` to one of: its own memcpy (same dtype and device, contiguous, ``max_bytes`` or
+    more), the kernel's chunk table (same dtype and device, contiguous, 16-byte aligned, smaller), the rest."""
+    ranges, rest, large, bases = [], [], [], []
+    for b, _, src in ready:
+        for i, (d, s) in enumerate(zip(plan.buckets[b].dst, src, strict=True)):
+            nbytes = d.numel() * d.element_size()
+            if nbytes == 0:
+                continue
+            plain = d.dtype == s.dtype and d.device == s.device and d.is_contiguous() and s.is_contiguous()
+            if plain and max_bytes is not None and nbytes >= max_bytes:
+                large.append((b, i))
+            elif plain and (d.data_ptr() | s.data_ptr() | nbytes) % align == 0:
+                ranges.append((s.data_ptr(), d.data_ptr(), nbytes))
+                bases = bases or [s, d]
+            else:
+                rest.append((b, i))
+    table = plan_chunks(ranges, *bases) if ranges else None
+    return _ChunkCopies(sources, table, rest, large, max_bytes)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> list[bool]:

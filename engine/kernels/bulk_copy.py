@@ -29,7 +29,8 @@ import triton.language as tl
 
 ALIGN = 16                      # bytes: start and length of every range (two 8-byte words: vector loads)
 CHUNK_BYTES = 1 << 19           # one program's share: 512 KiB (a 16 GB update is ~32k programs)
-_BLOCK_WORDS = 1024             # 8 KiB per iteration of a program (4 warps: 64 bytes per thread)
+BLOCK_WORDS = 1024              # 8 KiB per iteration of a program (4 warps: 64 bytes per thread)
+NUM_WARPS = 4
 _CHUNK_WORDS = CHUNK_BYTES // 8
 
 
@@ -91,12 +92,18 @@ def _words(t: torch.Tensor) -> torch.Tensor:
                                                                    * t.element_size() // 8, (1,))
 
 
-def copy_chunks(chunks: ChunkTable) -> None:
-    """Run ``plan_chunks``' table on the current stream (asynchronous, as a ``copy_``)."""
+def copy_chunks(chunks: ChunkTable, block_words: int | None = None, num_warps: int | None = None) -> None:
+    """Run ``plan_chunks``' table on the current stream (asynchronous, as a ``copy_``). ``block_words`` (words per
+    iteration, a power of two dividing the chunk) and ``num_warps`` default to the module's ``BLOCK_WORDS`` and
+    ``NUM_WARPS`` (benchmarks/bucket_apply_gpu.py times other values)."""
+    block_words = BLOCK_WORDS if block_words is None else block_words
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    if block_words <= 0 or block_words & (block_words - 1) or _CHUNK_WORDS % block_words:
+        raise ValueError(f"copy_chunks: block_words={block_words} must be a power of two dividing {_CHUNK_WORDS}")
     table = chunks.table
     if table.dtype != torch.int64 or table.dim() != 2 or table.shape[1] != 3 or not table.is_contiguous():
         raise ValueError(f"copy_chunks: the table must be a contiguous [C, 3] int64 tensor, got "
                          f"{table.dtype} {tuple(table.shape)}")
     if table.shape[0]:
         _copy_chunks_kernel[(table.shape[0],)](table, chunks.src_base, chunks.dst_base, CHUNK_WORDS=_CHUNK_WORDS,
-                                               BLOCK=_BLOCK_WORDS, num_warps=4)
+                                               BLOCK=block_words, num_warps=num_warps)

@@ -62,7 +62,7 @@ from engine.kernels import bulk_copy
 aligned = [["tt.divisibility", 16]]
 src = ASTSource(fn=bulk_copy._copy_chunks_kernel, signature={"table_ptr": "*i64", "src_base": "*i64",
                 "dst_base": "*i64", "CHUNK_WORDS": "constexpr", "BLOCK": "constexpr"},
-                constexprs={"CHUNK_WORDS": bulk_copy._CHUNK_WORDS, "BLOCK": bulk_copy._BLOCK_WORDS},
+                constexprs={"CHUNK_WORDS": bulk_copy._CHUNK_WORDS, "BLOCK": bulk_copy.BLOCK_WORDS},
                 attrs={(0,): aligned, (1,): aligned, (2,): aligned})
 ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
 print(json.dumps(Counter(re.findall(r"((?:ld|st)\\.global[\\w.:]*)", ptx))))

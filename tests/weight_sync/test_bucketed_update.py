@@ -205,3 +205,33 @@ def test_resident_update_through_the_copy_kernel_equals_a_fresh_load(ckpts):
     bf16_plan = next(reversed(updater._bucket_plans.values()))
     assert bf16_plan.chunks.rest and bf16_plan.chunks.table is None   # every tensor needs a cast
     assert_same_as_fresh(model, ckpts["w2_bf16"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU buffers: on CUDA the IPC tests run the kernel natively")
+def test_resident_update_splits_large_tensors_to_memcpys(ckpts, monkeypatch):
+    """Tensors at or over ``KERNEL_MAX_BYTES`` get one copy each, the smaller ones share the kernel's launch; both
+    land bitwise, and a changed split rebuilds the table instead of reusing the old one."""
+    pytest.importorskip("triton")
+    from engine import bucket_copy
+
+    model, config = load(ckpts["w1"])
+    updater = WeightUpdater(model, config)
+    updater.copy_kernel_device = torch.device("cpu")
+    sizes = sorted(t.numel() * t.element_size() for t in sd_of(ckpts["w2"]).values())
+    threshold = sizes[len(sizes) // 2]                         # about half of the tensors each way
+    monkeypatch.setattr(bucket_copy, "KERNEL_MAX_BYTES", threshold)
+    loader = PackedBuckets(sd_of(ckpts["w2"]), resident=True)
+    updater.apply(loader)
+    assert_same_as_fresh(model, ckpts["w2"])
+    plan = next(iter(updater._bucket_plans.values()))
+    large = {plan.buckets[b].names[i] for b, i in plan.chunks.large}
+    expected_large = {n for n, t in sd_of(ckpts["w2"]).items()
+                      if t.numel() * t.element_size() >= threshold and n in plan.names}
+    assert large == expected_large and 0 < len(large) < len(plan.names)
+    assert plan.chunks.table.num_chunks >= len(plan.names) - len(large) - len(plan.chunks.rest)
+    monkeypatch.setattr(bucket_copy, "KERNEL_MAX_BYTES", None)   # everything through the kernel: a new table
+    updater.apply(PackedBuckets(sd_of(ckpts["w1"]), resident=True, buffers=loader.buffers))
+    assert_same_as_fresh(model, ckpts["w1"])
+    assert plan.chunks.large == [] and plan.chunks.kernel_max_bytes is None
+    with pytest.raises(ValueError, match="kernel_max_bytes must be a positive int or None"):
+        bucket_copy.copy_resident(plan, [], torch.device("cpu"), kernel_max_bytes=0)
