@@ -16,7 +16,7 @@
 #                                           on 0.5B (MT8B=1: and 8B) with admissions planned ahead (ours and
 #                                           recompute) or not, the sampling kernel (sampling_gpu.py)
 #   bash benchmarks/gpu_scheduling.sh h     bucket_apply_gpu.py (its copy splits and kernel configs), multi_turn on
-#                                           both shapes with admissions planned ahead or not (ours and recompute),
+#                                           both shapes with admissions planned ahead (the default) or not (ours and recompute),
 #                                           the sampling kernel
 #   bash benchmarks/gpu_scheduling.sh i     GPU tests (fault paths, sampling kernel, bucket copy, IPC), the IPC push
 #                                           (colocated_gpu.py 8B), offload overlap on both shapes, train_step_gpu.py
@@ -79,12 +79,12 @@ f)  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test
     [ -n "${COLOCATED:-}" ] && step colocated_8b 150 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b ;;
 g)  step bucket_apply 40 python3 benchmarks/bucket_apply_gpu.py
     step multi_turn_05b 130 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
-        --only ours,ours-ahead-admissions,recompute,recompute-ahead-admissions --json "$out/multi_turn_05b.json"
+        --only ours,ours-admissions-not-ahead,recompute,recompute-admissions-not-ahead --json "$out/multi_turn_05b.json"
     step colocated_8b 110 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b
     step sampling 110 python3 benchmarks/sampling_gpu.py
     [ -n "${MT8B:-}" ] && step multi_turn_8b 190 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b \
-        --dtype bfloat16 --only ours,ours-ahead-admissions,recompute --json "$out/multi_turn_8b.json" ;;
-h)  ahead=ours,ours-ahead-admissions,recompute,recompute-ahead-admissions
+        --dtype bfloat16 --only ours,ours-admissions-not-ahead,recompute --json "$out/multi_turn_8b.json" ;;
+h)  ahead=ours,ours-admissions-not-ahead,recompute,recompute-admissions-not-ahead
     step bucket_apply 70 python3 benchmarks/bucket_apply_gpu.py
     step multi_turn_8b 250 python3 benchmarks/multi_turn.py --device cuda --shape llama-3.1-8b --dtype bfloat16 \
         --only $ahead --json "$out/multi_turn_8b.json"

@@ -123,8 +123,10 @@ LARGE_COPY_BYTES = 1 << 20
 # kernel (None: the kernel takes every tensor it can). Why a split: on an H200 the kernel moved the 0.5B update
 # (~290 tensors, most under 10 MB) in 0.64 ms against 1.00 ms per tensor (launches dominate), but the 8B update
 # (~290 tensors, most 30-120 MB) in 8.76 ms against 8.53 (a memcpy streams a large tensor slightly faster than
-# the kernel's programs do). benchmarks/bucket_apply_gpu.py times the other splits.
-KERNEL_MAX_BYTES: Optional[int] = 16 << 20
+# the kernel's programs do). Same run, 2026-12-04 (benchmarks/bucket_apply_gpu.py, raw memcpy 7.58 / 0.48 ms):
+# split at 64 MiB 8.44 / 0.56 ms, at 16 MiB 8.56 / 0.56, at 4 MiB 8.68 / 0.76, no split 9.13 / 0.59, per tensor
+# 8.49 / 1.11 (8B / 0.5B).
+KERNEL_MAX_BYTES: Optional[int] = 64 << 20
 
 
 def copy_many(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:

@@ -9,8 +9,9 @@ Filtering order (the same as vLLM / Hugging Face logits warpers), applied per ro
 - top_k: keep the tokens whose scaled logit is >= the k-th largest one (ties at the boundary are kept,
   so slightly more than k tokens can survive); ``-1`` disables it.
 - top_p: over ``softmax(scaled)`` restricted to the top-k survivors, keep the smallest prefix (by
-  decreasing probability) whose cumulative probability is >= top_p; the most likely token always
-  survives. ``1.0`` disables it.
+  decreasing probability) whose cumulative probability is >= top_p, and every token tied with its last
+  one (bf16 logits tie often: which of the tied tokens a sort puts first would otherwise decide, and the
+  kernel sampler keeps them all); the most likely token always survives. ``1.0`` disables it.
 - min_p: drop the survivors whose probability is < ``min_p * max probability`` (a ratio, so it does not
   matter that the survivors are renormalised); ``0.0`` disables it.
 
@@ -244,15 +245,15 @@ def _apply_filters(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
         pidx = upload_nonblocking(prows, torch.long, device)
         ps = upload_nonblocking([rows[i].top_p for i in prows], torch.float32, device)
         sub = scaled[pidx]
-        sorted_vals, order = sub.sort(dim=-1, descending=True)                # [P, V]
+        sorted_vals = sub.sort(dim=-1, descending=True).values                # [P, V]
         probs = sorted_vals.softmax(dim=-1)
         # Exclusive prefix sum: mass strictly before position j. Keep j while that mass < top_p,
         # i.e. the smallest prefix reaching top_p; position 0 (mass 0) always survives.
         before = probs.cumsum(dim=-1).roll(1, dims=-1)
         before[:, 0] = 0.0
-        remove_sorted = before >= ps[:, None]
-        remove = torch.empty_like(remove_sorted).scatter_(1, order, remove_sorted)
-        scaled[pidx] = sub.masked_fill(remove, neg_inf)
+        kept = (before < ps[:, None]).sum(dim=-1, keepdim=True)              # [P, 1] >= 1
+        boundary = sorted_vals.gather(1, kept - 1)                            # the last kept value
+        scaled[pidx] = sub.masked_fill(sub < boundary, neg_inf)              # ties with it kept too
 
     mrows = [i for i, r in enumerate(rows) if r.min_p > 0.0]
     if mrows:

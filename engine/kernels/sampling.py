@@ -365,61 +365,62 @@ def _sample_kernel(logits_ptr, stride_r, num_rows, V, params_ptr, token_ptr, out
     state = tl.where(draw_now, tl.where(in_min, tl.where(use_p, 2, 0), 1), tl.where(use_k, 1, 0))
     pivot = tl.where(draw_now & ~in_min, cand_s, pivot)
     token = tl.where(draw_now & in_min, cand, arg)
-    it = 0
-    while (tl.max(state, 0) > 0) & (it < MAX_ITERS):
-        drawing = state == 1
-        checking = state == 2
-        stream = _chain(h, draws.to(tl.uint64))[:, None]
-        best = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        nxt = tl.zeros([BLOCK_R], dtype=tl.int32)
-        mass_above = tl.zeros([BLOCK_R], dtype=tl.float32)
-        draw_mem = drawing & ~fast
-        check_mem = checking & ~fast
-        if tl.max((draw_mem | check_mem).to(tl.int32), 0) > 0:
-            any_draw = tl.max(draw_mem.to(tl.int32), 0) > 0
-            any_kmass = tl.max((draw_mem & need_kmass).to(tl.int32), 0) > 0
-            any_check = tl.max(check_mem.to(tl.int32), 0) > 0
-            rb = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
-            ri = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.int32)
-            lk = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
-            la = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
-            for start in range(0, V, BLOCK_V):
-                cols, mask, s = _tile(logits_ptr, row_off, rmask, start, V, t, BLOCK_V)
-                in_k = mask & (_ordered_key(s) >= thr[:, None])
-                if any_draw:
-                    allowed = in_k & draw_mem[:, None] & (s > pivot[:, None]) & (s >= min_s[:, None])
-                    g = tl.where(allowed, _race_key(s, stream, cols), float("-inf"))
-                    ri = tl.where(g > rb, cols, ri)
-                    rb = tl.maximum(rb, g)
-                if any_kmass:
-                    lk += tl.where(in_k & (draw_mem & need_kmass)[:, None], tl.exp(s - m[:, None]), 0.0)
-                if any_check:
-                    la += tl.where(mask & check_mem[:, None] & (s > cand_s[:, None]), tl.exp(s - m[:, None]), 0.0)
-            best, nxt = _race_best(rb, ri)
-            kmass += tl.sum(lk, 1)
-            mass_above = tl.sum(la, 1)
-        if LANE_TOPK:
-            if tl.max(((drawing | checking) & fast).to(tl.int32), 0) > 0:
-                bf, nf, mf = _lane_round(v1, i1, v2, i2, v3, i3, thr, drawing & fast, pivot, min_s, checking & fast,
-                                         cand_s, m, stream)
-                best = tl.where(fast, bf, best)
-                nxt = tl.where(fast, nf, nxt)
-                mass_above = tl.where(fast, mf, mass_above)
-        # a draw: the new candidate is in K and above min_p by construction (none found: numerically empty
-        # support, take the argmax)
-        found = drawing & (best > float("-inf"))
-        cand = tl.where(found, nxt, cand)
-        cand_s = tl.where(found, _load_scaled(logits_ptr, row_off1, nxt, found, t1), cand_s)
-        token = tl.where(found & ~use_p, nxt, token)
-        need_kmass = need_kmass & ~drawing
-        draws += drawing.to(tl.int32)
-        # a check: accepted iff the mass strictly above the candidate is < top_p * mass(K)
-        accept = checking & (mass_above < top_p * kmass)
-        token = tl.where(accept, cand, token)
-        pivot = tl.where(checking & ~accept, cand_s, pivot)
-        state = tl.where(found & use_p, 2, tl.where(drawing, 0, state))
-        state = tl.where(checking, tl.where(accept, 0, 1), state)
-        it += 1
+    if MAX_ITERS > 0:   # (a loop capped at 0 is not emitted: Triton 3.6 failed to compile it for sm_90)
+        it = 0
+        while (tl.max(state, 0) > 0) & (it < MAX_ITERS):
+            drawing = state == 1
+            checking = state == 2
+            stream = _chain(h, draws.to(tl.uint64))[:, None]
+            best = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            nxt = tl.zeros([BLOCK_R], dtype=tl.int32)
+            mass_above = tl.zeros([BLOCK_R], dtype=tl.float32)
+            draw_mem = drawing & ~fast
+            check_mem = checking & ~fast
+            if tl.max((draw_mem | check_mem).to(tl.int32), 0) > 0:
+                any_draw = tl.max(draw_mem.to(tl.int32), 0) > 0
+                any_kmass = tl.max((draw_mem & need_kmass).to(tl.int32), 0) > 0
+                any_check = tl.max(check_mem.to(tl.int32), 0) > 0
+                rb = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
+                ri = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.int32)
+                lk = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
+                la = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    cols, mask, s = _tile(logits_ptr, row_off, rmask, start, V, t, BLOCK_V)
+                    in_k = mask & (_ordered_key(s) >= thr[:, None])
+                    if any_draw:
+                        allowed = in_k & draw_mem[:, None] & (s > pivot[:, None]) & (s >= min_s[:, None])
+                        g = tl.where(allowed, _race_key(s, stream, cols), float("-inf"))
+                        ri = tl.where(g > rb, cols, ri)
+                        rb = tl.maximum(rb, g)
+                    if any_kmass:
+                        lk += tl.where(in_k & (draw_mem & need_kmass)[:, None], tl.exp(s - m[:, None]), 0.0)
+                    if any_check:
+                        la += tl.where(mask & check_mem[:, None] & (s > cand_s[:, None]), tl.exp(s - m[:, None]), 0.0)
+                best, nxt = _race_best(rb, ri)
+                kmass += tl.sum(lk, 1)
+                mass_above = tl.sum(la, 1)
+            if LANE_TOPK:
+                if tl.max(((drawing | checking) & fast).to(tl.int32), 0) > 0:
+                    bf, nf, mf = _lane_round(v1, i1, v2, i2, v3, i3, thr, drawing & fast, pivot, min_s, checking & fast,
+                                             cand_s, m, stream)
+                    best = tl.where(fast, bf, best)
+                    nxt = tl.where(fast, nf, nxt)
+                    mass_above = tl.where(fast, mf, mass_above)
+            # a draw: the new candidate is in K and above min_p by construction (none found: numerically empty
+            # support, take the argmax)
+            found = drawing & (best > float("-inf"))
+            cand = tl.where(found, nxt, cand)
+            cand_s = tl.where(found, _load_scaled(logits_ptr, row_off1, nxt, found, t1), cand_s)
+            token = tl.where(found & ~use_p, nxt, token)
+            need_kmass = need_kmass & ~drawing
+            draws += drawing.to(tl.int32)
+            # a check: accepted iff the mass strictly above the candidate is < top_p * mass(K)
+            accept = checking & (mass_above < top_p * kmass)
+            token = tl.where(accept, cand, token)
+            pivot = tl.where(checking & ~accept, cand_s, pivot)
+            state = tl.where(found & use_p, 2, tl.where(drawing, 0, state))
+            state = tl.where(checking, tl.where(accept, 0, 1), state)
+            it += 1
     token = tl.where(state != 0, arg, token)                           # MAX_ITERS reached: the argmax
 
     lse = m + tl.log(total)

@@ -46,6 +46,7 @@ def reference_distribution(logits, temperature=1.0, top_k=-1, top_p=1.0, min_p=0
             cumulative += p[i]
             if cumulative >= top_p:
                 break
+        nucleus |= p >= p[i]  # and every token tied with the last one (equal logits: equal p)
         keep &= nucleus
         p = np.where(keep, p, 0.0)
         p /= p.sum()
@@ -198,6 +199,23 @@ def test_reference_filters_really_filter():
     # Guard against a vacuous statistical test: each filter case removes tokens.
     for case in ("top_k 3", "top_p 0.7", "min_p 0.15", "combined"):
         assert (reference_distribution(LOGITS.numpy(), **CASES[case]) == 0).sum() >= 2, case
+
+
+# Two tokens tied where the top-p prefix ends: p = softmax(TIED_AT_TOP_P); top_p reaches into the first of them.
+TIED_AT_TOP_P = torch.tensor([2.0, 1.0, 1.0, 0.0, -1.0])
+_P_TIED = TIED_AT_TOP_P.double().softmax(-1)
+TOP_P_AT_TIE = float(_P_TIED[0] + 0.5 * _P_TIED[1])
+
+
+def test_top_p_keeps_every_token_tied_at_its_boundary():
+    """A sort puts one of the tied tokens first; which one must not decide whether the other survives (bf16
+    logits tie often, and the kernel sampler keeps both)."""
+    kw = dict(temperature=1.0, top_p=TOP_P_AT_TIE)
+    expected = reference_distribution(TIED_AT_TOP_P.numpy(), **kw)
+    assert (expected > 0).tolist() == [True, True, True, False, False]
+    logits = TIED_AT_TOP_P.expand(N, 5).contiguous()
+    out = Sampler(seed=99)(logits, [row(**kw) for _ in range(N)])
+    assert_matches(out.token_ids, expected)
 
 
 def test_seeded_rows_follow_the_same_distribution():

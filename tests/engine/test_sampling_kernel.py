@@ -35,8 +35,8 @@ import triton.language as tl  # noqa: E402
 from engine.kernels.sampling import BLOCK_V, NUM_PARAMS, _chain, _race_key, sample_logits  # noqa: E402
 from engine.sampling import Sampler  # noqa: E402
 from engine.sampling_triton import TritonSampler, pack_rows  # noqa: E402
-from tests.engine.test_sampling import (CASES, LOGITS, empirical, reference_distribution,  # noqa: E402
-                                        reference_log_softmax, row)
+from tests.engine.test_sampling import (CASES, LOGITS, TIED_AT_TOP_P, TOP_P_AT_TIE, empirical,  # noqa: E402
+                                        reference_distribution, reference_log_softmax, row)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -156,6 +156,7 @@ KERNEL_CASES = {
     **{name: (LOGITS, kw) for name, kw in CASES.items()},
     "top_k 3, tied k-th (5 kept)": (TIED, dict(temperature=1.0, top_k=3)),
     "bf16, top_k 4 + top_p 0.9": (TIED.bfloat16(), dict(temperature=1.0, top_k=4, top_p=0.9)),
+    "top_p ending in a tie (both kept)": (TIED_AT_TOP_P, dict(temperature=1.0, top_p=TOP_P_AT_TIE)),
 }
 
 
