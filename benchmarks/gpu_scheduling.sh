@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu_scheduling.sh h     bucket_apply_gpu.py (its copy splits and kernel configs), multi_turn on
 #                                           both shapes with admissions planned ahead (the default) or not (ours and recompute),
 #                                           the sampling kernel
+#   bash benchmarks/gpu_scheduling.sh j     the sampling kernel and GPU fault tests (verbose, skip reasons), the
+#                                           bucket copy and the IPC push (8B), multi_turn 0.5B with the defaults
 #   bash benchmarks/gpu_scheduling.sh i     GPU tests (fault paths, sampling kernel, bucket copy, IPC), the IPC push
 #                                           (colocated_gpu.py 8B), offload overlap on both shapes, train_step_gpu.py
 set -u
@@ -98,5 +100,11 @@ i)  step tests 160 python3 -m pytest -q -p no:cacheprovider tests/reliability/te
     step overlap_05b 60 python3 benchmarks/offload_overlap.py --shape qwen2.5-0.5b
     step overlap_8b 70 python3 benchmarks/offload_overlap.py --shape llama-3.1-8b --batch 32 --steps 100
     step train_step 110 python3 benchmarks/train_step_gpu.py ;;
+j)  step tests 170 python3 -m pytest -q -rs -p no:cacheprovider tests/engine/test_sampling_kernel.py \
+        tests/engine/test_sampling.py tests/reliability/test_gpu_faults.py -v --durations=5
+    step bucket_apply 60 python3 benchmarks/bucket_apply_gpu.py
+    step colocated_8b 180 python3 benchmarks/colocated_gpu.py --shapes llama-3.1-8b
+    step multi_turn_05b 120 python3 benchmarks/multi_turn.py --device cuda --shape qwen2.5-0.5b --dtype bfloat16 \
+        --only ours,ours-admissions-not-ahead,recompute,recompute-admissions-not-ahead --json "$out/multi_turn_05b.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"
