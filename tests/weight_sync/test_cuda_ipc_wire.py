@@ -108,3 +108,18 @@ def test_a_senders_reused_handles_are_encoded_once_and_new_ones_afresh():
     bad[3] = "zero"
     with pytest.raises(ValueError, match=r"handles\[0\]\[3\] \(tensor_offset\)"):
         CudaIpcPayload(b"m", ((rebuild_cuda_tensor, tuple(bad)),)).to_wire()
+
+
+def test_a_repeated_handle_list_reuses_its_decode_and_any_change_is_checked_afresh():
+    """A sender reusing its buffers sends equal handle lists push after push: the second decode reuses the first's
+    handles (same objects). A list that differs in a value or only in a type (0 for False) under the same sender
+    and generation is decoded and checked again: the bad one is refused, naming the field."""
+    first = CudaIpcPayload.from_wire(through_msgpack(payload().to_wire()))
+    again = CudaIpcPayload.from_wire(through_msgpack(payload().to_wire()))
+    assert again == first and again.handles is first.handles
+    with pytest.raises(ValueError, match=r"handles\[0\]\[10\] \(requires_grad\): must be bool, got int"):
+        CudaIpcPayload.from_wire(mutated(["handles", 0, 10], 0))
+    other = mutated(["handles", 0, 8], 2048)                     # another storage size: a different buffer
+    decoded = CudaIpcPayload.from_wire(other)
+    assert decoded.handles is not first.handles and decoded.handles[0][1][8] == 2048
+    assert CudaIpcPayload.from_wire(through_msgpack(payload().to_wire())).handles[0][1][8] == 4096
