@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.cpu_backend import CpuBatchedBackend
 from engine.attention.reference import TorchReferenceBackend
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": TorchReferenceBackend}
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": TorchReferenceBackend, "cpu": CpuBatchedBackend}
 
 
 def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
@@ -26,11 +27,12 @@ def available_backends() -> list[str]:
 
 def choose_backend(forced: Optional[str], device: torch.device) -> str:
     """The backend's name: ``forced`` (EngineConfig.attention_backend) or ROLLOUT_ATTENTION_BACKEND; else Triton
-    on CUDA and the pure-torch reference elsewhere (or when Triton cannot be imported)."""
+    on CUDA (the pure-torch reference when Triton cannot be imported) and elsewhere "cpu" (the reference with its
+    decode rows batched: engine.attention.cpu_backend)."""
     from engine.envs import envs
 
     forced = forced or envs().attention_backend
-    name = forced or ("triton" if device.type == "cuda" else "reference")
+    name = forced or ("triton" if device.type == "cuda" else "cpu")
     if name == "triton":
         try:
             from engine.attention import triton_backend
@@ -111,6 +113,7 @@ __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
     "TorchReferenceBackend",
+    "CpuBatchedBackend",
     "available_backends",
     "build_metadata",
     "build_positions",

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import (AttentionMetadata, TorchReferenceBackend, build_metadata, build_positions,
-                              get_backend)
+from engine.attention import (AttentionMetadata, CpuBatchedBackend, TorchReferenceBackend, build_metadata,
+                              build_positions, choose_backend, get_backend)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,9 +65,10 @@ def test_build_metadata_rejects_bad_input():
         build_metadata([1, 1], [1], [[0]], 4)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])
-def test_paged_attention_matches_dense(dtype, num_heads, num_kv_heads):
+def test_paged_attention_matches_dense(dtype, num_heads, num_kv_heads, backend_name):
     """Fill prefixes in one step, then a mixed step (chunk over cached prefix, decode, fresh prefill)."""
     torch.manual_seed(0)
     head_dim, block_size, num_blocks = 16, 4, 40
@@ -82,13 +83,13 @@ def test_paged_attention_matches_dense(dtype, num_heads, num_kv_heads):
     pool = list(range(num_blocks))
     random.Random(1).shuffle(pool)
     tables = [[pool.pop() for _ in range(-(-n // block_size))] for n in lengths]
-    backend = TorchReferenceBackend()
+    backend = get_backend(backend_name)   # "cpu": the mixed step's two decode rows (lengths 6 and 1) batched
 
     def run(seq_ids, lo, hi):
-        meta = build_metadata([h - l for l, h in zip(lo, hi)], hi, [tables[i] for i in seq_ids], block_size)
+        meta = build_metadata([h - a for a, h in zip(lo, hi)], hi, [tables[i] for i in seq_ids], block_size)
 
         def cat(xs):
-            return torch.cat([xs[i][l:h] for i, l, h in zip(seq_ids, lo, hi)])
+            return torch.cat([xs[i][a:h] for i, a, h in zip(seq_ids, lo, hi)])
         out = backend.forward(cat(full_q), cat(full_k), cat(full_v), k_cache, v_cache, meta, scale)
         return out.split(meta.query_lens)
 
@@ -105,6 +106,44 @@ def test_paged_attention_matches_dense(dtype, num_heads, num_kv_heads):
         slots = [tables[i][p // block_size] * block_size + p % block_size for p in range(lengths[i])]
         assert torch.equal(k_cache.view(-1, num_kv_heads, head_dim)[slots], full_k[i])
         assert torch.equal(v_cache.view(-1, num_kv_heads, head_dim)[slots], full_v[i])
+
+
+def test_cpu_is_the_default_off_cuda_and_keeps_the_reference_on_request():
+    assert choose_backend(None, torch.device("cpu")) == "cpu"
+    assert choose_backend("reference", torch.device("cpu")) == "reference"
+    assert isinstance(get_backend("cpu"), CpuBatchedBackend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backend_equals_the_reference_on_decode_and_mixed_steps(dtype):
+    """Many decode rows of different lengths (one past a block boundary, one of a single token), alone and
+    mixed with prefill chunks in any order: the same outputs as the reference's loop to float32 rounding, the same
+    cache contents bitwise. bf16: the reference's own loop, so bitwise."""
+    gen = torch.Generator().manual_seed(3)
+    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 6, 2, 16, 4, 96
+    scale = head_dim ** -0.5
+    for step in ("decode", "mixed"):
+        seq_lens = [1, 4, 5, 17, 33, 2, 9, 40, 12]
+        query_lens = [1] * len(seq_lens)
+        if step == "mixed":
+            query_lens[2], query_lens[5], query_lens[7] = 5, 2, 7     # chunks among the decode rows
+        pool = torch.randperm(num_blocks, generator=gen).tolist()
+        tables = [[pool.pop() for _ in range(-(-n // block_size) + 1)] for n in seq_lens]  # one spare block each
+        caches = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+        meta = build_metadata(query_lens, seq_lens, tables, block_size)
+        t = sum(query_lens)
+        q = torch.randn(t, num_heads, head_dim, generator=gen).to(dtype)
+        k = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype)
+        ref_k, ref_v = caches[0].clone(), caches[1].clone()
+        expected = TorchReferenceBackend().forward(q, k, v, ref_k, ref_v, meta, scale)
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        out = CpuBatchedBackend().forward(q, k, v, k_cache, v_cache, meta, scale)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(out, expected)
+        assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
 def test_metadata_is_exported():

@@ -30,8 +30,8 @@ def test_triton_backend_engine_matches_reference(tmp_path):
     tri.check_integrity()
 
 
-def test_auto_backend_is_reference_on_cpu(tmp_path):
+def test_auto_backend_is_the_batched_cpu_one_on_cpu(tmp_path):
     path = make_tiny_model("llama", tmp_path / "m", seed=4)
-    assert LLMEngine(EngineConfig(model=str(path))).backend.name == "reference"
+    assert LLMEngine(EngineConfig(model=str(path))).backend.name == "cpu"
     with pytest.raises(ValueError, match="attention backend"):
         LLMEngine(EngineConfig(model=str(path), attention_backend="nope"))
