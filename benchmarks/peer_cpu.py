@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
                        notes=f"`benchmarks/peer_cpu.py`: {args.prompts} chat prompts, {args.max_tokens} output tokens "
                              f"(ignore_eos); greedy, then T = 1 with n = 4 (unseeded); torch threads "
                              f"{torch.get_num_threads()} here; vLLM {theirs.get('version', 'cpu build')} in its own "
-                             f"virtual environment ; the same KV cache on both sides "
+                             f"virtual environment; the same KV cache on both sides "
                              f"({args.kv_gib} GiB: VLLM_CPU_KVCACHE_SPACE, EngineConfig.kv_cache_memory_bytes); "
                              f"both after a short warm-up.")
     return {"ours": ours, "vllm": theirs}
