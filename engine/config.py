@@ -43,8 +43,8 @@ class EngineConfig:
     async_admissions: bool = True               # ... and let the step queued ahead take the sequences whose
                                                 # restores landed and admit queued turns (their restores start
                                                 # there), instead of a full schedule after the device drains
-                                                # (H200 multi_turn, same run, 2026-12-04: 8B 4,478 vs 4,259
-                                                # tok/s, 0.5B 19,221 vs 15,119; docs/scheduler.md)
+                                                # (H200 multi_turn, 2026-12-04: 8B 4,478 vs 4,259 tok/s,
+                                                # 0.5B 19,221 vs 15,119 and 15,939 vs 15,435; docs/scheduler.md)
     extend_kv_splits: int = 1                   # CUDA: most KV splits of a tile of the extend attention kernel
                                                 # in steps of up to 1,024 tokens (ranges of >= 512 keys, merged:
                                                 # engine.kernels.extend_attention); 1 = no split. Off: on an H200 it made

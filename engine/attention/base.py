@@ -23,7 +23,7 @@ references to it after ``forward`` returns.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,9 @@ class AttentionMetadata:
     # entry per tile of new tokens (seq << 16 | tile, -1 = none); its host lists are then placeholders and
     # the Triton backend runs the extend kernel over this list whatever the query lengths.
     extend_tiles: torch.Tensor | None = None
+    # What a backend derives from this step's metadata once and reads in every layer (index tensors, masks),
+    # keyed by the backend's name; it lives and dies with the metadata, so no backend keeps a step past its forward.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # One pass over the host lists per step (backends read these per layer).

@@ -21,6 +21,8 @@ the reference's per-sequence sums. Chosen on CPU by default; ``attention_backend
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
@@ -43,38 +45,58 @@ class CpuBatchedBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:          # [T, Hq, D]
-        decode_rows = [i for i, n in enumerate(meta.query_lens) if n == 1]
-        if len(decode_rows) < 2 or q.dtype != torch.float32:   # nothing to batch, or a low-precision engine
+        if q.dtype != torch.float32:                        # a low-precision engine: the reference's sums
+            return self._reference.forward(q, k, v, k_cache, v_cache, meta, scale)
+        # what indexes the decode rows is the same in every layer: built once a step (None: fewer than 2)
+        if self.name not in meta.derived:
+            meta.derived[self.name] = _DecodeRows.build(meta, q.device)
+        plan = meta.derived[self.name]
+        if plan is None:                                    # nothing to batch
             return self._reference.forward(q, k, v, k_cache, v_cache, meta, scale)
         _, block_size, num_kv_heads, head_dim = k_cache.shape
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
         store_new_kv(q, k, v, k_cache, v_cache, meta)     # 1. every new token's K/V, as the reference does
 
-        out = torch.empty_like(q)
-        starts = meta.query_start_loc.tolist()
-        # 2. the decode rows at once. Token index of decode row i = starts[i] (its only token).
-        dev = q.device
-        tok = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long, device=dev)
-        lens = [meta.seq_lens[i] for i in decode_rows]
-        n_blocks = -(-max(lens) // block_size)
-        span = n_blocks * block_size
-        rows = torch.tensor(decode_rows, dtype=torch.long, device=meta.block_tables.device)
-        tables = meta.block_tables[rows][:, :n_blocks].to(torch.long)                 # [B, nb]
-        batch = len(decode_rows)
+        # 2. the decode rows at once
+        batch, span = plan.tok.shape[0], plan.pad.shape[1]
         # [B, nb, bs, Hkv, D] -> [B, L, Hkv, D] -> keys [B, Hkv, D, L], values [B, Hkv, L, D]
-        keys = k_cache[tables].reshape(batch, span, num_kv_heads, head_dim).to(torch.float32)
-        values = v_cache[tables].reshape(batch, span, num_kv_heads, head_dim).to(torch.float32)
-        queries = q[tok].to(torch.float32).reshape(batch, num_kv_heads, group, head_dim)
+        keys = k_cache[plan.tables].reshape(batch, span, num_kv_heads, head_dim).to(torch.float32)
+        values = v_cache[plan.tables].reshape(batch, span, num_kv_heads, head_dim).to(torch.float32)
+        queries = q[plan.tok].to(torch.float32).reshape(batch, num_kv_heads, group, head_dim)
         scores = torch.matmul(queries, keys.permute(0, 2, 3, 1)) * scale                # [B, Hkv, group, L]
-        # row d sees key positions < seq_len[d] (its new token is at seq_len[d] - 1)
-        pad = torch.arange(span, device=dev)[None, :] >= torch.tensor(lens, device=dev)[:, None]   # [B, L]
-        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(plan.pad[:, None, None, :], float("-inf"))
         o = torch.matmul(torch.softmax(scores, dim=-1), values.permute(0, 2, 1, 3))     # [B, Hkv, group, D]
-        out[tok] = o.reshape(batch, num_heads, head_dim).to(q.dtype)
+        out = torch.empty_like(q)
+        out[plan.tok] = o.reshape(batch, num_heads, head_dim).to(q.dtype)
 
         # 3. the sequences with several new tokens, one at a time (their K/V is stored already)
-        for i, n in enumerate(meta.query_lens):
-            if n > 1:
-                attend_sequence(q, k_cache, v_cache, meta, scale, i, starts[i], out)
+        for i in plan.chunk_rows:
+            attend_sequence(q, k_cache, v_cache, meta, scale, i, plan.starts[i], out)
         return out
+
+
+@dataclass(frozen=True)
+class _DecodeRows:
+    """One step's decode rows as the batched path indexes them (built from the metadata once, read per layer)."""
+    tok: torch.Tensor           # [B] int64: flat token index of each decode row (its only new token)
+    tables: torch.Tensor        # [B, nb] int64: their block tables, cut to the longest one's blocks
+    pad: torch.Tensor           # [B, L] bool: key positions past each row's context (L = nb * block_size)
+    starts: list[int]           # first token index of every sequence
+    chunk_rows: list[int]       # sequences with several new tokens (the per-sequence path)
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata, device: torch.device) -> "_DecodeRows | None":
+        decode_rows = [i for i, n in enumerate(meta.query_lens) if n == 1]
+        if len(decode_rows) < 2:
+            return None
+        starts = meta.query_start_loc.tolist()
+        lens = [meta.seq_lens[i] for i in decode_rows]
+        n_blocks = -(-max(lens) // meta.block_size)
+        rows = torch.tensor(decode_rows, dtype=torch.long, device=meta.block_tables.device)
+        tables = meta.block_tables[rows][:, :n_blocks].to(torch.long)
+        # row d sees key positions < seq_len[d] (its new token is at seq_len[d] - 1)
+        pad = torch.arange(n_blocks * meta.block_size, device=device)[None, :] >= \
+            torch.tensor(lens, device=device)[:, None]
+        tok = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long, device=device)
+        return cls(tok, tables, pad, starts, [i for i, n in enumerate(meta.query_lens) if n > 1])
