@@ -178,7 +178,9 @@ def w1_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int
     return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def run_ours(eng: LLMEngine, prompts, params) -> dict:
+def run_ours(eng: LLMEngine, prompts, params, keep_outputs: bool = False) -> dict:
+    """Output tok/s of one ``generate`` of the whole workload, with the engine's time split; ``keep_outputs``: the
+    Completions too (under "outputs")."""
     eng.generate([p[:32] for p in prompts[:4]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     before = eng.stats()
     counts_before = dict(eng.runner.step_counts)
@@ -201,7 +203,7 @@ def run_ours(eng: LLMEngine, prompts, params) -> dict:
             "preemptions": after["preemptions"],
             "time_split_s": {k: round(v, 3) for k, v in acc.items()},
             "runner_steps": {k: v - counts_before[k] for k, v in eng.runner.step_counts.items()},
-            "steps_ahead": after["steps_ahead"] - before["steps_ahead"]}
+            "steps_ahead": after["steps_ahead"] - before["steps_ahead"], **({"outputs": outs} if keep_outputs else {})}
 
 
 def run_transformers(path: Path, prompts, max_new: int, args) -> dict:

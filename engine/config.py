@@ -35,6 +35,11 @@ class EngineConfig:
                                                 # in float32 over float32 copies of their weights (fewer
                                                 # train/inference logprob mismatches; no-op for float32;
                                                 # engine.models.fp32_head, docs/gpu.md)
+    batch_invariant: bool = False               # every token's logits and logprob bitwise independent of the
+                                                # batch, chunking, prefix caching and graphs, and reproducible
+                                                # by a trainer's forward (engine.models.invariant_policy):
+                                                # fixed-tile matmuls, one attention kernel for every step kind
+                                                # (engine.kernels.invariant; CPU: row-wise torch ops); docs/gpu.md
     async_scheduling: bool = True               # queue decode step N+1 before reading step N's tokens
                                                 # (see LLMEngine.step, docs/scheduler.md)
     async_after_prefill: bool = True            # ... also after a step with prefill chunks (with mixed-step
@@ -99,6 +104,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.fixed_address_memory must be a bool, got {self.fixed_address_memory!r}")
         if not isinstance(self.fp32_lm_head, bool):
             raise ValueError(f"EngineConfig.fp32_lm_head must be a bool, got {self.fp32_lm_head!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"EngineConfig.batch_invariant must be a bool, got {self.batch_invariant!r}")
         if not isinstance(self.enable_cuda_graphs, bool):
             raise ValueError(f"EngineConfig.enable_cuda_graphs must be a bool, got {self.enable_cuda_graphs!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",

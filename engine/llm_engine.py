@@ -26,6 +26,7 @@ from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block, kv_cache_shap
 from engine.kv_offload import HostKVCache
 from engine.memory import device_kv_blocks, host_kv_bytes
 from engine.model_runner import ModelRunner, PendingStep
+from engine.models.invariant_ops import invariant_ops_for
 from engine.engine_stats import engine_stats
 from engine.output_processor import OutputProcessor
 from engine.request_validation import validate_input
@@ -89,6 +90,9 @@ class LLMEngine:
                 (lambda m: fixed.materialize("fp32 head", m, buffers=True)) if fixed is not None else None)
         elif config.fp32_lm_head:
             logger.debug("fp32_lm_head: no-op for a float32 model (its norm and lm_head already run in float32)")
+        if config.batch_invariant:   # before the runner: its graphs capture the invariant forward
+            self.model.invariant_ops = invariant_ops_for(self.device)
+            logger.info("batch-invariant mode: %s ops (engine.models.invariant_ops)", self.model.invariant_ops.name)
         backend_name = choose_backend(config.attention_backend, self.device)
         self.backend = get_backend(backend_name)
         if hasattr(self.backend, "extend_max_splits"):   # the Triton backend's split-KV extend
@@ -114,7 +118,9 @@ class LLMEngine:
                                   self.device, Sampler(config.seed), host_cache,
                                   enable_cuda_graphs=config.enable_cuda_graphs,
                                   cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                  max_model_len=self.max_model_len, decode_gemv=config.decode_gemv,
+                                  max_model_len=self.max_model_len,
+                                  # the invariant forward has no matrix-vector variant to measure
+                                  decode_gemv="off" if config.batch_invariant else config.decode_gemv,
                                   cuda_graph_max_tokens=config.mixed_graph_tokens, max_num_seqs=config.max_num_seqs)
         self.outputs = OutputProcessor()
         self._unclaimed: list[Completion] = []

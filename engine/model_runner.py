@@ -326,6 +326,14 @@ class ModelRunner:
             packed = getattr(sample, "packed", None)
             device_side = [packed if packed is not None else
                            torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))]
+        ops = getattr(self.model, "invariant_ops", None)
+        if ops is not None:
+            # batch-invariant mode: the logprob is the mode's own per-row kernel (what a trainer's forward
+            # computes: engine.models.invariant_policy), whichever path chose the token
+            temps = upload_nonblocking([1.0 if r.is_greedy else r.temperature for r in rows], torch.float32,
+                                       self.device)
+            lp = ops.logprobs(logits, tokens, temps)                               # [R] float32
+            device_side[0] = torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))
         if sample is not None and sample.asked:
             device_side += [sample.top_vals, sample.top_ids]
         event = None

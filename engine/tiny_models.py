@@ -116,6 +116,12 @@ REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                           "original_max_position_embeddings": 8192},
                                          eos_token_id=128001)),
+    "qwen3-1.7b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                       head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                                       tie_word_embeddings=True, attention_bias=False,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                       eos_token_id=151645)),
 }
 
 

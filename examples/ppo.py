@@ -9,7 +9,9 @@ worker's Ray bundle takes half of it, ``num_gpus_per_worker=0.5``; the engine's 
 ``--gpu-memory-utilization`` of the device minus what is in use when it starts, the trainer's weights included).
 The engine runs in bf16 (``--engine-dtype``); ``--fp32-lm-head`` has it compute the final norm, lm_head and
 logprobs in fp32, the usual fix for the bf16 train/inference mismatch, which each step logs at its first epoch
-(mean and max |pi_trainer / pi_engine - 1|). In synchronous mode the engine sleeps while the trainer trains
+(mean and max |pi_trainer / pi_engine - 1|); ``--true-on-policy`` removes it: the engine runs in batch-invariant
+mode and the trainer's logprobs come from the same kernels (engine.models.invariant_policy), so the first epoch's
+ratio is exactly 1. In synchronous mode the engine sleeps while the trainer trains
 (``--sleep-level`` 1: the KV cache goes back to the device; 2: the weights too) and wakes before the push.
 
 Each step:
@@ -92,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the rollout engine's dtype (default float32 on CPU, bfloat16 on CUDA); the trainer is fp32")
     p.add_argument("--fp32-lm-head", action="store_true",
                    help="the engine computes the final norm, lm_head and logprobs in fp32")
+    p.add_argument("--true-on-policy", action="store_true",
+                   help="the engine in batch-invariant mode and the trainer's logprobs from the same kernels "
+                        "(engine.models.invariant_policy): the first epoch's |ratio - 1| is exactly 0")
     p.add_argument("--sleep-level", type=int, default=None, choices=[0, 1, 2],
                    help="synchronous mode: the engine sleeps while the trainer trains (1: KV cache, 2: weights "
                         "too; 0: never; default 1 on CUDA, 0 on CPU)")
@@ -137,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--sleep-level needs synchronous mode: with --async the engine runs rollouts while the trainer trains")
     if not 0 < args.gpu_memory_utilization < 1:
         p.error(f"--gpu-memory-utilization must be in (0, 1), got {args.gpu_memory_utilization}")
+    if args.true_on_policy and args.trainer_autocast != "none":
+        p.error("--true-on-policy computes the trainer's forward in the engine's dtype itself: leave "
+                "--trainer-autocast at none")
     if args.async_lag > 0 and args.tis_cap == 0:
         p.error("--async N trains on tokens sampled up to N versions ago: pass --tis-cap C (e.g. 2) so the loss "
                 "corrects for it")
@@ -300,6 +308,12 @@ def main(argv=None) -> dict:
     model_dir = resolve_model_path(args.model)
     device = torch.device(args.device)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    if args.true_on_policy:
+        # the same parameters (HF names, fp32 master weights: optimizer and weight push see no difference), its
+        # forward over the engine's batch-invariant kernels in the engine's dtype
+        from engine.models.invariant_policy import InvariantPolicy
+        policy = InvariantPolicy(policy, compute_dtype=getattr(torch, args.engine_dtype),
+                                 fp32_lm_head=args.fp32_lm_head, block_size=16)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     reference.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
@@ -316,6 +330,7 @@ def main(argv=None) -> dict:
     engine_config = EngineConfig(model=str(model_dir), device=args.device, dtype=args.engine_dtype,
                                  max_num_seqs=max(64, args.questions * args.group_size), seed=args.seed,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
+                                 batch_invariant=args.true_on_policy,
                                  **({"fp32_lm_head": True} if args.fp32_lm_head else {}))
     # CUDA: every worker shares the trainer's GPU (its bundle takes a fraction), so weights go through CUDA IPC
     pool = RolloutPool(engine_config, num_workers=args.workers,

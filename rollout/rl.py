@@ -121,7 +121,11 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> 
 
     The LM head and the log-softmax run only on model-token positions (a third of a tool
     trajectory, typically): for a Hugging Face causal LM the decoder stack's hidden states are taken
-    from ``model.model`` and projected with ``model.lm_head``."""
+    from ``model.model`` and projected with ``model.lm_head``. A model with its own ``token_logprobs(batch,
+    temperature)`` (the batch-invariant ``InvariantPolicy``) computes them itself."""
+    own = getattr(model, "token_logprobs", None)
+    if callable(own):   # a policy with its own forward (engine.models.invariant_policy.InvariantPolicy)
+        return own(batch, temperature)
     mask = batch.loss_mask.bool()                              # [B, L-1]
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     out = torch.zeros(mask.shape, device=batch.input_ids.device)

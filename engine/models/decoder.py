@@ -47,6 +47,7 @@ def fused_kernels():
 
 if TYPE_CHECKING:
     from engine.model_config import ModelConfig
+    from engine.models.invariant_ops import LayerWeights
 
 
 # --------------------------------------------------------------------------------------------------- rotary
@@ -203,6 +204,15 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return residual + self.down_proj(F.silu(gate) * up)
 
+    def invariant_weights(self) -> "LayerWeights":
+        """This layer's parameters for ``engine.models.invariant_ops.layer_forward`` (the batch-invariant mode)."""
+        from engine.models.invariant_ops import LayerWeights
+        return LayerWeights(
+            self.input_layernorm.weight, self.qkv_proj.weight, self.qkv_proj.bias, self.o_proj.weight,
+            self.o_proj.bias, self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None, self.post_attention_layernorm.weight,
+            self.gate_up_proj.weight, self.down_proj.weight)
+
     def forward_fused(
         self,
         hidden: torch.Tensor,              # [T, hidden]: the previous layer's MLP output (or the embeddings)
@@ -288,6 +298,9 @@ class CausalLM(nn.Module):
         self.use_fused_ops: Optional[bool] = None
         # Set by ``enable_fp32_head``: the final norm and the lm_head in float32 (engine.models.fp32_head).
         self.fp32_head: Optional[Fp32Head] = None
+        # Set by the engine in batch-invariant mode (EngineConfig.batch_invariant): every forward and
+        # compute_logits runs these ops (engine.models.invariant_ops), whatever use_fused_ops says.
+        self.invariant_ops = None
 
     def _kernels_for(self, device: torch.device):
         if self.use_fused_ops is False or (self.use_fused_ops is None and device.type != "cuda"):
@@ -355,6 +368,8 @@ class CausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(hidden.dtype)  # [T, D/2]
         sin = self.rope_sin[positions].to(hidden.dtype)
+        if self.invariant_ops is not None:
+            return self._forward_invariant(hidden, cos, sin, kv_caches, meta, self.invariant_ops)
         kernels = self._kernels_for(hidden.device)
         if kernels is not None:
             residual = None
@@ -367,10 +382,29 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, cos, sin, kv_cache, meta, backend)
         return self.norm(hidden) if self.fp32_head is None else self.fp32_head.norm(hidden)
 
+    def _forward_invariant(self, hidden, cos, sin, kv_caches, meta, ops) -> torch.Tensor:
+        """The batch-invariant forward (``engine.models.invariant_ops``): the same layer function as a trainer's
+        ``InvariantPolicy``, over the paged cache."""
+        from engine.models.invariant_ops import LayerShape, layer_forward
+
+        c = self.config
+        shape = LayerShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+        scale = c.head_dim ** -0.5
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            hidden = layer_forward(
+                hidden, layer.invariant_weights(), shape, ops,
+                lambda q, k, v: ops.attention(q, k, v, cos, sin, k_cache, v_cache, meta, scale))
+        if self.fp32_head is not None:
+            return ops.rms_norm(hidden, self.fp32_head.norm_weight, self.fp32_head.eps, upcast=True)
+        return ops.rms_norm(hidden, self.norm.weight, self.norm.eps)
+
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """hidden: [R, hidden] (the rows to sample from, as ``forward`` returns them) -> [R, vocab] float32
         (the weights' dtype when ``upcast`` is False: for kernels that read it directly; float32 either way
-        with the fp32 head)."""
+        with the fp32 head or in batch-invariant mode, whose product rounds once, from its fp32 accumulator)."""
+        if self.invariant_ops is not None:
+            weight = self.fp32_head.lm_head_weight if self.fp32_head is not None else self.lm_head.weight
+            return self.invariant_ops.linear(hidden, weight, out_dtype=torch.float32)
         if self.fp32_head is not None:
             return self.fp32_head.logits(hidden)
         logits = F.linear(hidden, self.lm_head.weight)
