@@ -69,8 +69,10 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in ``out_dtype`` (default x's dtype), fp32 accumulation."""
+           out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in ``out_dtype`` (default x's dtype), fp32 accumulation.
+    ``config``: another (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) than ``matmul_config``'s (benchmarks only: a
+    different tiling is a different rounding)."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K], rows contiguous"
@@ -80,7 +82,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    bm, bn, bk, warps, stages = matmul_config(n, k)
+    bm, bn, bk, warps, stages = config or matmul_config(n, k)
     _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
