@@ -2,9 +2,10 @@
 instructions in the same order whatever else is in the batch, so a token decoded alone, inside a batch of 256,
 in a prefill chunk or in a trainer's forward over the whole trajectory gets the same bits.
 
-    matmul:     out[M, N] = x[M, K] @ w[N, K]^T (+ bias). One tile shape per weight (chosen from N and K, never
-                from M), the K loop in tiles of BLOCK_K from 0 up, fp32 accumulation, no split-K. A row's result
-                depends only on that row: tensor cores compute each output element's dot product on its own.
+    matmul:     out[M, N] = x[M, K] @ w[N, K]^T (+ bias). One tile shape and K split per weight (chosen from N and K,
+                never from M), each K range in tiles of BLOCK_K from its start up, fp32 accumulation, the ranges
+                summed in order. A row's result depends only on that row: tensor cores compute each output
+                element's dot product on its own.
     attention:  one program per (token, KV head): the token's queries of that KV head's group (padded to 16
                 rows) against its sequence's keys at positions [0, ctx) in tiles of TILE absolute positions
                 (tile j holds positions [j*TILE, (j+1)*TILE), gathered through the block table key by key, so
@@ -33,46 +34,80 @@ BLOCK_V = 2048
 
 
 # ---------------------------------------------------------------------------------------------------- matmul
-def matmul_config(n: int, k: int) -> tuple[int, int, int, int, int]:
-    """-> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of an [*, k] @ [n, k]^T product. A function of the
-    weight's shape only: the engine and a trainer's forward over the same weight get the same tiles."""
+# Programs a matmul aims for along N and K together: one wave of an H100 / H200 (132 SMs). A constant, not the
+# device's count, so the tiling (and the rounding) is the same on every card.
+TARGET_PROGRAMS = 132
+
+
+def matmul_config(n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """-> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, k_splits) of an [*, k] @ [n, k]^T product. A function of
+    the weight's shape only: the engine and a trainer's forward over the same weight get the same tiles and splits.
+
+    A weight with few column tiles (small N) has its K range cut into ``k_splits`` ranges of at least 4 tiles, so a
+    decode step of a few rows still spreads over the device; each range's fp32 partial goes to a buffer and the
+    ranges are summed in order (``_split_sum_kernel``), so a row's result still depends on nothing else."""
     block_n = 128 if triton.cdiv(n, 128) >= 64 else 64 if triton.cdiv(n, 64) >= 32 else 32
-    return 64, block_n, 64, 4, 4
+    block_k = 64
+    tiles = triton.cdiv(n, block_n)
+    splits = 1
+    if tiles < TARGET_PROGRAMS:
+        splits = max(1, min(triton.cdiv(k, block_k) // 4, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    return 64, block_n, block_k, 4, 4, splits
 
 
 @triton.jit(do_not_specialize=["M"])
-def _matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+def _matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_os,
+                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # NOTE: M is not specialized (Triton would compile M == 1 apart): one binary for every batch size.
     # Axis 0 walks the row tiles, so the programs that read one weight tile run together (it stays in L2).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < k_hi),
                     other=0.0)                                                        # [BM, BK]
-        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K),
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < k_hi),
                     other=0.0)                                                        # [BK, BN]
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")   # float32 weights: no TF32 rounding
         else:
             acc = tl.dot(a, b, acc)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT:   # the fp32 partial of this K range: [split, M, N]
+        tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, b_ptr, out_ptr, numel, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    # out = ((p0 + p1) + p2) ... + bias, element by element, in split order
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in ``out_dtype`` (default x's dtype), fp32 accumulation.
-    ``config``: another (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) than ``matmul_config``'s (benchmarks only: a
-    different tiling is a different rounding)."""
+    ``config``: another (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, k_splits) than ``matmul_config``'s (benchmarks
+    only: a different tiling is a different rounding)."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K], rows contiguous"
@@ -82,11 +117,19 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    bm, bn, bk, warps, stages = config or matmul_config(n, k)
-    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+    bm, bn, bk, warps, stages, splits = config or matmul_config(n, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, bk), splits) * bk   # whole K tiles per range
+    splits = triton.cdiv(k, k_per_split)
+    target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    bias_arg = bias if bias is not None else weight
+    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), splits)](
+        x, weight, bias_arg, target, m, n, k, k_per_split, x.stride(0), weight.stride(0), n if splits > 1 else
+        out.stride(0), m * n, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, SPLIT=splits > 1,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if splits > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](target, bias_arg, out, m * n, n, SPLITS=splits,
+                                                        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return out
 
 

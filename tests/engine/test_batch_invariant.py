@@ -229,6 +229,13 @@ def test_kernels_agree_with_torch():
     full = ops.linear(x, w, b)
     torch.testing.assert_close(full, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
     assert torch.equal(ops.linear(x[33:34], w, b), full[33:34]), "a row alone = the same row in a batch"
+    # a narrow weight with a long K: its K range is split (engine.kernels.invariant.matmul_config)
+    from engine.kernels.invariant import matmul_config
+    xs, ws = torch.randn(70, 1024, generator=g).to(device), torch.randn(40, 1024, generator=g).to(device)
+    assert matmul_config(40, 1024)[-1] > 1
+    split = ops.linear(xs, ws, b[:40])
+    torch.testing.assert_close(split, torch.nn.functional.linear(xs, ws, b[:40]), rtol=1e-5, atol=1e-3)
+    assert torch.equal(ops.linear(xs[69:70], ws, b[:40]), split[69:70])
     # attention over a paged cache, two sequences: one decode, one prefill chunk over a cached prefix
     hq, hkv, d, bs = 4, 2, 16, 16
     meta = build_metadata([1, 5], [70, 21], [[3, 0, 5, 1, 7], [2, 6]], bs, device)
