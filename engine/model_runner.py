@@ -37,6 +37,9 @@ class SampledToken:
 
 
 class ModelRunner:
+    # batch-invariant mode: the model's ops (engine.models.invariant_ops), whose per-row logprob every step returns
+    invariant_ops = None
+
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], backend: AttentionBackend,
                  block_size: int, device: torch.device, sampler: Sampler,
@@ -51,6 +54,7 @@ class ModelRunner:
         a mixed-step graph (0: such steps run eagerly), of at most ``max_num_seqs`` sequences; decode_gemv: matrix-vector kernels for decode batches of 1-4 rows, "auto"
         (measured at capture), "on" or "off" (``engine.cuda_graphs``)."""
         self.model = model
+        self.invariant_ops = getattr(model, "invariant_ops", None)
         self.model_config = model_config
         self.set_kv_caches(kv_caches)
         self.backend = backend
@@ -326,7 +330,7 @@ class ModelRunner:
             packed = getattr(sample, "packed", None)
             device_side = [packed if packed is not None else
                            torch.stack((tokens.to(torch.float64), lp.to(torch.float64)))]
-        ops = getattr(self.model, "invariant_ops", None)
+        ops = self.invariant_ops
         if ops is not None:
             # batch-invariant mode: the logprob is the mode's own per-row kernel (what a trainer's forward
             # computes: engine.models.invariant_policy), whichever path chose the token
