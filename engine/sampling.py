@@ -147,7 +147,7 @@ class Sampler:
         # log_softmax(scaled)[tok] = scaled[tok] - logsumexp(scaled): no [R, V] logprob tensor needed. On the CPU a
         # fresh [R, V] tensor costs more in page faults than a pass over it, so one scratch serves the logsumexp and
         # then the noise.
-        scratch = torch.empty_like(scaled)                                    # [R, V]
+        scratch = torch.empty(num_rows, vocab, dtype=torch.float32, device=device)  # [R, V], contiguous
         lse = _logsumexp(scaled, scratch)                                     # [R]
 
         tokens = None if every else scaled.argmax(dim=-1)                     # [R]; greedy rows keep it
