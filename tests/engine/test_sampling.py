@@ -290,6 +290,28 @@ def test_unseeded_rows_follow_the_sampler_seed():
     assert first != Sampler(seed=12)(logits, rows).token_ids
 
 
+@pytest.mark.parametrize("u", [0.0, 1.0])
+def test_uniforms_at_the_ends_of_the_interval_give_finite_noise(monkeypatch, u):
+    """U == 0 (2**-24 a draw: about one a step at [256, 49152]) and U == 1 (outside [0, 1), one rounding away):
+    unguarded, E = -log U is inf or 0, a -inf key for a lone survivor or inf / NaN keys. Guarded, the top_k = 1
+    rows (their survivor is the last token) still draw it, with a finite logprob."""
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *args, **kwargs: self.fill_(u))
+    log_e = Sampler()._log_exponential_(torch.empty(3, V), [row(), row(seed=1), row()])
+    assert bool(torch.isfinite(log_e).all())
+    out = Sampler()(LOGITS.flip(0).expand(3, V).contiguous(), [row(top_k=1), row(top_k=1, seed=3), row()])
+    assert out.token_ids[:2] == [V - 1, V - 1] and all(np.isfinite(out.logprobs))
+
+
+def test_the_callers_logits_are_left_as_they_were():
+    """At T = 1 without filters the sampler reads the caller's logits in place of a scaled copy."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    before = logits.clone()
+    for rows in ([row(), row(), row(seed=2), row()], [row(), row(top_k=3), row(temperature=0.0), row(top_p=0.5)]):
+        Sampler()(logits, rows)
+        assert torch.equal(logits, before)
+
+
 def test_mix64_is_stable_and_in_range():
     assert mix64(1, 0, 0) == mix64(1, 0, 0)
     values = {mix64(s, i, t) for s in range(4) for i in range(4) for t in range(4)}
