@@ -11,23 +11,8 @@
 set -u
 part=${1:-a}
 out=${OUT:-/tmp/gpu_invariant}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-results=benchmarks/RESULTS.md
-before=$(wc -l < "$results")
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-
-step() {   # step NAME SECONDS CMD...: run with a time limit, keep its log, report how long it took
-    local name=$1 limit=$2; shift 2
-    local t0=$SECONDS
-    echo "=== $name"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 30 "$out/$name.log"
-    echo "=== $name: rc $rc in $((SECONDS - t0)) s"
-    tail -n +"$((before + 1))" "$results" > "$out/results_new.md"   # kept if a later step runs out of time
-}
+STEP_TAIL=30
+source benchmarks/gpu_steps.sh   # the card, versions and step()
 
 case "$part" in
 a)  step tests ${TEST_LIMIT:-240} python3 -m pytest -q -x -rs -p no:cacheprovider tests/engine/test_batch_invariant.py

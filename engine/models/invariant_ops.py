@@ -20,12 +20,15 @@ RMSNorm rounding to the model dtype before its weight multiply, SiLU rounded bef
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine.model_config import ModelConfig
 
 
 class InvariantOps(Protocol):
@@ -161,41 +164,24 @@ class LayerWeights:
     down: torch.Tensor
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    eps: float
-
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-
-def layer_forward(hidden: torch.Tensor, w: LayerWeights, shape: LayerShape, ops: InvariantOps,
+def layer_forward(hidden: torch.Tensor, w: LayerWeights, s: "ModelConfig", ops: InvariantOps,
                   attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """hidden [T, H] -> [T, H]. ``attend(q, k, v)`` (pre-rotary, [T, H*, D]) -> [T, Hq, D]: the engine's paged
-    cache, or a trainer's packed trajectories."""
+    """hidden [T, H] -> [T, H] for a layer of shape ``s``. ``attend(q, k, v)`` (pre-rotary, [T, H*, D]) -> [T, Hq, D]:
+    the engine's paged cache, or a trainer's packed trajectories."""
     T = hidden.shape[0]
-    s = shape
-    x = ops.rms_norm(hidden, w.input_norm, s.eps)
+    x = ops.rms_norm(hidden, w.input_norm, s.rms_norm_eps)
     qkv = ops.linear(x, w.qkv, w.qkv_bias)                                          # [T, q + 2 kv]
     q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
     q = q.reshape(T, s.num_heads, s.head_dim)
     k = k.reshape(T, s.num_kv_heads, s.head_dim)
     v = v.reshape(T, s.num_kv_heads, s.head_dim)
     if w.q_norm is not None:
-        q, k = ops.rms_norm(q, w.q_norm, s.eps), ops.rms_norm(k, w.k_norm, s.eps)
+        q, k = ops.rms_norm(q, w.q_norm, s.rms_norm_eps), ops.rms_norm(k, w.k_norm, s.rms_norm_eps)
     attn = attend(q, k, v)                                                          # [T, Hq, D]
     hidden = hidden + ops.linear(attn.reshape(T, s.q_size), w.o, w.o_bias)
-    x = ops.rms_norm(hidden, w.post_norm, s.eps)
+    x = ops.rms_norm(hidden, w.post_norm, s.rms_norm_eps)
     return hidden + ops.linear(ops.silu_mul(ops.linear(x, w.gate_up)), w.down)
 
 
-__all__ = ["InvariantOps", "LayerShape", "LayerWeights", "RowOps", "TritonInvariantOps", "invariant_ops_for",
+__all__ = ["InvariantOps", "LayerWeights", "RowOps", "TritonInvariantOps", "invariant_ops_for",
            "layer_forward"]

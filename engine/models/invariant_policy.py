@@ -28,7 +28,7 @@ from torch import nn
 from engine.attention import build_metadata
 from engine.model_config import ModelConfig
 from engine.models.decoder import apply_rotary, rope_cos_sin
-from engine.models.invariant_ops import InvariantOps, LayerShape, LayerWeights, invariant_ops_for, layer_forward
+from engine.models.invariant_ops import InvariantOps, LayerWeights, invariant_ops_for, layer_forward
 
 
 # --------------------------------------------------------------------------------------- torch references
@@ -203,7 +203,6 @@ class InvariantPolicy(nn.Module):
         cos_t, sin_t = self._rope_tables(device)
         cos, sin = cos_t[positions].to(dt), sin_t[positions].to(dt)                      # [T, D/2]
         scale = mc.head_dim ** -0.5
-        shape = LayerShape(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.rms_norm_eps)
 
         def attend(q, k, v):
             def fast(q, k, v, cos, sin):
@@ -215,7 +214,7 @@ class InvariantPolicy(nn.Module):
 
         hidden = F.embedding(ids, self.model.embed_tokens.weight.to(dt))                   # [T, H]
         for layer in self.model.layers:
-            hidden = layer_forward(hidden, self._layer_weights(layer), shape, ops, attend)
+            hidden = layer_forward(hidden, self._layer_weights(layer), mc, ops, attend)
         norm_w = self.model.norm.weight.to(dt)
         if self.fp32_lm_head:    # the engine's float32 copies are its (compute-dtype) weights upcast
             return ops.rms_norm(hidden, norm_w.float(), mc.rms_norm_eps, upcast=True)
