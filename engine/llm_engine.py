@@ -90,6 +90,9 @@ class LLMEngine:
                 (lambda m: fixed.materialize("fp32 head", m, buffers=True)) if fixed is not None else None)
         elif config.fp32_lm_head:
             logger.debug("fp32_lm_head: no-op for a float32 model (its norm and lm_head already run in float32)")
+        if config.batch_invariant and mc.is_moe:
+            raise ValueError("EngineConfig.batch_invariant: mixture-of-experts models are not supported in the "
+                             "batch-invariant mode")
         if config.batch_invariant:   # before the runner: its graphs capture the invariant forward
             self.model.invariant_ops = invariant_ops_for(self.device)
             logger.info("batch-invariant mode: %s ops (engine.models.invariant_ops)", self.model.invariant_ops.name)

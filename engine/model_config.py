@@ -41,6 +41,15 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: Optional[str] = None  # the checkpoint's declared dtype, e.g. "bfloat16"
     o_proj_bias: bool = False          # bias on o_proj (Llama/Qwen3 with attention_bias=True)
+    # Mixture of experts (Qwen3-MoE): the layers in ``moe_layers`` replace the MLP with a router over
+    # ``num_experts`` SwiGLU experts of ``moe_intermediate_size``, ``num_experts_per_tok`` of them per token,
+    # their softmax weights renormalised over the chosen ones when ``norm_topk_prob``. Other layers keep the dense
+    # MLP of ``intermediate_size``.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -68,10 +77,28 @@ class ModelConfig:
         if not all(isinstance(t, int) and t >= 0 for t in self.eos_token_ids):
             raise ValueError(f"eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}")
         get_architecture(self.architecture)  # raises ValueError listing the supported ones
+        if self.moe_layers:
+            if not (isinstance(self.num_experts, int) and self.num_experts > 0):
+                raise ValueError(f"ModelConfig.num_experts must be a positive int with MoE layers, got "
+                                 f"{self.num_experts!r}")
+            if not (isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= self.num_experts):
+                raise ValueError(f"ModelConfig.num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                                 f"got {self.num_experts_per_tok!r}")
+            if not (isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0):
+                raise ValueError(f"ModelConfig.moe_intermediate_size must be a positive int, got "
+                                 f"{self.moe_intermediate_size!r}")
+            if any(not 0 <= i < self.num_layers for i in self.moe_layers) or \
+                    list(self.moe_layers) != sorted(set(self.moe_layers)):
+                raise ValueError(f"ModelConfig.moe_layers must be distinct sorted layer indices < {self.num_layers}, "
+                                 f"got {self.moe_layers!r}")
 
     @property
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
 
     @property
     def q_size(self) -> int:
@@ -128,6 +155,7 @@ class ModelConfig:
         eos = _as_id_tuple(getattr(hf_config, "eos_token_id", None))
         eos = eos + tuple(t for t in extra_eos_token_ids if t not in eos)
         dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        moe = _read_moe(hf_config, spec.name) if spec.moe else {}
         return cls(
             architecture=spec.name,
             vocab_size=int(hf_config.vocab_size),
@@ -147,7 +175,23 @@ class ModelConfig:
             qk_norm=spec.qk_norm,
             eos_token_ids=eos,
             torch_dtype=None if dtype is None else str(dtype).replace("torch.", ""),
+            **moe,
         )
+
+
+def _read_moe(hf_config: Any, arch: str) -> dict:
+    """The MoE fields of a Qwen3-MoE config: which layers are sparse (as transformers decides: not in
+    ``mlp_only_layers``, and every ``decoder_sparse_step``-th), the expert counts and sizes."""
+    num_experts = int(getattr(hf_config, "num_experts", 0) or 0)
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    layers = tuple(i for i in range(int(hf_config.num_hidden_layers))
+                   if num_experts > 0 and i not in dense and (i + 1) % step == 0)
+    if getattr(hf_config, "shared_expert_intermediate_size", 0):
+        raise ValueError(f"{arch} with a shared expert is not supported")
+    return dict(num_experts=num_experts, num_experts_per_tok=int(getattr(hf_config, "num_experts_per_tok", 0) or 0),
+                moe_intermediate_size=int(getattr(hf_config, "moe_intermediate_size", 0) or 0),
+                norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)), moe_layers=layers)
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:

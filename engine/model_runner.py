@@ -90,6 +90,11 @@ class ModelRunner:
             model.set_gemv_rows(MAX_ROWS)  # eager forwards too, with or without graphs
         self._graph_args = None
         self._gemv_choices: dict[int, bool] | None = None   # the first capture's, reused by re-captures
+        if enable_cuda_graphs and self.device.type == "cuda" and getattr(model_config, "is_moe", False):
+            # the torch MoE block reads its expert counts on the host: no graph can hold it (no fused MoE kernel yet)
+            logger.info("mixture-of-experts model: CUDA graphs off, the MoE layers run the torch path "
+                        "(engine.models.moe)")
+            enable_cuda_graphs = False
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
             self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings,
                                 cuda_graph_max_tokens, max_num_seqs)

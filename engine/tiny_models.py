@@ -43,6 +43,11 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
                                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None,
                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # mixture of experts: layer 0 dense, layer 1 sparse (8 experts, 2 per token, weights renormalised)
+    "qwen3_moe": ("Qwen3MoeConfig", dict(tie_word_embeddings=False, attention_bias=False, num_experts=8,
+                                         num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                                         decoder_sparse_step=1, mlp_only_layers=[0],
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 
 TINY_ARCHS = tuple(_ARCHS)

@@ -154,14 +154,14 @@ class WeightUpdater:
                 raise WeightUpdateError(f"update rejected before any write: {e}") from None
             if target is None:
                 continue
-            if shape != self.expected[name]:
+            if shape != self.mapper.shape_of(name):
                 raise WeightUpdateError(f"update rejected before any write: weight {name!r} has shape {shape}, "
-                                        f"expected {self.expected[name]}")
+                                        f"expected {self.mapper.shape_of(name)}")
             if not dtype.is_floating_point:
                 raise WeightUpdateError(f"update rejected before any write: weight {name!r} has non-floating "
                                         f"dtype {dtype}")
         if not partial:
-            missing = sorted(set(self.expected) - set(manifest))
+            missing = sorted(set(self.expected) - self.mapper.covered(manifest))
             if missing:
                 raise WeightUpdateError(f"update rejected before any write: it lacks weights {_shown(missing)} "
                                         f"(pass partial=True to update a subset)")
@@ -251,7 +251,7 @@ class WeightUpdater:
             if undelivered:
                 raise WeightUpdateError(f"loader declared but never delivered {_shown(undelivered)}")
         if not partial:
-            missing = sorted(set(self.expected) - seen)
+            missing = sorted(set(self.expected) - self.mapper.covered(seen))
             if missing:
                 raise WeightUpdateError(f"update lacks weights {_shown(missing)} (pass partial=True to update "
                                         f"a subset)")

@@ -7,6 +7,14 @@ Mapping (layer i; D = head_dim, Hq/Hkv = heads, I = intermediate_size)::
     model.layers.{i}.self_attn.v_proj.{weight,bias} -> layers.{i}.qkv_proj rows [(Hq+Hkv)*D, (Hq+2*Hkv)*D)
     model.layers.{i}.mlp.gate_proj.weight           -> layers.{i}.gate_up_proj rows [0, I)
     model.layers.{i}.mlp.up_proj.weight             -> layers.{i}.gate_up_proj rows [I, 2*I)
+    MoE layers (Qwen3-MoE; E experts of intermediate size I, engine.models.moe):
+    model.layers.{i}.mlp.gate.weight                -> layers.{i}.moe.router.weight
+    model.layers.{i}.mlp.experts.{e}.gate_proj.weight -> layers.{i}.moe.gate_up[e, 0:I]
+    model.layers.{i}.mlp.experts.{e}.up_proj.weight -> layers.{i}.moe.gate_up[e, I:2I]
+    model.layers.{i}.mlp.experts.{e}.down_proj.weight -> layers.{i}.moe.down[e]
+    model.layers.{i}.mlp.experts.gate_up_proj       -> layers.{i}.moe.gate_up, whole (transformers 5's in-memory
+    model.layers.{i}.mlp.experts.down_proj          -> layers.{i}.moe.down, whole   name: what its trainer pushes;
+                                                       an alias covering the per-expert names above)
     everything else                                 -> the parameter of the same role, whole
     lm_head.weight                                  -> absent when tied (ignored if a checkpoint has it anyway)
     *.rotary_emb.inv_freq                           -> ignored (recomputed)
@@ -34,10 +42,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class WeightTarget(NamedTuple):
-    """Where one checkpoint tensor lands: ``param[shard]`` (rows along dim 0), or the whole param."""
+    """Where one checkpoint tensor lands: ``param[shard]`` (rows along dim 0, or an index such as (expert, rows)
+    into a 3-D expert tensor: always a contiguous view), or the whole param."""
 
     param_name: str
-    shard: Optional[slice]
+    shard: Optional[object]
 
 
 class WeightMapper:
@@ -68,6 +77,27 @@ class WeightMapper:
             local["self_attn.q_norm.weight"] = ("q_norm.weight", None, (c.head_dim,))
             local["self_attn.k_norm.weight"] = ("k_norm.weight", None, (c.head_dim,))
         self._layer_local = local
+        # MoE layers: the attention and norms as above, the router and experts in place of the dense MLP; the
+        # fused transformers-5 names are aliases, each covering a set of the per-expert (checkpoint) names
+        self._moe_local: dict[str, tuple[str, Optional[object], tuple[int, ...]]] = {}
+        self._moe_aliases: dict[str, tuple[tuple[str, Optional[object], tuple[int, ...]], list[str]]] = {}
+        if c.is_moe:
+            experts, mi = c.num_experts, c.moe_intermediate_size
+            moe = {k: v for k, v in local.items() if not k.startswith("mlp.")}
+            moe["mlp.gate.weight"] = ("moe.router.weight", None, (experts, c.hidden_size))
+            for e in range(experts):
+                moe[f"mlp.experts.{e}.gate_proj.weight"] = ("moe.gate_up", (e, slice(0, mi)), (mi, c.hidden_size))
+                moe[f"mlp.experts.{e}.up_proj.weight"] = ("moe.gate_up", (e, slice(mi, 2 * mi)), (mi, c.hidden_size))
+                moe[f"mlp.experts.{e}.down_proj.weight"] = ("moe.down", e, (c.hidden_size, mi))
+            self._moe_local = moe
+            self._moe_aliases = {
+                "mlp.experts.gate_up_proj": (("moe.gate_up", None, (experts, 2 * mi, c.hidden_size)),
+                                             [f"mlp.experts.{e}.{w}_proj.weight" for e in range(experts)
+                                              for w in ("gate", "up")]),
+                "mlp.experts.down_proj": (("moe.down", None, (experts, c.hidden_size, mi)),
+                                          [f"mlp.experts.{e}.down_proj.weight" for e in range(experts)]),
+            }
+        self._moe_layers = frozenset(c.moe_layers)
         self._global: dict[str, tuple[str, Optional[slice], tuple[int, ...]]] = {
             "model.embed_tokens.weight": ("embed_tokens.weight", None, (c.vocab_size, c.hidden_size)),
             "model.norm.weight": ("norm.weight", None, (c.hidden_size,)),
@@ -79,10 +109,21 @@ class WeightMapper:
         if hf_name in self._global:
             return self._global[hf_name]
         m = _LAYER_RE.match(hf_name)
-        if m is not None and int(m.group(1)) < self.config.num_layers and m.group(2) in self._layer_local:
-            name, shard, shape = self._layer_local[m.group(2)]
-            return f"layers.{int(m.group(1))}.{name}", shard, shape
-        return None
+        if m is None or int(m.group(1)) >= self.config.num_layers:
+            return None
+        i, suffix = int(m.group(1)), m.group(2)
+        if i in self._moe_layers:
+            entry = self._moe_local.get(suffix) or (self._moe_aliases[suffix][0] if suffix in self._moe_aliases
+                                                    else None)
+        else:
+            entry = self._layer_local.get(suffix)
+        if entry is None:
+            return None
+        name, shard, shape = entry
+        return f"layers.{i}.{name}", shard, shape
+
+    def _local(self, layer: int) -> dict:
+        return self._moe_local if layer in self._moe_layers else self._layer_local
 
     @staticmethod
     def is_ignored(hf_name: str, tie_word_embeddings: bool) -> bool:
@@ -113,13 +154,29 @@ class WeightMapper:
         """Every checkpoint name a complete checkpoint must carry -> its shape."""
         out = {name: shape for name, (_, _, shape) in self._global.items()}
         for i in range(self.config.num_layers):
-            for suffix, (_, _, shape) in self._layer_local.items():
+            for suffix, (_, _, shape) in self._local(i).items():
                 out[f"model.layers.{i}.{suffix}"] = shape
         return out
 
+    def shape_of(self, hf_name: str) -> Optional[tuple[int, ...]]:
+        """The shape an accepted name (a checkpoint name or an alias) must have; None for an unknown one."""
+        entry = self._lookup(hf_name)
+        return None if entry is None else entry[2]
+
+    def covered(self, names: Iterable[str]) -> set[str]:
+        """The expected (checkpoint) names that ``names`` write: themselves, and for an alias the names it covers."""
+        out: set[str] = set()
+        for name in names:
+            m = _LAYER_RE.match(name)
+            if m is not None and int(m.group(1)) in self._moe_layers and m.group(2) in self._moe_aliases:
+                out.update(f"model.layers.{m.group(1)}.{s}" for s in self._moe_aliases[m.group(2)][1])
+            else:
+                out.add(name)
+        return out
+
     def missing(self, seen: Iterable[str]) -> list[str]:
-        """Expected names absent from ``seen``, sorted."""
-        return sorted(set(self.expected_hf_names()) - set(seen))
+        """Expected names absent from ``seen`` (aliases expanded), sorted."""
+        return sorted(set(self.expected_hf_names()) - self.covered(seen))
 
 
 def copy_into(params: dict[str, nn.Parameter], target: WeightTarget, tensor: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""One decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family) over a flat token dimension.
+"""One decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family, Qwen3-MoE) over a flat token dimension.
 
 Parameters are stored fused so each layer runs two GEMMs where Hugging Face runs five:
 
@@ -170,8 +170,14 @@ class DecoderLayer(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, dtype=dtype)
+        # the MLP: dense SwiGLU, or a sparse MoE block in the layers the config names (engine.models.moe)
+        self.moe = None
+        if layer_idx in c.moe_layers:
+            from engine.models.moe import SparseMoE
+            self.moe = SparseMoE(c, dtype)
+        else:
+            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, dtype=dtype)
+            self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, dtype=dtype)
         # Fused-ops forwards of at most this many tokens use the matrix-vector kernels (0 = never): set
         # per captured batch size by ``engine.cuda_graphs``, which measures both ways (CausalLM.set_gemv_rows).
         self.gemv_rows = 0
@@ -201,12 +207,16 @@ class DecoderLayer(nn.Module):
         # MLP block: down(silu(gate) * up)
         residual = hidden
         x = self.post_attention_layernorm(hidden)
+        if self.moe is not None:
+            return residual + self.moe(x)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return residual + self.down_proj(F.silu(gate) * up)
 
     def invariant_weights(self) -> "LayerWeights":
         """This layer's parameters for ``engine.models.invariant_ops.layer_forward`` (the batch-invariant mode)."""
         from engine.models.invariant_ops import LayerWeights
+        if self.moe is not None:
+            raise ValueError("batch_invariant does not support mixture-of-experts layers")
         return LayerWeights(
             self.input_layernorm.weight, self.qkv_proj.weight, self.qkv_proj.bias, self.o_proj.weight,
             self.o_proj.bias, self.q_norm.weight if self.q_norm is not None else None,
@@ -227,7 +237,7 @@ class DecoderLayer(nn.Module):
         """The same function as ``forward`` with the residual carried apart: returns (MLP output, residual
         stream before it), whose sum is what ``forward`` returns (the next norm adds them)."""
         T = hidden.shape[0]
-        if T <= self.gemv_rows:
+        if T <= self.gemv_rows and self.moe is None:
             return self._forward_fused_gemv(hidden, residual, cos, sin, kv_cache, meta, backend, kernels)
         eps = self.input_layernorm.eps
         x, residual = kernels.rms_norm(hidden, self.input_layernorm.weight, eps, residual)
@@ -236,6 +246,8 @@ class DecoderLayer(nn.Module):
         hidden = self.o_proj(attn.reshape(T, self.q_size))
         x, residual = kernels.rms_norm(hidden, self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.eps, residual)
+        if self.moe is not None:   # the torch MoE block (no fused MoE kernel yet)
+            return self.moe(x), residual
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))), residual
 
     def _forward_fused_gemv(self, hidden, residual, cos, sin, kv_cache, meta, backend, kernels):
@@ -274,6 +286,7 @@ class CausalLM(nn.Module):
         layers.{i}.{input_layernorm,post_attention_layernorm}.weight
         layers.{i}.qkv_proj.{weight,bias}, layers.{i}.o_proj.{weight,bias}
         layers.{i}.{q_norm,k_norm}.weight (qk_norm only), layers.{i}.{gate_up_proj,down_proj}.weight
+        layers.{i}.moe.{router.weight,gate_up,down} (MoE layers, in place of gate_up_proj/down_proj: engine.models.moe)
     """
 
     def __init__(self, config: "ModelConfig", dtype: torch.dtype = torch.float32) -> None:
@@ -385,14 +398,12 @@ class CausalLM(nn.Module):
     def _forward_invariant(self, hidden, cos, sin, kv_caches, meta, ops) -> torch.Tensor:
         """The batch-invariant forward (``engine.models.invariant_ops``): the same layer function as a trainer's
         ``InvariantPolicy``, over the paged cache."""
-        from engine.models.invariant_ops import LayerShape, layer_forward
+        from engine.models.invariant_ops import layer_forward
 
-        c = self.config
-        shape = LayerShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
-        scale = c.head_dim ** -0.5
+        scale = self.config.head_dim ** -0.5
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden = layer_forward(
-                hidden, layer.invariant_weights(), shape, ops,
+                hidden, layer.invariant_weights(), self.config, ops,
                 lambda q, k, v: ops.attention(q, k, v, cos, sin, k_cache, v_cache, meta, scale))
         if self.fp32_head is not None:
             return ops.rms_norm(hidden, self.fp32_head.norm_weight, self.fp32_head.eps, upcast=True)

@@ -26,6 +26,7 @@ class ArchitectureSpec:
     o_proj_bias: Optional[bool] # bias on o_proj; None: follow the HF config's ``attention_bias``
     qk_norm: bool               # per-head RMSNorm on q and k before rotary (Qwen3)
     model_cls: Optional[type]   # None: the generic ``engine.models.decoder.CausalLM``
+    moe: bool = False           # sparse MoE layers (router + experts) where the config puts them (Qwen3-MoE)
 
 
 _ARCHITECTURES: dict[str, ArchitectureSpec] = {}
@@ -38,10 +39,11 @@ def register_architecture(
     o_proj_bias: Optional[bool] = None,
     qk_norm: bool = False,
     model_cls: Optional[type] = None,
+    moe: bool = False,
 ) -> ArchitectureSpec:
     """Register (or replace) an architecture. Returns the stored spec."""
     spec = ArchitectureSpec(name=name, qkv_bias=qkv_bias, o_proj_bias=o_proj_bias, qk_norm=qk_norm,
-                            model_cls=model_cls)
+                            model_cls=model_cls, moe=moe)
     _ARCHITECTURES[name] = spec
     return spec
 
@@ -71,3 +73,4 @@ register_architecture("LlamaForCausalLM", qkv_bias=None, o_proj_bias=None)
 register_architecture("MistralForCausalLM", qkv_bias=False, o_proj_bias=False)
 register_architecture("Qwen2ForCausalLM", qkv_bias=True, o_proj_bias=False)
 register_architecture("Qwen3ForCausalLM", qkv_bias=None, o_proj_bias=None, qk_norm=True)
+register_architecture("Qwen3MoeForCausalLM", qkv_bias=None, o_proj_bias=None, qk_norm=True, moe=True)

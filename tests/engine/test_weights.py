@@ -71,15 +71,23 @@ def test_loaded_params_are_the_checkpoint_tensors(ckpts, arch):
         pre = f"model.layers.{i}."
         fused = torch.cat([sd[pre + f"self_attn.{n}_proj.weight"] for n in "qkv"])
         assert torch.equal(layer.qkv_proj.weight, fused)
-        assert torch.equal(layer.gate_up_proj.weight, torch.cat([sd[pre + "mlp.gate_proj.weight"],
-                                                                 sd[pre + "mlp.up_proj.weight"]]))
         assert (layer.qkv_proj.bias is not None) == (arch == "qwen2")
         if arch == "qwen2":
             assert torch.equal(layer.qkv_proj.bias[q:q + kv], sd[pre + "self_attn.k_proj.bias"])
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3_moe"):
             assert torch.equal(layer.k_norm.weight, sd[pre + "self_attn.k_norm.weight"])
+        if i in config.moe_layers:   # router + experts, [E, 2I, H] / [E, H, I] from per-expert tensors
+            assert torch.equal(layer.moe.router.weight, sd[pre + "mlp.gate.weight"])
+            for e in range(config.num_experts):
+                ex = pre + f"mlp.experts.{e}."
+                assert torch.equal(layer.moe.gate_up[e], torch.cat([sd[ex + "gate_proj.weight"],
+                                                                    sd[ex + "up_proj.weight"]]))
+                assert torch.equal(layer.moe.down[e], sd[ex + "down_proj.weight"])
+            continue
+        assert torch.equal(layer.gate_up_proj.weight, torch.cat([sd[pre + "mlp.gate_proj.weight"],
+                                                                 sd[pre + "mlp.up_proj.weight"]]))
         assert torch.equal(layer.down_proj.weight, sd[pre + "mlp.down_proj.weight"])
-    assert layer.gate_up_proj.weight.shape == (2 * inter, config.hidden_size)
+        assert layer.gate_up_proj.weight.shape == (2 * inter, config.hidden_size)
     head = sd["model.embed_tokens.weight"] if config.tie_word_embeddings else sd["lm_head.weight"]
     assert torch.equal(model.lm_head.weight, head)
 

@@ -1,0 +1,79 @@
+"""A sparse mixture-of-experts block (Qwen3-MoE): a softmax router picks ``top_k`` of ``E`` SwiGLU experts per token.
+
+    router     logits = x @ router.weight^T            [T, E]  (model dtype)
+               p = softmax(logits) in float32; (w, ids) = top_k(p)   [T, k] each, w descending
+               w /= sum(w) when norm_topk_prob; w rounded to the model dtype
+    experts    y_t = sum over j of w[t, j] * down[e] @ (silu(g) * u),  [g | u] = gate_up[e] @ x_t,  e = ids[t, j]
+
+Parameters, in transformers 5's layout (what a v5 trainer's ``named_parameters`` pushes)::
+
+    router.weight  [E, H]
+    gate_up        [E, 2I, H]   rows gate | up of each expert (checkpoints: experts.{e}.gate_proj / up_proj)
+    down           [E, H, I]                                   (checkpoints: experts.{e}.down_proj)
+
+This is the torch path (CPU, and the reference of a fused GPU kernel): the tokens are grouped by expert (a stable
+sort of the flat [T * k] expert ids, so each expert's rows stay in token order), one product pair per expert that
+has tokens, and the weighted outputs summed into each token's row in expert order, as transformers sums them. It
+reads the expert counts on the host, so it does not run inside a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from engine.model_config import ModelConfig
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: "ModelConfig", dtype: torch.dtype) -> None:
+        super().__init__()
+        c = config
+        self.num_experts, self.top_k, self.norm_topk_prob = c.num_experts, c.num_experts_per_tok, c.norm_topk_prob
+        self.router = nn.Linear(c.hidden_size, c.num_experts, bias=False, dtype=dtype)
+        self.gate_up = nn.Parameter(torch.empty(c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size,
+                                                dtype=dtype))
+        self.down = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype=dtype))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k] int64), by descending router probability."""
+        logits = F.linear(x, self.router.weight)                                      # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), ids
+
+    def forward(self, x: torch.Tensor, routed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, H] -> [T, H]. ``routed`` [T, k]: use these experts instead of the router's choice (routing replay:
+        their weights are the router's probabilities of them, renormalised as configured)."""
+        if routed is None:
+            weights, ids = self.route(x)
+        else:
+            probs = torch.softmax(F.linear(x, self.router.weight), dim=-1, dtype=torch.float32)
+            ids = routed.to(torch.int64)
+            weights = probs.gather(1, ids)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        flat = ids.reshape(-1)                                                        # [T * k]: token t, slot j at t*k + j
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()            # host read (reference path)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start:start + n]                                              # expert e's (token, slot) pairs
+            start += n
+            tokens, slots = sel // self.top_k, sel % self.top_k
+            gate, up = F.linear(x[tokens], self.gate_up[e]).chunk(2, dim=-1)          # [n, I] each
+            y = F.linear(F.silu(gate) * up, self.down[e]) * weights[tokens, slots, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+__all__ = ["SparseMoE"]

@@ -1,0 +1,141 @@
+"""Qwen3-MoE (engine.models.moe) against transformers' own forward on tiny random models: expert counts, top-k 1, 2
+and 8, with and without renormalised weights, dense and sparse layers mixed; greedy tokens and logprobs within
+1e-4 under prefix caching and chunked prefill, across session turns, and for n > 1 samples (their logprobs
+teacher-forced through transformers). Weight updates W1 -> W2, from checkpoint names or from transformers 5's fused
+in-memory expert tensors (what a trainer's named_parameters push), equal a fresh engine on W2.
+
+The ``qwen3_moe`` tiny architecture also runs every test parametrized over engine.tiny_models.TINY_ARCHS
+(test_engine_exactness.py, test_model.py, test_weights.py).
+"""
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.tiny_models import make_tiny_model
+
+TOL = 1e-4
+PROMPTS = [[3], [5, 6, 7, 8, 9, 10, 11], list(range(40, 77)), list(range(100, 140)) + [7] * 9]
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+
+VARIANTS = {   # name: config overrides of the tiny qwen3_moe model
+    "8x2-renorm": dict(),
+    "4x1": dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=False),
+    "16x8": dict(num_experts=16, num_experts_per_tok=8, norm_topk_prob=True),
+    "8x2-no-renorm-all-sparse": dict(norm_topk_prob=False, mlp_only_layers=[]),
+    "sparse-step-2": dict(decoder_sparse_step=2, mlp_only_layers=[], num_hidden_layers=3),
+}
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf, tokens: list[int], start: int) -> torch.Tensor:
+    """log p(tokens[t] | tokens[:t]) for t >= start, from one transformers forward."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([tokens])).logits[0].double()
+    lp = torch.log_softmax(logits, dim=-1)
+    idx = torch.arange(start - 1, len(tokens) - 1)
+    return lp[idx, torch.tensor(tokens[start:])]
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def check_completion(hf, c) -> None:
+    want = hf_logprobs(hf, c.prompt_token_ids + c.token_ids, len(c.prompt_token_ids))
+    got = torch.tensor(c.logprobs, dtype=torch.float64)
+    assert (got - want).abs().max().item() < TOL, (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_engine_matches_transformers(variant, tmp_path):
+    path = make_tiny_model("qwen3_moe", tmp_path / variant, seed=7, **VARIANTS[variant])
+    hf = hf_model(path)
+    from engine.model_config import ModelConfig
+    mc = ModelConfig.from_pretrained(path)
+    dense = [i for i in range(mc.num_layers) if i not in mc.moe_layers]
+    assert mc.moe_layers and (variant != "8x2-renorm" or dense == [0])
+    expected = [hf_greedy(hf, p, GREEDY.max_tokens) for p in PROMPTS]
+    for regime in (dict(), dict(enable_prefix_caching=False), dict(max_num_batched_tokens=16, max_num_seqs=3)):
+        eng = LLMEngine(EngineConfig(model=str(path), **regime))
+        outs = eng.generate(PROMPTS + PROMPTS[2:3], GREEDY)        # a repeat: a prefix-cache hit
+        for c, want in zip(outs, expected + expected[2:3]):
+            assert c.token_ids == want, regime
+            check_completion(hf, c)
+        eng.check_integrity()
+
+
+def test_sessions_and_samples_match_transformers(tmp_path):
+    path = make_tiny_model("qwen3_moe", tmp_path / "m", seed=8)
+    hf = hf_model(path)
+    eng = LLMEngine(EngineConfig(model=str(path), max_num_batched_tokens=24))
+    sid = eng.open_session()
+    first = eng.run_turn(sid, PROMPTS[2], GREEDY)
+    second = eng.run_turn(sid, [9, 8, 7, 6], GREEDY)        # an observation, then the model's next turn
+    history = eng.session_tokens(sid)
+    assert history[-len(second.token_ids):] == second.token_ids
+    start = len(history) - len(second.token_ids)
+    assert second.token_ids == hf_greedy(hf, history[:start], len(second.token_ids))
+    want = hf_logprobs(hf, history, start)
+    assert (torch.tensor(second.logprobs, dtype=torch.float64) - want).abs().max().item() < TOL
+    check_completion(hf, first)
+    samples = eng.generate([PROMPTS[3]], SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=12, ignore_eos=True))
+    assert len(samples) == 3 and len({tuple(s.token_ids) for s in samples}) > 1
+    for s in samples:
+        check_completion(hf, s)
+    eng.check_integrity()
+
+
+@pytest.mark.parametrize("names,transport", [("checkpoint", "state dict"), ("transformers-5 fused", "state dict"),
+                                             ("transformers-5 fused", "buckets"),
+                                             ("transformers-5 fused", "resident buckets")])
+def test_weight_update_equals_a_fresh_engine(names, transport, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.weight_sync.test_bucketed_update import PackedBuckets
+    from weight_sync import StateDictLoader
+
+    w1 = make_tiny_model("qwen3_moe", tmp_path / "w1", seed=1)
+    w2 = make_tiny_model("qwen3_moe", tmp_path / "w2", seed=2)
+    if names == "checkpoint":
+        state = load_file(str(w2 / "model.safetensors"))           # experts.{e}.gate_proj.weight, ...
+        assert any(".experts.0.gate_proj." in n for n in state)
+    else:
+        state = {n: p.detach() for n, p in hf_model(w2).named_parameters()}   # experts.gate_up_proj [E, 2I, H]
+        assert any(n.endswith("experts.gate_up_proj") for n in state)
+    eng = LLMEngine(EngineConfig(model=str(w1)))
+    before = eng.generate(PROMPTS, GREEDY)
+    if transport == "state dict":
+        loader = StateDictLoader(state)
+    else:   # packed into byte buckets as a trainer's sender packs them (3-D expert tensors included)
+        loader = PackedBuckets(state, bucket_bytes=64 << 10, resident=transport == "resident buckets")
+    eng.update_weights(loader, version=1)
+    got = eng.generate(PROMPTS, GREEDY)
+    fresh = LLMEngine(EngineConfig(model=str(w2))).generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in got] == [c.token_ids for c in fresh] != [c.token_ids for c in before]
+    assert [c.logprobs for c in got] == [c.logprobs for c in fresh]
+
+
+def test_bad_expert_weights_are_refused_before_any_write(tmp_path):
+    from engine.weight_update import WeightUpdateError
+    from weight_sync import StateDictLoader
+
+    w1 = make_tiny_model("qwen3_moe", tmp_path / "w1", seed=1)
+    eng = LLMEngine(EngineConfig(model=str(w1)))
+    before = eng.generate(PROMPTS[:2], GREEDY)
+    bad = {"model.layers.1.mlp.experts.3.down_proj.weight": torch.zeros(64, 47)}   # I is 48
+    with pytest.raises(WeightUpdateError, match=r"experts\.3\.down_proj.*shape"):
+        eng.update_weights(StateDictLoader(bad), version=1, mode="keep")
+    unknown = {"model.layers.1.mlp.experts.8.up_proj.weight": torch.zeros(48, 64)}   # experts 0..7
+    with pytest.raises(WeightUpdateError, match="unknown weight"):
+        eng.update_weights(StateDictLoader(unknown), version=1, mode="keep")
+    assert [c.token_ids for c in eng.generate(PROMPTS[:2], GREEDY)] == [c.token_ids for c in before]
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        LLMEngine(EngineConfig(model=str(w1), batch_invariant=True))
