@@ -78,7 +78,7 @@ class RowOps:
 
     def attention(self, q, k, v, cos, sin, k_cache, v_cache, meta, scale):
         from engine.attention.reference import store_new_kv
-        from engine.models.decoder import apply_rotary
+        from engine.models.rotary import apply_rotary
 
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)   # elementwise * and -: whole tensors
         store_new_kv(q, k, v, k_cache, v_cache, meta)

@@ -27,7 +27,7 @@ from torch import nn
 
 from engine.attention import build_metadata
 from engine.model_config import ModelConfig
-from engine.models.decoder import apply_rotary, rope_cos_sin
+from engine.models.rotary import apply_rotary, rope_cos_sin
 from engine.models.invariant_ops import InvariantOps, LayerWeights, invariant_ops_for, layer_forward
 
 
