@@ -33,6 +33,7 @@ from engine.request_validation import validate_input
 from engine.engine_update import apply_update
 from engine.sleep import EngineAsleep, SleepReport, WakeReport, sleep as sleep_engine, wake_up as wake_engine
 from engine.outputs import Completion, PartialOutput
+from engine.routing import RoutedExpertStore
 from engine.sampling import Sampler, SamplingParams
 from engine.stop_strings import stop_string_tokenizer
 from engine.weight_update import UpdateReport, WeightUpdater
@@ -110,6 +111,13 @@ class LLMEngine:
         num_host_blocks = host_kv_bytes(config, self.device, num_blocks * self.kv_block_bytes) // self.kv_block_bytes
         host_cache = HostKVCache(self.kv_caches, num_host_blocks) if num_host_blocks else None
         self.host_cache = host_cache
+        # MoE models: each context slot's routed experts, written by the MoE layers (engine.routing)
+        self.routing: Optional[RoutedExpertStore] = None
+        if mc.is_moe:
+            self.routing = RoutedExpertStore(num_blocks, config.block_size, len(mc.moe_layers),
+                                             mc.num_experts_per_tok, mc.num_experts, self.device, num_host_blocks)
+            for j, i in enumerate(mc.moe_layers):
+                self.model.layers[i].moe.routing_sink = self.routing.writer(j)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
@@ -125,6 +133,7 @@ class LLMEngine:
                                   # the invariant forward has no matrix-vector variant to measure
                                   decode_gemv="off" if config.batch_invariant else config.decode_gemv,
                                   cuda_graph_max_tokens=config.mixed_graph_tokens, max_num_seqs=config.max_num_seqs)
+        self.runner.routing = self.routing
         self.outputs = OutputProcessor()
         self._unclaimed: list[Completion] = []
         self._request_counter = itertools.count()
@@ -166,6 +175,9 @@ class LLMEngine:
                                         field)
         if params.stop:
             stop_string_tokenizer(self)     # no tokenizer: refused now, not at the first step
+        if params.return_routed_experts and self.routing is None:
+            raise ValueError(f"SamplingParams.return_routed_experts: {self.model_config.architecture} has no "
+                             f"mixture-of-experts layers")
         return tokens, params
 
     def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
@@ -230,7 +242,7 @@ class LLMEngine:
 
     def close_session(self, session_id: str) -> list[Completion]:
         """Free everything the session holds; a turn in progress comes back aborted."""
-        return [self._completion(f) for f in self.scheduler.close_session(session_id)]
+        return self._completions(self.scheduler.close_session(session_id))
 
     def session_tokens(self, session_id: str) -> list[int]:
         """The session's whole history (prompts, observations and model tokens)."""
@@ -239,7 +251,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> list[Completion]:
         """End a request now; its samples come back with finish_reason "aborted" and the tokens
         generated so far (a step queued ahead for it is dropped when read). Unknown or finished ids return []."""
-        return [self._completion(f) for f in self.scheduler.abort(request_id)]
+        return self._completions(self.scheduler.abort(request_id))
 
     def output_length(self, request_id: str, sample_index: int = 0) -> int:
         """Tokens a running request (or turn) has generated so far, as recorded from the steps read; 0 when
@@ -327,7 +339,7 @@ class LLMEngine:
             # update; the copy runs before the next forward, so a new owner of that freed block overwrites it.
             for seq in self.outputs.stopped_by_strings(self.scheduler.running):
                 finished.append(self.scheduler.finish(seq, FinishReason.STOP))
-        return [self._completion(f) for f in finished]
+        return self._completions(finished)
 
     def _drain_pending(self) -> None:
         """Read the step queued ahead, if any, so the scheduler's state is settled (its completions go to
@@ -337,8 +349,19 @@ class LLMEngine:
             self._pending = None
             self._unclaimed.extend(self._finish_step(output, pending, version))
 
-    def _completion(self, f: FinishedSequence) -> Completion:
-        return self.outputs.completion(f, request_done=not self.scheduler.has_request(f.request_id))
+    def _completions(self, finished: Sequence[FinishedSequence]) -> list[Completion]:
+        """Completions of sequences that finished together (their params read first: the first completion of a
+        request with no sample left drops them)."""
+        params = {f.request_id: self.outputs.params(f.request_id) for f in finished}
+        return [self._completion(f, params[f.request_id]) for f in finished]
+
+    def _completion(self, f: FinishedSequence, params: Optional[SamplingParams]) -> Completion:
+        c = self.outputs.completion(f, request_done=not self.scheduler.has_request(f.request_id))
+        if params is not None and params.return_routed_experts and f.block_ids:
+            # the context's positions whose forward ran: all but the last token's
+            num_positions = len(f.prompt_token_ids) + len(f.output_token_ids) - 1
+            c.routed_experts = self.routing.read(f.block_ids, num_positions)
+        return c
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[Completion]:

@@ -39,6 +39,8 @@ class SampledToken:
 class ModelRunner:
     # batch-invariant mode: the model's ops (engine.models.invariant_ops), whose per-row logprob every step returns
     invariant_ops = None
+    # MoE models: the per-slot routed experts (engine.routing), moved with the KV blocks; set by the engine
+    routing = None
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], backend: AttentionBackend,
@@ -212,6 +214,10 @@ class ModelRunner:
         ``prev``: for a decode step scheduled ahead (``Scheduler.schedule_decode_ahead``), the pending step whose
         sampled tokens are this step's inputs: its items carry placeholder ids, and the real ids are copied on
         the device from ``prev``'s sampled-token tensor, so nothing waits for ``prev`` to finish."""
+        if self.routing is not None:   # its rows move with the blocks, reads before writes as below
+            self.routing.offload(output.swap_out)
+            self.routing.copy_blocks(output.block_copies)
+            self.routing.restore(output.swap_in)
         if output.swap_out or output.swap_in:
             # reads before writes (the scheduler's copy contract): gather what leaves, then copy
             assert self.host_cache is not None, "the scheduler offloaded KV without a host pool"

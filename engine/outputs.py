@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -27,6 +27,10 @@ class Completion:
     # matched stop string (after it with include_stop_str_in_output), and which stop string matched.
     text: Optional[str] = None
     stop_string: Optional[str] = None
+    # Only for MoE models when SamplingParams.return_routed_experts: positions 0 .. len(prompt + tokens) - 2 (the
+    # context's positions whose forward ran; the last token's never does), each MoE layer's top-k experts
+    # (engine.routing.RoutedExperts); None when not asked or not available (an aborted sample off the device)
+    routed_experts: Optional[Any] = None
 
     def __post_init__(self) -> None:
         assert len(self.token_ids) == len(self.logprobs) == len(self.versions), "one logprob and version per token"

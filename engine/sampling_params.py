@@ -53,6 +53,7 @@ class SamplingParams:
     # first token whose text completes one; the model needs a tokenizer (docs/scheduler.md, "Stop strings").
     stop: Sequence[str] = ()
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of Completion.text
+    return_routed_experts: bool = False  # MoE models: Completion.routed_experts (routing replay, engine.routing)
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str, value: object) -> None:
@@ -102,6 +103,8 @@ class SamplingParams:
                 fail(f"stop[{i}]", "must be valid Unicode (no lone surrogates)", text)
         if not isinstance(self.include_stop_str_in_output, bool):
             fail("include_stop_str_in_output", "must be a bool", self.include_stop_str_in_output)
+        if not isinstance(self.return_routed_experts, bool):
+            fail("return_routed_experts", "must be a bool", self.return_routed_experts)
 
         # Normalise to plain Python types (numpy ints pass the checks above).
         object.__setattr__(self, "temperature", float(t))

@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--true-on-policy", action="store_true",
                    help="the engine in batch-invariant mode and the trainer's logprobs from the same kernels "
                         "(engine.models.invariant_policy): the first epoch's |ratio - 1| is exactly 0")
+    p.add_argument("--routing-replay", action="store_true",
+                   help="MoE models: the rollouts return their routed experts and the trainer's forwards replay them "
+                        "(rollout.routing_replay)")
     p.add_argument("--sleep-level", type=int, default=None, choices=[0, 1, 2],
                    help="synchronous mode: the engine sleeps while the trainer trains (1: KV cache, 2: weights "
                         "too; 0: never; default 1 on CUDA, 0 on CPU)")
@@ -213,7 +216,8 @@ class RolloutQueue:
 def train_loop(args: argparse.Namespace, pool, pusher, policy, reference, optimizer, scheduler, pad_id: int,
                device: torch.device) -> list[dict]:
     """``args.steps`` PPO steps (rollouts, advantages, epochs, weight push); one metrics dict per step."""
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            return_routed_experts=args.routing_replay)
     step_cfg = PPOStepConfig(epochs=args.epochs, minibatch=args.minibatch, clip=args.clip, kl_coef=args.kl_coef,
                              tis_cap=args.tis_cap, temperature=args.temperature,
                              autocast_dtype=None if args.trainer_autocast == "none" else args.trainer_autocast)
@@ -307,6 +311,10 @@ def main(argv=None) -> dict:
 
     model_dir = resolve_model_path(args.model)
     device = torch.device(args.device)
+    if args.routing_replay:
+        from engine.model_config import ModelConfig
+        if not ModelConfig.from_pretrained(model_dir).is_moe:
+            raise SystemExit(f"--routing-replay: {args.model} has no mixture-of-experts layers")
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     if args.true_on_policy:
         # the same parameters (HF names, fp32 master weights: optimizer and weight push see no difference), its

@@ -378,6 +378,8 @@ class EngineLoop:
         else:
             whole.add_env_tokens(list(new_tokens))
         whole.add_model_tokens(c.token_ids, c.logprobs, c.versions, c.top_logprobs)
+        # the turn's routing covers the session's whole history so far (the earlier turns' included)
+        whole.routed_experts = c.routed_experts.to_wire() if c.routed_experts is not None else None
         whole.turns += 1
         whole.finish_reason = c.finish_reason
         for key, value in _metrics(c).items():
@@ -391,6 +393,7 @@ class EngineLoop:
             self.counters.resident_turns += resident
         turn = completion_to_trajectory(c)
         turn.prompt_ids = list(new_tokens)
+        turn.routed_experts = None   # it covers the whole history: the session's trajectory (``whole``) carries it
         turn.turns = whole.turns
         turn.metrics["kv_resident"] = resident
         return turn

@@ -52,7 +52,8 @@ def completion_to_trajectory(c: Completion) -> Trajectory:
                       loss_mask=[1] * len(c.token_ids), versions=list(c.versions), turns=1,
                       finish_reason=c.finish_reason, metrics=_metrics(c), request_id=c.request_id,
                       session_id=c.session_id, sample_index=c.sample_index, text=c.text, stop_string=c.stop_string,
-                      top_logprobs=c.top_logprobs)
+                      top_logprobs=c.top_logprobs,
+                      routed_experts=c.routed_experts.to_wire() if c.routed_experts is not None else None)
 
 
 def _metrics(c: Completion) -> dict[str, Any]:

@@ -32,9 +32,13 @@ class Batch:
     behaviour_logprobs: torch.Tensor  # [B, L-1] logprob the engine sampled targets[t] with (0 elsewhere)
     advantages: torch.Tensor      # [B, L-1] per-token advantage (the trajectory's, on model tokens)
     versions: torch.Tensor        # [B, L-1] int64: weight version that sampled targets[t]; ENV_VERSION elsewhere
+    # MoE rollouts that returned their routing: per row, [P, MoE layers, k] expert ids (or None); token_logprobs
+    # then replays them in the model's forward (rollout.routing_replay)
+    routed_experts: Optional[list] = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "routed_experts"}
+        return Batch(**moved, routed_experts=self.routed_experts)
 
 
 def group_advantages(rewards: list[float], group_size: int, eps: float = 1e-4) -> list[float]:
@@ -79,7 +83,9 @@ def make_batch(trajs: list[Trajectory], advantages: list[float], pad_id: int) ->
         behaviour_lp[i, start:start + n] = torch.tensor(t.logprobs, dtype=torch.float32)
         versions[i, start:start + n] = torch.tensor(t.versions, dtype=torch.long)
         adv[i, start:start + n] = a
-    return Batch(input_ids, attention_mask, input_ids[:, 1:], loss_mask, behaviour_lp, adv * loss_mask, versions)
+    routed = [t.routed_experts_tensor() for t in trajs]
+    return Batch(input_ids, attention_mask, input_ids[:, 1:], loss_mask, behaviour_lp, adv * loss_mask, versions,
+                 routed_experts=routed if any(r is not None for r in routed) else None)
 
 
 @dataclass(frozen=True)
@@ -122,10 +128,19 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> 
     The LM head and the log-softmax run only on model-token positions (a third of a tool
     trajectory, typically): for a Hugging Face causal LM the decoder stack's hidden states are taken
     from ``model.model`` and projected with ``model.lm_head``. A model with its own ``token_logprobs(batch,
-    temperature)`` (the batch-invariant ``InvariantPolicy``) computes them itself."""
+    temperature)`` (the batch-invariant ``InvariantPolicy``) computes them itself. A batch with routed experts (MoE
+    rollouts that returned them) replays them in the forward of ``model``, the reference's as well as the policy's."""
     own = getattr(model, "token_logprobs", None)
     if callable(own):   # a policy with its own forward (engine.models.invariant_policy.InvariantPolicy)
         return own(batch, temperature)
+    if batch.routed_experts is not None:   # MoE: the rollout's experts, not the trainer's own choice
+        from rollout.routing_replay import replay_routing
+        with replay_routing(model, batch.routed_experts):
+            return _token_logprobs(model, batch, temperature)
+    return _token_logprobs(model, batch, temperature)
+
+
+def _token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
     mask = batch.loss_mask.bool()                              # [B, L-1]
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     out = torch.zeros(mask.shape, device=batch.input_ids.device)

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 ENV_VERSION = -1   # ``versions`` entry of a token the environment (not the policy) produced
-_OPTIONAL = ("text", "stop_string", "top_logprobs")   # left out of to_dict when None
+_OPTIONAL = ("text", "stop_string", "top_logprobs", "routed_experts")   # left out of to_dict when None
 
 
 @dataclass
@@ -38,6 +38,11 @@ class Trajectory:
     # Only when the params asked for top logprobs (SamplingParams.logprobs) on a one-turn trajectory: per
     # generated token, the k most likely (token id, logprob) pairs (engine.outputs.Completion.top_logprobs).
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None
+    # Only when the params asked for them (SamplingParams.return_routed_experts, MoE models): every context position
+    # but the last (prompt_ids + token_ids, minus one), each MoE layer's top-k experts, in the wire form of
+    # engine.routing.RoutedExperts: {"data": bytes (uint8 / uint16, C order), "shape": [P, layers, k], "dtype"}.
+    # For replay in the trainer's forward (rollout.routing_replay); ``routed_experts_tensor`` unpacks it.
+    routed_experts: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -46,6 +51,17 @@ class Trajectory:
                              f"loss_mask {len(self.loss_mask)}, versions {len(self.versions)}")
         if self.top_logprobs is not None and len(self.top_logprobs) != n:
             raise ValueError(f"Trajectory.top_logprobs must have one entry per token ({n}), has {len(self.top_logprobs)}")
+        if self.routed_experts is not None:
+            r = self.routed_experts
+            shape = r.get("shape") if isinstance(r, dict) else None
+            if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and isinstance(r.get("data"), bytes)
+                    and r.get("dtype") in ("uint8", "uint16")):
+                raise ValueError("Trajectory.routed_experts must be {data: bytes, shape: [P, layers, k], dtype: "
+                                 f"uint8 | uint16}}, got {r!r:.120}")
+            positions = len(self.prompt_ids) + n - 1
+            if shape[0] != positions:
+                raise ValueError(f"Trajectory.routed_experts covers {shape[0]} positions, the trajectory has "
+                                 f"{positions} (every context position but the last)")
 
     # ---------------------------------------------------------------- building
     def add_model_tokens(self, token_ids: list[int], logprobs: list[float], versions: list[int],
@@ -97,6 +113,16 @@ class Trajectory:
         if "prompt_ids" not in d:
             raise ValueError("a trajectory needs prompt_ids")
         return cls(**d)
+
+    def routed_experts_tensor(self):
+        """``routed_experts`` as an int64 tensor [P, MoE layers, k] (None when absent)."""
+        if self.routed_experts is None:
+            return None
+        import numpy as np
+        import torch
+        r = self.routed_experts
+        array = np.frombuffer(r["data"], dtype=np.dtype(r["dtype"]).newbyteorder("<")).reshape(tuple(r["shape"]))
+        return torch.from_numpy(array.astype(np.int64))
 
     def as_numpy(self) -> dict[str, Any]:
         import numpy as np

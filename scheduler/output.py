@@ -68,3 +68,6 @@ class FinishedSequence:
     num_prefill_tokens: int = 0      # context tokens computed for this request/turn
     queue_wait_s: float = 0.0        # time from submission to admission
     session_id: Optional[str] = None
+    # the device blocks holding the context's KV when it finished (empty when it was not on the device): where
+    # per-slot state such as routed experts is read (engine.routing)
+    block_ids: tuple[int, ...] = ()

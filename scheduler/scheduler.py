@@ -370,6 +370,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: FinishReason, closing: bool = False) -> FinishedSequence:
         self._epoch += 1
+        # before anything is freed: where the context's KV (and per-slot state beside it) is on the device
+        blocks = tuple(seq.block_ids) if seq.kv is KVLocation.DEVICE else ()
         if seq.status is SequenceStatus.RUNNING:
             self._stop_running(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
@@ -382,7 +384,8 @@ class Scheduler:
             seq_id=seq.seq_id, request_id=seq.request_id, sample_index=seq.sample_index,
             prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], output_token_ids=seq.output_token_ids,
             finish_reason=reason.value, num_cached_tokens=seq.num_cached_tokens,
-            num_prefill_tokens=seq.num_prefill_tokens, queue_wait_s=seq.queue_wait_s, session_id=seq.session_id)
+            num_prefill_tokens=seq.num_prefill_tokens, queue_wait_s=seq.queue_wait_s, session_id=seq.session_id,
+            block_ids=blocks)
         if seq.session_id is not None:
             self.stats.finished_turns += 1
             if seq.kv is KVLocation.DEVICE:

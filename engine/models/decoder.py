@@ -119,7 +119,7 @@ class DecoderLayer(nn.Module):
         residual = hidden
         x = self.post_attention_layernorm(hidden)
         if self.moe is not None:
-            return residual + self.moe(x)
+            return residual + self.moe(x, slots=meta.slot_mapping)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return residual + self.down_proj(F.silu(gate) * up)
 
@@ -158,7 +158,7 @@ class DecoderLayer(nn.Module):
         x, residual = kernels.rms_norm(hidden, self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.eps, residual)
         if self.moe is not None:   # the torch MoE block (no fused MoE kernel yet)
-            return self.moe(x), residual
+            return self.moe(x, slots=meta.slot_mapping), residual
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))), residual
 
     def _forward_fused_gemv(self, hidden, residual, cos, sin, kv_cache, meta, backend, kernels):

@@ -37,6 +37,8 @@ class SparseMoE(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size,
                                                 dtype=dtype))
         self.down = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype=dtype))
+        # (slots [T], ids [T, k]) -> None: where the routing of each forward goes (engine.routing), or None
+        self.routing_sink = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k] int64), by descending router probability."""
@@ -47,9 +49,11 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(logits.dtype), ids
 
-    def forward(self, x: torch.Tensor, routed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routed: Optional[torch.Tensor] = None,
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. ``routed`` [T, k]: use these experts instead of the router's choice (routing replay:
-        their weights are the router's probabilities of them, renormalised as configured)."""
+        their weights are the router's probabilities of them, renormalised as configured). ``slots`` [T]: the
+        tokens' KV slots, where ``routing_sink`` records the experts chosen."""
         if routed is None:
             weights, ids = self.route(x)
         else:
@@ -59,6 +63,8 @@ class SparseMoE(nn.Module):
             if self.norm_topk_prob:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             weights = weights.to(x.dtype)
+        if self.routing_sink is not None and slots is not None:
+            self.routing_sink(slots, ids)
         out = torch.zeros_like(x)
         flat = ids.reshape(-1)                                                        # [T * k]: token t, slot j at t*k + j
         order = torch.argsort(flat, stable=True)
