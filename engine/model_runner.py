@@ -93,9 +93,11 @@ class ModelRunner:
         self._graph_args = None
         self._gemv_choices: dict[int, bool] | None = None   # the first capture's, reused by re-captures
         if enable_cuda_graphs and self.device.type == "cuda" and getattr(model_config, "is_moe", False):
-            # the torch MoE block reads its expert counts on the host: no graph can hold it (no fused MoE kernel yet)
-            logger.info("mixture-of-experts model: CUDA graphs off, the MoE layers run the torch path "
-                        "(engine.models.moe)")
+            # NOTE: the fused MoE path (engine.kernels.moe) reads nothing on the host and could be captured, but it
+            # has not run on a GPU yet, and a failure inside a capture would fall back to the torch path, which reads
+            # its expert counts on the host: graphs stay off for MoE models until it is measured
+            logger.info("mixture-of-experts model: CUDA graphs off; the MoE layers run the fused kernels eagerly "
+                        "(engine.kernels.moe, the torch path if they fail)")
             enable_cuda_graphs = False
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
             self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings,

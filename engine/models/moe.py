@@ -11,13 +11,17 @@ Parameters, in transformers 5's layout (what a v5 trainer's ``named_parameters``
     gate_up        [E, 2I, H]   rows gate | up of each expert (checkpoints: experts.{e}.gate_proj / up_proj)
     down           [E, H, I]                                   (checkpoints: experts.{e}.down_proj)
 
-This is the torch path (CPU, and the reference of a fused GPU kernel): the tokens are grouped by expert (a stable
-sort of the flat [T * k] expert ids, so each expert's rows stay in token order), one product pair per expert that
-has tokens, and the weighted outputs summed into each token's row in expert order, as transformers sums them. It
-reads the expert counts on the host, so it does not run inside a CUDA graph.
+Two paths, chosen by ``use_fused``:
+  - torch (CPU, and the reference): the tokens are grouped by expert (a stable sort of the flat [T * k] expert ids,
+    so each expert's rows stay in token order), one product pair per expert that has tokens, and the weighted outputs
+    summed into each token's row in expert order, as transformers sums them. It reads the expert counts on the host;
+  - fused (CUDA by default, ``engine.kernels.moe``): the same grouping on the device and one grouped Triton product
+    per projection, no host read. The first time it fails (it would not build under this Triton, say) the torch path
+    takes over, with a WARNING.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -26,6 +30,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from engine.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 class SparseMoE(nn.Module):
@@ -39,6 +45,19 @@ class SparseMoE(nn.Module):
         self.down = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype=dtype))
         # (slots [T], ids [T, k]) -> None: where the routing of each forward goes (engine.routing), or None
         self.routing_sink = None
+        # None: the fused kernels on CUDA (when triton imports), the torch path elsewhere; True / False force it
+        # (True on CPU runs the kernels under TRITON_INTERPRET=1: tests only)
+        self.use_fused: Optional[bool] = None
+
+    def _fused(self, x: torch.Tensor):
+        """engine.kernels (the fused path) when it applies to x, else None."""
+        if self.use_fused is False or (self.use_fused is None and x.device.type != "cuda"):
+            return None
+        from engine.models.decoder import fused_kernels
+        kernels = fused_kernels()
+        if kernels is None and self.use_fused:
+            raise RuntimeError("SparseMoE.use_fused=True but engine.kernels (triton) cannot be imported")
+        return kernels
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k] int64), by descending router probability."""
@@ -65,6 +84,15 @@ class SparseMoE(nn.Module):
             weights = weights.to(x.dtype)
         if self.routing_sink is not None and slots is not None:
             self.routing_sink(slots, ids)
+        kernels = self._fused(x)
+        if kernels is not None:
+            try:
+                from engine.kernels.moe import fused_moe
+                return fused_moe(x, self.gate_up, self.down, weights, ids, kernels.silu_and_mul)
+            except Exception as e:  # noqa: BLE001 - a compile or launch failure of the kernel
+                logger.warning("the fused MoE kernel failed (%s: %s); the torch MoE path from now on",
+                               type(e).__name__, e)
+                self.use_fused = False
         out = torch.zeros_like(x)
         flat = ids.reshape(-1)                                                        # [T * k]: token t, slot j at t*k + j
         order = torch.argsort(flat, stable=True)

@@ -1,0 +1,112 @@
+"""The fused MoE path: tokens sorted by expert and one grouped matrix product per projection, with no host sync.
+
+    ids [T, k] -> the T*k (token, slot) pairs sorted by expert (stable: each expert's rows in token order)
+    per expert e: its rows are a run of the sorted list; the run is cut into tiles of BLOCK_M rows
+    grouped matmul:  for every tile, out[rows] = x[token of each row] @ W[e]^T     (gate_up, then down)
+    combine:         out[t] = sum over j of w[t, j] * y[slot (t, j)], in slot order, in fp32
+
+The tile table (expert, first row, end row of each tile) is built on the device from the expert counts (a scatter-add,
+cumsums, a searchsorted), over a fixed upper bound of tiles (cdiv(T*k, BLOCK_M) + E): a program past the real tile
+count returns at once. So the launch grid depends only on T, k and E, and nothing waits for the device: the path can
+be captured in a CUDA graph. The SiLU-and-mul between the two products is ``engine.kernels.elementwise``'s.
+
+Checked against the torch block (``engine.models.moe.SparseMoE``) under TRITON_INTERPRET=1 (tests/engine/
+test_moe_kernel.py). The sums differ from the torch block's order (the k slots are combined in fp32 here, by expert
+there), so the two agree to rounding, not bitwise.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16
+
+
+@triton.jit
+def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                           num_tiles_ptr, N, K, stride_xm, stride_we, stride_wn, stride_om,
+                           GATHER: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if tile < tl.load(num_tiles_ptr):
+        e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+        r0 = tl.load(tile_start_ptr + tile)
+        r1 = tl.load(tile_end_ptr + tile)
+        rm = r0 + tl.arange(0, BLOCK_M)                       # sorted rows of this tile
+        mmask = rm < r1
+        if GATHER:   # the token each sorted row reads
+            src = tl.load(rows_ptr + rm, mask=mmask, other=0).to(tl.int64)
+        else:
+            src = rm.to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = tl.load(x_ptr + src[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & (kk[None, :] < K),
+                        other=0.0)                                                    # [BM, BK]
+            b = tl.load(w_ptr + e * stride_we + rn[None, :] * stride_wn + kk[:, None],
+                        mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)       # [BK, BN]
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & (rn[None, :] < N))
+
+
+def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows, tiles, gather: bool) -> None:
+    """out[r] = x[rows[r] if gather else r] @ w[expert of r's tile]^T for every sorted row r; w [E, N, K]."""
+    tile_expert, tile_start, tile_end, num_tiles = tiles
+    _, n, k = w.shape
+    assert w.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
+    block_n = 64 if n >= 64 else 32
+    _grouped_matmul_kernel[(tile_expert.shape[0], triton.cdiv(n, block_n))](
+        x, w, out, rows if gather else tile_start, tile_expert, tile_start, tile_end, num_tiles, n, k,
+        x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        GATHER=gather, IEEE=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=64, num_warps=4)
+
+
+def tile_table(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
+    """ids [T, k] -> (order [T*k]: sorted slot indices, (tile_expert, tile_start, tile_end) [max_tiles] int32 each,
+    num_tiles [1] int32), all on ids' device, without a host read."""
+    flat = ids.reshape(-1)
+    n = flat.shape[0]
+    order = torch.argsort(flat, stable=True)                                         # slot t*k + j, by expert
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
+        0, flat, torch.ones_like(flat))                                              # [E] (no bincount: it syncs)
+    tiles = (counts + block_m - 1) // block_m
+    tiles_end = torch.cumsum(tiles, 0)
+    rows_start = torch.cumsum(counts, 0) - counts
+    max_tiles = -(-n // block_m) + num_experts                                      # a bound from shapes alone
+    i = torch.arange(max_tiles, device=ids.device)
+    e = torch.searchsorted(tiles_end, i, right=True).clamp_max(num_experts - 1)     # the expert of tile i
+    start = rows_start[e] + (i - (tiles_end[e] - tiles[e])) * block_m
+    end = rows_start[e] + counts[e]
+    table = (e.to(torch.int32), start.to(torch.int32), end.to(torch.int32))
+    return order, table, tiles_end[-1:].to(torch.int32)
+
+
+def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor, silu_and_mul) -> torch.Tensor:
+    """x [T, H], gate_up [E, 2I, H], down [E, H, I], weights / ids [T, k] -> [T, H] (see the module docstring)."""
+    num_tokens, hidden = x.shape
+    top_k = ids.shape[1]
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()
+    order, table, num_tiles = tile_table(ids, gate_up.shape[0])
+    tokens = order // top_k                                                          # [T*k] token of each sorted row
+    h = torch.empty(order.shape[0], gate_up.shape[1], dtype=x.dtype, device=x.device)
+    _grouped_matmul(x, gate_up, h, tokens, (*table, num_tiles), gather=True)        # [T*k, 2I] sorted
+    act = silu_and_mul(h)                                                            # [T*k, I]
+    y = torch.empty(order.shape[0], hidden, dtype=x.dtype, device=x.device)
+    _grouped_matmul(act, down, y, None, (*table, num_tiles), gather=False)          # [T*k, H] sorted
+    per_slot = torch.empty_like(y).index_copy_(0, order, y)                          # back to slot t*k + j
+    combined = (per_slot.view(num_tokens, top_k, hidden).float() * weights.float()[..., None]).sum(1)
+    return combined.to(x.dtype)
+
+
+__all__ = ["BLOCK_M", "fused_moe", "tile_table"]
