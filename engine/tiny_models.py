@@ -127,6 +127,14 @@ REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                        tie_word_embeddings=True, attention_bias=False,
                                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                                        eos_token_id=151645)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                             moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                                             num_key_value_heads=4, head_dim=128, num_experts=128,
+                                             num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                                             mlp_only_layers=[], max_position_embeddings=40960, rms_norm_eps=1e-6,
+                                             tie_word_embeddings=False, attention_bias=False,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                             eos_token_id=151645)),
 }
 
 

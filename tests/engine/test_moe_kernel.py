@@ -75,3 +75,10 @@ def test_an_engine_on_the_fused_path_matches_the_torch_path(tmp_path):
     assert all(m.use_fused is True for m in moes)
     assert [c.token_ids for c in got] == [c.token_ids for c in ref]
     assert max(abs(a - b) for c, r in zip(got, ref) for a, b in zip(c.logprobs, r.logprobs)) < 1e-4
+
+
+def test_the_moe_benchmark_runs_every_part_on_a_tiny_model(tmp_path, capsys):
+    from benchmarks.moe_gpu import main
+
+    main(["--tiny", "--no-append", "--out", str(tmp_path)])
+    assert "fused ran: True" in capsys.readouterr().out and (tmp_path / "moe_gpu.json").is_file()

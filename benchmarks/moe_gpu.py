@@ -1,0 +1,124 @@
+"""A mixture-of-experts model on the GPU (issue 21): the fused MoE path against the torch block, decode steps against
+the floor of the bytes they must read, and a W1-style workload, on the Qwen3-30B-A3B shape (random bf16 weights).
+
+    python benchmarks/moe_gpu.py [--shape qwen3-30b-a3b] [--requests 256] [--output 512] [--no-append]
+    python benchmarks/moe_gpu.py --tiny            # CPU smoke run of every part (tiny MoE model, few tokens)
+
+check   one MoE layer of the engine's model, fused path vs torch block, on random hidden states of 1 and 256 rows:
+        max |difference| (they sum in different orders: close, not equal)
+decode  one engine step of B 1-token decodes at context ~512 (benchmarks.throughput.decode_step_times), B = 1, 256;
+        floor = (bytes of the weights a step reads + KV bytes) / copy bandwidth, where a step reads the attention,
+        norms, routers and lm_head whole and of each MoE layer only the experts its B tokens chose (expected
+        count: E * (1 - (1 - k/E)^B), a uniform router)
+w       256 requests, prompts 100-1024 tokens, 512 greedy output tokens: output tok/s (the engine's time split)
+vLLM side by side is the speed issue's benchmarks/peer_gpu.py (not built yet).
+Prints a table and appends it to benchmarks/RESULTS.md (GPU runs; --no-append skips).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import append_results, markdown_table  # noqa: E402
+from benchmarks.throughput import copy_bandwidth, decode_step_times, log, run_ours, w1_prompts  # noqa: E402
+from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+
+
+def step_weight_bytes(eng: LLMEngine, batch: int) -> float:
+    """Expected weight bytes one decode step of ``batch`` tokens reads (see the module docstring)."""
+    mc = eng.model_config
+    total = 0.0
+    for name, p in eng.model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if name == "embed_tokens.weight" and eng.model.lm_head.weight is not p:
+            continue   # an untied table is only gathered
+        if name.endswith("moe.gate_up") or name.endswith("moe.down"):
+            e, k = mc.num_experts, mc.num_experts_per_tok
+            nbytes *= (1 - (1 - k / e) ** batch)       # the share of experts the batch touches
+        total += nbytes
+    return total
+
+
+def check_layer(eng: LLMEngine, device: str) -> dict:
+    moe = next(layer.moe for layer in eng.model.layers if layer.moe is not None)
+    out = {}
+    for rows in (1, 256):
+        x = torch.randn(rows, eng.model_config.hidden_size, device=device, dtype=eng.dtype) * 0.5
+        was = moe.use_fused
+        moe.use_fused = False
+        want = moe(x)
+        moe.use_fused = True
+        got = moe(x)
+        fused_ran = moe.use_fused is True
+        moe.use_fused = was
+        out[f"max_abs_diff_{rows}"] = (got.float() - want.float()).abs().max().item()
+        out[f"fused_ran_{rows}"] = fused_ran
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-30b-a3b")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--output", type=int, default=512)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random MoE model, few tokens")
+    p.add_argument("--no-append", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moe_gpu.py needs a GPU (or --tiny on the CPU)")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            from engine.tiny_models import make_tiny_model
+            path = make_tiny_model("qwen3_moe", Path(tmp) / "tiny", seed=0)
+            cfg = dict(model=str(path), device="cpu")
+            args.requests, args.output, batches, ctx = 8, 8, (1, 8), 64
+        else:
+            from engine.tiny_models import write_real_shape_config
+            path = write_real_shape_config(args.shape, Path(tmp) / args.shape)
+            cfg = dict(model=str(path), device="cuda", dtype="bfloat16", load_format="dummy", max_num_seqs=256,
+                       max_model_len=2048)
+            batches, ctx = (1, 256), 512
+        t0 = time.perf_counter()
+        eng = LLMEngine(EngineConfig(**cfg))
+        log(f"engine: {time.perf_counter() - t0:.1f} s to load, {eng.stats()['num_total_blocks']} KV blocks")
+        copy_gbs = copy_bandwidth(device, 1 << (26 if args.tiny else 30))
+        res: dict = {"shape": "tiny" if args.tiny else args.shape, "copy_gbs": copy_gbs, "check": check_layer(eng, device)}
+        log(f"check: {res['check']}")
+        decode = decode_step_times(eng, batches, ctx=ctx, iters=args.iters)
+        for row in decode:
+            row["floor_ms"] = (step_weight_bytes(eng, row["batch"]) + row["kv_bytes"]) / (copy_gbs * 1e9) * 1e3
+        res["decode"] = decode
+        lo, hi = (5, 40) if args.tiny else (100, 1024)
+        prompts = w1_prompts(args.requests, lo, hi, eng.vocab_size, seed=1)
+        res["w"] = run_ours(eng, prompts, SamplingParams(max_tokens=args.output, ignore_eos=True))
+    rows = [[res["shape"], r["batch"], f"{r.get('graph_ms', r['eager_ms']):.2f}", f"{r['floor_ms']:.2f}",
+             f"{r.get('graph_ms', r['eager_ms']) / r['floor_ms']:.2f}x"] for r in decode]
+    table = markdown_table(["shape", "decode batch", "step ms", "floor ms", "step / floor"], rows)
+    w = res["w"]
+    summary = (f"{w['requests']} requests x {args.output} greedy tokens: {w['tok_s']:,.0f} tok/s ({w['wall_s']:.1f} s); "
+               f"fused vs torch MoE layer: max |diff| {res['check']['max_abs_diff_1']:.2e} (1 row), "
+               f"{res['check']['max_abs_diff_256']:.2e} (256 rows), fused ran: "
+               f"{res['check']['fused_ran_1'] and res['check']['fused_ran_256']}")
+    print(table)
+    print(summary)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "moe_gpu.json").write_text(json.dumps(res, indent=1, default=str))
+    if device == "cuda" and not args.no_append:
+        append_results(f"MoE on the GPU: {res['shape']} (random bf16 weights), fused MoE path", "cuda", table,
+                       f"copy bandwidth {copy_gbs:.0f} GB/s; decode at context ~512 (CUDA graphs are off for MoE "
+                       f"models: eager steps). {summary}. Time split: {w.get('time_split_s')}.")
+
+
+if __name__ == "__main__":
+    main()
