@@ -50,6 +50,8 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0   # Qwen2-MoE: a dense SwiGLU expert every token also goes through,
+                                               # scaled by sigmoid(shared_expert_gate(x)); 0: none
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -180,16 +182,15 @@ class ModelConfig:
 
 
 def _read_moe(hf_config: Any, arch: str) -> dict:
-    """The MoE fields of a Qwen3-MoE config: which layers are sparse (as transformers decides: not in
-    ``mlp_only_layers``, and every ``decoder_sparse_step``-th), the expert counts and sizes."""
+    """The MoE fields of a Qwen3-MoE / Qwen2-MoE config: which layers are sparse (as transformers decides: not in
+    ``mlp_only_layers``, and every ``decoder_sparse_step``-th), the expert counts and sizes, the shared expert's."""
     num_experts = int(getattr(hf_config, "num_experts", 0) or 0)
     step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
     dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
     layers = tuple(i for i in range(int(hf_config.num_hidden_layers))
                    if num_experts > 0 and i not in dense and (i + 1) % step == 0)
-    if getattr(hf_config, "shared_expert_intermediate_size", 0):
-        raise ValueError(f"{arch} with a shared expert is not supported")
-    return dict(num_experts=num_experts, num_experts_per_tok=int(getattr(hf_config, "num_experts_per_tok", 0) or 0),
+    return dict(shared_expert_intermediate_size=int(getattr(hf_config, "shared_expert_intermediate_size", 0) or 0),
+                num_experts=num_experts, num_experts_per_tok=int(getattr(hf_config, "num_experts_per_tok", 0) or 0),
                 moe_intermediate_size=int(getattr(hf_config, "moe_intermediate_size", 0) or 0),
                 norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)), moe_layers=layers)
 

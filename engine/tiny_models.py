@@ -48,6 +48,11 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
                                          num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
                                          decoder_sparse_step=1, mlp_only_layers=[0],
                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # with a shared expert (and qkv bias, no qk norm): every layer sparse, 8 experts, 2 per token, no renormalisation
+    "qwen2_moe": ("Qwen2MoeConfig", dict(tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                                         norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 
 TINY_ARCHS = tuple(_ARCHS)

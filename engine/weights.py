@@ -7,7 +7,7 @@ Mapping (layer i; D = head_dim, Hq/Hkv = heads, I = intermediate_size)::
     model.layers.{i}.self_attn.v_proj.{weight,bias} -> layers.{i}.qkv_proj rows [(Hq+Hkv)*D, (Hq+2*Hkv)*D)
     model.layers.{i}.mlp.gate_proj.weight           -> layers.{i}.gate_up_proj rows [0, I)
     model.layers.{i}.mlp.up_proj.weight             -> layers.{i}.gate_up_proj rows [I, 2*I)
-    MoE layers (Qwen3-MoE; E experts of intermediate size I, engine.models.moe):
+    MoE layers (Qwen3-MoE, Qwen2-MoE; E experts of intermediate size I, engine.models.moe):
     model.layers.{i}.mlp.gate.weight                -> layers.{i}.moe.router.weight
     model.layers.{i}.mlp.experts.{e}.gate_proj.weight -> layers.{i}.moe.gate_up[e, 0:I]
     model.layers.{i}.mlp.experts.{e}.up_proj.weight -> layers.{i}.moe.gate_up[e, I:2I]
@@ -15,6 +15,8 @@ Mapping (layer i; D = head_dim, Hq/Hkv = heads, I = intermediate_size)::
     model.layers.{i}.mlp.experts.gate_up_proj       -> layers.{i}.moe.gate_up, whole (transformers 5's in-memory
     model.layers.{i}.mlp.experts.down_proj          -> layers.{i}.moe.down, whole   name: what its trainer pushes;
                                                        an alias covering the per-expert names above)
+    model.layers.{i}.mlp.shared_expert.{gate,up}_proj.weight -> layers.{i}.moe.shared_gate_up rows (Qwen2-MoE)
+    model.layers.{i}.mlp.shared_expert.down_proj.weight / shared_expert_gate.weight -> moe.shared_down / ..._gate
     everything else                                 -> the parameter of the same role, whole
     lm_head.weight                                  -> absent when tied (ignored if a checkpoint has it anyway)
     *.rotary_emb.inv_freq                           -> ignored (recomputed)
@@ -89,6 +91,13 @@ class WeightMapper:
                 moe[f"mlp.experts.{e}.gate_proj.weight"] = ("moe.gate_up", (e, slice(0, mi)), (mi, c.hidden_size))
                 moe[f"mlp.experts.{e}.up_proj.weight"] = ("moe.gate_up", (e, slice(mi, 2 * mi)), (mi, c.hidden_size))
                 moe[f"mlp.experts.{e}.down_proj.weight"] = ("moe.down", e, (c.hidden_size, mi))
+            if c.shared_expert_intermediate_size:
+                si = c.shared_expert_intermediate_size
+                moe["mlp.shared_expert.gate_proj.weight"] = ("moe.shared_gate_up.weight", slice(0, si), (si, c.hidden_size))
+                moe["mlp.shared_expert.up_proj.weight"] = ("moe.shared_gate_up.weight", slice(si, 2 * si),
+                                                           (si, c.hidden_size))
+                moe["mlp.shared_expert.down_proj.weight"] = ("moe.shared_down.weight", None, (c.hidden_size, si))
+                moe["mlp.shared_expert_gate.weight"] = ("moe.shared_expert_gate.weight", None, (1, c.hidden_size))
             self._moe_local = moe
             self._moe_aliases = {
                 "mlp.experts.gate_up_proj": (("moe.gate_up", None, (experts, 2 * mi, c.hidden_size)),

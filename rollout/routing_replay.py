@@ -24,7 +24,7 @@ from torch import nn
 
 
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
+    blocks = [m for m in model.modules() if type(m).__name__ in ("Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock")]
     for b in blocks:
         gate = getattr(b, "gate", None)
         if gate is None or not all(hasattr(gate, a) for a in ("weight", "top_k", "norm_topk_prob")):
@@ -57,7 +57,7 @@ def replay_routing(model: nn.Module, routed: Sequence[Optional[torch.Tensor]]) -
     module docstring)."""
     blocks = _moe_blocks(model)
     if not blocks:
-        raise ValueError("replay_routing: the model has no Qwen3-MoE sparse blocks")
+        raise ValueError("replay_routing: the model has no Qwen3-MoE / Qwen2-MoE sparse blocks")
     originals = []
     for j, block in enumerate(blocks):
         gate = block.gate

@@ -43,6 +43,13 @@ class SparseMoE(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size,
                                                 dtype=dtype))
         self.down = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype=dtype))
+        # Qwen2-MoE's shared expert: every token, scaled by sigmoid(shared_expert_gate(x)); rows gate | up
+        self.shared_gate_up = self.shared_down = self.shared_expert_gate = None
+        if c.shared_expert_intermediate_size:
+            s = c.shared_expert_intermediate_size
+            self.shared_gate_up = nn.Linear(c.hidden_size, 2 * s, bias=False, dtype=dtype)
+            self.shared_down = nn.Linear(s, c.hidden_size, bias=False, dtype=dtype)
+            self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False, dtype=dtype)
         # (slots [T], ids [T, k]) -> None: where the routing of each forward goes (engine.routing), or None
         self.routing_sink = None
         # None: the fused kernels on CUDA (when triton imports), the torch path elsewhere; True / False force it
@@ -70,6 +77,14 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, routed: Optional[torch.Tensor] = None,
                 slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self._routed(x, routed, slots)
+        if self.shared_gate_up is None:
+            return out
+        gate, up = self.shared_gate_up(x).chunk(2, dim=-1)
+        shared = self.shared_down(F.silu(gate) * up)
+        return out + torch.sigmoid(self.shared_expert_gate(x)) * shared   # transformers' order: routed + shared
+
+    def _routed(self, x: torch.Tensor, routed: Optional[torch.Tensor], slots: Optional[torch.Tensor]) -> torch.Tensor:
         """x [T, H] -> [T, H]. ``routed`` [T, k]: use these experts instead of the router's choice (routing replay:
         their weights are the router's probabilities of them, renormalised as configured). ``slots`` [T]: the
         tokens' KV slots, where ``routing_sink`` records the experts chosen."""

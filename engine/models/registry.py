@@ -74,3 +74,4 @@ register_architecture("MistralForCausalLM", qkv_bias=False, o_proj_bias=False)
 register_architecture("Qwen2ForCausalLM", qkv_bias=True, o_proj_bias=False)
 register_architecture("Qwen3ForCausalLM", qkv_bias=None, o_proj_bias=None, qk_norm=True)
 register_architecture("Qwen3MoeForCausalLM", qkv_bias=None, o_proj_bias=None, qk_norm=True, moe=True)
+register_architecture("Qwen2MoeForCausalLM", qkv_bias=True, o_proj_bias=False, moe=True)   # + a shared expert

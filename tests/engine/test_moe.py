@@ -4,7 +4,8 @@ and 8, with and without renormalised weights, dense and sparse layers mixed; gre
 teacher-forced through transformers). Weight updates W1 -> W2, from checkpoint names or from transformers 5's fused
 in-memory expert tensors (what a trainer's named_parameters push), equal a fresh engine on W2.
 
-The ``qwen3_moe`` tiny architecture also runs every test parametrized over engine.tiny_models.TINY_ARCHS
+Qwen2-MoE (a shared expert, qkv bias) runs the same checks. The ``qwen3_moe`` and ``qwen2_moe`` tiny architectures
+also run every test parametrized over engine.tiny_models.TINY_ARCHS
 (test_engine_exactness.py, test_model.py, test_weights.py).
 """
 import contextlib
@@ -19,12 +20,15 @@ TOL = 1e-4
 PROMPTS = [[3], [5, 6, 7, 8, 9, 10, 11], list(range(40, 77)), list(range(100, 140)) + [7] * 9]
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
-VARIANTS = {   # name: config overrides of the tiny qwen3_moe model
-    "8x2-renorm": dict(),
-    "4x1": dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=False),
-    "16x8": dict(num_experts=16, num_experts_per_tok=8, norm_topk_prob=True),
-    "8x2-no-renorm-all-sparse": dict(norm_topk_prob=False, mlp_only_layers=[]),
-    "sparse-step-2": dict(decoder_sparse_step=2, mlp_only_layers=[], num_hidden_layers=3),
+VARIANTS = {   # name: (tiny architecture, config overrides)
+    "8x2-renorm": ("qwen3_moe", dict()),
+    "4x1": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=False)),
+    "16x8": ("qwen3_moe", dict(num_experts=16, num_experts_per_tok=8, norm_topk_prob=True)),
+    "8x2-no-renorm-all-sparse": ("qwen3_moe", dict(norm_topk_prob=False, mlp_only_layers=[])),
+    "sparse-step-2": ("qwen3_moe", dict(decoder_sparse_step=2, mlp_only_layers=[], num_hidden_layers=3)),
+    "shared-expert-8x2": ("qwen2_moe", dict()),
+    "shared-expert-4x1-renorm-dense-first": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=1,
+                                                                norm_topk_prob=True, mlp_only_layers=[0])),
 }
 
 
@@ -58,7 +62,8 @@ def check_completion(hf, c) -> None:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_engine_matches_transformers(variant, tmp_path):
-    path = make_tiny_model("qwen3_moe", tmp_path / variant, seed=7, **VARIANTS[variant])
+    arch, overrides = VARIANTS[variant]
+    path = make_tiny_model(arch, tmp_path / variant, seed=7, **overrides)
     hf = hf_model(path)
     from engine.model_config import ModelConfig
     mc = ModelConfig.from_pretrained(path)
@@ -95,17 +100,18 @@ def test_sessions_and_samples_match_transformers(tmp_path):
     eng.check_integrity()
 
 
-@pytest.mark.parametrize("names,transport", [("checkpoint", "state dict"), ("transformers-5 fused", "state dict"),
-                                             ("transformers-5 fused", "buckets"),
-                                             ("transformers-5 fused", "resident buckets")])
-def test_weight_update_equals_a_fresh_engine(names, transport, tmp_path):
+@pytest.mark.parametrize("arch,names,transport", [
+    ("qwen3_moe", "checkpoint", "state dict"), ("qwen3_moe", "transformers-5 fused", "state dict"),
+    ("qwen3_moe", "transformers-5 fused", "buckets"), ("qwen3_moe", "transformers-5 fused", "resident buckets"),
+    ("qwen2_moe", "transformers-5 fused", "buckets")])
+def test_weight_update_equals_a_fresh_engine(arch, names, transport, tmp_path):
     from safetensors.torch import load_file
 
     from tests.weight_sync.test_bucketed_update import PackedBuckets
     from weight_sync import StateDictLoader
 
-    w1 = make_tiny_model("qwen3_moe", tmp_path / "w1", seed=1)
-    w2 = make_tiny_model("qwen3_moe", tmp_path / "w2", seed=2)
+    w1 = make_tiny_model(arch, tmp_path / "w1", seed=1)
+    w2 = make_tiny_model(arch, tmp_path / "w2", seed=2)
     if names == "checkpoint":
         state = load_file(str(w2 / "model.safetensors"))           # experts.{e}.gate_proj.weight, ...
         assert any(".experts.0.gate_proj." in n for n in state)
@@ -159,8 +165,9 @@ def hf_routing(hf, tokens: list[int]) -> torch.Tensor:
     return torch.stack(seen, dim=1)
 
 
-def test_routed_experts_are_the_ones_transformers_picks(tmp_path):
-    path = make_tiny_model("qwen3_moe", tmp_path / "m", seed=9, mlp_only_layers=[], num_hidden_layers=3)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_routed_experts_are_the_ones_transformers_picks(arch, tmp_path):
+    path = make_tiny_model(arch, tmp_path / "m", seed=9, mlp_only_layers=[], num_hidden_layers=3)
     hf = hf_model(path)
     eng = LLMEngine(EngineConfig(model=str(path), max_num_batched_tokens=20))
     routed = SamplingParams(max_tokens=10, ignore_eos=True, return_routed_experts=True)

@@ -71,8 +71,8 @@ def test_loaded_params_are_the_checkpoint_tensors(ckpts, arch):
         pre = f"model.layers.{i}."
         fused = torch.cat([sd[pre + f"self_attn.{n}_proj.weight"] for n in "qkv"])
         assert torch.equal(layer.qkv_proj.weight, fused)
-        assert (layer.qkv_proj.bias is not None) == (arch == "qwen2")
-        if arch == "qwen2":
+        assert (layer.qkv_proj.bias is not None) == (arch in ("qwen2", "qwen2_moe"))
+        if arch in ("qwen2", "qwen2_moe"):
             assert torch.equal(layer.qkv_proj.bias[q:q + kv], sd[pre + "self_attn.k_proj.bias"])
         if arch in ("qwen3", "qwen3_moe"):
             assert torch.equal(layer.k_norm.weight, sd[pre + "self_attn.k_norm.weight"])
@@ -83,6 +83,12 @@ def test_loaded_params_are_the_checkpoint_tensors(ckpts, arch):
                 assert torch.equal(layer.moe.gate_up[e], torch.cat([sd[ex + "gate_proj.weight"],
                                                                     sd[ex + "up_proj.weight"]]))
                 assert torch.equal(layer.moe.down[e], sd[ex + "down_proj.weight"])
+            if config.shared_expert_intermediate_size:   # Qwen2-MoE's shared expert
+                sh = pre + "mlp.shared_expert."
+                assert torch.equal(layer.moe.shared_gate_up.weight, torch.cat([sd[sh + "gate_proj.weight"],
+                                                                               sd[sh + "up_proj.weight"]]))
+                assert torch.equal(layer.moe.shared_down.weight, sd[sh + "down_proj.weight"])
+                assert torch.equal(layer.moe.shared_expert_gate.weight, sd[pre + "mlp.shared_expert_gate.weight"])
             continue
         assert torch.equal(layer.gate_up_proj.weight, torch.cat([sd[pre + "mlp.gate_proj.weight"],
                                                                  sd[pre + "mlp.up_proj.weight"]]))
