@@ -70,18 +70,24 @@ class RoutedExpertStore:
     def __init__(self, num_blocks: int, block_size: int, num_moe_layers: int, top_k: int, num_experts: int,
                  device: torch.device, num_host_blocks: int = 0) -> None:
         self.block_size, self.num_layers, self.top_k, self.num_experts = block_size, num_moe_layers, top_k, num_experts
-        self.table = torch.zeros(num_blocks * block_size, num_moe_layers, top_k, dtype=torch.int16, device=device)
+        # one scratch row past the slots: where padding tokens (slot < 0) write, so the write needs no mask (a boolean
+        # index would read the device on CUDA, once per MoE layer per step)
+        self.num_slots = num_blocks * block_size
+        self.table = torch.zeros(self.num_slots + 1, num_moe_layers, top_k, dtype=torch.int16, device=device)
         # offloaded blocks' rows, by host block (same layout, on the host)
         self.host = torch.zeros(num_host_blocks * block_size, num_moe_layers, top_k, dtype=torch.int16)
+        # offloads whose device->host copy is queued and not yet scattered into ``host``: (staging, host rows, event)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []
 
     def writer(self, layer: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
         """For MoE layer ``layer`` (0-based among the MoE layers): (slots [T] int64, ids [T, k]) -> written; slots
         < 0 (a graph's padding) are skipped."""
-        column = self.table[:, layer]                                   # [num_slots, k] view
+        column = self.table[:, layer]                                   # [num_slots + 1, k] view
+        scratch = self.num_slots
 
         def write(slots: torch.Tensor, ids: torch.Tensor) -> None:
-            keep = slots >= 0
-            column.index_copy_(0, slots[keep], ids[keep].to(torch.int16))
+            rows = torch.where(slots >= 0, slots, torch.full_like(slots, scratch))
+            column.index_copy_(0, rows, ids.to(torch.int16))
         return write
 
     def _slots(self, blocks: Sequence[int], device) -> torch.Tensor:
@@ -96,14 +102,32 @@ class RoutedExpertStore:
             self.table.index_copy_(0, dst, self.table.index_select(0, src))
 
     def offload(self, swap_out: Sequence[tuple[int, int]]) -> None:
-        """(device block, host block) pairs: the rows go to the host with the KV."""
-        if swap_out:
-            rows = self.table.index_select(0, self._slots([d for d, _ in swap_out], self.table.device)).cpu()
-            self.host.index_copy_(0, self._slots([h for _, h in swap_out], "cpu"), rows)
+        """(device block, host block) pairs: the rows go to the host with the KV. On CUDA the copy is queued on the
+        current stream into pinned memory (no wait); it lands in ``host`` at the next restore."""
+        if not swap_out:
+            return
+        rows = self.table.index_select(0, self._slots([d for d, _ in swap_out], self.table.device))
+        host_rows = self._slots([h for _, h in swap_out], "cpu")
+        if rows.device.type != "cuda":
+            self.host.index_copy_(0, host_rows, rows)
+            return
+        staging = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        staging.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((staging, host_rows, event))
+
+    def _land(self) -> None:
+        """Scatter the queued offloads into ``host``, oldest first (a later offload of a host block wins)."""
+        for staging, host_rows, event in self._pending:
+            event.synchronize()
+            self.host.index_copy_(0, host_rows, staging)
+        self._pending.clear()
 
     def restore(self, swap_in: Sequence[tuple[int, int]]) -> None:
         """(host block, device block) pairs: the rows come back with the KV."""
         if swap_in:
+            self._land()
             rows = self.host.index_select(0, self._slots([h for h, _ in swap_in], "cpu"))
             self.table.index_copy_(0, self._slots([d for _, d in swap_in], self.table.device),
                                    rows.to(self.table.device))

@@ -301,3 +301,22 @@ def test_a_session_trajectory_carries_its_whole_routing(tmp_path):
     assert all(t.routed_experts is None for t in turns) and whole.turns == 2
     tokens = whole.prompt_ids + whole.token_ids
     assert torch.equal(whole.routed_experts_tensor(), hf_routing(hf_model(path), tokens)[:len(tokens) - 1])
+
+
+def test_routing_survives_an_offload_and_restore(tmp_path):
+    """A KV pool too small for every session's history: idle sessions go to the host pool and come back for their
+    next turn; their routing rows travel with the blocks and still equal transformers' routing of the history."""
+    path = make_tiny_model("qwen3_moe", tmp_path / "m", seed=15)
+    eng = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=12, host_kv_cache_bytes=1 << 22))
+    params = SamplingParams(max_tokens=8, ignore_eos=True, return_routed_experts=True)
+    sessions = [eng.open_session() for _ in range(4)]
+    for s, p in zip(sessions, [PROMPTS[2], PROMPTS[3][:30], list(range(200, 230)), list(range(300, 333))]):
+        eng.run_turn(s, p, params)
+    last = [eng.run_turn(s, [11, 12], params) for s in sessions]
+    stats = eng.stats()
+    assert stats["offloaded_sessions"] > 0 and stats["restored_sessions"] > 0, stats
+    hf = hf_model(path)
+    for c in last:
+        tokens = c.prompt_token_ids + c.token_ids
+        assert torch.equal(c.routed_experts.as_tensor(), hf_routing(hf, tokens)[:len(tokens) - 1])
+    eng.check_integrity()
