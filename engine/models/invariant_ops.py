@@ -8,8 +8,9 @@ A token's result must not depend on what else is computed with it. Two implement
   - ``RowOps`` (CPU, torch): every op whose kernel could depend on the tensor's size (a GEMM, a reduction, a
     transcendental function: vectorized and scalar tails differ in the last bit) runs one row at a time on a
     fresh contiguous copy of the row, so each call has the same shape and alignment whatever the batch.
-    Elementwise + and * run on whole tensors (correctly rounded either way). Assumes one torch thread count for
-    the engine and the trainer.
+    Elementwise + and * run on whole tensors (correctly rounded either way). Every op runs on one torch thread
+    (the thread count changes some CPU kernels' sums: seen with a Ray worker's OMP_NUM_THREADS=1 against a
+    trainer's 2 threads, 1.9e-6 in a logprob), so the engine and the trainer agree whatever their thread counts.
 
 They agree with each other and with the default path to rounding only: the guarantee is within one
 implementation, between the engine and a trainer that uses the same one.
@@ -45,6 +46,23 @@ class InvariantOps(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------------ CPU
+def _one_thread(op):
+    """Run ``op`` on one torch thread (restored after)."""
+    import functools
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return op(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return op(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
 def _rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """fn over each row of x [M, ...] as a [1, ...] contiguous copy (one shape and alignment per call)."""
     if x.shape[0] == 0:
@@ -57,10 +75,12 @@ class RowOps:
 
     name = "rows"
 
+    @_one_thread
     def linear(self, x, weight, bias=None, out_dtype=None):
         out = _rows(lambda r: F.linear(r, weight, bias), x)         # [M, N]
         return out if out_dtype is None else out.to(out_dtype)
 
+    @_one_thread
     def rms_norm(self, x, weight, eps, upcast=False):
         shape = x.shape
 
@@ -70,12 +90,14 @@ class RowOps:
             return weight.to(torch.float32) * y if upcast else weight * y.to(r.dtype)
         return _rows(one, x.reshape(-1, shape[-1])).reshape(shape)
 
+    @_one_thread
     def silu_mul(self, gate_up):
         def one(r: torch.Tensor) -> torch.Tensor:
             gate, up = r.chunk(2, dim=-1)
             return F.silu(gate) * up
         return _rows(one, gate_up)
 
+    @_one_thread
     def attention(self, q, k, v, cos, sin, k_cache, v_cache, meta, scale):
         from engine.attention.reference import store_new_kv
         from engine.models.rotary import apply_rotary
@@ -103,6 +125,7 @@ class RowOps:
         assert t == num_tokens, "the metadata's query lengths cover the step's tokens"
         return out
 
+    @_one_thread
     def logprobs(self, logits, tokens, temperatures):
         out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for i in range(logits.shape[0]):

@@ -295,3 +295,46 @@ def test_gpu_trainer_forward_reproduces_the_engine_bitwise(shape, fp32_lm_head, 
     path = real_shape(shape, tmp_path, layers=4)
     check_policy_parity(path, torch.bfloat16, "cuda", random.Random(shape), gpu_memory_utilization=0.4,
                         fp32_lm_head=fp32_lm_head)
+
+
+ENGINE_IN_A_WORKER = """
+import json, sys, torch
+from engine import EngineConfig, LLMEngine, SamplingParams
+eng = LLMEngine(EngineConfig(model=sys.argv[1], batch_invariant=True))
+outs = eng.generate(json.loads(sys.argv[2]), SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True))
+print(json.dumps([[o.token_ids, o.logprobs] for o in outs]))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU row-wise ops")
+def test_cpu_trainer_matches_an_engine_in_a_process_with_other_threads():
+    """The engine in another process started with OMP_NUM_THREADS=1 (what a Ray worker of one CPU gets), the trainer
+    here with 2 threads: still bitwise (RowOps runs each op on one thread)."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from engine.models.invariant_policy import InvariantPolicy
+
+    from engine.llm_engine import resolve_model_path
+
+    # NOTE: the real SmolLM2 (a tiny random model did not show the thread-count difference; this one did, 1.9e-6)
+    path = resolve_model_path("smollm2")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(49152) for _ in range(n)] for n in (37, 150)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", ENGINE_IN_A_WORKER, str(path), json.dumps(prompts)], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+    outs = json.loads(done.stdout.strip().splitlines()[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        policy = InvariantPolicy(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        with torch.no_grad():
+            lps = policy.sequence_logprobs([p + t for p, (t, _) in zip(prompts, outs)], 1.0)
+    finally:
+        torch.set_num_threads(threads)
+    for p, (_, engine_lp), lp in zip(prompts, outs, lps):
+        assert torch.equal(lp[len(p) - 1:], torch.tensor(engine_lp, dtype=torch.float32))
