@@ -33,22 +33,23 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def replay_ids(routed: Sequence[Optional[torch.Tensor]], seq_len: int, layer: int, top_k: int,
+def replay_ids(routed: Sequence[Optional[torch.Tensor]], seq_len: int, num_layers: int, top_k: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ids [B * S, k] int64, mask [B * S] bool: rows that replay) for MoE layer ``layer``, rows in the
-    (batch, position) order of ``hidden.view(-1, H)``."""
+    """-> (ids [B * S, layers, k] int64, mask [B * S] bool: rows that replay), rows in the (batch, position) order
+    of ``hidden.view(-1, H)``; MoE layer j reads ``ids[:, j]``."""
     b = len(routed)
-    ids = torch.zeros(b, seq_len, top_k, dtype=torch.int64, device=device)
+    ids = torch.zeros(b, seq_len, num_layers, top_k, dtype=torch.int64, device=device)
     mask = torch.zeros(b, seq_len, dtype=torch.bool, device=device)
     for i, r in enumerate(routed):
         if r is None:
             continue
-        if r.dim() != 3 or r.shape[2] != top_k or layer >= r.shape[1]:
-            raise ValueError(f"routed[{i}] must be [positions, MoE layers, {top_k}], got {tuple(r.shape)}")
+        if r.dim() != 3 or r.shape[1:] != (num_layers, top_k):
+            raise ValueError(f"routed[{i}] must be [positions, {num_layers} MoE layers, {top_k}], got "
+                             f"{tuple(r.shape)}")
         n = min(r.shape[0], seq_len)
-        ids[i, :n] = r[:n, layer].to(device=device, dtype=torch.int64)
+        ids[i, :n] = r[:n].to(device=device, dtype=torch.int64)
         mask[i, :n] = True
-    return ids.view(b * seq_len, top_k), mask.view(b * seq_len)
+    return ids.view(b * seq_len, num_layers, top_k), mask.view(b * seq_len)
 
 
 @contextlib.contextmanager
@@ -59,6 +60,15 @@ def replay_routing(model: nn.Module, routed: Sequence[Optional[torch.Tensor]]) -
     if not blocks:
         raise ValueError("replay_routing: the model has no Qwen3-MoE / Qwen2-MoE sparse blocks")
     originals = []
+    # the replayed ids of a forward's shape, built once for every layer (each forward calls every layer's router)
+    built: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def ids_for(seq_len: int, device: torch.device):
+        key = (seq_len, device)
+        if key not in built:
+            built[key] = replay_ids(routed, seq_len, len(blocks), blocks[0].gate.top_k, device)
+        return built[key]
+
     for j, block in enumerate(blocks):
         gate = block.gate
 
@@ -67,9 +77,8 @@ def replay_routing(model: nn.Module, routed: Sequence[Optional[torch.Tensor]]) -
             logits = F.linear(hidden, gate.weight)                                     # [B * S, E]
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             _, free = torch.topk(probs, gate.top_k, dim=-1)
-            seq_len = hidden.shape[0] // len(routed)
-            ids, mask = replay_ids(routed, seq_len, j, gate.top_k, hidden.device)
-            ids = torch.where(mask[:, None], ids, free)
+            ids, mask = ids_for(hidden.shape[0] // len(routed), hidden.device)
+            ids = torch.where(mask[:, None], ids[:, j], free)
             weights = probs.gather(1, ids)
             if gate.norm_topk_prob:
                 weights = weights / weights.sum(dim=-1, keepdim=True)

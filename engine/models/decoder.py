@@ -1,4 +1,5 @@
-"""One decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family, Qwen3-MoE) over a flat token dimension.
+"""One decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family, Qwen3-MoE / Qwen2-MoE) over a flat token
+dimension.
 
 Parameters are stored fused so each layer runs two GEMMs where Hugging Face runs five:
 

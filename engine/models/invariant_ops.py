@@ -46,6 +46,21 @@ class InvariantOps(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------------ CPU
+# ------------------------------------------------------------------------------------------- torch references
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, upcast: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim as the decoder computes it (float32 inside; rounded to x's dtype before the
+    weight multiply unless ``upcast``, which returns float32)."""
+    x32 = x.to(torch.float32)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(torch.float32) * y if upcast else weight * y.to(x.dtype)
+
+
+def reference_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] = [gate | up] -> silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def _one_thread(op):
     """Run ``op`` on one torch thread (restored after)."""
     import functools
@@ -83,19 +98,11 @@ class RowOps:
     @_one_thread
     def rms_norm(self, x, weight, eps, upcast=False):
         shape = x.shape
-
-        def one(r: torch.Tensor) -> torch.Tensor:
-            r32 = r.to(torch.float32)
-            y = r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + eps)
-            return weight.to(torch.float32) * y if upcast else weight * y.to(r.dtype)
-        return _rows(one, x.reshape(-1, shape[-1])).reshape(shape)
+        return _rows(lambda r: reference_rms_norm(r, weight, eps, upcast), x.reshape(-1, shape[-1])).reshape(shape)
 
     @_one_thread
     def silu_mul(self, gate_up):
-        def one(r: torch.Tensor) -> torch.Tensor:
-            gate, up = r.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return _rows(one, gate_up)
+        return _rows(reference_silu_mul, gate_up)
 
     @_one_thread
     def attention(self, q, k, v, cos, sin, k_cache, v_cache, meta, scale):

@@ -15,7 +15,8 @@ torch on CPU. Attention reads the trajectory's K/V through the same paged kernel
 each trajectory in its own blocks, so every token sees its prefix in the same tiles as in the engine.
 
 Backward: each op is a ``torch.autograd.Function`` whose backward recomputes a plain torch version of the op
-(``_reference_*`` below) under autograd, or for the matmul uses the usual two products.
+(``engine.models.invariant_ops.reference_*``, ``_reference_*`` below) under autograd, or for the matmul uses the
+usual two products.
 """
 from __future__ import annotations
 
@@ -28,21 +29,11 @@ from torch import nn
 from engine.attention import build_metadata
 from engine.model_config import ModelConfig
 from engine.models.rotary import apply_rotary, rope_cos_sin
-from engine.models.invariant_ops import InvariantOps, LayerWeights, invariant_ops_for, layer_forward
+from engine.models.invariant_ops import (InvariantOps, LayerWeights, invariant_ops_for, layer_forward,
+                                         reference_rms_norm, reference_silu_mul)
 
 
 # --------------------------------------------------------------------------------------- torch references
-def _reference_rms_norm(x, weight, eps, upcast):
-    x32 = x.to(torch.float32)
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight.to(torch.float32) * y if upcast else weight * y.to(x.dtype)
-
-
-def _reference_silu_mul(gate_up):
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def _reference_attention(q, k, v, cos, sin, lengths, scale):
     """Rotary, then dense causal attention of each packed sequence in float32 -> [T, Hq, D] in q's dtype."""
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -119,10 +110,10 @@ class DifferentiableOps:
 
     def rms_norm(self, x, weight, eps, upcast=False):
         return _Recompute.apply(lambda a, w: self.ops.rms_norm(a, w, eps, upcast),
-                                lambda a, w: _reference_rms_norm(a, w, eps, upcast), x, weight)
+                                lambda a, w: reference_rms_norm(a, w, eps, upcast), x, weight)
 
     def silu_mul(self, gate_up):
-        return _Recompute.apply(self.ops.silu_mul, _reference_silu_mul, gate_up)
+        return _Recompute.apply(self.ops.silu_mul, reference_silu_mul, gate_up)
 
     def logprobs(self, logits, tokens, temperatures):
         return _Recompute.apply(self.ops.logprobs, _reference_logprobs, logits, tokens, temperatures)

@@ -75,28 +75,19 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(logits.dtype), ids
 
-    def forward(self, x: torch.Tensor, routed: Optional[torch.Tensor] = None,
-                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out = self._routed(x, routed, slots)
+    def forward(self, x: torch.Tensor, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, H] -> [T, H]. ``slots`` [T]: the tokens' KV slots, where ``routing_sink`` records the experts
+        chosen."""
+        out = self._routed(x, slots)
         if self.shared_gate_up is None:
             return out
         gate, up = self.shared_gate_up(x).chunk(2, dim=-1)
         shared = self.shared_down(F.silu(gate) * up)
         return out + torch.sigmoid(self.shared_expert_gate(x)) * shared   # transformers' order: routed + shared
 
-    def _routed(self, x: torch.Tensor, routed: Optional[torch.Tensor], slots: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [T, H] -> [T, H]. ``routed`` [T, k]: use these experts instead of the router's choice (routing replay:
-        their weights are the router's probabilities of them, renormalised as configured). ``slots`` [T]: the
-        tokens' KV slots, where ``routing_sink`` records the experts chosen."""
-        if routed is None:
-            weights, ids = self.route(x)
-        else:
-            probs = torch.softmax(F.linear(x, self.router.weight), dim=-1, dtype=torch.float32)
-            ids = routed.to(torch.int64)
-            weights = probs.gather(1, ids)
-            if self.norm_topk_prob:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-            weights = weights.to(x.dtype)
+    def _routed(self, x: torch.Tensor, slots: Optional[torch.Tensor]) -> torch.Tensor:
+        """The routed experts' part of ``forward``."""
+        weights, ids = self.route(x)
         if self.routing_sink is not None and slots is not None:
             self.routing_sink(slots, ids)
         kernels = self._fused(x)
@@ -118,9 +109,9 @@ class SparseMoE(nn.Module):
                 continue
             sel = order[start:start + n]                                              # expert e's (token, slot) pairs
             start += n
-            tokens, slots = sel // self.top_k, sel % self.top_k
+            tokens, ranks = sel // self.top_k, sel % self.top_k                      # token, and e's place in its top-k
             gate, up = F.linear(x[tokens], self.gate_up[e]).chunk(2, dim=-1)          # [n, I] each
-            y = F.linear(F.silu(gate) * up, self.down[e]) * weights[tokens, slots, None]
+            y = F.linear(F.silu(gate) * up, self.down[e]) * weights[tokens, ranks, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
