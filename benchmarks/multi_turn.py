@@ -74,7 +74,9 @@ def warm_up(engine: LLMEngine, vocab: int) -> None:
 
 
 def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab: int,
-               profile_window: tuple[int, int] | None = None) -> dict:
+               profile_window: tuple[int, int] | None = None, cprofile_top: int = 0) -> dict:
+    """One policy over the session plans. ``cprofile_top``: profile the timed loop with cProfile and print the
+    functions with the most own time (host-side Python, every thread's work done on this one)."""
     t_load = time.perf_counter()
     engine = LLMEngine(config)
     load_s = time.perf_counter() - t_load
@@ -108,8 +110,14 @@ def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab:
                (engine.host_cache, "wait", "wait for restores (nothing else to run)")]
     idle = 0.0
     generated = 0
+    profiler = None
+    if cprofile_top:
+        import cProfile
+        profiler = cProfile.Profile()
     with timed_methods(targets, acc):
         sync(engine)
+        if profiler is not None:
+            profiler.enable()
         start = time.perf_counter()
         while ready or in_flight:
             now = time.perf_counter() - start
@@ -135,6 +143,9 @@ def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab:
                     engine.close_session(sids[i])
         sync(engine)
         elapsed = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
+            _print_profile(name, profiler, cprofile_top)
     engine.check_integrity()
     device_steps = {}
     if timeline is not None:
@@ -162,6 +173,15 @@ def run_policy(name: str, config: EngineConfig, plans: list[SessionPlan], vocab:
     return result
 
 
+def _print_profile(name: str, profiler, top: int) -> None:
+    import io
+    import pstats
+    buf = io.StringIO()
+    pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(top)
+    print(f"[{name}] cProfile of the timed loop, by own time (the profiler slows Python calls: compare "
+          f"policies, not wall times)\n{buf.getvalue()}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -177,6 +197,8 @@ def main() -> None:
     p.add_argument("--only", default="ours,recompute,no-retention", help="comma-separated policies to run")
     p.add_argument("--profile-window", default=None, metavar="FIRST:COUNT",
                    help="CUDA: torch.profiler over engine steps FIRST..FIRST+COUNT of each policy (top kernels)")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="profile each policy's timed loop with cProfile and print its top N functions by own time")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--no-results", action="store_true")
     args = p.parse_args()
@@ -241,7 +263,7 @@ def main() -> None:
         name, cfg = policies[key]
         print(f"running {name} ...", flush=True)
         window = tuple(int(x) for x in args.profile_window.split(":")) if args.profile_window else None
-        results.append(run_policy(name, cfg, plans, vocab, window))
+        results.append(run_policy(name, cfg, plans, vocab, window, args.cprofile))
         r = results[-1]
         print(f"  {r['tok_s']:,.0f} tok/s in {r['seconds']:.2f} s (engine load {r['load_s']:.1f} s); "
               f"split {r['time_split_s']}", flush=True)

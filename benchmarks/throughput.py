@@ -178,10 +178,11 @@ def w1_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int
     return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def run_ours(eng: LLMEngine, prompts, params, keep_outputs: bool = False) -> dict:
+def run_ours(eng: LLMEngine, prompts, params, keep_outputs: bool = False, warm_up: bool = True) -> dict:
     """Output tok/s of one ``generate`` of the whole workload, with the engine's time split; ``keep_outputs``: the
-    Completions too (under "outputs")."""
-    eng.generate([p[:32] for p in prompts[:4]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    Completions too (under "outputs"); ``warm_up``: a short generate on the prompts' first tokens first."""
+    if warm_up:
+        eng.generate([p[:32] for p in prompts[:4]], SamplingParams(max_tokens=8, ignore_eos=True))
     before = eng.stats()
     counts_before = dict(eng.runner.step_counts)
     acc: dict = {}

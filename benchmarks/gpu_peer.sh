@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# This engine and vLLM 0.22.0 side by side on one GPU (issues 19, 14, 21): benchmarks/peer_gpu.py. vLLM's wheels
+# travel in chunks (.whl_v1, .whl_v2, ...: benchmarks/vllm_gpu_setup.sh) over consecutive calls while the machine
+# stays warm; logs and JSON go to $OUT, the sections appended to benchmarks/RESULTS.md to $OUT/results_new.md (the
+# device's copy of the tree has no .git: pass ROLLOUT_COMMIT=<hash>).
+#
+#   bash benchmarks/gpu_peer.sh stage     stage the carried chunks in /tmp (one call per chunk or two)
+#   bash benchmarks/gpu_peer.sh a         install vLLM, then W1, W3 and the sampled workload
+#   bash benchmarks/gpu_peer.sh b         multi_turn on both shapes, then the MoE workload (qwen3-30b-a3b)
+#   bash benchmarks/gpu_peer.sh c         the MoE GPU tests and benchmarks/moe_gpu.py (gpu_moe.sh a)
+set -u
+part=${1:-a}
+if [ "$part" = stage ]; then bash benchmarks/vllm_gpu_setup.sh stage; exit; fi
+out=${OUT:-/tmp/gpu_peer}
+STEP_TAIL=${STEP_TAIL:-30}
+source benchmarks/gpu_steps.sh   # the card, versions and step()
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0} PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+case "$part" in
+a)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
+    step peer_batch ${PEER_LIMIT:-420} python3 benchmarks/peer_gpu.py --only ${ONLY:-w1,w3,sampled} \
+        --logs "$out/logs" --json "$out/peer_batch.json" ;;
+b)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
+    step peer_sessions ${PEER_LIMIT:-480} python3 benchmarks/peer_gpu.py --only ${ONLY:-mt05,mt8b,moe} \
+        --logs "$out/logs" --json "$out/peer_sessions.json" ;;
+c)  bash benchmarks/gpu_moe.sh a ;;
+esac
+tail -n +"$((before + 1))" "$results" > "$out/results_new.md"
