@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from engine.sampling import upload_nonblocking
+
 
 @dataclass(frozen=True)
 class RoutedExperts:
@@ -91,7 +93,8 @@ class RoutedExpertStore:
         return write
 
     def _slots(self, blocks: Sequence[int], device) -> torch.Tensor:
-        b = torch.as_tensor(list(blocks), dtype=torch.int64, device=device)
+        # on CUDA through pinned staging: a pageable upload would wait for every kernel queued before it
+        b = upload_nonblocking(list(blocks), torch.int64, torch.device(device))
         return (b[:, None] * self.block_size + torch.arange(self.block_size, device=device)).reshape(-1)
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
@@ -129,8 +132,9 @@ class RoutedExpertStore:
         if swap_in:
             self._land()
             rows = self.host.index_select(0, self._slots([h for h, _ in swap_in], "cpu"))
-            self.table.index_copy_(0, self._slots([d for _, d in swap_in], self.table.device),
-                                   rows.to(self.table.device))
+            if self.table.device.type == "cuda":
+                rows = rows.pin_memory().to(self.table.device, non_blocking=True)   # no wait for queued kernels
+            self.table.index_copy_(0, self._slots([d for _, d in swap_in], self.table.device), rows)
 
     def read(self, block_ids: Sequence[int], num_positions: int) -> RoutedExperts:
         """Positions [0, num_positions) of a sequence with this block table (host read: syncs the device)."""
