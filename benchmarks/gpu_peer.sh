@@ -6,8 +6,10 @@
 #
 #   bash benchmarks/gpu_peer.sh stage     stage the carried chunks in /tmp (one call per chunk or two)
 #   bash benchmarks/gpu_peer.sh a         install vLLM, then W1, W3 and the sampled workload
-#   bash benchmarks/gpu_peer.sh b         multi_turn on both shapes, then the MoE workload (qwen3-30b-a3b)
-#   bash benchmarks/gpu_peer.sh c         the MoE GPU tests and benchmarks/moe_gpu.py (gpu_moe.sh a)
+#   bash benchmarks/gpu_peer.sh b         the multi_turn sessions on both shapes
+#   bash benchmarks/gpu_peer.sh c         the MoE GPU tests and benchmarks/moe_gpu.py (gpu_moe.sh a), no vLLM
+#   bash benchmarks/gpu_peer.sh d         the MoE workload (qwen3-30b-a3b) side by side
+# ONLY=<workloads> and PEER_LIMIT=<seconds> override a part's workloads and time limit.
 set -u
 part=${1:-a}
 if [ "$part" = stage ]; then bash benchmarks/vllm_gpu_setup.sh stage; exit; fi
@@ -22,8 +24,11 @@ a)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
     step peer_batch ${PEER_LIMIT:-420} python3 benchmarks/peer_gpu.py --only ${ONLY:-w1,w3,sampled} \
         --logs "$out/logs" --json "$out/peer_batch.json" ;;
 b)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
-    step peer_sessions ${PEER_LIMIT:-480} python3 benchmarks/peer_gpu.py --only ${ONLY:-mt05,mt8b,moe} \
+    step peer_sessions ${PEER_LIMIT:-420} python3 benchmarks/peer_gpu.py --only ${ONLY:-mt05,mt8b} \
         --logs "$out/logs" --json "$out/peer_sessions.json" ;;
-c)  bash benchmarks/gpu_moe.sh a ;;
+c)  TEST_LIMIT=${TEST_LIMIT:-200} BENCH_LIMIT=${BENCH_LIMIT:-300} bash benchmarks/gpu_moe.sh a ;;
+d)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
+    step peer_moe ${PEER_LIMIT:-420} python3 benchmarks/peer_gpu.py --only ${ONLY:-moe} \
+        --logs "$out/logs" --json "$out/peer_moe.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

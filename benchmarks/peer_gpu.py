@@ -244,10 +244,10 @@ def run_side(side: str, job: dict, tmp: Path, args) -> dict:
         return {"error": f"timed out after {args.side_timeout} s"}
     log_path = tmp / f"{job['name']}-{side}.log"
     log_path.write_text(proc.stdout + proc.stderr)
-    if args.logs:
-        Path(args.logs).mkdir(parents=True, exist_ok=True)
-        (Path(args.logs) / log_path.name).write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not out.exists():
+        if args.logs:   # a failed side's whole log
+            Path(args.logs).mkdir(parents=True, exist_ok=True)
+            (Path(args.logs) / log_path.name).write_text(proc.stdout + proc.stderr)
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
         logger.error("%s / %s failed (rc %s):\n%s", job["name"], side, proc.returncode, "\n".join(tail))
         return {"error": f"rc {proc.returncode}: {tail[-1] if tail else ''}"[:300]}
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, few tokens, ours only unless "
                    "--vllm-python names a vLLM CPU build")
     p.add_argument("--side-timeout", type=float, default=400.0)
-    p.add_argument("--logs", default=None, help="copy each side's log here")
+    p.add_argument("--logs", default=None, help="copy the log of each side that failed here")
     p.add_argument("--json", default=None)
     p.add_argument("--no-results", action="store_true")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "IN", "OUT"), help=argparse.SUPPRESS)
