@@ -158,7 +158,7 @@ class DecoderLayer(nn.Module):
         hidden = self.o_proj(attn.reshape(T, self.q_size))
         x, residual = kernels.rms_norm(hidden, self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.eps, residual)
-        if self.moe is not None:   # the torch MoE block (no fused MoE kernel yet)
+        if self.moe is not None:   # SparseMoE: the fused MoE kernels on CUDA, the torch block elsewhere
             return self.moe(x, slots=meta.slot_mapping), residual
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))), residual
 
