@@ -64,6 +64,53 @@ def check_layer(eng: LLMEngine, device: str) -> dict:
     return out
 
 
+def profile_layer(eng: LLMEngine, copy_gbs: float, token_counts=(1, 64, 256, 2048, 8192), reps: int = 10) -> list:
+    """One MoE layer's fused path alone at T tokens: device ms (CUDA events over ``reps`` calls back to back), host
+    ms per call (the wall of issuing them), and the floor of the expert bytes its T tokens touch."""
+    from engine.kernels.moe import block_m_for, fused_moe
+    from engine.models.decoder import fused_kernels
+
+    moe = next(layer.moe for layer in eng.model.layers if layer.moe is not None)
+    mc = eng.model_config
+    silu = fused_kernels().silu_and_mul
+    expert_bytes = (moe.gate_up[0].numel() + moe.down[0].numel()) * moe.gate_up.element_size()
+    rows = []
+    for t in token_counts:
+        x = torch.randn(t, mc.hidden_size, device="cuda", dtype=eng.dtype) * 0.5
+        weights, ids = moe.route(x)
+        for _ in range(2):
+            fused_moe(x, moe.gate_up, moe.down, weights, ids, silu)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(reps):
+            fused_moe(x, moe.gate_up, moe.down, weights, ids, silu)
+        end.record()
+        host_ms = (time.perf_counter() - t0) * 1e3 / reps
+        torch.cuda.synchronize()
+        active = len(set(ids.flatten().tolist()))
+        rows.append({"tokens": t, "block_m": block_m_for(t * mc.num_experts_per_tok, mc.num_experts),
+                     "device_ms": start.elapsed_time(end) / reps, "host_ms": host_ms, "active_experts": active,
+                     "floor_ms": active * expert_bytes / (copy_gbs * 1e9) * 1e3})
+    return rows
+
+
+def profile_step(eng: LLMEngine, out_dir: Path, batch: int = 1) -> None:
+    """torch.profiler over three eager decode steps of ``batch`` rows: the top ops by device and by host time,
+    printed and written to ``out_dir``/moe_profile_b{batch}.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode_step_times(eng, [batch], ctx=512, iters=2)   # warm
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_step_times(eng, [batch], ctx=512, iters=3)
+    ka = prof.key_averages()
+    text = (ka.table(sort_by="self_cuda_time_total", row_limit=14) + "\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=14))
+    (out_dir / f"moe_profile_b{batch}.txt").write_text(text)
+    print(text[:6000])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-30b-a3b")
@@ -72,22 +119,27 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random MoE model, few tokens")
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--profile", action="store_true", help="GPU: one MoE layer alone at 1-8192 tokens and a "
+                   "torch.profiler table of eager decode steps at batch 1, before the rest")
+    p.add_argument("--skip-w", action="store_true", help="leave out the W1-style workload")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
-    device = "cpu" if args.tiny else "cuda"
+    # --tiny runs where the tests run: on the GPU when there is one (the fused kernels need it or TRITON_INTERPRET)
+    device = "cuda" if torch.cuda.is_available() or not args.tiny else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moe_gpu.py needs a GPU (or --tiny on the CPU)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             from engine.tiny_models import make_tiny_model
             path = make_tiny_model("qwen3_moe", Path(tmp) / "tiny", seed=0)
-            cfg = dict(model=str(path), device="cpu")
+            cfg = dict(model=str(path), device=device)
             args.requests, args.output, batches, ctx = 8, 8, (1, 8), 64
         else:
             from engine.tiny_models import write_real_shape_config
             path = write_real_shape_config(args.shape, Path(tmp) / args.shape)
             cfg = dict(model=str(path), device="cuda", dtype="bfloat16", load_format="dummy", max_num_seqs=256,
-                       max_model_len=2048)
+                       max_model_len=2048,
+                       update_backup_bytes=0)   # no update runs here: the KV pool gets the 61 GB rollback reserve
             batches, ctx = (1, 256), 512
         t0 = time.perf_counter()
         eng = LLMEngine(EngineConfig(**cfg))
@@ -95,19 +147,28 @@ def main(argv=None) -> None:
         copy_gbs = copy_bandwidth(device, 1 << (26 if args.tiny else 30))
         res: dict = {"shape": "tiny" if args.tiny else args.shape, "copy_gbs": copy_gbs, "check": check_layer(eng, device)}
         log(f"check: {res['check']}")
+        if args.profile and device == "cuda":
+            res["layer"] = profile_layer(eng, copy_gbs)
+            print(markdown_table(["tokens", "block_m", "active experts", "device ms", "host ms per call", "floor ms"],
+                                 [[r["tokens"], r["block_m"], r["active_experts"], f"{r['device_ms']:.3f}",
+                                   f"{r['host_ms']:.3f}", f"{r['floor_ms']:.3f}"] for r in res["layer"]]), flush=True)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            profile_step(eng, Path(args.out), batch=1)
         decode = decode_step_times(eng, batches, ctx=ctx, iters=args.iters)
         for row in decode:
             row["floor_ms"] = (step_weight_bytes(eng, row["batch"]) + row["kv_bytes"]) / (copy_gbs * 1e9) * 1e3
         res["decode"] = decode
         lo, hi = (5, 40) if args.tiny else (100, 1024)
         prompts = w1_prompts(args.requests, lo, hi, eng.vocab_size, seed=1)
-        res["w"] = run_ours(eng, prompts, SamplingParams(max_tokens=args.output, ignore_eos=True))
+        res["w"] = None if args.skip_w else run_ours(eng, prompts, SamplingParams(max_tokens=args.output,
+                                                                                   ignore_eos=True))
     rows = [[res["shape"], r["batch"], f"{r.get('graph_ms', r['eager_ms']):.2f}", f"{r['floor_ms']:.2f}",
              f"{r.get('graph_ms', r['eager_ms']) / r['floor_ms']:.2f}x"] for r in decode]
     table = markdown_table(["shape", "decode batch", "step ms", "floor ms", "step / floor"], rows)
     w = res["w"]
-    summary = (f"{w['requests']} requests x {args.output} greedy tokens: {w['tok_s']:,.0f} tok/s ({w['wall_s']:.1f} s); "
-               f"fused vs torch MoE layer: max |diff| {res['check']['max_abs_diff_1']:.2e} (1 row), "
+    summary = ((f"{w['requests']} requests x {args.output} greedy tokens: {w['tok_s']:,.0f} tok/s "
+                f"({w['wall_s']:.1f} s); " if w else "")
+               + f"fused vs torch MoE layer: max |diff| {res['check']['max_abs_diff_1']:.2e} (1 row), "
                f"{res['check']['max_abs_diff_256']:.2e} (256 rows), fused ran: "
                f"{res['check']['fused_ran_1'] and res['check']['fused_ran_256']}")
     print(table)
@@ -117,7 +178,7 @@ def main(argv=None) -> None:
     if device == "cuda" and not args.no_append:
         append_results(f"MoE on the GPU: {res['shape']} (random bf16 weights), fused MoE path", "cuda", table,
                        f"copy bandwidth {copy_gbs:.0f} GB/s; decode at context ~512 (CUDA graphs are off for MoE "
-                       f"models: eager steps). {summary}. Time split: {w.get('time_split_s')}.")
+                       f"models: eager steps). {summary}. Time split: {w.get('time_split_s') if w else None}.")
 
 
 if __name__ == "__main__":

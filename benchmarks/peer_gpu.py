@@ -19,8 +19,10 @@ Each side runs in its own process, one at a time (the GPU to itself): ours with 
 0.22.0 there on the GPU machine). The vLLM process imports nothing of this project: it reads its job from a JSON
 file and writes tokens counts and seconds to another. vLLM runs as a user would: torch.compile and CUDA graphs on,
 ``load_format="dummy"``, ``skip_tokenizer_init``; its FlashInfer sampler is off unless FlashInfer is installed.
-Each side generates a short warm-up batch before its timed run; start-up (process start to ready) is reported
-apart. Appends one section to benchmarks/RESULTS.md.
+Each side generates the same warm-up batch before its timed run (batch workloads: 32 prompts of the workload's
+lengths with other tokens, 16 tokens each, its sampling; sessions: one short turn); start-up (process start to
+ready, warm-up included) is reported apart. On CUDA ours runs with ``update_backup_bytes=0`` (no update runs; vLLM
+keeps no rollback copy either). Appends one section to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +58,7 @@ WORKLOADS = {
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 256
 BATCH_TOKENS = {"batch": 8192, "sessions": 2048}   # max_num_batched_tokens, both sides
+WARM_REQUESTS, WARM_TOKENS = 32, 16                  # the batch workloads' warm-up (make_job)
 
 
 # ================================================================================================ vLLM's side
@@ -76,8 +80,9 @@ def vllm_worker(job: dict) -> dict:
 
     llm = LLM(**common)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
-    warm = [TokensPrompt(prompt_token_ids=[3 + (i * 7 + j) % 50 for j in range(32)]) for i in range(4)]
-    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    warm = [TokensPrompt(prompt_token_ids=p) for p in job["warm_prompts"]]
+    llm.generate(warm, SamplingParams(max_tokens=WARM_TOKENS, temperature=job["temperature"], top_p=job["top_p"],
+                                      ignore_eos=True, detokenize=False), use_tqdm=False)
     startup = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=m, temperature=job["temperature"], top_p=job["top_p"], ignore_eos=True,
                              detokenize=False) for m in job["max_tokens"]]
@@ -158,7 +163,10 @@ def ours_worker(job: dict) -> dict:
 
     common = dict(model=job["model"], device=job["device"], dtype=job["dtype"], load_format=job["load_format"],
                   max_model_len=job["max_model_len"], max_num_seqs=MAX_NUM_SEQS,
-                  max_num_batched_tokens=job["max_num_batched_tokens"], seed=0)
+                  max_num_batched_tokens=job["max_num_batched_tokens"], seed=0,
+                  # no weight update runs here and vLLM keeps no rollback copy: the KV pool gets that memory
+                  # (the default keeps every parameter's bytes free, 61 GB on the 30B MoE shape)
+                  **({"update_backup_bytes": 0} if job["device"].startswith("cuda") else {}))
     if job["kind"] == "sessions":
         from benchmarks.multi_turn import SessionPlan, run_policy
         plans = [SessionPlan([(t, m) for t, m in p["turns"]], p["latencies"]) for p in job["plans"]]
@@ -171,8 +179,8 @@ def ours_worker(job: dict) -> dict:
                 "time_split_s": r["time_split_s"]}
     from benchmarks.throughput import run_ours
     eng = LLMEngine(EngineConfig(**common))
-    eng.generate([[3 + (i * 7 + j) % 50 for j in range(32)] for i in range(4)],
-                 SamplingParams(max_tokens=8, ignore_eos=True))
+    eng.generate(job["warm_prompts"], SamplingParams(max_tokens=WARM_TOKENS, temperature=job["temperature"],
+                                                     top_p=job["top_p"], ignore_eos=True))
     startup = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=m, temperature=job["temperature"], top_p=job["top_p"], ignore_eos=True)
               for m in job["max_tokens"]]
@@ -206,6 +214,10 @@ def make_job(name: str, root: Path, args) -> dict:
         job["prompts"] = [[rng.randrange(3, vocab) for _ in range(rng.randint(*w["prompt"]))]
                           for _ in range(w["requests"])]
         job["max_tokens"] = [rng.randint(*w["output"]) for _ in range(w["requests"])]
+        # the warm-up batch (both sides, before the clock): the first WARM_REQUESTS prompts' lengths with other
+        # tokens (no prefix-cache hit in the timed run), WARM_TOKENS each, the workload's sampling, so kernels that
+        # compile per shape or sampling mode do so before the timed run on either side
+        job["warm_prompts"] = [[3 + (t + 1) % (vocab - 3) for t in p] for p in job["prompts"][:WARM_REQUESTS]]
         job.update(temperature=w["temperature"], top_p=w["top_p"])
         return job
     import torch
@@ -281,7 +293,8 @@ def table(results: dict) -> tuple[str, str]:
              f"same KV pool in blocks of {BLOCK_SIZE} on both sides (40% of what all sessions need); ours keeps each "
              f"session's KV between turns (host pool for all of them), vLLM gets each turn as a new request with "
              f"the whole history (its prefix cache reuses what is still resident). Start-up: process start to "
-             f"ready, warm-up batch included. Prefill: prompt tokens computed (vLLM: prompt tokens not served from "
+             f"ready, warm-up batch included (batch workloads: the same {WARM_REQUESTS} prompts x {WARM_TOKENS} "
+             f"tokens on both sides; ours with update_backup_bytes=0, as vLLM keeps no rollback copy). Prefill: prompt tokens computed (vLLM: prompt tokens not served from "
              f"its prefix cache).\n\n" + ("Failed:\n" + "\n".join(errors) if errors else ""))
     return markdown_table(headers, rows), notes
 
@@ -322,12 +335,23 @@ def main(argv=None) -> int:
         p.error(f"--sides: 'ours' and/or 'vllm', got {args.sides!r}")
     tmp = Path(tempfile.mkdtemp(prefix="peer_gpu-"))
     results = {}
-    for name in args.only.split(","):
-        job = make_job(name, tmp, args)
-        results[name] = {side: (run_side(side, job, tmp, args) if side in sides else {"error": "not run"})
-                         for side in ("ours", "vllm")}
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+
+    def stop(signum, frame):   # a time limit (timeout's SIGTERM): report the workloads that finished
+        raise TimeoutError(f"signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for name in args.only.split(","):
+            job = make_job(name, tmp, args)
+            results[name] = {}
+            for side in ("ours", "vllm"):
+                results[name][side] = run_side(side, job, tmp, args) if side in sides else {"error": "not run"}
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+    except TimeoutError as e:
+        logger.error("stopped (%s): reporting what finished", e)
+        for r in results.values():
+            for side in ("ours", "vllm"):
+                r.setdefault(side, {"error": "stopped by the time limit"})
     tab, notes = table(results)
     print(tab + "\n\n" + notes, flush=True)
     if not args.no_results and not args.tiny:

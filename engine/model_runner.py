@@ -92,18 +92,26 @@ class ModelRunner:
             model.set_gemv_rows(MAX_ROWS)  # eager forwards too, with or without graphs
         self._graph_args = None
         self._gemv_choices: dict[int, bool] | None = None   # the first capture's, reused by re-captures
+        warmed = False
         if enable_cuda_graphs and self.device.type == "cuda" and getattr(model_config, "is_moe", False):
-            # NOTE: the fused MoE path (engine.kernels.moe) reads nothing on the host and could be captured, but it
-            # has not run on a GPU yet, and a failure inside a capture would fall back to the torch path, which reads
-            # its expert counts on the host: graphs stay off for MoE models until it is measured
-            logger.info("mixture-of-experts model: CUDA graphs off; the MoE layers run the fused kernels eagerly "
-                        "(engine.kernels.moe, the torch path if they fail)")
-            enable_cuda_graphs = False
+            # the fused MoE path (engine.kernels.moe) reads nothing on the host, so graphs capture it; the torch
+            # path it falls back to when a kernel fails reads the expert counts on the host and cannot be captured.
+            # So the eager warm-up runs first (the kernels compile and run once), and graphs stay off if any layer
+            # fell back
+            self._warm_up_eager()
+            warmed = True
+            moes = [m for m in (getattr(layer, "moe", None) for layer in getattr(model, "layers", ())) if m is not None]
+            if fused_kernels() is None or any(m.use_fused is False for m in moes):
+                logger.warning("mixture-of-experts model: the fused MoE kernels are unavailable or failed; CUDA "
+                               "graphs off (the torch MoE path reads expert counts on the host)")
+                enable_cuda_graphs = False
+            else:
+                logger.info("mixture-of-experts model: the fused MoE path runs inside the CUDA graphs")
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
             self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings,
                                 cuda_graph_max_tokens, max_num_seqs)
             self.capture_cuda_graphs(*self._graph_args)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not warmed:
             self._warm_up_eager()
 
     @torch.inference_mode()

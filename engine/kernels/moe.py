@@ -1,7 +1,8 @@
 """The fused MoE path: tokens sorted by expert and one grouped matrix product per projection, with no host sync.
 
     ids [T, k] -> the T*k (token, slot) pairs sorted by expert (stable: each expert's rows in token order)
-    per expert e: its rows are a run of the sorted list; the run is cut into tiles of BLOCK_M rows
+    per expert e: its rows are a run of the sorted list; the run is cut into tiles of block_m rows (16-128, by the
+                  mean rows per expert: block_m_for)
     grouped matmul:  for every tile, out[rows] = x[token of each row] @ W[e]^T     (gate_up, then down)
     combine:         out[t] = sum over j of w[t, j] * y[slot (t, j)], in slot order, in fp32
 
@@ -20,7 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 16
+BLOCK_M = 16   # the smallest tile (decode); block_m_for picks larger ones as experts get more rows
+
+
+def block_m_for(num_rows: int, num_experts: int) -> int:
+    """Rows per tile for ``num_rows`` (token, slot) pairs over ``num_experts``: a tile reads its expert's whole
+    weight slice, so the weights are read once per tile; tiles as tall as an expert's mean row count (16-128) keep
+    prefill chunks from re-reading each expert's weights tens of times, while decode keeps 16-row tiles."""
+    mean = num_rows / num_experts
+    for bm in (16, 32, 64):
+        if mean <= bm:
+            return bm
+    return 128
 
 
 @triton.jit
@@ -57,8 +69,10 @@ def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, tile_expert_ptr, til
                  mask=mmask[:, None] & (rn[None, :] < N))
 
 
-def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows, tiles, gather: bool) -> None:
-    """out[r] = x[rows[r] if gather else r] @ w[expert of r's tile]^T for every sorted row r; w [E, N, K]."""
+def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows, tiles, gather: bool,
+                    block_m: int = BLOCK_M) -> None:
+    """out[r] = x[rows[r] if gather else r] @ w[expert of r's tile]^T for every sorted row r; w [E, N, K]; the tile
+    table was built for ``block_m`` rows per tile."""
     tile_expert, tile_start, tile_end, num_tiles = tiles
     _, n, k = w.shape
     assert w.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
@@ -66,7 +80,8 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows, t
     _grouped_matmul_kernel[(tile_expert.shape[0], triton.cdiv(n, block_n))](
         x, w, out, rows if gather else tile_start, tile_expert, tile_start, tile_end, num_tiles, n, k,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        GATHER=gather, IEEE=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=64, num_warps=4)
+        GATHER=gather, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+        num_warps=4 if block_m <= 32 else 8)
 
 
 def tile_table(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
@@ -97,16 +112,17 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight
     if num_tokens == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
-    order, table, num_tiles = tile_table(ids, gate_up.shape[0])
+    bm = block_m_for(num_tokens * top_k, gate_up.shape[0])
+    order, table, num_tiles = tile_table(ids, gate_up.shape[0], bm)
     tokens = order // top_k                                                          # [T*k] token of each sorted row
     h = torch.empty(order.shape[0], gate_up.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_matmul(x, gate_up, h, tokens, (*table, num_tiles), gather=True)        # [T*k, 2I] sorted
+    _grouped_matmul(x, gate_up, h, tokens, (*table, num_tiles), gather=True, block_m=bm)   # [T*k, 2I] sorted
     act = silu_and_mul(h)                                                            # [T*k, I]
     y = torch.empty(order.shape[0], hidden, dtype=x.dtype, device=x.device)
-    _grouped_matmul(act, down, y, None, (*table, num_tiles), gather=False)          # [T*k, H] sorted
+    _grouped_matmul(act, down, y, None, (*table, num_tiles), gather=False, block_m=bm)    # [T*k, H] sorted
     per_slot = torch.empty_like(y).index_copy_(0, order, y)                          # back to slot t*k + j
     combined = (per_slot.view(num_tokens, top_k, hidden).float() * weights.float()[..., None]).sum(1)
     return combined.to(x.dtype)
 
 
-__all__ = ["BLOCK_M", "fused_moe", "tile_table"]
+__all__ = ["BLOCK_M", "block_m_for", "fused_moe", "tile_table"]

@@ -1,6 +1,7 @@
 """engine.kernels.moe (the fused MoE path) against the torch block, engine.models.moe.SparseMoE: on the CPU under
 TRITON_INTERPRET=1 (float32), natively on CUDA (bf16 tolerances). Empty experts, a single token, top-k 1 and 8,
-and a whole engine run on the fused path equal to the torch path's tokens."""
+tiles of 16-128 rows, and a whole engine run on the fused path (on CUDA inside CUDA graphs) equal to the torch
+path's tokens."""
 import os
 
 import pytest
@@ -33,7 +34,7 @@ def block(num_experts: int, top_k: int, norm: bool, seed: int) -> SparseMoE:
 
 
 @pytest.mark.parametrize("num_experts,top_k,norm,tokens", [(8, 2, True, 37), (4, 1, False, 1), (16, 8, True, 20),
-                                                          (64, 2, False, 5)])
+                                                          (64, 2, False, 5), (4, 2, True, 100), (4, 2, False, 300)])
 def test_fused_equals_torch(num_experts, top_k, norm, tokens):
     moe = block(num_experts, top_k, norm, seed=num_experts + tokens)
     x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
@@ -48,15 +49,24 @@ def test_fused_equals_torch(num_experts, top_k, norm, tokens):
         assert len(set(moe.route(x)[1].flatten().tolist())) < num_experts
 
 
-def test_the_tile_table_covers_every_row_once():
-    from engine.kernels.moe import BLOCK_M, tile_table
+def test_tiles_grow_with_the_rows_per_expert():
+    from engine.kernels.moe import block_m_for
 
-    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3]] * 9, device=DEVICE)   # expert 3: 36 rows, 2, 4, 6, 7 none
-    order, (expert, start, end), num_tiles = tile_table(ids, 8)
+    assert [block_m_for(r, 128) for r in (8, 2048, 2049, 4096, 8192, 65536)] == [16, 16, 32, 32, 64, 128]
+    assert block_m_for(600, 4) == 128 and block_m_for(200, 4) == 64   # the two large cases above
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+def test_the_tile_table_covers_every_row_once(block_m):
+    from engine.kernels.moe import tile_table
+
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3]] * 40, device=DEVICE)  # expert 3: 160 rows, 2, 4, 6, 7 none
+    order, (expert, start, end), num_tiles = tile_table(ids, 8, block_m)
     n = int(num_tiles)
+    assert n == sum(-(-c // block_m) for c in torch.bincount(ids.flatten().cpu(), minlength=8).tolist() if c)
     covered = []
     for e, s, t in zip(expert[:n].tolist(), start[:n].tolist(), end[:n].tolist()):
-        rows = list(range(s, min(s + BLOCK_M, t)))
+        rows = list(range(s, min(s + block_m, t)))
         assert all(ids.flatten()[order[r]].item() == e for r in rows)
         covered += rows
     assert sorted(covered) == list(range(ids.numel()))
@@ -65,9 +75,14 @@ def test_the_tile_table_covers_every_row_once():
 def test_an_engine_on_the_fused_path_matches_the_torch_path(tmp_path):
     path = make_tiny_model("qwen3_moe", tmp_path / "m", seed=14)
     prompts = [[5, 6, 7, 8], list(range(30, 60))]
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
-    ref = LLMEngine(EngineConfig(model=str(path), device=DEVICE)).generate(prompts, params)
-    eng = LLMEngine(EngineConfig(model=str(path), device=DEVICE))
+    params = SamplingParams(max_tokens=6, ignore_eos=True, return_routed_experts=True)
+    # the reference: the torch MoE path, eager (on CUDA the default engine runs the fused path, in CUDA graphs)
+    ref_engine = LLMEngine(EngineConfig(model=str(path), device=DEVICE, enable_cuda_graphs=False))
+    for layer in ref_engine.model.layers:
+        if layer.moe is not None:
+            layer.moe.use_fused = False
+    ref = ref_engine.generate(prompts, params)
+    eng = LLMEngine(EngineConfig(model=str(path), device=DEVICE))   # CUDA: graphs on, the fused path captured
     moes = [layer.moe for layer in eng.model.layers if layer.moe is not None]
     for m in moes:
         m.use_fused = True
@@ -75,6 +90,9 @@ def test_an_engine_on_the_fused_path_matches_the_torch_path(tmp_path):
     assert all(m.use_fused is True for m in moes)
     assert [c.token_ids for c in got] == [c.token_ids for c in ref]
     assert max(abs(a - b) for c, r in zip(got, ref) for a, b in zip(c.logprobs, r.logprobs)) < 1e-4
+    # the routing the fused path records (inside graph replays on CUDA) is the torch path's
+    for c, r in zip(got, ref):
+        assert (c.routed_experts.as_array() == r.routed_experts.as_array()).all()
 
 
 def test_the_moe_benchmark_runs_every_part_on_a_tiny_model(tmp_path, capsys):
