@@ -11,7 +11,8 @@ decode  one engine step of B 1-token decodes at context ~512 (benchmarks.through
         norms, routers and lm_head whole and of each MoE layer only the experts its B tokens chose (expected
         count: E * (1 - (1 - k/E)^B), a uniform router)
 w       256 requests, prompts 100-1024 tokens, 512 greedy output tokens: output tok/s (the engine's time split)
-vLLM side by side is the speed issue's benchmarks/peer_gpu.py (not built yet).
+vLLM side by side: benchmarks/peer_gpu.py --only moe.
+--profile adds one MoE layer alone at 1-8192 tokens and a torch.profiler table of decode steps.
 Prints a table and appends it to benchmarks/RESULTS.md (GPU runs; --no-append skips).
 """
 from __future__ import annotations
@@ -177,8 +178,9 @@ def main(argv=None) -> None:
     (Path(args.out) / "moe_gpu.json").write_text(json.dumps(res, indent=1, default=str))
     if device == "cuda" and not args.no_append:
         append_results(f"MoE on the GPU: {res['shape']} (random bf16 weights), fused MoE path", "cuda", table,
-                       f"copy bandwidth {copy_gbs:.0f} GB/s; decode at context ~512 (CUDA graphs are off for MoE "
-                       f"models: eager steps). {summary}. Time split: {w.get('time_split_s') if w else None}.")
+                       f"copy bandwidth {copy_gbs:.0f} GB/s; decode at context ~512, step = a CUDA graph replay "
+                       f"with the runner's host work where graphs are on (the eager step: "
+                       f"{', '.join(str(round(r['eager_ms'], 2)) for r in decode)} ms). {summary}. Time split: {w.get('time_split_s') if w else None}.")
 
 
 if __name__ == "__main__":
