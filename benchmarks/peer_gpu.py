@@ -184,11 +184,19 @@ def ours_worker(job: dict) -> dict:
     startup = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=m, temperature=job["temperature"], top_p=job["top_p"], ignore_eos=True)
               for m in job["max_tokens"]]
+    timeline = None
+    if eng.device.type == "cuda":   # device time by step kind (two CUDA events a step): where the run's time goes
+        from benchmarks.step_timeline import StepTimeline
+        timeline = StepTimeline(eng.runner)
+        timeline.install()
     r = run_ours(eng, job["prompts"], params, warm_up=False)   # warmed above, on other tokens
+    by_kind = timeline.summary() if timeline is not None else {}
     return {"startup_s": startup, "wall_s": r["wall_s"], "output_tokens": r["output_tokens"], "tok_s": r["tok_s"],
             "cached_prompt_tokens": r["cached_prompt_tokens"], "prefill_tokens": r["prefill_tokens"],
             "preemptions": r["preemptions"],
-            "steps": r["steps"], "time_split_s": r["time_split_s"]}
+            "steps": r["steps"], "runner_steps": r["runner_steps"], "steps_ahead": r["steps_ahead"],
+            "time_split_s": r["time_split_s"],
+            "steps_by_kind": {k: {n: round(v, 4) for n, v in g.items()} for k, g in by_kind.items()}}
 
 
 # ================================================================================================ orchestration
@@ -266,6 +274,10 @@ def run_side(side: str, job: dict, tmp: Path, args) -> dict:
     r = json.loads(out.read_text())
     r["process_s"] = time.perf_counter() - t0
     logger.info("%s / %s: %.0f tok/s (start-up %.1f s)", job["name"], side, r["tok_s"], r["startup_s"])
+    for kind, g in (r.get("steps_by_kind") or {}).items():
+        logger.info("  %s steps: %d, mean rows %.1f, mean tokens %.0f, host launch %.2f ms, device busy %.2f ms, "
+                    "device idle %.2f s", kind, g["steps"], g["mean_rows"], g["mean_tokens"], g["host_ms"],
+                    g["busy_ms"], g["gap_s"])
     return r
 
 

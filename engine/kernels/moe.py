@@ -4,7 +4,7 @@
     per expert e: its rows are a run of the sorted list; the run is cut into tiles of block_m rows (16-128, by the
                   mean rows per expert: block_m_for)
     grouped matmul:  for every tile, out[rows] = x[token of each row] @ W[e]^T     (gate_up, then down)
-    combine:         out[t] = sum over j of w[t, j] * y[slot (t, j)], in slot order, in fp32
+    combine:         out[t] = sum over j of w[t, j] * y[sorted row of slot (t, j)], in slot order, in fp32 (one kernel)
 
 The tile table (expert, first row, end row of each tile) is built on the device from the expert counts (a scatter-add,
 cumsums, a searchsorted), over a fixed upper bound of tiles (cdiv(T*k, BLOCK_M) + E): a program past the real tile
@@ -40,7 +40,7 @@ def block_m_for(num_rows: int, num_experts: int) -> int:
 @triton.jit
 def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                            num_tiles_ptr, N, K, stride_xm, stride_we, stride_wn, stride_om,
-                           GATHER: tl.constexpr, IEEE: tl.constexpr,
+                           GATHER: tl.constexpr, TOP_K: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -50,8 +50,8 @@ def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, tile_expert_ptr, til
         r1 = tl.load(tile_end_ptr + tile)
         rm = r0 + tl.arange(0, BLOCK_M)                       # sorted rows of this tile
         mmask = rm < r1
-        if GATHER:   # the token each sorted row reads
-            src = tl.load(rows_ptr + rm, mask=mmask, other=0).to(tl.int64)
+        if GATHER:   # the token each sorted row reads: its slot t*k + j over k
+            src = (tl.load(rows_ptr + rm, mask=mmask, other=0) // TOP_K).to(tl.int64)
         else:
             src = rm.to(tl.int64)
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -72,9 +72,9 @@ def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, tile_expert_ptr, til
 
 
 def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows, tiles, gather: bool,
-                    block_m: int = BLOCK_M) -> None:
-    """out[r] = x[rows[r] if gather else r] @ w[expert of r's tile]^T for every sorted row r; w [E, N, K]; the tile
-    table was built for ``block_m`` rows per tile."""
+                    block_m: int = BLOCK_M, top_k: int = 1) -> None:
+    """out[r] = x[rows[r] // top_k if gather else r] @ w[expert of r's tile]^T for every sorted row r (``rows``: the
+    sorted slots t*k + j); w [E, N, K]; the tile table was built for ``block_m`` rows per tile."""
     tile_expert, tile_start, tile_end, num_tiles = tiles
     _, n, k = w.shape
     assert w.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
@@ -82,8 +82,24 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows, t
     _grouped_matmul_kernel[(tile_expert.shape[0], triton.cdiv(n, block_n))](
         x, w, out, rows if gather else tile_start, tile_expert, tile_start, tile_end, num_tiles, n, k,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        GATHER=gather, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+        GATHER=gather, TOP_K=top_k, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
         num_warps=4 if block_m <= 32 else 8)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, H, stride_y, stride_o,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over j of w[t, j] * y[pos[t*k + j]], in slot order, in float32: one program per (token, block
+    of H)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)
+        wj = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+        acc += wj * tl.load(y_ptr + row * stride_y + h, mask=hmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + h, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
 def tile_table(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
@@ -115,16 +131,20 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight
         return torch.zeros_like(x)
     x = x.contiguous()
     bm = block_m_for(num_tokens * top_k, gate_up.shape[0])
-    order, table, num_tiles = tile_table(ids, gate_up.shape[0], bm)
-    tokens = order // top_k                                                          # [T*k] token of each sorted row
+    order, table, num_tiles = tile_table(ids, gate_up.shape[0], bm)                 # order [T*k]: slot of each sorted row
     h = torch.empty(order.shape[0], gate_up.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_matmul(x, gate_up, h, tokens, (*table, num_tiles), gather=True, block_m=bm)   # [T*k, 2I] sorted
+    _grouped_matmul(x, gate_up, h, order, (*table, num_tiles), gather=True, block_m=bm, top_k=top_k)  # [T*k, 2I]
     act = silu_and_mul(h)                                                            # [T*k, I]
     y = torch.empty(order.shape[0], hidden, dtype=x.dtype, device=x.device)
     _grouped_matmul(act, down, y, None, (*table, num_tiles), gather=False, block_m=bm)    # [T*k, H] sorted
-    per_slot = torch.empty_like(y).index_copy_(0, order, y)                          # back to slot t*k + j
-    combined = (per_slot.view(num_tokens, top_k, hidden).float() * weights.float()[..., None]).sum(1)
-    return combined.to(x.dtype)
+    # the sorted row of each slot (the inverse of order), then each token's k rows weighted and summed
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=x.device))   # [T*k]
+    out = torch.empty_like(x)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        y, pos, weights.contiguous(), out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_H=block_h,
+        num_warps=4)
+    return out
 
 
 __all__ = ["BLOCK_M", "block_m_for", "fused_moe", "tile_table"]
