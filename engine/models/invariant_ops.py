@@ -78,6 +78,17 @@ def _one_thread(op):
     return run
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is contiguous and starts on a 64-byte boundary, else such a copy (torch's CPU allocator
+    aligns to 64 bytes)."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    assert out.data_ptr() % 64 == 0 or out.numel() == 0, "the CPU allocator's alignment is 64 bytes"
+    return out
+
+
 def _rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """fn over each row of x [M, ...] as a [1, ...] contiguous copy (one shape and alignment per call)."""
     if x.shape[0] == 0:
@@ -92,6 +103,10 @@ class RowOps:
 
     @_one_thread
     def linear(self, x, weight, bias=None, out_dtype=None):
+        # the CPU BLAS sums a row's products in an order that depends on the weight's address alignment (seen on an
+        # AMD EPYC: a weight 4 or 8 bytes off a 64-byte boundary moved results by 1e-6), and a trainer's parameters
+        # can be views at any offset of a loaded buffer: read misaligned weights from an aligned copy
+        weight, bias = _aligned(weight), (_aligned(bias) if bias is not None else None)
         out = _rows(lambda r: F.linear(r, weight, bias), x)         # [M, N]
         return out if out_dtype is None else out.to(out_dtype)
 
