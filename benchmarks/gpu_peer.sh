@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_peer.sh b         the multi_turn sessions on both shapes
 #   bash benchmarks/gpu_peer.sh c         the MoE GPU tests and benchmarks/moe_gpu.py (gpu_moe.sh a), no vLLM
 #   bash benchmarks/gpu_peer.sh d         the MoE workload (qwen3-30b-a3b) side by side
+#   bash benchmarks/gpu_peer.sh e         the 0.5B sessions: vLLM and ours (peer_gpu), then multi_turn.py's in-engine
+#                                         baselines (recompute, no-retention) with ours again, in one call
+#   bash benchmarks/gpu_peer.sh f         the same on the 8B shape
 # ONLY=<workloads> and PEER_LIMIT=<seconds> override a part's workloads and time limit.
 set -u
 part=${1:-a}
@@ -30,5 +33,11 @@ c)  TEST_LIMIT=${TEST_LIMIT:-200} BENCH_LIMIT=${BENCH_LIMIT:-300} bash benchmark
 d)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
     step peer_moe ${PEER_LIMIT:-420} python3 benchmarks/peer_gpu.py --only ${ONLY:-moe} \
         --logs "$out/logs" --json "$out/peer_moe.json" ;;
+e|f) step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
+    if [ "$part" = e ]; then w=mt05 shape=qwen2.5-0.5b lim=150; else w=mt8b shape=llama-3.1-8b lim=300; fi
+    step "peer_$w" ${PEER_LIMIT:-240} python3 benchmarks/peer_gpu.py --only "$w" --logs "$out/logs" \
+        --json "$out/peer_$w.json"
+    step "multi_turn_$w" "$lim" python3 benchmarks/multi_turn.py --device cuda --shape "$shape" --dtype bfloat16 \
+        --only ours,recompute,no-retention --json "$out/multi_turn_$w.json" ;;
 esac
 tail -n +"$((before + 1))" "$results" > "$out/results_new.md"

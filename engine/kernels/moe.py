@@ -6,9 +6,10 @@
     grouped matmul:  for every tile, out[rows] = x[token of each row] @ W[e]^T     (gate_up, then down)
     combine:         out[t] = sum over j of w[t, j] * y[sorted row of slot (t, j)], in slot order, in fp32 (one kernel)
 
-The tile table (expert, first row, end row of each tile) is built on the device from the expert counts (a scatter-add,
-cumsums, a searchsorted), over a fixed upper bound of tiles (cdiv(T*k, BLOCK_M) + E): a program past the real tile
-count returns at once. So the launch grid depends only on T, k and E, and nothing waits for the device: the path can
+The tile table (expert, first row, end row of each tile) is built on the device from the expert counts, over a fixed
+upper bound of tiles (cdiv(T*k, block_m) + E): a program past the real tile count returns at once. Up to
+SORT_KERNEL_MAX_SLOTS slots one program does it (a register sort, a histogram, cumsums); beyond, torch's device
+sort, a scatter-add, cumsums and a searchsorted (tile_table). So the launch grid depends only on T, k and E, and nothing waits for the device: the path can
 be captured in a CUDA graph. The SiLU-and-mul between the two products is ``engine.kernels.elementwise``'s.
 
 Checked against the torch block (``engine.models.moe.SparseMoE``) under TRITON_INTERPRET=1 (tests/engine/
@@ -17,9 +18,13 @@ there), so the two agree to rounding, not bitwise.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 BLOCK_M = 16   # the smallest tile (decode); block_m_for picks larger ones as experts get more rows
 
@@ -122,6 +127,77 @@ def tile_table(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
     return order, table, tiles_end[-1:].to(torch.int32)
 
 
+# the one-program sort (decode batches and small chunks) holds every slot in registers; larger steps (prefill
+# chunks, where a few torch kernels more cost nothing) take tile_table's device sort
+SORT_KERNEL_MAX_SLOTS = 4096
+_sort_kernel_failed = False   # set by the first failure of the kernel (it would not build under this Triton, say)
+
+
+@triton.jit
+def _sort_experts_kernel(ids_ptr, n, order_ptr, pos_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                         num_tiles_ptr, max_tiles, E,
+                         N_PAD: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """tile_table's results and the inverse order in one program: a stable sort of the n slots by expert (keys
+    expert * N_PAD + slot), the expert counts (a histogram; padding slots go to the spare bin E_PAD - 1 >= E), the
+    tile table from their cumsums."""
+    i = tl.arange(0, N_PAD)
+    valid = i < n
+    e = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int32)
+    e = tl.where(valid, e, E_PAD - 1)
+    keys = tl.sort(e * N_PAD + i)                        # padding sorts last: its expert E_PAD - 1 is the largest
+    slot = keys % N_PAD                                  # [N_PAD] the slot of sorted row i
+    tl.store(order_ptr + i, slot, mask=valid)
+    tl.store(pos_ptr + slot, i, mask=valid)
+    ex = tl.arange(0, E_PAD)
+    counts = tl.where(ex < E, tl.histogram(e, E_PAD), 0)                                # [E_PAD]
+    tiles = (counts + BM - 1) // BM
+    tiles_end = tl.cumsum(tiles, 0)
+    tiles_start = tiles_end - tiles
+    rows_start = tl.cumsum(counts, 0) - counts
+    tl.store(num_tiles_ptr, tl.sum(tiles, 0))
+    for t0 in range(0, max_tiles, BLOCK_T):
+        ti = t0 + tl.arange(0, BLOCK_T)
+        # the expert of tile ti: how many real experts' tiles end at or before it (searchsorted, right)
+        before = (tiles_end[None, :] <= ti[:, None]) & (ex[None, :] < E)                # [BLOCK_T, E_PAD]
+        e_of = tl.minimum(tl.sum(before.to(tl.int32), axis=1), E - 1)
+        sel = e_of[:, None] == ex[None, :]
+        rs = tl.sum(tl.where(sel, rows_start[None, :], 0), axis=1)
+        ts = tl.sum(tl.where(sel, tiles_start[None, :], 0), axis=1)
+        cnt = tl.sum(tl.where(sel, counts[None, :], 0), axis=1)
+        m = ti < max_tiles
+        tl.store(tile_expert_ptr + ti, e_of, mask=m)
+        tl.store(tile_start_ptr + ti, rs + (ti - ts) * BM, mask=m)
+        tl.store(tile_end_ptr + ti, rs + cnt, mask=m)
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
+    """ids [T, k] -> (order [T*k], pos [T*k] (the sorted row of each slot: order's inverse), tile table,
+    num_tiles), as ``tile_table``: one kernel up to SORT_KERNEL_MAX_SLOTS slots, the torch device sort above."""
+    global _sort_kernel_failed
+    n = ids.numel()
+    if n > SORT_KERNEL_MAX_SLOTS or _sort_kernel_failed:
+        order, table, num_tiles = tile_table(ids, num_experts, block_m)
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=ids.device))
+        return order, pos, table, num_tiles
+    dev = ids.device
+    max_tiles = -(-n // block_m) + num_experts                                      # as tile_table's bound
+    order = torch.empty(n, dtype=torch.int32, device=dev)
+    pos = torch.empty(n, dtype=torch.int32, device=dev)
+    table = tuple(torch.empty(max_tiles, dtype=torch.int32, device=dev) for _ in range(3))
+    num_tiles = torch.empty(1, dtype=torch.int32, device=dev)
+    e_pad = triton.next_power_of_2(num_experts + 1)
+    try:
+        _sort_experts_kernel[(1,)](
+            ids.reshape(-1), n, order, pos, *table, num_tiles, max_tiles, num_experts,
+            N_PAD=max(16, triton.next_power_of_2(n)), E_PAD=e_pad, BM=block_m, BLOCK_T=max(16, 8192 // e_pad),
+            num_warps=8)
+    except Exception as e:  # noqa: BLE001 - a compile or launch failure: the torch sort (capturable too)
+        logger.warning("the MoE sort kernel failed (%s: %s); the torch device sort from now on", type(e).__name__, e)
+        _sort_kernel_failed = True
+        return sort_by_expert(ids, num_experts, block_m)
+    return order, pos, table, num_tiles
+
+
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, silu_and_mul) -> torch.Tensor:
     """x [T, H], gate_up [E, 2I, H], down [E, H, I], weights / ids [T, k] -> [T, H] (see the module docstring)."""
@@ -131,14 +207,13 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight
         return torch.zeros_like(x)
     x = x.contiguous()
     bm = block_m_for(num_tokens * top_k, gate_up.shape[0])
-    order, table, num_tiles = tile_table(ids, gate_up.shape[0], bm)                 # order [T*k]: slot of each sorted row
+    order, pos, table, num_tiles = sort_by_expert(ids, gate_up.shape[0], bm)        # order [T*k]: slot of each sorted row
     h = torch.empty(order.shape[0], gate_up.shape[1], dtype=x.dtype, device=x.device)
     _grouped_matmul(x, gate_up, h, order, (*table, num_tiles), gather=True, block_m=bm, top_k=top_k)  # [T*k, 2I]
     act = silu_and_mul(h)                                                            # [T*k, I]
     y = torch.empty(order.shape[0], hidden, dtype=x.dtype, device=x.device)
     _grouped_matmul(act, down, y, None, (*table, num_tiles), gather=False, block_m=bm)    # [T*k, H] sorted
-    # the sorted row of each slot (the inverse of order), then each token's k rows weighted and summed
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=x.device))   # [T*k]
+    # each token's k rows (at pos, the sorted row of each slot), weighted and summed
     out = torch.empty_like(x)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
@@ -147,4 +222,4 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight
     return out
 
 
-__all__ = ["BLOCK_M", "block_m_for", "fused_moe", "tile_table"]
+__all__ = ["BLOCK_M", "SORT_KERNEL_MAX_SLOTS", "block_m_for", "fused_moe", "sort_by_expert", "tile_table"]

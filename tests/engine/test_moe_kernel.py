@@ -91,6 +91,43 @@ def test_the_tile_table_covers_every_row_once(block_m):
     assert sorted(covered) == list(range(ids.numel()))
 
 
+@pytest.mark.parametrize("num_experts,top_k,tokens,block_m", [(8, 2, 37, 16), (4, 1, 1, 16), (128, 8, 33, 32),
+                                                               (60, 4, 100, 64), (16, 8, 300, 128),
+                                                               (4, 2, 2100, 128)])
+def test_the_sort_kernel_equals_the_torch_sort(num_experts, top_k, tokens, block_m):
+    """sort_by_expert's one-program kernel gives tile_table's order and table exactly (and pos = order's inverse),
+    with experts that get no token and a non-power-of-two expert count; past SORT_KERNEL_MAX_SLOTS (the last
+    case) it is tile_table with the inverse scattered."""
+    from engine.kernels.moe import sort_by_expert, tile_table
+
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, num_experts, (tokens, top_k), generator=g).to(DEVICE)
+    order, pos, table, num_tiles = sort_by_expert(ids, num_experts, block_m)
+    want_order, want_table, want_tiles = tile_table(ids, num_experts, block_m)
+    assert torch.equal(order.long(), want_order) and torch.equal(num_tiles, want_tiles)
+    n = int(want_tiles)
+    for got, want in zip(table, want_table):   # past num_tiles the entries are never read
+        assert torch.equal(got[:n], want[:n])
+    assert torch.equal(pos.long()[order.long()], torch.arange(ids.numel(), device=DEVICE))
+
+
+def test_a_failing_sort_kernel_falls_back_to_the_torch_sort(monkeypatch, caplog):
+    import engine.kernels.moe as moe_kernels
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("does not build here")
+            return launch
+    monkeypatch.setattr(moe_kernels, "_sort_experts_kernel", Broken())
+    monkeypatch.setattr(moe_kernels, "_sort_kernel_failed", False)
+    ids = torch.tensor([[1, 0], [2, 1], [1, 3]], device=DEVICE)
+    order, pos, table, num_tiles = moe_kernels.sort_by_expert(ids, 4)
+    want_order, _, want_tiles = moe_kernels.tile_table(ids, 4)
+    assert torch.equal(order, want_order) and torch.equal(num_tiles, want_tiles)
+    assert moe_kernels._sort_kernel_failed and "MoE sort kernel failed" in caplog.text
+
+
 def test_an_engine_on_the_fused_path_matches_the_torch_path(tmp_path):
     path = make_tiny_model("qwen3_moe", tmp_path / "m", seed=14)
     prompts = [[5, 6, 7, 8], list(range(30, 60))]
