@@ -127,6 +127,49 @@ def tile_table(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
     return order, table, tiles_end[-1:].to(torch.int32)
 
 
+@triton.jit
+def _route_kernel(logits_ptr, stride_l, E, weights_ptr, ids_ptr,
+                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, NORM: tl.constexpr, E_PAD: tl.constexpr):
+    """One token: p = softmax(logits) in float32; its top_k by descending p (the lowest expert first among equal p);
+    the k weights renormalised to sum 1 when NORM; weights in the logits' dtype, ids int64."""
+    t = tl.program_id(0).to(tl.int64)
+    ex = tl.arange(0, E_PAD)
+    logits = tl.load(logits_ptr + t * stride_l + ex, mask=ex < E, other=-float("inf")).to(tl.float32)
+    num = tl.exp(logits - tl.max(logits, axis=0))
+    p = num / tl.sum(num, axis=0)                                  # [E_PAD]; padding 0
+    p = tl.where(ex < E, p, -1.0)
+    kr = tl.arange(0, K_PAD)
+    vals = tl.zeros((K_PAD,), dtype=tl.float32)
+    ids = tl.zeros((K_PAD,), dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        idx = tl.min(tl.where(p == best, ex, E_PAD), axis=0)      # the lowest expert holding the maximum
+        idx = tl.minimum(idx, E - 1)                               # (NaN logits match nothing: stay in range)
+        vals = tl.where(kr == j, best, vals)
+        ids = tl.where(kr == j, idx.to(tl.int64), ids)
+        p = tl.where(ex == idx, -1.0, p)
+    if NORM:
+        vals = vals / tl.sum(tl.where(kr < TOP_K, vals, 0.0), axis=0)
+    tl.store(weights_ptr + t * TOP_K + kr, vals.to(weights_ptr.dtype.element_ty), mask=kr < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + kr, ids, mask=kr < TOP_K)
+
+
+def fused_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k] int64), as
+    ``SparseMoE.route`` computes them (softmax in float32, top-k by descending probability, renormalised when
+    asked), in one kernel. Among equal probabilities the lowest expert comes first (torch.topk leaves that order
+    unspecified)."""
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    if num_tokens:
+        assert logits.stride(1) == 1
+        _route_kernel[(num_tokens,)](logits, logits.stride(0), num_experts, weights, ids, TOP_K=top_k,
+                                     K_PAD=triton.next_power_of_2(top_k), NORM=bool(norm_topk_prob),
+                                     E_PAD=triton.next_power_of_2(num_experts), num_warps=1 if num_experts <= 128 else 4)
+    return weights, ids
+
+
 # the one-program sort (decode batches and small chunks) holds every slot in registers; larger steps (prefill
 # chunks, where a few torch kernels more cost nothing) take tile_table's device sort
 SORT_KERNEL_MAX_SLOTS = 4096
@@ -222,4 +265,5 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight
     return out
 
 
-__all__ = ["BLOCK_M", "SORT_KERNEL_MAX_SLOTS", "block_m_for", "fused_moe", "sort_by_expert", "tile_table"]
+__all__ = ["BLOCK_M", "SORT_KERNEL_MAX_SLOTS", "block_m_for", "fused_moe", "fused_route", "sort_by_expert",
+           "tile_table"]

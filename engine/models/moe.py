@@ -15,9 +15,9 @@ Two paths, chosen by ``use_fused``:
   - torch (CPU, and the reference): the tokens are grouped by expert (a stable sort of the flat [T * k] expert ids,
     so each expert's rows stay in token order), one product pair per expert that has tokens, and the weighted outputs
     summed into each token's row in expert order, as transformers sums them. It reads the expert counts on the host;
-  - fused (CUDA by default, ``engine.kernels.moe``): the same grouping on the device and one grouped Triton product
-    per projection, no host read. The first time it fails (it would not build under this Triton, say) the torch path
-    takes over, with a WARNING.
+  - fused (CUDA by default, ``engine.kernels.moe``): the routing in one kernel (the lowest expert first among equal
+    probabilities), the same grouping on the device and one grouped Triton product per projection, no host read.
+    The first time it fails (it would not build under this Triton, say) the torch path takes over, with a WARNING.
 """
 from __future__ import annotations
 
@@ -87,18 +87,21 @@ class SparseMoE(nn.Module):
 
     def _routed(self, x: torch.Tensor, slots: Optional[torch.Tensor]) -> torch.Tensor:
         """The routed experts' part of ``forward``."""
-        weights, ids = self.route(x)
-        if self.routing_sink is not None and slots is not None:
-            self.routing_sink(slots, ids)
         kernels = self._fused(x)
         if kernels is not None:
             try:
-                from engine.kernels.moe import fused_moe
+                from engine.kernels.moe import fused_moe, fused_route
+                weights, ids = fused_route(F.linear(x, self.router.weight), self.top_k, self.norm_topk_prob)
+                if self.routing_sink is not None and slots is not None:
+                    self.routing_sink(slots, ids)
                 return fused_moe(x, self.gate_up, self.down, weights, ids, kernels.silu_and_mul)
             except Exception as e:  # noqa: BLE001 - a compile or launch failure of the kernel
                 logger.warning("the fused MoE kernel failed (%s: %s); the torch MoE path from now on",
                                type(e).__name__, e)
                 self.use_fused = False
+        weights, ids = self.route(x)
+        if self.routing_sink is not None and slots is not None:
+            self.routing_sink(slots, ids)
         out = torch.zeros_like(x)
         flat = ids.reshape(-1)                                                        # [T * k]: token t, slot j at t*k + j
         order = torch.argsort(flat, stable=True)

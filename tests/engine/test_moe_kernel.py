@@ -34,9 +34,10 @@ def block(num_experts: int, top_k: int, norm: bool, seed: int) -> SparseMoE:
     return moe
 
 
-def oracle(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
-    """The block in float32 on the block's own routing: sum over j of w[t, j] * down[e] @ (silu(g) * u)."""
-    weights, ids = moe.route(x)
+def oracle(moe: SparseMoE, x: torch.Tensor, routing=None) -> torch.Tensor:
+    """The block in float32 on ``routing`` (weights, ids), by default the torch block's: sum over j of
+    w[t, j] * down[e] @ (silu(g) * u)."""
+    weights, ids = routing if routing is not None else moe.route(x)
     gate_up, down, xf = moe.gate_up.float(), moe.down.float(), x.float()
     out = torch.zeros_like(xf)
     for j in range(ids.shape[1]):
@@ -59,9 +60,12 @@ def test_fused_equals_torch(num_experts, top_k, norm, tokens):
     assert moe.use_fused is True, "the fused path ran (it did not fall back)"
     if DTYPE == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:   # bf16: the two paths round differently; each is held to a float32 oracle on the same routing
-        truth = oracle(moe, x)
-        err_fused, err_torch = ((a.float() - truth).abs().max().item() for a in (got, want))
+    else:   # bf16: the paths round differently and may break routing ties apart; each is held to a float32 oracle
+        from engine.kernels.moe import fused_route   # on its own routing
+
+        fused_routing = fused_route(F.linear(x, moe.router.weight), top_k, norm)
+        err_fused = (got.float() - oracle(moe, x, fused_routing)).abs().max().item()
+        err_torch = (want.float() - oracle(moe, x)).abs().max().item()
         assert err_fused <= 2 * err_torch + 1e-2, (err_fused, err_torch)
     if num_experts == 64:   # most experts have no token at all
         assert len(set(moe.route(x)[1].flatten().tolist())) < num_experts
@@ -109,6 +113,26 @@ def test_the_sort_kernel_equals_the_torch_sort(num_experts, top_k, tokens, block
     for got, want in zip(table, want_table):   # past num_tiles the entries are never read
         assert torch.equal(got[:n], want[:n])
     assert torch.equal(pos.long()[order.long()], torch.arange(ids.numel(), device=DEVICE))
+
+
+@pytest.mark.parametrize("num_experts,top_k,norm", [(8, 2, True), (4, 1, False), (60, 8, True), (128, 8, False)])
+def test_the_route_kernel_equals_the_torch_route(num_experts, top_k, norm):
+    """fused_route against SparseMoE.route on float32 logits (no ties): the same experts in the same order, the
+    same weights to rounding; and on logits with ties the lowest expert comes first."""
+    from engine.kernels.moe import fused_route
+
+    moe = block(num_experts, top_k, norm, seed=num_experts)
+    moe = moe.float()
+    x = torch.randn(33, 96, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    want_w, want_ids = moe.route(x)
+    got_w, got_ids = fused_route(torch.nn.functional.linear(x, moe.router.weight), top_k, norm)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-7)
+    tied = torch.zeros(3, num_experts, device=DEVICE)
+    tied[:, num_experts // 2:] = 1.0                                 # the upper half ties at the top
+    _, ids = fused_route(tied, top_k, norm)
+    top = list(range(num_experts // 2, num_experts // 2 + top_k))
+    assert ids.tolist() == [top] * 3
 
 
 def test_a_failing_sort_kernel_falls_back_to_the_torch_sort(monkeypatch, caplog):
