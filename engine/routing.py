@@ -90,6 +90,9 @@ class RoutedExpertStore:
         def write(slots: torch.Tensor, ids: torch.Tensor) -> None:
             rows = torch.where(slots >= 0, slots, torch.full_like(slots, scratch))
             column.index_copy_(0, rows, ids.to(torch.int16))
+        # what a kernel needs to do the same write itself (engine.kernels.moe.fused_route): the int16 column
+        # [num_slots + 1, k] and the scratch row for slots < 0
+        write.target = (column, scratch)
         return write
 
     def _slots(self, blocks: Sequence[int], device) -> torch.Tensor:

@@ -128,10 +128,12 @@ def tile_table(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
 
 
 @triton.jit
-def _route_kernel(logits_ptr, stride_l, E, weights_ptr, ids_ptr,
-                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, NORM: tl.constexpr, E_PAD: tl.constexpr):
+def _route_kernel(logits_ptr, stride_l, E, weights_ptr, ids_ptr, slots_ptr, table_ptr, stride_table, scratch,
+                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, NORM: tl.constexpr, E_PAD: tl.constexpr,
+                  RECORD: tl.constexpr):
     """One token: p = softmax(logits) in float32; its top_k by descending p (the lowest expert first among equal p);
-    the k weights renormalised to sum 1 when NORM; weights in the logits' dtype, ids int64."""
+    the k weights renormalised to sum 1 when NORM; weights in the logits' dtype, ids int64. RECORD: the ids also go
+    to the routing table's row of the token's slot as int16 (the scratch row for slot < 0)."""
     t = tl.program_id(0).to(tl.int64)
     ex = tl.arange(0, E_PAD)
     logits = tl.load(logits_ptr + t * stride_l + ex, mask=ex < E, other=-float("inf")).to(tl.float32)
@@ -152,21 +154,34 @@ def _route_kernel(logits_ptr, stride_l, E, weights_ptr, ids_ptr,
         vals = vals / tl.sum(tl.where(kr < TOP_K, vals, 0.0), axis=0)
     tl.store(weights_ptr + t * TOP_K + kr, vals.to(weights_ptr.dtype.element_ty), mask=kr < TOP_K)
     tl.store(ids_ptr + t * TOP_K + kr, ids, mask=kr < TOP_K)
+    if RECORD:
+        slot = tl.load(slots_ptr + t)
+        row = tl.where(slot >= 0, slot, scratch).to(tl.int64)
+        tl.store(table_ptr + row * stride_table + kr, ids.to(tl.int16), mask=kr < TOP_K)
 
 
-def fused_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, record=None) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
     """The router's logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k] int64), as
     ``SparseMoE.route`` computes them (softmax in float32, top-k by descending probability, renormalised when
     asked), in one kernel. Among equal probabilities the lowest expert comes first (torch.topk leaves that order
-    unspecified)."""
+    unspecified). ``record`` (slots [T], (column [S + 1, k] int16, scratch row)): the ids also written to the
+    column's row of each token's slot, as ``RoutedExpertStore.writer`` writes them."""
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens:
         assert logits.stride(1) == 1
-        _route_kernel[(num_tokens,)](logits, logits.stride(0), num_experts, weights, ids, TOP_K=top_k,
+        if record is not None:
+            slots, (column, scratch) = record
+            assert column.dtype == torch.int16 and column.stride(1) == 1 and slots.shape[0] == num_tokens
+            rec = (slots, column, column.stride(0), scratch)
+        else:
+            rec = (ids, ids, 0, 0)   # unused pointers
+        _route_kernel[(num_tokens,)](logits, logits.stride(0), num_experts, weights, ids, *rec, TOP_K=top_k,
                                      K_PAD=triton.next_power_of_2(top_k), NORM=bool(norm_topk_prob),
-                                     E_PAD=triton.next_power_of_2(num_experts), num_warps=1 if num_experts <= 128 else 4)
+                                     E_PAD=triton.next_power_of_2(num_experts), RECORD=record is not None,
+                                     num_warps=1 if num_experts <= 128 else 4)
     return weights, ids
 
 

@@ -91,9 +91,12 @@ class SparseMoE(nn.Module):
         if kernels is not None:
             try:
                 from engine.kernels.moe import fused_moe, fused_route
-                weights, ids = fused_route(F.linear(x, self.router.weight), self.top_k, self.norm_topk_prob)
-                if self.routing_sink is not None and slots is not None:
-                    self.routing_sink(slots, ids)
+                sink = self.routing_sink if slots is not None else None
+                target = getattr(sink, "target", None)     # the store's column: the kernel records the ids itself
+                weights, ids = fused_route(F.linear(x, self.router.weight), self.top_k, self.norm_topk_prob,
+                                           record=(slots, target) if target is not None else None)
+                if sink is not None and target is None:
+                    sink(slots, ids)
                 return fused_moe(x, self.gate_up, self.down, weights, ids, kernels.silu_and_mul)
             except Exception as e:  # noqa: BLE001 - a compile or launch failure of the kernel
                 logger.warning("the fused MoE kernel failed (%s: %s); the torch MoE path from now on",

@@ -135,6 +135,22 @@ def test_the_route_kernel_equals_the_torch_route(num_experts, top_k, norm):
     assert ids.tolist() == [top] * 3
 
 
+def test_the_route_kernel_records_into_the_routing_table():
+    """fused_route(record=...) writes what RoutedExpertStore.writer writes: each token's ids at its slot's row,
+    a padding token's (slot < 0) at the scratch row."""
+    from engine.kernels.moe import fused_route
+    from engine.routing import RoutedExpertStore
+
+    store = RoutedExpertStore(num_blocks=2, block_size=4, num_moe_layers=2, top_k=2, num_experts=8,
+                              device=torch.device(DEVICE))
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    slots = torch.tensor([5, -1, 0], device=DEVICE)
+    _, ids = fused_route(logits, 2, True, record=(slots, store.writer(1).target))
+    want = torch.zeros_like(store.table)
+    want[:, 1].index_copy_(0, torch.tensor([5, store.num_slots, 0], device=DEVICE), ids.to(torch.int16))
+    assert torch.equal(store.table, want) and int(ids[0, 0]) != int(ids[0, 1])
+
+
 def test_a_failing_sort_kernel_falls_back_to_the_torch_sort(monkeypatch, caplog):
     import engine.kernels.moe as moe_kernels
 
