@@ -167,7 +167,10 @@ def fused_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, record=N
     asked), in one kernel. Among equal probabilities the lowest expert comes first (torch.topk leaves that order
     unspecified). ``record`` (slots [T], (column [S + 1, k] int16, scratch row)): the ids also written to the
     column's row of each token's slot, as ``RoutedExpertStore.writer`` writes them."""
+    global _route_kernel_failed
     num_tokens, num_experts = logits.shape
+    if _route_kernel_failed:
+        return _torch_route(logits, top_k, norm_topk_prob, record)
     weights = torch.empty(num_tokens, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens:
@@ -178,17 +181,35 @@ def fused_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, record=N
             rec = (slots, column, column.stride(0), scratch)
         else:
             rec = (ids, ids, 0, 0)   # unused pointers
-        _route_kernel[(num_tokens,)](logits, logits.stride(0), num_experts, weights, ids, *rec, TOP_K=top_k,
-                                     K_PAD=triton.next_power_of_2(top_k), NORM=bool(norm_topk_prob),
-                                     E_PAD=triton.next_power_of_2(num_experts), RECORD=record is not None,
-                                     num_warps=1 if num_experts <= 128 else 4)
+        try:
+            _route_kernel[(num_tokens,)](logits, logits.stride(0), num_experts, weights, ids, *rec, TOP_K=top_k,
+                                         K_PAD=triton.next_power_of_2(top_k), NORM=bool(norm_topk_prob),
+                                         E_PAD=triton.next_power_of_2(num_experts), RECORD=record is not None,
+                                         num_warps=1 if num_experts <= 128 else 4)
+        except Exception as e:  # noqa: BLE001 - a compile or launch failure: torch ops (capturable too)
+            logger.warning("the MoE routing kernel failed (%s: %s); torch routing from now on", type(e).__name__, e)
+            _route_kernel_failed = True
+            return _torch_route(logits, top_k, norm_topk_prob, record)
     return weights, ids
+
+
+def _torch_route(logits, top_k, norm_topk_prob, record):
+    """fused_route in torch ops (SparseMoE.route's, and the store writer's recording): the kernel's fallback."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if record is not None:
+        slots, (column, scratch) = record
+        column.index_copy_(0, torch.where(slots >= 0, slots, torch.full_like(slots, scratch)), ids.to(torch.int16))
+    return weights.to(logits.dtype), ids
 
 
 # the one-program sort (decode batches and small chunks) holds every slot in registers; larger steps (prefill
 # chunks, where a few torch kernels more cost nothing) take tile_table's device sort
 SORT_KERNEL_MAX_SLOTS = 4096
 _sort_kernel_failed = False   # set by the first failure of the kernel (it would not build under this Triton, say)
+_route_kernel_failed = False
 
 
 @triton.jit

@@ -151,14 +151,35 @@ def test_the_route_kernel_records_into_the_routing_table():
     assert torch.equal(store.table, want) and int(ids[0, 0]) != int(ids[0, 1])
 
 
+class Broken:
+    """A Triton kernel that fails at launch, as one that does not build under some Triton would."""
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("does not build here")
+        return launch
+
+
+def test_a_failing_route_kernel_falls_back_to_torch_routing(monkeypatch, caplog):
+    import engine.kernels.moe as moe_kernels
+    from engine.routing import RoutedExpertStore
+
+    monkeypatch.setattr(moe_kernels, "_route_kernel", Broken())
+    monkeypatch.setattr(moe_kernels, "_route_kernel_failed", False)
+    store = RoutedExpertStore(num_blocks=1, block_size=4, num_moe_layers=1, top_k=2, num_experts=8,
+                              device=torch.device(DEVICE))
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    weights, ids = moe_kernels.fused_route(logits, 2, True, record=(torch.tensor([2, -1, 0], device=DEVICE),
+                                                                    store.writer(0).target))
+    probs = torch.softmax(logits, -1)
+    want_w, want_ids = probs.topk(2, dim=-1)
+    assert torch.equal(ids, want_ids) and moe_kernels._route_kernel_failed and "routing kernel failed" in caplog.text
+    torch.testing.assert_close(weights, want_w / want_w.sum(-1, keepdim=True))
+    assert torch.equal(store.table[[2, store.num_slots, 0], 0].long(), ids)
+
+
 def test_a_failing_sort_kernel_falls_back_to_the_torch_sort(monkeypatch, caplog):
     import engine.kernels.moe as moe_kernels
 
-    class Broken:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("does not build here")
-            return launch
     monkeypatch.setattr(moe_kernels, "_sort_experts_kernel", Broken())
     monkeypatch.setattr(moe_kernels, "_sort_kernel_failed", False)
     ids = torch.tensor([[1, 0], [2, 1], [1, 3]], device=DEVICE)
