@@ -12,7 +12,8 @@ decode  one engine step of B 1-token decodes at context ~512 (benchmarks.through
         count: E * (1 - (1 - k/E)^B), a uniform router)
 w       256 requests, prompts 100-1024 tokens, 512 greedy output tokens: output tok/s (the engine's time split)
 vLLM side by side: benchmarks/peer_gpu.py --only moe.
---profile adds one MoE layer alone at 1-8192 tokens and a torch.profiler table of decode steps.
+--profile adds one MoE layer alone at 1-8192 tokens (device time from CUDA graphs) and a torch.profiler table of
+decode steps; --sweep times the grouped products' tilings (moe_gpu.SWEEP) at 1-8192 tokens.
 Prints a table and appends it to benchmarks/RESULTS.md (GPU runs; --no-append skips).
 """
 from __future__ import annotations
@@ -65,35 +66,90 @@ def check_layer(eng: LLMEngine, device: str) -> dict:
     return out
 
 
-def profile_layer(eng: LLMEngine, copy_gbs: float, token_counts=(1, 64, 256, 2048, 8192), reps: int = 10) -> list:
-    """One MoE layer's fused path alone at T tokens: device ms (CUDA events over ``reps`` calls back to back), host
-    ms per call (the wall of issuing them), and the floor of the expert bytes its T tokens touch."""
-    from engine.kernels.moe import block_m_for, fused_moe
+def _graph_ms(fn, reps: int = 20) -> float:
+    """Device ms of one ``fn()`` replayed from a CUDA graph ``reps`` times back to back (no host launch cost)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _layer_inputs(eng: LLMEngine, tokens: int):
+    from engine.kernels.moe import fused_route
     from engine.models.decoder import fused_kernels
 
     moe = next(layer.moe for layer in eng.model.layers if layer.moe is not None)
     mc = eng.model_config
-    silu = fused_kernels().silu_and_mul
+    x = torch.randn(tokens, mc.hidden_size, device="cuda", dtype=eng.dtype) * 0.5
+    weights, ids = fused_route(torch.nn.functional.linear(x, moe.router.weight), mc.num_experts_per_tok,
+                               mc.norm_topk_prob)
     expert_bytes = (moe.gate_up[0].numel() + moe.down[0].numel()) * moe.gate_up.element_size()
+    return moe, x, weights, ids, fused_kernels().silu_and_mul, expert_bytes
+
+
+def profile_layer(eng: LLMEngine, copy_gbs: float, token_counts=(1, 64, 256, 2048, 8192)) -> list:
+    """One MoE layer's experts (the fused path after routing) alone at T tokens: device ms from a CUDA graph, and the
+    floor of the expert bytes its T tokens touch."""
+    from engine.kernels.moe import block_m_for, fused_moe
+
+    mc = eng.model_config
     rows = []
     for t in token_counts:
-        x = torch.randn(t, mc.hidden_size, device="cuda", dtype=eng.dtype) * 0.5
-        weights, ids = moe.route(x)
-        for _ in range(2):
-            fused_moe(x, moe.gate_up, moe.down, weights, ids, silu)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        start.record()
-        for _ in range(reps):
-            fused_moe(x, moe.gate_up, moe.down, weights, ids, silu)
-        end.record()
-        host_ms = (time.perf_counter() - t0) * 1e3 / reps
-        torch.cuda.synchronize()
+        moe, x, weights, ids, silu, expert_bytes = _layer_inputs(eng, t)
+        ms = _graph_ms(lambda: fused_moe(x, moe.gate_up, moe.down, weights, ids, silu))
         active = len(set(ids.flatten().tolist()))
         rows.append({"tokens": t, "block_m": block_m_for(t * mc.num_experts_per_tok, mc.num_experts),
-                     "device_ms": start.elapsed_time(end) / reps, "host_ms": host_ms, "active_experts": active,
+                     "device_ms": ms, "active_experts": active,
                      "floor_ms": active * expert_bytes / (copy_gbs * 1e9) * 1e3})
+    return rows
+
+
+# (block_m as a multiple of block_m_for's, block_n, block_k, num_warps, num_stages)
+SWEEP = [(1, 64, 64, 4, 2), (1, 64, 64, 4, 3), (1, 64, 128, 4, 3), (1, 128, 64, 4, 3), (1, 128, 64, 8, 3),
+         (1, 128, 128, 8, 3), (1, 64, 64, 8, 4), (1, 128, 64, 8, 4), (2, 64, 64, 4, 3), (2, 128, 64, 8, 3),
+         (2, 128, 128, 8, 3), (0.5, 64, 64, 4, 3)]
+
+
+def sweep_layer(eng: LLMEngine, token_counts=(1, 64, 256, 2048, 8192)) -> list:
+    """The grouped products' tilings (SWEEP) against the default at each T: device ms from CUDA graphs; every
+    tiling's output checked against the default's."""
+    from engine.kernels.moe import TileConfig, block_m_for, fused_moe
+
+    mc = eng.model_config
+    rows = []
+    for t in token_counts:
+        moe, x, weights, ids, silu, _ = _layer_inputs(eng, t)
+        base_bm = block_m_for(t * mc.num_experts_per_tok, mc.num_experts)
+        want = fused_moe(x, moe.gate_up, moe.down, weights, ids, silu)
+        default_ms = _graph_ms(lambda: fused_moe(x, moe.gate_up, moe.down, weights, ids, silu))
+        best = (default_ms, "default")
+        for mult, bn, bk, warps, stages in SWEEP:
+            bm = int(min(128, max(16, base_bm * mult)))
+            cfg = TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            try:
+                got = fused_moe(x, moe.gate_up, moe.down, weights, ids, silu, config=cfg)
+                assert (got.float() - want.float()).abs().max().item() < 5e-2, "a tiling changed the result"
+                ms = _graph_ms(lambda: fused_moe(x, moe.gate_up, moe.down, weights, ids, silu, config=cfg))
+            except Exception as e:  # noqa: BLE001 - a tiling that does not build (shared memory) is skipped
+                log(f"  T={t} {cfg}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            best = min(best, (ms, f"bm {bm} bn {bn} bk {bk} w {warps} s {stages}"))
+        rows.append({"tokens": t, "default_block_m": base_bm, "default_ms": default_ms, "best_ms": best[0],
+                     "best": best[1]})
+        log(f"  T={t}: default {default_ms:.3f} ms, best {best[0]:.3f} ms ({best[1]})")
     return rows
 
 
@@ -123,6 +179,7 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true", help="GPU: one MoE layer alone at 1-8192 tokens and a "
                    "torch.profiler table of eager decode steps at batch 1, before the rest")
     p.add_argument("--skip-w", action="store_true", help="leave out the W1-style workload")
+    p.add_argument("--sweep", action="store_true", help="GPU: the grouped products' tilings at 1-8192 tokens")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     # --tiny runs where the tests run: on the GPU when there is one (the fused kernels need it or TRITON_INTERPRET)
@@ -150,11 +207,16 @@ def main(argv=None) -> None:
         log(f"check: {res['check']}")
         if args.profile and device == "cuda":
             res["layer"] = profile_layer(eng, copy_gbs)
-            print(markdown_table(["tokens", "block_m", "active experts", "device ms", "host ms per call", "floor ms"],
+            print(markdown_table(["tokens", "block_m", "active experts", "device ms (graph)", "floor ms"],
                                  [[r["tokens"], r["block_m"], r["active_experts"], f"{r['device_ms']:.3f}",
-                                   f"{r['host_ms']:.3f}", f"{r['floor_ms']:.3f}"] for r in res["layer"]]), flush=True)
+                                   f"{r['floor_ms']:.3f}"] for r in res["layer"]]), flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)
             profile_step(eng, Path(args.out), batch=1)
+        if args.sweep and device == "cuda":
+            res["sweep"] = sweep_layer(eng)
+            print(markdown_table(["tokens", "default block_m", "default ms", "best ms", "best tiling"],
+                                 [[r["tokens"], r["default_block_m"], f"{r['default_ms']:.3f}", f"{r['best_ms']:.3f}",
+                                   r["best"]] for r in res["sweep"]]), flush=True)
         decode = decode_step_times(eng, batches, ctx=ctx, iters=args.iters)
         for row in decode:
             row["floor_ms"] = (step_weight_bytes(eng, row["batch"]) + row["kv_bytes"]) / (copy_gbs * 1e9) * 1e3

@@ -19,6 +19,8 @@ there), so the two agree to rounding, not bitwise.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -76,19 +78,32 @@ def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, tile_expert_ptr, til
                  mask=mmask[:, None] & (rn[None, :] < N))
 
 
+@dataclass(frozen=True)
+class TileConfig:
+    """The grouped product's tiling: None picks the default (block_m_for's rows; 64 columns, 32 under 64; K steps
+    of 64; 4 warps up to 32 rows, else 8; Triton's default pipeline depth). benchmarks/moe_gpu.py --sweep times
+    alternatives."""
+    block_m: Optional[int] = None
+    block_n: Optional[int] = None
+    block_k: int = 64
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+
 def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows, tiles, gather: bool,
-                    block_m: int = BLOCK_M, top_k: int = 1) -> None:
+                    block_m: int = BLOCK_M, top_k: int = 1, config: TileConfig = TileConfig()) -> None:
     """out[r] = x[rows[r] // top_k if gather else r] @ w[expert of r's tile]^T for every sorted row r (``rows``: the
     sorted slots t*k + j); w [E, N, K]; the tile table was built for ``block_m`` rows per tile."""
     tile_expert, tile_start, tile_end, num_tiles = tiles
     _, n, k = w.shape
     assert w.stride(2) == 1 and x.stride(1) == 1 and out.stride(1) == 1
-    block_n = 64 if n >= 64 else 32
+    block_n = config.block_n or (64 if n >= 64 else 32)
+    extra = {"num_stages": config.num_stages} if config.num_stages else {}
     _grouped_matmul_kernel[(tile_expert.shape[0], triton.cdiv(n, block_n))](
         x, w, out, rows if gather else tile_start, tile_expert, tile_start, tile_end, num_tiles, n, k,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        GATHER=gather, TOP_K=top_k, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-        num_warps=4 if block_m <= 32 else 8)
+        GATHER=gather, TOP_K=top_k, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=config.block_k, num_warps=config.num_warps or (4 if block_m <= 32 else 8), **extra)
 
 
 @triton.jit
@@ -278,20 +293,22 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor, silu_and_mul) -> torch.Tensor:
-    """x [T, H], gate_up [E, 2I, H], down [E, H, I], weights / ids [T, k] -> [T, H] (see the module docstring)."""
+              ids: torch.Tensor, silu_and_mul, config: TileConfig = TileConfig()) -> torch.Tensor:
+    """x [T, H], gate_up [E, 2I, H], down [E, H, I], weights / ids [T, k] -> [T, H] (see the module docstring);
+    ``config``: the grouped products' tiling (the default's otherwise)."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     if num_tokens == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
-    bm = block_m_for(num_tokens * top_k, gate_up.shape[0])
+    bm = config.block_m or block_m_for(num_tokens * top_k, gate_up.shape[0])
     order, pos, table, num_tiles = sort_by_expert(ids, gate_up.shape[0], bm)        # order [T*k]: slot of each sorted row
+    tiles = (*table, num_tiles)
     h = torch.empty(order.shape[0], gate_up.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_matmul(x, gate_up, h, order, (*table, num_tiles), gather=True, block_m=bm, top_k=top_k)  # [T*k, 2I]
+    _grouped_matmul(x, gate_up, h, order, tiles, gather=True, block_m=bm, top_k=top_k, config=config)  # [T*k, 2I]
     act = silu_and_mul(h)                                                            # [T*k, I]
     y = torch.empty(order.shape[0], hidden, dtype=x.dtype, device=x.device)
-    _grouped_matmul(act, down, y, None, (*table, num_tiles), gather=False, block_m=bm)    # [T*k, H] sorted
+    _grouped_matmul(act, down, y, None, tiles, gather=False, block_m=bm, config=config)    # [T*k, H] sorted
     # each token's k rows (at pos, the sorted row of each slot), weighted and summed
     out = torch.empty_like(x)
     block_h = min(1024, triton.next_power_of_2(hidden))
@@ -301,5 +318,5 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight
     return out
 
 
-__all__ = ["BLOCK_M", "SORT_KERNEL_MAX_SLOTS", "block_m_for", "fused_moe", "fused_route", "sort_by_expert",
+__all__ = ["BLOCK_M", "SORT_KERNEL_MAX_SLOTS", "TileConfig", "block_m_for", "fused_moe", "fused_route", "sort_by_expert",
            "tile_table"]

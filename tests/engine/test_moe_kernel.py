@@ -71,6 +71,22 @@ def test_fused_equals_torch(num_experts, top_k, norm, tokens):
         assert len(set(moe.route(x)[1].flatten().tolist())) < num_experts
 
 
+def test_another_tiling_gives_the_same_layer():
+    """fused_moe with a TileConfig (what moe_gpu.py --sweep times) equals the default tiling's result."""
+    from engine.kernels.moe import TileConfig, fused_moe
+    from engine.models.decoder import fused_kernels
+
+    moe = block(8, 2, True, seed=3)
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(5)).to(DEVICE, DTYPE)
+    weights, ids = moe.route(x)
+    silu = fused_kernels().silu_and_mul
+    want = fused_moe(x, moe.gate_up, moe.down, weights, ids, silu)
+    got = fused_moe(x, moe.gate_up, moe.down, weights, ids, silu,
+                    config=TileConfig(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2))
+    tol = dict(rtol=1e-5, atol=1e-5) if DTYPE == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
 def test_tiles_grow_with_the_rows_per_expert():
     from engine.kernels.moe import block_m_for
 
