@@ -110,7 +110,18 @@ class ModelRunner:
         if enable_cuda_graphs and self.device.type == "cuda" and backend.name == "triton":
             self._graph_args = (cuda_graph_max_batch, max_model_len or model_config.max_position_embeddings,
                                 cuda_graph_max_tokens, max_num_seqs)
-            self.capture_cuda_graphs(*self._graph_args)
+            try:
+                self.capture_cuda_graphs(*self._graph_args)
+            except Exception as e:  # noqa: BLE001 - see below
+                if not warmed:
+                    raise
+                # a MoE kernel that failed only at a captured shape fell back to the host-reading torch path
+                # inside the capture: serve eagerly rather than not at all
+                logger.warning("mixture-of-experts model: CUDA graph capture failed (%s: %s); CUDA graphs off",
+                               type(e).__name__, e)
+                self.drop_cuda_graphs()
+                self._graph_args = None
+                torch.cuda.synchronize(self.device)
         if self.device.type == "cuda" and not warmed:
             self._warm_up_eager()
 
