@@ -5,7 +5,8 @@
 # device's copy of the tree has no .git: pass ROLLOUT_COMMIT=<hash>).
 #
 #   bash benchmarks/gpu_peer.sh stage     stage the carried chunks in /tmp (one call per chunk or two)
-#   bash benchmarks/gpu_peer.sh a         install vLLM, then W1, W3 and the sampled workload
+#   bash benchmarks/gpu_peer.sh a         install vLLM, then W1 and W3 (~320 s with the shared warm-up)
+#   bash benchmarks/gpu_peer.sh s         install vLLM, then the sampled workload (~230 s)
 #   bash benchmarks/gpu_peer.sh b         the multi_turn sessions on both shapes
 #   bash benchmarks/gpu_peer.sh c         the MoE GPU tests and benchmarks/moe_gpu.py (gpu_moe.sh a), no vLLM
 #   bash benchmarks/gpu_peer.sh d         the MoE workload (qwen3-30b-a3b) side by side
@@ -23,8 +24,9 @@ export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0} PYTHONUNBUF
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 case "$part" in
-a)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
-    step peer_batch ${PEER_LIMIT:-420} python3 benchmarks/peer_gpu.py --only ${ONLY:-w1,w3,sampled} \
+a|s) step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
+    if [ "$part" = a ]; then default=w1,w3; else default=sampled; fi
+    step peer_batch ${PEER_LIMIT:-480} python3 benchmarks/peer_gpu.py --only ${ONLY:-$default} \
         --logs "$out/logs" --json "$out/peer_batch.json" ;;
 b)  step vllm_install 150 bash benchmarks/vllm_gpu_setup.sh install || exit 1
     step peer_sessions ${PEER_LIMIT:-420} python3 benchmarks/peer_gpu.py --only ${ONLY:-mt05,mt8b} \
