@@ -3,7 +3,7 @@
     python benchmarks/batch_invariant.py [--shapes qwen2.5-0.5b,llama-3.1-8b,qwen3-1.7b] [--requests 256]
 
 Per shape (random bf16 weights, dummy load), both modes in turn:
-  decode  one engine step of B 1-token decodes at context ~512 (benchmarks.throughput.decode_step_times: CUDA
+  decode  one engine step of B 1-token decodes at context ~512 (benchmarks.engine_timing.decode_step_times: CUDA
           graphs, then eager), B = 1 and 256; the floor = (weight bytes + KV bytes read) / copy bandwidth
   w       W1's workload (256 requests, prompts 100-1024, 512 greedy output tokens; on the qwen2.5-0.5b shape it is
           W1, on llama-3.1-8b W3): output tok/s

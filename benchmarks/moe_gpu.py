@@ -6,7 +6,7 @@ the floor of the bytes they must read, and a W1-style workload, on the Qwen3-30B
 
 check   one MoE layer of the engine's model, fused path vs torch block, on random hidden states of 1 and 256 rows:
         max |difference| (they sum in different orders: close, not equal)
-decode  one engine step of B 1-token decodes at context ~512 (benchmarks.throughput.decode_step_times), B = 1, 256;
+decode  one engine step of B 1-token decodes at context ~512 (benchmarks.engine_timing.decode_step_times), B = 1, 256;
         floor = (bytes of the weights a step reads + KV bytes) / copy bandwidth, where a step reads the attention,
         norms, routers and lm_head whole and of each MoE layer only the experts its B tokens chose (expected
         count: E * (1 - (1 - k/E)^B), a uniform router)
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import append_results, markdown_table  # noqa: E402
-from benchmarks.throughput import copy_bandwidth, decode_step_times, log, run_ours, w1_prompts  # noqa: E402
+from benchmarks.engine_timing import copy_bandwidth, decode_step_times, log, run_ours, w1_prompts  # noqa: E402
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 

@@ -177,7 +177,7 @@ def ours_worker(job: dict) -> dict:
                 "tok_s": r["tok_s"], "prefill_tokens": r["prefill"], "recomputed_tokens": r["recomputed"],
                 "preemptions": r["preemptions"], "offloaded": r["offloaded"], "dropped": r["dropped"],
                 "time_split_s": r["time_split_s"]}
-    from benchmarks.throughput import run_ours
+    from benchmarks.engine_timing import run_ours
     eng = LLMEngine(EngineConfig(**common))
     eng.generate(job["warm_prompts"], SamplingParams(max_tokens=WARM_TOKENS, temperature=job["temperature"],
                                                      top_p=job["top_p"], ignore_eos=True))
