@@ -66,25 +66,10 @@ def check_layer(eng: LLMEngine, device: str) -> dict:
     return out
 
 
-def _graph_ms(fn, reps: int = 20) -> float:
-    """Device ms of one ``fn()`` replayed from a CUDA graph ``reps`` times back to back (no host launch cost)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+def _graph_ms(fn) -> float:
+    """Device ms of one ``fn()`` replayed from a CUDA graph (no host launch cost)."""
+    from benchmarks.kernels_gpu import graph_us_per_call
+    return graph_us_per_call(lambda i: fn(), copies=1) / 1e3
 
 
 def _layer_inputs(eng: LLMEngine, tokens: int):
@@ -203,7 +188,8 @@ def main(argv=None) -> None:
         eng = LLMEngine(EngineConfig(**cfg))
         log(f"engine: {time.perf_counter() - t0:.1f} s to load, {eng.stats()['num_total_blocks']} KV blocks")
         copy_gbs = copy_bandwidth(device, 1 << (26 if args.tiny else 30))
-        res: dict = {"shape": "tiny" if args.tiny else args.shape, "copy_gbs": copy_gbs, "check": check_layer(eng, device)}
+        res: dict = {"shape": "tiny" if args.tiny else args.shape, "copy_gbs": copy_gbs,
+                     "check": check_layer(eng, device)}
         log(f"check: {res['check']}")
         if args.profile and device == "cuda":
             res["layer"] = profile_layer(eng, copy_gbs)
@@ -242,7 +228,8 @@ def main(argv=None) -> None:
         append_results(f"MoE on the GPU: {res['shape']} (random bf16 weights), fused MoE path", "cuda", table,
                        f"copy bandwidth {copy_gbs:.0f} GB/s; decode at context ~512, step = a CUDA graph replay "
                        f"with the runner's host work where graphs are on (the eager step: "
-                       f"{', '.join(str(round(r['eager_ms'], 2)) for r in decode)} ms). {summary}. Time split: {w.get('time_split_s') if w else None}.")
+                       f"{', '.join(str(round(r['eager_ms'], 2)) for r in decode)} ms). {summary}. "
+                       f"Time split: {w.get('time_split_s') if w else None}.")
 
 
 if __name__ == "__main__":

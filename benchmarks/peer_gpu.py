@@ -190,7 +190,10 @@ def ours_worker(job: dict) -> dict:
         timeline = StepTimeline(eng.runner)
         timeline.install()
     r = run_ours(eng, job["prompts"], params, warm_up=False)   # warmed above, on other tokens
-    by_kind = timeline.summary() if timeline is not None else {}
+    by_kind = {}
+    if timeline is not None:
+        by_kind = timeline.summary()
+        timeline.uninstall()
     return {"startup_s": startup, "wall_s": r["wall_s"], "output_tokens": r["output_tokens"], "tok_s": r["tok_s"],
             "cached_prompt_tokens": r["cached_prompt_tokens"], "prefill_tokens": r["prefill_tokens"],
             "preemptions": r["preemptions"],
@@ -306,7 +309,8 @@ def table(results: dict) -> tuple[str, str]:
              f"session's KV between turns (host pool for all of them), vLLM gets each turn as a new request with "
              f"the whole history (its prefix cache reuses what is still resident). Start-up: process start to "
              f"ready, warm-up batch included (batch workloads: the same {WARM_REQUESTS} prompts x {WARM_TOKENS} "
-             f"tokens on both sides; ours with update_backup_bytes=0, as vLLM keeps no rollback copy). Prefill: prompt tokens computed (vLLM: prompt tokens not served from "
+             f"tokens on both sides; ours with update_backup_bytes=0, as vLLM keeps no rollback copy). "
+             f"Prefill: prompt tokens computed (vLLM: prompt tokens not served from "
              f"its prefix cache).\n\n" + ("Failed:\n" + "\n".join(errors) if errors else ""))
     return markdown_table(headers, rows), notes
 

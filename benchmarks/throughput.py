@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.engine_timing import (copy_bandwidth, decode_step_times, engine_step_ms, log, run_ours,  # noqa: E402,F401
-                                      sync, w1_prompts, weight_bytes_read)
+from benchmarks.engine_timing import (copy_bandwidth, decode_step_times, engine_step_ms, log,  # noqa: E402,F401
+                                      run_ours, sync, w1_prompts, weight_bytes_read)
 from benchmarks.report import append_results, card_name, markdown_table  # noqa: E402
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 

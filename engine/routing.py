@@ -65,6 +65,12 @@ class RoutedExperts:
         return cls(d["data"], shape, d["dtype"])
 
 
+def write_routing(column: torch.Tensor, scratch: int, slots: torch.Tensor, ids: torch.Tensor) -> None:
+    """column [num_slots + 1, k] int16 (one MoE layer's): the row of each slot gets its token's ids; slots < 0 (a
+    graph's padding) write the scratch row, so the write needs no mask (a boolean index would read the device)."""
+    column.index_copy_(0, torch.where(slots >= 0, slots, torch.full_like(slots, scratch)), ids.to(torch.int16))
+
+
 class RoutedExpertStore:
     """The per-slot routing table of one engine (see the module docstring). The engine's only writer of it is the
     model's MoE layers (through ``writer``) and this class's block moves."""
@@ -88,8 +94,7 @@ class RoutedExpertStore:
         scratch = self.num_slots
 
         def write(slots: torch.Tensor, ids: torch.Tensor) -> None:
-            rows = torch.where(slots >= 0, slots, torch.full_like(slots, scratch))
-            column.index_copy_(0, rows, ids.to(torch.int16))
+            write_routing(column, scratch, slots, ids)
         # what a kernel needs to do the same write itself (engine.kernels.moe.fused_route): the int16 column
         # [num_slots + 1, k] and the scratch row for slots < 0
         write.target = (column, scratch)

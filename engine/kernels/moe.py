@@ -9,8 +9,8 @@
 The tile table (expert, first row, end row of each tile) is built on the device from the expert counts, over a fixed
 upper bound of tiles (cdiv(T*k, block_m) + E): a program past the real tile count returns at once. Up to
 SORT_KERNEL_MAX_SLOTS slots one program does it (a register sort, a histogram, cumsums); beyond, torch's device
-sort, a scatter-add, cumsums and a searchsorted (tile_table). So the launch grid depends only on T, k and E, and nothing waits for the device: the path can
-be captured in a CUDA graph. The SiLU-and-mul between the two products is ``engine.kernels.elementwise``'s.
+sort, a scatter-add, cumsums and a searchsorted (tile_table). So the launch grid depends only on T, k and E, and
+nothing waits for the device: the path can be captured in a CUDA graph. The SiLU-and-mul between the two products is ``engine.kernels.elementwise``'s.
 
 Checked against the torch block (``engine.models.moe.SparseMoE``) under TRITON_INTERPRET=1 (tests/engine/
 test_moe_kernel.py). The sums differ from the torch block's order (the k slots are combined in fp32 here, by expert
@@ -27,6 +27,10 @@ import triton
 import triton.language as tl
 
 logger = logging.getLogger(__name__)
+
+# set by a kernel's first failure (it would not build under this Triton, say): its torch fallback from then on
+_route_kernel_failed = False
+_sort_kernel_failed = False
 
 BLOCK_M = 16   # the smallest tile (decode); block_m_for picks larger ones as experts get more rows
 
@@ -209,22 +213,21 @@ def fused_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, record=N
 
 
 def _torch_route(logits, top_k, norm_topk_prob, record):
-    """fused_route in torch ops (SparseMoE.route's, and the store writer's recording): the kernel's fallback."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    """fused_route in torch ops (the torch block's routing and the store writer's recording): the kernel's
+    fallback."""
+    from engine.models.moe import route_logits
+    from engine.routing import write_routing
+
+    weights, ids = route_logits(logits, top_k, norm_topk_prob)
     if record is not None:
         slots, (column, scratch) = record
-        column.index_copy_(0, torch.where(slots >= 0, slots, torch.full_like(slots, scratch)), ids.to(torch.int16))
-    return weights.to(logits.dtype), ids
+        write_routing(column, scratch, slots, ids)
+    return weights, ids
 
 
 # the one-program sort (decode batches and small chunks) holds every slot in registers; larger steps (prefill
 # chunks, where a few torch kernels more cost nothing) take tile_table's device sort
 SORT_KERNEL_MAX_SLOTS = 4096
-_sort_kernel_failed = False   # set by the first failure of the kernel (it would not build under this Triton, say)
-_route_kernel_failed = False
 
 
 @triton.jit
@@ -302,7 +305,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight
         return torch.zeros_like(x)
     x = x.contiguous()
     bm = config.block_m or block_m_for(num_tokens * top_k, gate_up.shape[0])
-    order, pos, table, num_tiles = sort_by_expert(ids, gate_up.shape[0], bm)        # order [T*k]: slot of each sorted row
+    order, pos, table, num_tiles = sort_by_expert(ids, gate_up.shape[0], bm)   # order [T*k]: each sorted row's slot
     tiles = (*table, num_tiles)
     h = torch.empty(order.shape[0], gate_up.shape[1], dtype=x.dtype, device=x.device)
     _grouped_matmul(x, gate_up, h, order, tiles, gather=True, block_m=bm, top_k=top_k, config=config)  # [T*k, 2I]

@@ -34,6 +34,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def route_logits(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k] int64): softmax in
+    float32, top-k by descending probability, renormalised when ``norm_topk_prob`` (the torch routing; the fused
+    path's kernel computes the same)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
 class SparseMoE(nn.Module):
     def __init__(self, config: "ModelConfig", dtype: torch.dtype) -> None:
         super().__init__()
@@ -68,12 +79,7 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k] int64), by descending router probability."""
-        logits = F.linear(x, self.router.weight)                                      # [T, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(logits.dtype), ids
+        return route_logits(F.linear(x, self.router.weight), self.top_k, self.norm_topk_prob)
 
     def forward(self, x: torch.Tensor, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. ``slots`` [T]: the tokens' KV slots, where ``routing_sink`` records the experts
@@ -122,4 +128,4 @@ class SparseMoE(nn.Module):
         return out
 
 
-__all__ = ["SparseMoE"]
+__all__ = ["SparseMoE", "route_logits"]
